@@ -1,0 +1,1 @@
+"""Actors: one coroutine each, exchanging msgspec messages over anyio memory channels."""

@@ -1,0 +1,125 @@
+"""Ingress: validates a request against the model and config, persists it, then hands it to the scheduler.
+
+A task exists, and may be acknowledged to the client, only once its `queued` row is committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+
+import anyio
+import msgspec
+from anyio.streams.memory import MemoryObjectSendStream
+
+from actors.hub import EventHub
+from actors.scheduler import Scheduler
+from actors.store import Store
+from forge.config import Config
+from forge.engine import ModelInfo
+from forge.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
+from forge.events import TERMINAL_EVENTS
+from forge.messages import Cancel, SchedulerInbox, Submit
+from forge.requests import GenerationRequest, GenerationSpec
+from forge.resolve import resolve_request
+from forge.tasks import TaskRecord, TaskState
+
+DEFAULT_OWNER = "local"
+CANCEL_WAIT_S = 10.0
+
+
+class Ingress:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        model: ModelInfo,
+        store: Store,
+        hub: EventHub,
+        scheduler: Scheduler,
+        scheduler_inbox: MemoryObjectSendStream[SchedulerInbox],
+    ) -> None:
+        self._config = config
+        self.model = model
+        self._store = store
+        self._hub = hub
+        self._scheduler = scheduler
+        self._scheduler_inbox = scheduler_inbox
+        self.accepting = True
+
+    def close(self) -> None:
+        """Stop taking new work (shutdown); everything already accepted stays in the store."""
+        self.accepting = False
+
+    def resolve(self, request: GenerationRequest) -> GenerationSpec:
+        return resolve_request(request, self.model, max_prompt_chars=self._config.max_prompt_chars)
+
+    async def submit(
+        self, request: GenerationRequest, *, owner: str = DEFAULT_OWNER, idempotency_key: str | None = None
+    ) -> tuple[TaskRecord, bool]:
+        """Returns the committed task and whether it was an earlier submission with the same key."""
+        if not self.accepting:
+            raise ServiceUnavailable("the server is shutting down; retry shortly")
+        spec = self.resolve(request)
+        request_hash = hashlib.sha256(msgspec.json.encode(request)).hexdigest()
+        if idempotency_key is not None:
+            earlier = await self._replay(owner, idempotency_key, request_hash)
+            if earlier is not None:
+                return earlier, True
+        if self._scheduler.statistics().queued >= self._config.max_queue:
+            raise ServiceUnavailable(
+                f"the queue is full ({self._config.max_queue} tasks); retry later", retry_after_s=30
+            )
+        try:
+            record = await self._store.insert(
+                owner=owner, spec=spec, idempotency_key=idempotency_key, request_hash=request_hash
+            )
+        except sqlite3.IntegrityError:  # the same key, submitted concurrently, won the race
+            earlier = await self._replay(owner, idempotency_key or "", request_hash)
+            if earlier is None:
+                raise
+            return earlier, True
+        await self._scheduler_inbox.send(Submit(task=record))
+        return record, False
+
+    async def _replay(self, owner: str, key: str, request_hash: str) -> TaskRecord | None:
+        found = await self._store.find_idempotent(owner, key)
+        if found is None:
+            return None
+        record, earlier_hash = found
+        if earlier_hash != request_hash:
+            raise InvalidRequest(
+                "this Idempotency-Key was used for a different request", field="Idempotency-Key", rule="reused"
+            )
+        return record
+
+    async def get(self, task_id: str, *, owner: str = DEFAULT_OWNER) -> TaskRecord:
+        record = await self._store.get(task_id)
+        if record is None or record.owner != owner:
+            raise NotFound(f"no generation with id {task_id!r}", field="id")
+        return record
+
+    async def cancel(self, task_id: str, *, owner: str = DEFAULT_OWNER) -> TaskRecord:
+        """Cancel exactly this task, queued or running; waits briefly for the engine to stop it."""
+        record = await self.get(task_id, owner=owner)
+        if record.state is TaskState.CANCELLED:
+            return record
+        if record.state.is_terminal:
+            raise Conflict(f"generation {task_id} already ended as {record.state}", field="id", rule="state")
+        with self._hub.subscribe(task_id) as events:
+            await self._scheduler_inbox.send(Cancel(task_id=task_id))
+            with anyio.move_on_after(CANCEL_WAIT_S):
+                async for event in events:
+                    if isinstance(event, TERMINAL_EVENTS):
+                        break
+        return await self.get(task_id, owner=owner)
+
+    async def list(
+        self,
+        *,
+        owner: str = DEFAULT_OWNER,
+        state: TaskState | None = None,
+        limit: int = 20,
+        before_seq: int | None = None,
+    ) -> list[TaskRecord]:
+        return await self._store.list(owner=owner, state=state, limit=limit, before_seq=before_seq)

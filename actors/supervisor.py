@@ -1,0 +1,145 @@
+"""The supervisor: one task group that creates every channel and starts every actor in dependency order.
+
+Shutdown is an explicit sequence: stop accepting, drain running work with a deadline, interrupt what is
+left (it goes back to the queue, same attempt), stop the HTTP server, cancel the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import anyio
+import anyio.to_thread
+from anyio.abc import TaskStatus
+
+from actors.engine import SHUTDOWN, EngineActor, PreviewSettings
+from actors.hub import EventHub
+from actors.ingress import Ingress
+from actors.postprocess import Postprocessor
+from actors.scheduler import Scheduler
+from actors.store import Store
+from engines.loader import visible_devices
+from engines.models import resolve_model
+from forge.config import Config
+from forge.engine import ModelInfo
+from forge.messages import EngineInbox, PostprocessInbox, SchedulerInbox
+from protocols.http_server import HttpServer
+from protocols.rest import RestApi
+
+log = logging.getLogger(__name__)
+
+INTERRUPT_GRACE_S = 15.0
+
+
+@dataclass(frozen=True)
+class ServerHandle:
+    """What a started server exposes to its caller (the CLI, tests)."""
+
+    config: Config
+    model: ModelInfo
+    api_port: int
+    ingress: Ingress
+    scheduler: Scheduler
+    hub: EventHub
+    store: Store
+
+
+def announce_model(model: ModelInfo) -> None:
+    if model.is_tiny:
+        banner = "!" * 78
+        log.warning(banner)
+        log.warning("USING THE BUILT-IN TINY MODEL (%s): random weights, every image is noise.", model.name)
+        log.warning("For real images set FORGE_MODEL to an SDXL diffusers folder or hub repo id.")
+        log.warning(banner)
+    else:
+        log.info("model: %s (%s)", model.name, model.path)
+
+
+async def serve(
+    config: Config, *, shutdown: anyio.Event, task_status: TaskStatus[ServerHandle] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    model = await anyio.to_thread.run_sync(resolve_model, config.model, config.data_path, config.hub_timeout_s)
+    announce_model(model)
+    devices = await anyio.to_thread.run_sync(visible_devices, config.devices)
+
+    async with Store.open(config.database_path) as store:
+        recovery = await store.recover(config.max_attempts)
+        if recovery.retried or recovery.failed:
+            log.warning(
+                "recovered after an unclean stop: %d task(s) retried, %d failed as worker_lost",
+                recovery.retried,
+                recovery.failed,
+            )
+        hub = EventHub()
+        to_scheduler, scheduler_inbox = anyio.create_memory_object_stream[SchedulerInbox](math.inf)
+        to_postprocess, postprocess_inbox = anyio.create_memory_object_stream[PostprocessInbox](2 * len(devices))
+        engine_channels = {device: anyio.create_memory_object_stream[EngineInbox](1) for device in devices}
+
+        scheduler = Scheduler(store, hub, scheduler_inbox, {d: send for d, (send, _) in engine_channels.items()})
+        postprocessor = Postprocessor(
+            store=store, hub=hub, inbox=postprocess_inbox, outputs=config.outputs_path, model=model
+        )
+        engines = [
+            EngineActor(
+                device=device,
+                backend=config.backend,
+                model=model,
+                previews=PreviewSettings(config.preview_every, config.preview_size),
+                store=store,
+                hub=hub,
+                inbox=receive,
+                scheduler=to_scheduler,
+                postprocess=to_postprocess,
+            )
+            for device, (_, receive) in engine_channels.items()
+        ]
+        ingress = Ingress(
+            config=config, model=model, store=store, hub=hub, scheduler=scheduler, scheduler_inbox=to_scheduler
+        )
+        rest = RestApi(
+            ingress=ingress,
+            scheduler=scheduler,
+            hub=hub,
+            outputs=config.outputs_path,
+            engine_readiness=lambda: {engine.device: engine.ready for engine in engines},
+            max_body_bytes=config.max_body_bytes,
+        )
+        http = HttpServer(rest.app(), config.host, config.api_port)
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(postprocessor.run)
+            await tg.start(scheduler.run, recovery.requeued)
+            api_port = await tg.start(http.run)
+            log.info("REST API on http://%s:%d (docs at /docs)", config.host, api_port)
+            for engine in engines:  # load concurrently; the scheduler dispatches to each once it is warm
+                tg.start_soon(engine.run)
+            task_status.started(
+                ServerHandle(
+                    config=config,
+                    model=model,
+                    api_port=api_port,
+                    ingress=ingress,
+                    scheduler=scheduler,
+                    hub=hub,
+                    store=store,
+                )
+            )
+            await shutdown.wait()
+
+            log.info("shutting down: refusing new work, draining for up to %.0f s", config.drain_seconds)
+            ingress.close()
+            scheduler.stop_dispatching()
+            with anyio.move_on_after(config.drain_seconds):
+                await scheduler.wait_no_running()
+                await postprocessor.wait_idle()
+            scheduler.interrupt_running(SHUTDOWN)
+            with anyio.move_on_after(INTERRUPT_GRACE_S):
+                await scheduler.wait_no_running()
+                await postprocessor.wait_idle()
+            http.stop()
+            with anyio.move_on_after(INTERRUPT_GRACE_S):
+                await http.wait_stopped()
+            tg.cancel_scope.cancel()
+    log.info("stopped")

@@ -1,0 +1,1 @@
+"""Synchronous SDXL backends, one file each, plus model resolution and the tiny-model builder."""

@@ -1,0 +1,46 @@
+"""Pick devices and construct the configured backend on each."""
+
+from __future__ import annotations
+
+from forge.engine import Engine, ModelInfo
+from forge.errors import ConfigError
+
+BACKENDS = ("eager", "compiled", "tensorrt")
+
+
+def visible_devices(spec: str) -> list[str]:
+    """`auto`: every visible CUDA device, else one CPU engine; otherwise a comma-separated list."""
+    import torch
+
+    if spec != "auto":
+        devices = [d.strip() for d in spec.split(",") if d.strip()]
+        for device in devices:
+            if device.startswith("cuda") and not torch.cuda.is_available():
+                raise ConfigError(f"device {device} requested but CUDA is not available", field="devices")
+        return devices or ["cpu"]
+    if torch.cuda.is_available():
+        return [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    return ["cpu"]
+
+
+def quiet_libraries() -> None:
+    """diffusers and transformers print progress bars and advice on every load; keep the log readable."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_engine(backend: str, model: ModelInfo, device: str) -> Engine:
+    """Load (not warm) one engine. Blocking: call from a worker thread."""
+    quiet_libraries()
+    if backend == "eager":
+        from engines.eager import EagerEngine
+
+        return EagerEngine(model, device)
+    if backend in BACKENDS:
+        raise ConfigError(f"backend {backend!r} is not available in this build; use 'eager'", field="backend")
+    raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}", field="backend")

@@ -1,0 +1,191 @@
+"""`chara-forge serve` runs the server; `chara-forge generate` runs the same engine once, without it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import anyio
+
+from forge.config import Config, load_config
+from forge.errors import ForgeError
+
+log = logging.getLogger("chara_forge")
+DEFAULT_CONFIG = Path("chara-forge.toml")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _config(args: argparse.Namespace, **explicit: object) -> Config:
+    path = args.config if args.config else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    return load_config(path, **{key: value for key, value in explicit.items() if value is not None})
+
+
+async def _watch_signals(shutdown: anyio.Event, scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if shutdown.is_set():
+                log.warning("second %s: stopping now", signal.Signals(signum).name)
+                scope.cancel()
+                return
+            log.info("%s received: graceful shutdown (send again to stop now)", signal.Signals(signum).name)
+            shutdown.set()
+
+
+async def _serve(config: Config) -> None:
+    from actors.supervisor import serve
+
+    shutdown = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_watch_signals, shutdown, tg.cancel_scope)
+        await serve(config, shutdown=shutdown)
+        tg.cancel_scope.cancel()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _config(args, host=args.host, api_port=args.port, data_dir=args.data_dir, model=args.model)
+    _setup_logging(config.log_level)
+    anyio.run(_serve, config)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from actors.postprocess import write_outputs
+    from engines.loader import load_engine, visible_devices
+    from engines.models import resolve_model
+    from forge.engine import Job
+    from forge.requests import GenerationRequest
+    from forge.resolve import resolve_request
+    from forge.validation import convert
+
+    config = _config(args, data_dir=args.data_dir, model=args.model)
+    _setup_logging("WARNING")
+    fields = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "width": args.width,
+        "height": args.height,
+        "num_images": args.num_images,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "seed": args.seed,
+        "scheduler": args.scheduler,
+        "output_format": args.output_format,
+    }
+    request = convert({k: v for k, v in fields.items() if v is not None}, GenerationRequest)
+    model = resolve_model(config.model, config.data_path, config.hub_timeout_s)
+    if model.is_tiny:
+        print(f"note: using the built-in tiny model {model.name} (random weights: images are noise)", file=sys.stderr)
+    spec = resolve_request(request, model, max_prompt_chars=config.max_prompt_chars)
+    device = args.device or visible_devices(config.devices)[0]
+    engine = load_engine(config.backend, model, device)
+    bar = tqdm(total=spec.steps, desc="denoising", unit="step", file=sys.stderr)
+
+    def on_progress(step: int, total: int, _preview: object) -> None:
+        bar.total = total
+        bar.n = step
+        bar.refresh()
+
+    created = time.time()
+    result = engine.run(
+        Job(
+            prompt=spec.prompt,
+            negative_prompt=spec.negative_prompt,
+            width=spec.width,
+            height=spec.height,
+            seeds=spec.seeds,
+            steps=spec.steps,
+            guidance_scale=spec.guidance_scale,
+            scheduler=spec.scheduler,
+            on_progress=on_progress,
+        )
+    )
+    bar.close()
+    task_id = uuid.uuid4().hex
+    images, _ = write_outputs(
+        Path(args.output),
+        task_id=task_id,
+        spec=spec,
+        images=result.images,
+        model=model,
+        device=device,
+        attempt=1,
+        denoise_s=result.denoise_s,
+        created_at=created,
+    )
+    for image in images:
+        print(Path(args.output) / image)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chara-forge", description=__doc__)
+    parser.add_argument("--config", type=Path, help="TOML config file (default: ./chara-forge.toml if present)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the server (REST + WebSocket)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int, help="REST API port (FORGE_API_PORT)")
+    serve.add_argument("--data-dir")
+    serve.add_argument("--model", help="auto | tiny | a diffusers folder | a hub repo id")
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="generate images once, without the server")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--output", default="outputs", help="folder for the images (default: ./outputs)")
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("-n", "--num-images", type=int)
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--guidance-scale", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--scheduler")
+    gen.add_argument("--format", dest="output_format")
+    gen.add_argument("--model")
+    gen.add_argument("--device")
+    gen.add_argument("--data-dir")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def _first_leaf(group: BaseExceptionGroup[ForgeError]) -> ForgeError:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+def _report(exc: ForgeError) -> int:
+    where = f" ({exc.field})" if exc.field else ""
+    print(f"chara-forge: error{where}: {exc.message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ForgeError as exc:
+        return _report(exc)
+    except BaseExceptionGroup as group:  # a startup error raised inside the server's task group
+        matched, _ = group.split(ForgeError)
+        if matched is None:
+            raise
+        return _report(_first_leaf(matched))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

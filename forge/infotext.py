@@ -1,0 +1,59 @@
+"""Generation parameters in AUTOMATIC1111's "infotext" format, which A1111, ComfyUI and civitai read."""
+
+from __future__ import annotations
+
+import json
+
+from engines.schedulers import SAMPLERS
+from forge import __version__
+from forge.requests import GenerationSpec
+
+
+def _quote(value: str) -> str:
+    # A1111 quotes a value only when it holds a separator of the parameter line.
+    if any(ch in value for ch in ',\n:"'):
+        return json.dumps(value, ensure_ascii=False)
+    return value
+
+
+def infotext(spec: GenerationSpec, seed: int, model_name: str) -> str:
+    sampler = SAMPLERS[spec.scheduler]
+    params: dict[str, object | None] = {
+        "Steps": spec.steps,
+        "Sampler": sampler.a1111_sampler,
+        "Schedule type": sampler.a1111_schedule,
+        "CFG scale": f"{spec.guidance_scale:g}",
+        "Seed": seed,
+        "Size": f"{spec.width}x{spec.height}",
+        "Model": model_name,
+        "Style": spec.style,
+        "Version": f"chara-forge {__version__}",
+    }
+    lines = [spec.prompt]
+    if spec.negative_prompt:
+        lines.append(f"Negative prompt: {spec.negative_prompt}")
+    lines.append(", ".join(f"{key}: {_quote(str(value))}" for key, value in params.items() if value is not None))
+    return "\n".join(lines)
+
+
+def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, parameters): the inverse of `infotext`, for tests and re-use of settings."""
+    *head, last = text.split("\n")
+    negative_marker = "Negative prompt: "
+    prompt_lines = [line for line in head if not line.startswith(negative_marker)]
+    negative = next((line[len(negative_marker) :] for line in head if line.startswith(negative_marker)), "")
+    params: dict[str, str] = {}
+    key, value, in_quotes, buffer = "", "", False, ""
+    for ch in last + ",":
+        if ch == '"':
+            in_quotes = not in_quotes
+            buffer += ch
+        elif ch == ":" and not in_quotes and not key:
+            key, buffer = buffer.strip(), ""
+        elif ch == "," and not in_quotes:
+            value = buffer.strip()
+            params[key] = json.loads(value) if value.startswith('"') else value
+            key, buffer = "", ""
+        else:
+            buffer += ch
+    return "\n".join(prompt_lines), negative, params

@@ -1,0 +1,64 @@
+"""Messages between actors. In-process only: never encoded, so they may carry images and flags."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from forge.engine import CancelFlag
+from forge.tasks import TaskRecord
+
+
+class Msg(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    pass
+
+
+class Submit(Msg):
+    """Ingress -> scheduler: a committed `queued` task to schedule."""
+
+    task: TaskRecord
+
+
+class Cancel(Msg):
+    """Ingress -> scheduler: cancel exactly this task, wherever it is."""
+
+    task_id: str
+
+
+class EngineReady(Msg):
+    """Engine -> scheduler: loaded, warmed and free for work."""
+
+    device: str
+
+
+class EngineIdle(Msg):
+    """Engine -> scheduler: finished `task_id` (whatever the outcome) and is free again."""
+
+    device: str
+    task_id: str
+
+
+SchedulerInbox = Submit | Cancel | EngineReady | EngineIdle
+
+
+class Dispatch(Msg):
+    """Scheduler -> engine: run this task (already marked `running`)."""
+
+    task: TaskRecord
+    cancel: CancelFlag
+
+
+EngineInbox = Dispatch
+
+
+class Generated(Msg):
+    """Engine -> post-processor: raw images of one attempt, ready to encode and store."""
+
+    task: TaskRecord
+    images: list[Any]
+    device: str
+    denoise_s: float
+
+
+PostprocessInbox = Generated

@@ -1,0 +1,66 @@
+"""Decode untrusted input with its type, turning msgspec's errors into InvalidRequest(field, rule)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, TypeVar
+
+import msgspec
+
+from forge.errors import InvalidRequest
+
+T = TypeVar("T")
+
+_FIELD_IN_MESSAGE = (
+    (re.compile(r"unknown field `([^`]+)`"), "unknown_field"),
+    (re.compile(r"missing required field `([^`]+)`"), "required"),
+)
+_RULES = (
+    ("of length >=", "min_length"),
+    ("of length <=", "max_length"),
+    ("multiple of", "multiple_of"),
+    (">=", "minimum"),
+    ("<=", "maximum"),
+    (">", "minimum"),
+    ("<", "maximum"),
+    ("Invalid enum value", "enum"),
+    ("Expected", "type"),
+)
+
+
+def _field_from_path(path: str, prefix: str) -> str:
+    field = path.removeprefix("$").lstrip(".")
+    return f"{prefix}{field}" if field else prefix.rstrip(".") or "body"
+
+
+def invalid_request(exc: msgspec.ValidationError, prefix: str = "") -> InvalidRequest:
+    text = str(exc)
+    message, _, path = text.rpartition(" - at `")
+    if not message:
+        message, path = text, "$"
+    field = _field_from_path(path.rstrip("`"), prefix)
+    for pattern, rule in _FIELD_IN_MESSAGE:
+        found = pattern.search(message)
+        if found:
+            return InvalidRequest(message, field=_field_from_path(f"$.{found.group(1)}", prefix), rule=rule)
+    rule = next((name for marker, name in _RULES if marker in message), "invalid")
+    return InvalidRequest(f"{field}: {message}", field=field, rule=rule)
+
+
+def decode_json(body: bytes, type_: type[T]) -> T:
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as exc:
+        raise invalid_request(exc) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"malformed JSON: {exc}", field="body", rule="json") from None
+
+
+def convert(value: Any, type_: type[T], *, prefix: str = "", strict: bool = True) -> T:
+    """Validate an already-parsed object (MCP arguments, query strings) exactly like a JSON body.
+
+    strict=False accepts numbers and booleans written as strings, as query strings carry them."""
+    try:
+        return msgspec.convert(value, type_, strict=strict)
+    except msgspec.ValidationError as exc:
+        raise invalid_request(exc, prefix) from None

@@ -1,0 +1,269 @@
+"""REST + WebSocket adapter (Starlette): /v1/generations and friends."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import msgspec
+from msgspec import Meta
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from actors.encoding import CONTENT_TYPES
+from actors.hub import EventHub
+from actors.ingress import Ingress
+from actors.scheduler import Scheduler
+from engines.schedulers import SAMPLERS
+from forge import __version__
+from forge.errors import ForgeError, InvalidRequest, NotFound, PayloadTooLarge, ServiceUnavailable
+from forge.events import TERMINAL_EVENTS, AnyTaskEvent, Cancelled, Failed, Postprocessing, Queued, Started, Succeeded
+from forge.requests import GenerationRequest
+from forge.tasks import TaskRecord, TaskState
+from forge.validation import convert, decode_json
+from protocols.docs import docs_page
+from protocols.openapi import openapi_spec
+from protocols.views import API, ErrorBody, ErrorView, TaskList, error_view, image_url, task_view
+
+log = logging.getLogger(__name__)
+
+MAX_IDEMPOTENCY_KEY = 255
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return msgspec.json.encode(content)
+
+
+class ListQuery(msgspec.Struct, forbid_unknown_fields=True):
+    state: TaskState | None = None
+    limit: Annotated[int, Meta(ge=1, le=100)] = 20
+    cursor: Annotated[str, Meta(pattern=r"^[0-9]{1,18}$")] | None = None
+
+
+@dataclass(frozen=True)
+class RestApi:
+    ingress: Ingress
+    scheduler: Scheduler
+    hub: EventHub
+    outputs: Path
+    engine_readiness: Callable[[], dict[str, bool]]
+    max_body_bytes: int
+
+    def app(self) -> Starlette:
+        spec = openapi_spec()
+        routes = [
+            Route(API, self.create, methods=["POST"]),
+            Route(API, self.list, methods=["GET"]),
+            Route(API + "/{id}", self.get, methods=["GET"]),
+            Route(API + "/{id}/cancel", self.cancel, methods=["POST"]),
+            Route(API + "/{id}/images/{index:int}", self.image, methods=["GET"]),
+            WebSocketRoute(API + "/{id}/events", self.events),
+            Route("/v1/info", self.info, methods=["GET"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/readyz", self.readyz, methods=["GET"]),
+            Route("/openapi.json", lambda _: JSONResponse(spec), methods=["GET"]),
+            Route("/docs", lambda _: HTMLResponse(docs_page(spec)), methods=["GET"]),
+        ]
+        handlers: dict[Any, Any] = {
+            ForgeError: self._forge_error,
+            HTTPException: self._http_error,
+            Exception: self._unexpected_error,
+        }
+        return Starlette(routes=routes, exception_handlers=handlers)
+
+    # -- generations --
+
+    async def create(self, request: Request) -> Response:
+        body = await self._read_body(request)
+        generation = decode_json(body, GenerationRequest)
+        key = request.headers.get("idempotency-key")
+        if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
+            raise InvalidRequest(
+                f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters",
+                field="Idempotency-Key",
+                rule="max_length",
+            )
+        record, replayed = await self.ingress.submit(generation, idempotency_key=key)
+        view = self._view(record)
+        headers = {"Location": view.links.self}
+        if replayed:
+            headers["Idempotent-Replayed"] = "true"
+        return JSONResponse(view, status_code=202, headers=headers)
+
+    async def get(self, request: Request) -> Response:
+        return JSONResponse(self._view(await self.ingress.get(request.path_params["id"])))
+
+    async def cancel(self, request: Request) -> Response:
+        record = await self.ingress.cancel(request.path_params["id"])
+        return JSONResponse(self._view(record), status_code=200 if record.state.is_terminal else 202)
+
+    async def list(self, request: Request) -> Response:
+        query = convert(dict(request.query_params), ListQuery, strict=False)
+        before = int(query.cursor) if query.cursor else None
+        records = await self.ingress.list(state=query.state, limit=query.limit, before_seq=before)
+        cursor = str(records[-1].seq) if len(records) == query.limit else None
+        return JSONResponse(TaskList(items=[self._view(r) for r in records], next_cursor=cursor))
+
+    async def image(self, request: Request) -> Response:
+        record = await self.ingress.get(request.path_params["id"])
+        index: int = request.path_params["index"]
+        if not 0 <= index < len(record.images):
+            raise NotFound(f"generation {record.id} has no image {index} (state {record.state})", field="index")
+        root = self.outputs.resolve()
+        path = (root / record.images[index]).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            raise NotFound(f"image {index} of generation {record.id} is missing on disk", field="index")
+        return FileResponse(
+            path,
+            media_type=CONTENT_TYPES[path.suffix.lstrip(".")],
+            headers={"Cache-Control": "private, max-age=31536000, immutable"},
+        )
+
+    # -- progress over WebSocket --
+
+    async def events(self, websocket: WebSocket) -> None:
+        await websocket.accept()
+        task_id = websocket.path_params["id"]
+        with self.hub.subscribe(task_id) as stream:
+            try:
+                record = await self.ingress.get(task_id)
+            except NotFound as exc:
+                await websocket.send_bytes(msgspec.json.encode(error_view(exc)))
+                await websocket.close(code=4404)
+                return
+            for event in self._snapshot(record):
+                await websocket.send_text(msgspec.json.encode(event).decode())
+            if record.state.is_terminal:
+                await websocket.close()
+                return
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._cancel_on_disconnect, websocket, tg.cancel_scope)
+                async for event in stream:
+                    await websocket.send_text(msgspec.json.encode(self._public(event)).decode())
+                    if isinstance(event, TERMINAL_EVENTS):
+                        break
+                else:  # too slow to take the final event: send the state as it now stands
+                    for event in self._snapshot(await self.ingress.get(task_id)):
+                        await websocket.send_text(msgspec.json.encode(event).decode())
+                tg.cancel_scope.cancel()
+        await websocket.close()
+
+    @staticmethod
+    async def _cancel_on_disconnect(websocket: WebSocket, scope: anyio.CancelScope) -> None:
+        try:
+            while True:
+                await websocket.receive_text()
+        except (WebSocketDisconnect, RuntimeError, KeyError):
+            scope.cancel()
+
+    def _snapshot(self, record: TaskRecord) -> list[AnyTaskEvent]:
+        task_id = record.id
+        match record.state:
+            case TaskState.QUEUED:
+                return [Queued(task_id=task_id, position=self.scheduler.position(record))]
+            case TaskState.RUNNING:
+                progress = self.hub.latest_progress(task_id)
+                started = Started(task_id=task_id, attempt=record.attempt, device=self.scheduler.device_of(task_id))
+                return [started] if progress is None else [started, progress]
+            case TaskState.POSTPROCESSING:
+                return [Postprocessing(task_id=task_id)]
+            case TaskState.SUCCEEDED:
+                return [self._public(Succeeded(task_id=task_id, images=record.images))]
+            case TaskState.CANCELLED:
+                return [Cancelled(task_id=task_id)]
+            case TaskState.FAILED | TaskState.FILTERED:
+                return [
+                    Failed(task_id=task_id, code=record.error_code or record.state, message=record.error_message or "")
+                ]
+        raise AssertionError(record.state)
+
+    @staticmethod
+    def _public(event: AnyTaskEvent) -> AnyTaskEvent:
+        """Clients get image URLs, never paths on disk."""
+        if isinstance(event, Succeeded):
+            return Succeeded(
+                task_id=event.task_id, images=[image_url(event.task_id, i) for i in range(len(event.images))]
+            )
+        return event
+
+    # -- service --
+
+    async def info(self, request: Request) -> Response:
+        model = self.ingress.model
+        return JSONResponse(
+            {
+                "version": __version__,
+                "model": {
+                    "name": model.name,
+                    "is_tiny": model.is_tiny,
+                    "default_size": model.default_size,
+                    "min_size": model.min_size,
+                    "max_size": model.max_size,
+                    "default_steps": model.default_steps,
+                    "default_guidance": model.default_guidance,
+                },
+                "schedulers": list(SAMPLERS),
+                "output_formats": ["png", "webp", "jpeg"],
+                "engines": self.engine_readiness(),
+            }
+        )
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        engines = self.engine_readiness()
+        ready = bool(engines) and all(engines.values()) and self.ingress.accepting
+        return JSONResponse(
+            {"ready": ready, "accepting": self.ingress.accepting, "engines": engines}, status_code=200 if ready else 503
+        )
+
+    # -- helpers --
+
+    def _view(self, record: TaskRecord) -> Any:
+        return task_view(record, position=self.scheduler.position(record), progress=self.hub.latest_progress(record.id))
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.max_body_bytes
+        too_large = PayloadTooLarge(f"request body is larger than {limit} bytes", field="body", rule="max_bytes")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _forge_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ForgeError)
+        headers = {}
+        if isinstance(exc, ServiceUnavailable):
+            headers["Retry-After"] = str(exc.retry_after_s)
+        return JSONResponse(error_view(exc), status_code=exc.status, headers=headers)
+
+    async def _http_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(
+            ErrorBody(ErrorView(code=code, message=str(exc.detail))), status_code=exc.status_code, headers=exc.headers
+        )
+
+    async def _unexpected_error(self, request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(
+            ErrorBody(ErrorView(code="internal_error", message="internal error; see server log")), status_code=500
+        )

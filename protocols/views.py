@@ -1,0 +1,124 @@
+"""What clients see of a task: the JSON shapes of the REST API (and, by reuse, the other adapters)."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from actors.encoding import CONTENT_TYPES
+from forge.errors import ForgeError
+from forge.events import Progress
+from forge.requests import GenerationSpec
+from forge.tasks import TaskRecord, TaskState
+
+API = "/v1/generations"
+
+
+class ErrorView(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    code: str
+    message: str
+    field: str | None = None
+    rule: str | None = None
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    error: ErrorView
+
+
+class ProgressView(msgspec.Struct, frozen=True):
+    step: int
+    total: int
+
+
+class Timings(msgspec.Struct, frozen=True, kw_only=True):
+    queued_s: float
+    running_s: float | None
+    total_s: float | None
+
+
+class ImageLink(msgspec.Struct, frozen=True, kw_only=True):
+    index: int
+    url: str
+    content_type: str
+    seed: int
+
+
+class Links(msgspec.Struct, frozen=True, kw_only=True):
+    self: str
+    events: str
+    cancel: str
+
+
+class TaskView(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    state: TaskState
+    position: Annotated[int | None, Meta(description="tasks ahead of this one while queued")]
+    progress: ProgressView | None
+    attempt: int
+    request: GenerationSpec
+    seeds: list[int]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    timings: Timings
+    error: ErrorView | None
+    images: list[ImageLink]
+    links: Links
+
+
+class TaskList(msgspec.Struct, frozen=True, kw_only=True):
+    items: list[TaskView]
+    next_cursor: str | None
+
+
+def error_view(exc: ForgeError) -> ErrorBody:
+    return ErrorBody(ErrorView(code=exc.code, message=exc.message, field=exc.field, rule=exc.rule))
+
+
+def image_url(task_id: str, index: int) -> str:
+    return f"{API}/{task_id}/images/{index}"
+
+
+def _when(timestamp: float | None) -> datetime | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
+
+
+def _timings(record: TaskRecord) -> Timings:
+    now = time.time()
+    end = record.finished_at or now
+    return Timings(
+        queued_s=round((record.started_at or end) - record.created_at, 4),
+        running_s=None if record.started_at is None else round(end - record.started_at, 4),
+        total_s=None if record.finished_at is None else round(record.finished_at - record.created_at, 4),
+    )
+
+
+def task_view(record: TaskRecord, *, position: int | None, progress: Progress | None) -> TaskView:
+    base = f"{API}/{record.id}"
+    error = None
+    if record.error_code:
+        error = ErrorView(code=record.error_code, message=record.error_message or "")
+    images = [
+        ImageLink(index=i, url=image_url(record.id, i), content_type=CONTENT_TYPES[path.rsplit(".", 1)[-1]], seed=seed)
+        for i, (path, seed) in enumerate(zip(record.images, record.spec.seeds, strict=False))
+    ]
+    return TaskView(
+        id=record.id,
+        state=record.state,
+        position=position if record.state is TaskState.QUEUED else None,
+        progress=ProgressView(progress.step, progress.total) if progress else None,
+        attempt=record.attempt,
+        request=record.spec,
+        seeds=record.spec.seeds,
+        created_at=datetime.fromtimestamp(record.created_at, UTC),
+        started_at=_when(record.started_at),
+        finished_at=_when(record.finished_at),
+        timings=_timings(record),
+        error=error,
+        images=images,
+        links=Links(self=base, events=f"{base}/events", cancel=f"{base}/cancel"),
+    )
