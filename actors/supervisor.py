@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import anyio
@@ -76,6 +77,8 @@ async def serve(
         to_scheduler, scheduler_inbox = anyio.create_memory_object_stream[SchedulerInbox](math.inf)
         to_postprocess, postprocess_inbox = anyio.create_memory_object_stream[PostprocessInbox](2 * len(devices))
         engine_channels = {device: anyio.create_memory_object_stream[EngineInbox](1) for device in devices}
+        channels = [to_scheduler, scheduler_inbox, to_postprocess, postprocess_inbox]
+        channels += [end for pair in engine_channels.values() for end in pair]
 
         scheduler = Scheduler(store, hub, scheduler_inbox, {d: send for d, (send, _) in engine_channels.items()})
         postprocessor = Postprocessor(
@@ -108,7 +111,9 @@ async def serve(
         )
         http = HttpServer(rest.app(), config.host, config.api_port)
 
-        async with anyio.create_task_group() as tg:
+        async with AsyncExitStack() as stack, anyio.create_task_group() as tg:
+            for channel in channels:
+                stack.push_async_callback(channel.aclose)
             await tg.start(postprocessor.run)
             await tg.start(scheduler.run, recovery.requeued)
             api_port = await tg.start(http.run)

@@ -28,7 +28,7 @@ def _setup_logging(level: str) -> None:
 
 def _config(args: argparse.Namespace, **explicit: object) -> Config:
     path = args.config if args.config else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
-    return load_config(path, **{key: value for key, value in explicit.items() if value is not None})
+    return load_config(path, overrides={key: value for key, value in explicit.items() if value is not None})
 
 
 async def _watch_signals(shutdown: anyio.Event, scope: anyio.CancelScope) -> None:

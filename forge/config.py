@@ -70,8 +70,11 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, str]:
     return overrides
 
 
-def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None, **explicit: object) -> Config:
-    """Merge, lowest first: defaults, the TOML file, `FORGE_*` variables, explicit keyword values."""
+def load_config(
+    path: Path | None = None, *, environ: Mapping[str, str] | None = None, overrides: Mapping[str, object] = {}
+) -> Config:
+    """Merge, lowest first: defaults, the TOML file, `FORGE_*` variables (from os.environ unless `environ`
+    is given), then `overrides` (command-line options)."""
     raw: dict[str, object] = {}
     if path is not None:
         try:
@@ -79,7 +82,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
     raw.update(env_overrides(os.environ if environ is None else environ))
-    raw.update(explicit)
+    raw.update(overrides)
     try:
         # strict=False lets environment strings become ints, floats and bools.
         return msgspec.convert(raw, Config, strict=False)

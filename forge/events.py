@@ -9,35 +9,35 @@ class TaskEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     task_id: str
 
 
-class Queued(TaskEvent, tag="queued"):
+class Queued(TaskEvent, tag="queued", frozen=True):
     position: int
 
 
-class Started(TaskEvent, tag="started"):
+class Started(TaskEvent, tag="started", frozen=True):
     attempt: int
     device: str
 
 
-class Progress(TaskEvent, tag="progress"):
+class Progress(TaskEvent, tag="progress", frozen=True):
     step: int
     total: int
     preview_jpeg_b64: str | None = None
 
 
-class Postprocessing(TaskEvent, tag="postprocessing"):
+class Postprocessing(TaskEvent, tag="postprocessing", frozen=True):
     pass
 
 
-class Succeeded(TaskEvent, tag="succeeded"):
+class Succeeded(TaskEvent, tag="succeeded", frozen=True):
     images: list[str]
 
 
-class Failed(TaskEvent, tag="failed"):
+class Failed(TaskEvent, tag="failed", frozen=True):
     code: str
     message: str
 
 
-class Cancelled(TaskEvent, tag="cancelled"):
+class Cancelled(TaskEvent, tag="cancelled", frozen=True):
     pass
 
 

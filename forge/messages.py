@@ -14,25 +14,25 @@ class Msg(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     pass
 
 
-class Submit(Msg):
+class Submit(Msg, frozen=True):
     """Ingress -> scheduler: a committed `queued` task to schedule."""
 
     task: TaskRecord
 
 
-class Cancel(Msg):
+class Cancel(Msg, frozen=True):
     """Ingress -> scheduler: cancel exactly this task, wherever it is."""
 
     task_id: str
 
 
-class EngineReady(Msg):
+class EngineReady(Msg, frozen=True):
     """Engine -> scheduler: loaded, warmed and free for work."""
 
     device: str
 
 
-class EngineIdle(Msg):
+class EngineIdle(Msg, frozen=True):
     """Engine -> scheduler: finished `task_id` (whatever the outcome) and is free again."""
 
     device: str
@@ -42,7 +42,7 @@ class EngineIdle(Msg):
 SchedulerInbox = Submit | Cancel | EngineReady | EngineIdle
 
 
-class Dispatch(Msg):
+class Dispatch(Msg, frozen=True):
     """Scheduler -> engine: run this task (already marked `running`)."""
 
     task: TaskRecord
@@ -52,7 +52,7 @@ class Dispatch(Msg):
 EngineInbox = Dispatch
 
 
-class Generated(Msg):
+class Generated(Msg, frozen=True):
     """Engine -> post-processor: raw images of one attempt, ready to encode and store."""
 
     task: TaskRecord

@@ -6,9 +6,9 @@ import secrets
 
 from forge.engine import ModelInfo
 from forge.errors import InvalidRequest
-from forge.requests import MAX_SEED, GenerationRequest, GenerationSpec
+from forge.requests import MAX_SEED, GenerationRequest, GenerationSpec, SchedulerName
 
-DEFAULT_SCHEDULER = "euler"
+DEFAULT_SCHEDULER: SchedulerName = "euler"
 KNOWN_STYLES = ("none",)
 
 

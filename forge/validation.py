@@ -52,7 +52,7 @@ def decode_json(body: bytes, type_: type[T]) -> T:
         return msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
         raise invalid_request(exc) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets bad UTF-8 in strings through raw
         raise InvalidRequest(f"malformed JSON: {exc}", field="body", rule="json") from None
 
 

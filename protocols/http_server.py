@@ -8,11 +8,11 @@ import anyio
 from anyio.abc import TaskStatus
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.typing import ASGIFramework
+from starlette.types import ASGIApp
 
 
 class HttpServer:
-    def __init__(self, app: ASGIFramework, host: str, port: int, *, graceful_timeout_s: float = 5.0) -> None:
+    def __init__(self, app: ASGIApp, host: str, port: int, *, graceful_timeout_s: float = 5.0) -> None:
         self._app = app
         self._host = host
         self._port = port

@@ -36,6 +36,7 @@ from protocols.views import API, ErrorBody, ErrorView, TaskList, error_view, ima
 log = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY = 255
+DISCARD_FACTOR = 8  # an over-long streamed body is read up to this multiple of the limit, then cut
 
 
 class JSONResponse(Response):
@@ -64,7 +65,7 @@ class RestApi:
         spec = openapi_spec()
         routes = [
             Route(API, self.create, methods=["POST"]),
-            Route(API, self.list, methods=["GET"]),
+            Route(API, self.list_generations, methods=["GET"]),
             Route(API + "/{id}", self.get, methods=["GET"]),
             Route(API + "/{id}/cancel", self.cancel, methods=["POST"]),
             Route(API + "/{id}/images/{index:int}", self.image, methods=["GET"]),
@@ -108,7 +109,7 @@ class RestApi:
         record = await self.ingress.cancel(request.path_params["id"])
         return JSONResponse(self._view(record), status_code=200 if record.state.is_terminal else 202)
 
-    async def list(self, request: Request) -> Response:
+    async def list_generations(self, request: Request) -> Response:
         query = convert(dict(request.query_params), ListQuery, strict=False)
         before = int(query.cursor) if query.cursor else None
         records = await self.ingress.list(state=query.state, limit=query.limit, before_seq=before)
@@ -139,7 +140,7 @@ class RestApi:
             try:
                 record = await self.ingress.get(task_id)
             except NotFound as exc:
-                await websocket.send_bytes(msgspec.json.encode(error_view(exc)))
+                await websocket.send_text(msgspec.json.encode(error_view(exc)).decode())
                 await websocket.close(code=4404)
                 return
             for event in self._snapshot(record):
@@ -243,9 +244,12 @@ class RestApi:
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+            elif size > DISCARD_FACTOR * limit:  # give up on a client that keeps streaming
+                break
+        if size > limit:  # read (and dropped) the rest first, so the client gets our answer, not a reset
+            raise too_large
         return b"".join(chunks)
 
     async def _forge_error(self, request: Request, exc: Exception) -> Response:

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from actors.supervisor import ServerHandle, serve
+from engines.tiny import build_tiny_sdxl
+from forge.config import Config, load_config
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # hypercorn is served through its asyncio worker
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SDXL folder, built once per run and loaded with from_pretrained by every test."""
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+def server_config(data_dir: Path, model: Path, **overrides: object) -> Config:
+    settings: dict[str, object] = {"data_dir": str(data_dir), "model": str(model), "api_port": 0,
+                                   "host": "127.0.0.1", "preview_every": 1, "drain_seconds": 5}
+    settings.update(overrides)
+    return load_config(None, environ={}, overrides=settings)
+
+
+class RunningServer:
+    def __init__(self, handle: ServerHandle, client: httpx.AsyncClient) -> None:
+        self.handle = handle
+        self.client = client
+        self.base_url = f"http://127.0.0.1:{handle.api_port}"
+        self.ws_url = f"ws://127.0.0.1:{handle.api_port}"
+
+
+async def wait_ready(client: httpx.AsyncClient, timeout_s: float = 60) -> None:
+    with anyio.fail_after(timeout_s):
+        while (await client.get("/readyz")).status_code != 200:
+            await anyio.sleep(0.05)
+
+
+async def start_server(config: Config) -> AsyncIterator[RunningServer]:
+    shutdown = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        handle: ServerHandle = await tg.start(lambda task_status: serve(config, shutdown=shutdown,
+                                                                       task_status=task_status))
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{handle.api_port}", timeout=30) as client:
+            await wait_ready(client)
+            yield RunningServer(handle, client)
+        shutdown.set()
+
+
+@pytest.fixture
+async def server(tmp_path: Path, tiny_model: Path) -> AsyncIterator[RunningServer]:
+    """A real server (hypercorn on 127.0.0.1, real SQLite file, tiny model on the CPU) in this event loop."""
+    async for running in start_server(server_config(tmp_path / "data", tiny_model)):
+        yield running
