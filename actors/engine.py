@@ -9,17 +9,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, assert_never
 
 import anyio
-import anyio.from_thread
-import anyio.to_thread
 from anyio.abc import TaskStatus
+from anyio.from_thread import BlockingPortal
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from actors.device_thread import DeviceThread
 from actors.hub import EventHub
+from actors.latest_value import LatestValue
 from actors.lifecycle import cancel_task, fail_task
 from actors.store import Store
 from engines.loader import load_engine
 from forge.engine import Engine, Job, JobCancelled, ModelInfo, OutOfMemory
-from forge.events import Progress
+from forge.events import AnyTaskEvent, Progress
 from forge.messages import Dispatch, EngineIdle, EngineInbox, EngineReady, Generated, PostprocessInbox, SchedulerInbox
 from forge.tasks import TaskRecord, TaskState
 
@@ -50,6 +51,7 @@ class EngineActor:
         device: str,
         backend: str,
         model: ModelInfo,
+        cpu_threads: int,
         previews: PreviewSettings,
         store: Store,
         hub: EventHub,
@@ -60,6 +62,7 @@ class EngineActor:
         self.device = device
         self.ready = False
         self._backend = backend
+        self._cpu_threads = cpu_threads
         self._model = model
         self._previews = previews
         self._store = store
@@ -67,35 +70,42 @@ class EngineActor:
         self._inbox = inbox
         self._scheduler = scheduler
         self._postprocess = postprocess
-        self._limiter = anyio.CapacityLimiter(1)  # one job at a time per device; pipelines are not thread-safe
+        # Every blocking call for this device runs on this one thread, in order (pipelines are not thread-safe).
+        self._thread = DeviceThread(f"engine-{device}")
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         log.info("engine %s: loading %s (%s backend)", self.device, self._model.name, self._backend)
-        engine = await anyio.to_thread.run_sync(
-            load_engine, self._backend, self._model, self.device, limiter=self._limiter
-        )
         try:
-            await anyio.to_thread.run_sync(engine.warm, limiter=self._limiter)
+            engine = await self._thread.run_sync(
+                load_engine, self._backend, self._model, self.device, self._cpu_threads
+            )
+        except BaseException:
+            self._thread.stop()
+            raise
+        try:
+            await self._thread.run_sync(engine.warm)
             self.ready = True
             log.info("engine %s: ready", self.device)
             task_status.started()
             await self._scheduler.send(EngineReady(device=self.device))
-            async with self._inbox:
+            async with self._inbox, BlockingPortal() as portal:
+                progress = LatestValue(portal, self._hub.publish)
                 async for msg in self._inbox:
                     match msg:
                         case Dispatch():
-                            await self._execute(engine, msg)
+                            await self._execute(engine, msg, progress)
                         case _:
                             assert_never(msg)
         finally:
             self.ready = False
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(engine.close, limiter=self._limiter)
+                await self._thread.run_sync(engine.close)
+            self._thread.stop()
 
-    async def _execute(self, engine: Engine, msg: Dispatch) -> None:
+    async def _execute(self, engine: Engine, msg: Dispatch, progress: LatestValue[AnyTaskEvent]) -> None:
         task = msg.task
         try:
-            result = await anyio.to_thread.run_sync(engine.run, self._job(task, msg), limiter=self._limiter)
+            result = await self._thread.run_sync(engine.run, self._job(task, msg, progress))
         except JobCancelled:
             if msg.cancel.reason == SHUTDOWN:  # not the task's fault: it waits, same attempt, for the next start
                 await self._store.transition(
@@ -125,9 +135,8 @@ class EngineActor:
             self._hub.forget_progress(task.id)
             await self._scheduler.send(EngineIdle(device=self.device, task_id=task.id))
 
-    def _job(self, task: TaskRecord, msg: Dispatch) -> Job:
+    def _job(self, task: TaskRecord, msg: Dispatch, progress: LatestValue[AnyTaskEvent]) -> Job:
         spec = task.spec
-        hub = self._hub
 
         def on_progress(step: int, total: int, preview: Image | None) -> None:
             event = Progress(
@@ -136,7 +145,7 @@ class EngineActor:
                 total=total,
                 preview_jpeg_b64=_jpeg_b64(preview) if preview is not None else None,
             )
-            anyio.from_thread.run_sync(hub.publish, event)
+            progress.put(event)
 
         return Job(
             prompt=spec.prompt,

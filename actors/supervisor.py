@@ -12,16 +12,16 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import anyio
-import anyio.to_thread
 from anyio.abc import TaskStatus
 
+from actors.device_thread import DeviceThread
 from actors.engine import SHUTDOWN, EngineActor, PreviewSettings
 from actors.hub import EventHub
 from actors.ingress import Ingress
 from actors.postprocess import Postprocessor
 from actors.scheduler import Scheduler
 from actors.store import Store
-from engines.loader import visible_devices
+from engines.loader import cpu_threads_for_serving, visible_devices
 from engines.models import resolve_model
 from forge.config import Config
 from forge.engine import ModelInfo
@@ -61,9 +61,13 @@ def announce_model(model: ModelInfo) -> None:
 async def serve(
     config: Config, *, shutdown: anyio.Event, task_status: TaskStatus[ServerHandle] = anyio.TASK_STATUS_IGNORED
 ) -> None:
-    model = await anyio.to_thread.run_sync(resolve_model, config.model, config.data_path, config.hub_timeout_s)
+    setup = DeviceThread("model-setup")  # may build the tiny model with torch: a thread that then ends
+    try:
+        model = await setup.run_sync(resolve_model, config.model, config.data_path, config.hub_timeout_s)
+        devices = await setup.run_sync(visible_devices, config.devices)
+    finally:
+        setup.stop()
     announce_model(model)
-    devices = await anyio.to_thread.run_sync(visible_devices, config.devices)
 
     async with Store.open(config.database_path) as store:
         recovery = await store.recover(config.max_attempts)
@@ -89,6 +93,7 @@ async def serve(
                 device=device,
                 backend=config.backend,
                 model=model,
+                cpu_threads=cpu_threads_for_serving(config.cpu_threads),
                 previews=PreviewSettings(config.preview_every, config.preview_size),
                 store=store,
                 hub=hub,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from forge.engine import Engine, ModelInfo
 from forge.errors import ConfigError
 
@@ -34,9 +36,21 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def load_engine(backend: str, model: ModelInfo, device: str) -> Engine:
-    """Load (not warm) one engine. Blocking: call from a worker thread."""
+def cpu_threads_for_serving(configured: int) -> int:
+    if configured:
+        return configured
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+def load_engine(backend: str, model: ModelInfo, device: str, cpu_threads: int = 0) -> Engine:
+    """Load (not warm) one engine. Blocking: call from the thread that will run it.
+
+    cpu_threads: 0 leaves PyTorch's own default (all cores)."""
     quiet_libraries()
+    if device == "cpu" and cpu_threads:
+        import torch
+
+        torch.set_num_threads(cpu_threads)
     if backend == "eager":
         from engines.eager import EagerEngine
 

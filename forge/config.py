@@ -32,6 +32,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     backend: Backend = "eager"
     # "auto": every visible CUDA device, else one CPU engine. Otherwise a comma-separated list.
     devices: str = "auto"
+    # Intra-op threads for a CPU engine; 0: all cores but one, which stays free for the event loop and I/O.
+    cpu_threads: Annotated[int, Meta(ge=0, le=1024)] = 0
     hub_timeout_s: Annotated[float, Meta(gt=0, le=60)] = 3.0
     max_attempts: Annotated[int, Meta(ge=1, le=20)] = 3
     max_queue: Annotated[int, Meta(ge=1)] = 10_000

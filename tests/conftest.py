@@ -28,8 +28,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def server_config(data_dir: Path, model: Path, **overrides: object) -> Config:
-    settings: dict[str, object] = {"data_dir": str(data_dir), "model": str(model), "api_port": 0,
-                                   "host": "127.0.0.1", "preview_every": 1, "drain_seconds": 5}
+    settings: dict[str, object] = {
+        "data_dir": str(data_dir),
+        "model": str(model),
+        "api_port": 0,
+        "host": "127.0.0.1",
+        "preview_every": 1,
+        "drain_seconds": 5,
+    }
     settings.update(overrides)
     return load_config(None, environ={}, overrides=settings)
 
@@ -51,8 +57,9 @@ async def wait_ready(client: httpx.AsyncClient, timeout_s: float = 60) -> None:
 async def start_server(config: Config) -> AsyncIterator[RunningServer]:
     shutdown = anyio.Event()
     async with anyio.create_task_group() as tg:
-        handle: ServerHandle = await tg.start(lambda task_status: serve(config, shutdown=shutdown,
-                                                                       task_status=task_status))
+        handle: ServerHandle = await tg.start(
+            lambda task_status: serve(config, shutdown=shutdown, task_status=task_status)
+        )
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{handle.api_port}", timeout=30) as client:
             await wait_ready(client)
             yield RunningServer(handle, client)

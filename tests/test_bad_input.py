@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -65,15 +66,14 @@ RAW_CASES = [
 
 @pytest.mark.parametrize(("case", "raw", "status", "field", "rule"), RAW_CASES, ids=[c[0] for c in RAW_CASES])
 async def test_invalid_body(server: RunningServer, case: str, raw: bytes, status: int, field: str, rule: str) -> None:
-    response = await server.client.post("/v1/generations", content=raw,
-                                        headers={"content-type": "application/json"})
+    response = await server.client.post("/v1/generations", content=raw, headers={"content-type": "application/json"})
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert (error["field"], error["rule"]) == (field, rule)
 
 
 async def test_oversized_body_without_content_length_is_refused(server: RunningServer) -> None:
-    async def chunks():  # type: ignore[no-untyped-def]
+    async def chunks() -> AsyncIterator[bytes]:
         yield b'{"prompt": "'
         for _ in range(20):
             yield b"x" * 65536

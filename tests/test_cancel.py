@@ -59,5 +59,8 @@ async def test_cancel_is_idempotent_and_refuses_finished_or_unknown(server: Runn
 
     missing = await server.client.post("/v1/generations/does-not-exist/cancel")
     assert missing.status_code == 404
-    assert missing.json()["error"] == {"code": "not_found", "message": "no generation with id 'does-not-exist'",
-                                       "field": "id"}
+    assert missing.json()["error"] == {
+        "code": "not_found",
+        "message": "no generation with id 'does-not-exist'",
+        "field": "id",
+    }

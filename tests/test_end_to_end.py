@@ -29,8 +29,15 @@ async def _image(server: RunningServer, url: str) -> Image.Image:
 
 
 async def test_generation_progress_over_websocket_then_png_with_parameters(server: RunningServer) -> None:
-    task = await submit(server.client, prompt="a fox ranger, green cloak", negative_prompt="blurry, text",
-                        seed=1234, width=128, height=96, steps=6)
+    task = await submit(
+        server.client,
+        prompt="a fox ranger, green cloak",
+        negative_prompt="blurry, text",
+        seed=1234,
+        width=128,
+        height=96,
+        steps=6,
+    )
     assert task["state"] == "queued"
     events = []
     async with aconnect_ws(f"{server.ws_url}{task['links']['events']}", server.client) as ws:

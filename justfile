@@ -1,0 +1,47 @@
+# Chara Forge tasks. Every recipe creates .venv and installs the project on first use.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := ".venv"
+bin := venv / "bin"
+# Torch is installed first and pinned: a plain `torch` requirement can pull several GB of CUDA wheels
+# where a CPU build would do. Override on a GPU box, e.g. TORCH_SPEC="torch==2.13.0".
+torch_spec := env("TORCH_SPEC", "torch==2.13.0")
+
+default:
+    @just --list
+
+# Create .venv and install the project with its test tools (again only when pyproject.toml changes)
+setup:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    [ -x {{bin}}/python ] || python3 -m venv {{venv}}
+    stamp="{{venv}}/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+    if [ ! -e "$stamp" ]; then
+        {{bin}}/python -m pip install --quiet --upgrade pip
+        {{bin}}/python -m pip install --quiet "{{torch_spec}}"
+        {{bin}}/python -m pip install --quiet -e ".[dev]"
+        touch "$stamp"
+    fi
+
+# Run the server (REST + WebSocket on :8000); options: --port, --model, --data-dir, --host
+serve *ARGS: setup
+    {{bin}}/chara-forge serve {{ARGS}}
+
+# Generate images once without the server, e.g. just generate "a knight" -n 2 -o out
+generate PROMPT *ARGS: setup
+    {{bin}}/chara-forge generate "{{PROMPT}}" {{ARGS}}
+
+# Lint, type-check and run the whole test suite
+test *ARGS: setup lint
+    {{bin}}/python -m pytest {{ARGS}}
+
+# ruff (lint + format check) and mypy
+lint: setup
+    {{bin}}/ruff check .
+    {{bin}}/ruff format --check .
+    {{bin}}/mypy
+
+# Benchmarks; each prints one JSON line
+bench: setup
+    {{bin}}/python -m bench.server_bench

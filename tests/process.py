@@ -1,0 +1,64 @@
+"""Run `chara-forge serve` as a separate process, the way users run it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import anyio
+import httpx
+from anyio.abc import Process
+
+from tests.conftest import wait_ready
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ServerProcess:
+    def __init__(self, data_dir: Path, model: Path, log: Path, **settings: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.env = {
+            **os.environ,
+            "FORGE_DATA_DIR": str(data_dir),
+            "FORGE_MODEL": str(model),
+            "FORGE_API_PORT": str(self.port),
+            "FORGE_HOST": "127.0.0.1",
+            "HF_HUB_OFFLINE": "1",
+            **{f"FORGE_{key.upper()}": value for key, value in settings.items()},
+        }
+        self.process: Process | None = None
+
+    async def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.process = await anyio.open_process(
+                [sys.executable, "-m", "forge.cli", "serve"], env=self.env, stdout=log, stderr=log
+            )
+        async with httpx.AsyncClient(base_url=self.url) as client:
+            with anyio.fail_after(90):
+                while True:
+                    try:
+                        await wait_ready(client, timeout_s=90)
+                        return
+                    except httpx.TransportError:
+                        await anyio.sleep(0.1)
+
+    async def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        await self.process.wait()
+
+    async def terminate(self) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(60):
+            return await self.process.wait()

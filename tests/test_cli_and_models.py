@@ -1,0 +1,89 @@
+"""`chara-forge generate` and model resolution, through the same loading path real weights take."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from actors.encoding import read_parameters
+from engines.models import resolve_model
+from engines.tiny import TINY_MODEL_NAME
+
+
+def _generate(tmp_path: Path, model: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "forge.cli",
+            "generate",
+            *args,
+            "--model",
+            str(model),
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+
+
+def test_generate_writes_images_with_parameters(tmp_path: Path, tiny_model: Path) -> None:
+    out = tmp_path / "out"
+    result = _generate(
+        tmp_path,
+        tiny_model,
+        "a goblin merchant",
+        "-o",
+        str(out),
+        "-n",
+        "2",
+        "--seed",
+        "9",
+        "--width",
+        "96",
+        "--steps",
+        "3",
+        "--format",
+        "webp",
+    )
+    assert result.returncode == 0, result.stderr
+    files = [Path(line) for line in result.stdout.split()]
+    assert len(files) == 2 and all(f.suffix == ".webp" and f.is_relative_to(out) for f in files)
+    with Image.open(files[1]) as image:
+        assert image.size == (96, 64)
+        parameters = read_parameters(image)
+    assert parameters is not None and "Seed: 10" in parameters and parameters.startswith("a goblin merchant")
+    assert "denoising" in result.stderr  # the progress bar
+    assert (files[0].parent / "metadata.json").exists()
+
+
+def test_generate_rejects_bad_options_with_the_field_named(tmp_path: Path, tiny_model: Path) -> None:
+    result = _generate(tmp_path, tiny_model, "x", "--width", "100")
+    assert result.returncode == 2
+    assert "error (width)" in result.stderr and "multiple of 8" in result.stderr
+
+
+def test_auto_falls_back_to_tiny_quickly_when_the_hub_is_unreachable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    started = time.monotonic()
+    model = resolve_model("auto", tmp_path / "data", hub_timeout_s=2)
+    assert model.is_tiny and model.name == TINY_MODEL_NAME
+    assert time.monotonic() - started < 10
+    assert Path(model.path, "model_index.json").exists()
+
+
+def test_a_local_tiny_folder_is_recognised(tiny_model: Path, tmp_path: Path) -> None:
+    model = resolve_model(str(tiny_model), tmp_path, hub_timeout_s=1)
+    assert model.is_tiny and model.path == str(tiny_model)

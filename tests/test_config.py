@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from forge.config import load_config
+from forge.errors import ConfigError
+
+
+def test_defaults_match_the_documented_ports() -> None:
+    config = load_config(None, environ={})
+    assert (config.api_port, config.ui_port, config.mcp_port) == (8000, 7860, 8001)
+    assert (config.model, config.backend, config.host) == ("auto", "eager", "127.0.0.1")
+
+
+def test_toml_then_environment_then_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "forge.toml"
+    path.write_text('api_port = 9000\nmodel = "tiny"\ndata_dir = "/srv/forge"\nenable_ui = true\n')
+    environ = {"FORGE_API_PORT": "9100", "FORGE_ENABLE_UI": "false", "FORGE_BACKEND": "compiled", "HOME": "/x"}
+    config = load_config(path, environ=environ, overrides={"host": "0.0.0.0"})
+    assert config.api_port == 9100 and config.model == "tiny" and config.data_dir == "/srv/forge"
+    assert config.enable_ui is False and config.backend == "compiled" and config.host == "0.0.0.0"
+
+
+@pytest.mark.parametrize(
+    ("environ", "mentions"),
+    [
+        ({"FORGE_API_PORT": "eighty"}, "api_port"),
+        ({"FORGE_API_PORT": "70000"}, "api_port"),
+        ({"FORGE_BACKEND": "onnx"}, "backend"),
+        ({"FORGE_COLOUR": "red"}, "FORGE_COLOUR"),
+    ],
+)
+def test_bad_settings_are_clear_errors(environ: dict[str, str], mentions: str) -> None:
+    with pytest.raises(ConfigError, match=mentions):
+        load_config(None, environ=environ)
+
+
+def test_unreadable_toml_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text("api_port = = 1")
+    with pytest.raises(ConfigError, match=r"broken\.toml"):
+        load_config(path, environ={})
