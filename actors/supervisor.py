@@ -21,7 +21,7 @@ from actors.ingress import Ingress
 from actors.postprocess import Postprocessor
 from actors.scheduler import Scheduler
 from actors.store import Store
-from engines.loader import cpu_threads_for_serving, visible_devices
+from engines.loader import check_backend, cpu_threads_for_serving, visible_devices
 from engines.models import resolve_model
 from forge.config import Config
 from forge.engine import ModelInfo
@@ -61,6 +61,7 @@ def announce_model(model: ModelInfo) -> None:
 async def serve(
     config: Config, *, shutdown: anyio.Event, task_status: TaskStatus[ServerHandle] = anyio.TASK_STATUS_IGNORED
 ) -> None:
+    check_backend(config.backend)
     setup = DeviceThread("model-setup")  # may build the tiny model with torch: a thread that then ends
     try:
         model = await setup.run_sync(resolve_model, config.model, config.data_path, config.hub_timeout_s)

@@ -42,6 +42,14 @@ def cpu_threads_for_serving(configured: int) -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 
 
+def check_backend(backend: str) -> None:
+    """Fail at start, before anything is served, for a backend this build cannot run."""
+    if backend != "eager":
+        if backend in BACKENDS:
+            raise ConfigError(f"backend {backend!r} is not available in this build; use 'eager'", field="backend")
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}", field="backend")
+
+
 def load_engine(backend: str, model: ModelInfo, device: str, cpu_threads: int = 0) -> Engine:
     """Load (not warm) one engine. Blocking: call from the thread that will run it.
 
@@ -51,10 +59,7 @@ def load_engine(backend: str, model: ModelInfo, device: str, cpu_threads: int = 
         import torch
 
         torch.set_num_threads(cpu_threads)
-    if backend == "eager":
-        from engines.eager import EagerEngine
+    check_backend(backend)
+    from engines.eager import EagerEngine
 
-        return EagerEngine(model, device)
-    if backend in BACKENDS:
-        raise ConfigError(f"backend {backend!r} is not available in this build; use 'eager'", field="backend")
-    raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}", field="backend")
+    return EagerEngine(model, device)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 from PIL import Image
 
 from actors.encoding import read_parameters
 from engines.models import resolve_model
-from engines.tiny import TINY_MODEL_NAME
+from engines.tiny import TINY_MODEL_NAME, build_tiny_sdxl
+from tests.process import free_port
 
 
 def _generate(tmp_path: Path, model: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -71,19 +74,45 @@ def test_generate_rejects_bad_options_with_the_field_named(tmp_path: Path, tiny_
     assert "error (width)" in result.stderr and "multiple of 8" in result.stderr
 
 
-def test_auto_falls_back_to_tiny_quickly_when_the_hub_is_unreachable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+@pytest.fixture
+def empty_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    started = time.monotonic()
-    model = resolve_model("auto", tmp_path / "data", hub_timeout_s=2)
+
+
+@pytest.mark.usefixtures("empty_hub_cache")
+def test_auto_falls_back_to_tiny_when_the_hub_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    model = resolve_model("auto", tmp_path / "data", hub_timeout_s=3)
     assert model.is_tiny and model.name == TINY_MODEL_NAME
-    assert time.monotonic() - started < 10
     assert Path(model.path, "model_index.json").exists()
+
+
+@pytest.mark.usefixtures("empty_hub_cache")
+def test_auto_gives_up_on_a_silent_hub_within_its_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    build_tiny_sdxl(tmp_path / "data" / "models" / "tiny-sdxl")  # time the hub check alone, not the build
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts connections, never answers
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        started = time.monotonic()
+        model = resolve_model("auto", tmp_path / "data", hub_timeout_s=1.5)
+        elapsed = time.monotonic() - started
+    assert model.is_tiny
+    assert elapsed < 5, f"start was delayed {elapsed:.1f} s by an unanswering hub"
 
 
 def test_a_local_tiny_folder_is_recognised(tiny_model: Path, tmp_path: Path) -> None:
     model = resolve_model(str(tiny_model), tmp_path, hub_timeout_s=1)
     assert model.is_tiny and model.path == str(tiny_model)
+
+
+def test_serve_with_an_unavailable_backend_stops_with_a_clear_error(tmp_path: Path, tiny_model: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "forge.cli", "serve", "--model", str(tiny_model), "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "FORGE_BACKEND": "tensorrt", "FORGE_API_PORT": str(free_port())},
+    )
+    assert result.returncode == 2
+    assert "error (backend): backend 'tensorrt' is not available" in result.stderr
+    assert "REST API on" not in result.stderr  # nothing was served
