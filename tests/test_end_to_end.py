@@ -107,3 +107,16 @@ async def test_other_formats_carry_parameters(server: RunningServer, output_form
     assert image.format == output_format.upper()
     parameters = read_parameters(image)
     assert parameters is not None and "Seed: 5" in parameters
+
+
+async def test_websocket_of_a_queued_task_starts_with_its_position_and_cleans_up(server: RunningServer) -> None:
+    blocker = await submit(server.client, width=512, height=512, steps=40)
+    waiting = await submit(server.client, steps=1)
+    await wait_for_state(server.client, blocker["id"], {"running"})
+    async with aconnect_ws(f"{server.ws_url}{waiting['links']['events']}", server.client) as ws:
+        first = json.loads(await ws.receive_text())
+        assert first == {"type": "queued", "task_id": waiting["id"], "position": 0}
+        assert server.handle.hub.statistics()["subscribers"] == 1
+    await server.client.post(blocker["links"]["cancel"])
+    await wait_for_state(server.client, waiting["id"])
+    assert server.handle.hub.statistics()["subscribers"] == 0, "a closed WebSocket leaves no subscription"

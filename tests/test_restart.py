@@ -23,7 +23,9 @@ KILLS = 5
 
 
 @pytest.mark.slow
-async def test_kill_nine_at_random_moments_loses_nothing(tmp_path: Path, tiny_model: Path) -> None:
+async def test_kill_nine_at_random_moments_loses_nothing(
+    tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     seed = int(time.time())
     rng = random.Random(seed)
     server = ServerProcess(tmp_path / "data", tiny_model, tmp_path / "server.log")
@@ -88,10 +90,12 @@ async def test_kill_nine_at_random_moments_loses_nothing(tmp_path: Path, tiny_mo
 
     counts = Counter(view["state"] for view in views)
     attempts = Counter(view["attempt"] for view in views)
-    print(
-        f"\nkill test (seed {seed}): {len(accepted)} accepted after {KILLS} kills; final states {dict(counts)}; "
-        f"attempts {dict(sorted(attempts.items()))}; submissions cut by a kill and retried: {refused_connections}"
-    )
+    with capsys.disabled():
+        print(
+            f"\nkill test (seed {seed}): {len(accepted)} accepted after {KILLS} kills; final states "
+            f"{dict(counts)}; attempts {dict(sorted(attempts.items()))}; submissions cut by a kill and "
+            f"retried: {refused_connections}"
+        )
     assert len(accepted) == TASKS and len(listed) == TASKS
     assert sum(counts.values()) == TASKS and set(counts) <= FINAL_STATES
     assert all(view["state"] == "succeeded" or view["error"]["code"] == "worker_lost" for view in views)
