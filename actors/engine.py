@@ -19,7 +19,7 @@ from actors.latest_value import LatestValue
 from actors.lifecycle import cancel_task, fail_task
 from actors.store import Store
 from engines.loader import load_engine
-from forge.engine import Engine, Job, JobCancelled, ModelInfo, OutOfMemory
+from forge.engine import Engine, Job, JobCancelled, ModelInfo, OutOfMemory, job_for
 from forge.events import AnyTaskEvent, Progress
 from forge.messages import Dispatch, EngineIdle, EngineInbox, EngineReady, Generated, PostprocessInbox, SchedulerInbox
 from forge.tasks import TaskRecord, TaskState
@@ -147,15 +147,8 @@ class EngineActor:
             )
             progress.put(event)
 
-        return Job(
-            prompt=spec.prompt,
-            negative_prompt=spec.negative_prompt,
-            width=spec.width,
-            height=spec.height,
-            seeds=spec.seeds,
-            steps=spec.steps,
-            guidance_scale=spec.guidance_scale,
-            scheduler=spec.scheduler,
+        return job_for(
+            spec,
             preview_every=self._previews.every,
             preview_size=self._previews.size,
             on_progress=on_progress,

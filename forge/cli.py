@@ -65,7 +65,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from actors.postprocess import write_outputs
     from engines.loader import load_engine, visible_devices
     from engines.models import resolve_model
-    from forge.engine import Job
+    from forge.engine import job_for
     from forge.requests import GenerationRequest
     from forge.resolve import resolve_request
     from forge.validation import convert
@@ -99,19 +99,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         bar.refresh()
 
     created = time.time()
-    result = engine.run(
-        Job(
-            prompt=spec.prompt,
-            negative_prompt=spec.negative_prompt,
-            width=spec.width,
-            height=spec.height,
-            seeds=spec.seeds,
-            steps=spec.steps,
-            guidance_scale=spec.guidance_scale,
-            scheduler=spec.scheduler,
-            on_progress=on_progress,
-        )
-    )
+    result = engine.run(job_for(spec, on_progress=on_progress))
     bar.close()
     task_id = uuid.uuid4().hex
     images, _ = write_outputs(

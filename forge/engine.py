@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from forge.requests import GenerationSpec
+
 ProgressFn = Callable[[int, int, "Image | None"], None]
 """Called from the worker thread after each step: (step, total, latent preview or None)."""
 
@@ -51,6 +53,31 @@ class Job:
     preview_size: int = 128
     on_progress: ProgressFn | None = None
     cancel: CancelFlag = field(default_factory=CancelFlag)
+
+
+def job_for(
+    spec: GenerationSpec,
+    *,
+    preview_every: int = 0,
+    preview_size: int = 128,
+    on_progress: ProgressFn | None = None,
+    cancel: CancelFlag | None = None,
+) -> Job:
+    """The engine's view of a resolved request."""
+    return Job(
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
+        width=spec.width,
+        height=spec.height,
+        seeds=spec.seeds,
+        steps=spec.steps,
+        guidance_scale=spec.guidance_scale,
+        scheduler=spec.scheduler,
+        preview_every=preview_every,
+        preview_size=preview_size,
+        on_progress=on_progress,
+        cancel=cancel or CancelFlag(),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
