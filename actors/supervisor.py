@@ -25,6 +25,7 @@ from engines.loader import check_backend, cpu_threads_for_serving, visible_devic
 from engines.models import resolve_model
 from forge.config import Config
 from forge.engine import ModelInfo
+from forge.errors import ConfigError
 from forge.messages import EngineInbox, PostprocessInbox, SchedulerInbox
 from protocols.http_server import HttpServer
 from protocols.rest import RestApi
@@ -41,6 +42,7 @@ class ServerHandle:
     config: Config
     model: ModelInfo
     api_port: int
+    mcp_port: int | None
     ingress: Ingress
     scheduler: Scheduler
     hub: EventHub
@@ -116,6 +118,22 @@ async def serve(
             max_body_bytes=config.max_body_bytes,
         )
         http = HttpServer(rest.app(), config.host, config.api_port)
+        servers = [http]
+        mcp_http: HttpServer | None = None
+        if config.enable_mcp:  # imported only when on: the REST path runs without the MCP package
+            try:
+                from protocols.mcp_server import McpAdapter, transport_security
+            except ImportError as exc:
+                raise ConfigError(
+                    f"the MCP server needs the 'mcp' extra ({exc}); install chara-forge[mcp] "
+                    "or set FORGE_ENABLE_MCP=false",
+                    field="enable_mcp",
+                ) from exc
+
+            mcp = McpAdapter(ingress=ingress, scheduler=scheduler, hub=hub, outputs=config.outputs_path)
+            security = transport_security(config.mcp_allowed_hosts, config.mcp_allowed_origins)
+            mcp_http = HttpServer(mcp.app(security), config.host, config.mcp_port)
+            servers.append(mcp_http)
 
         async with AsyncExitStack() as stack, anyio.create_task_group() as tg:
             for channel in channels:
@@ -124,6 +142,10 @@ async def serve(
             await tg.start(scheduler.run, recovery.requeued)
             api_port = await tg.start(http.run)
             log.info("REST API on http://%s:%d (docs at /docs)", config.host, api_port)
+            mcp_port = None
+            if mcp_http is not None:
+                mcp_port = await tg.start(mcp_http.run)
+                log.info("MCP on http://%s:%d/mcp (streamable HTTP) and /sse", config.host, mcp_port)
             for engine in engines:  # load concurrently; the scheduler dispatches to each once it is warm
                 tg.start_soon(engine.run)
             task_status.started(
@@ -131,6 +153,7 @@ async def serve(
                     config=config,
                     model=model,
                     api_port=api_port,
+                    mcp_port=mcp_port,
                     ingress=ingress,
                     scheduler=scheduler,
                     hub=hub,
@@ -149,8 +172,10 @@ async def serve(
             with anyio.move_on_after(INTERRUPT_GRACE_S):
                 await scheduler.wait_no_running()
                 await postprocessor.wait_idle()
-            http.stop()
+            for server in servers:
+                server.stop()
             with anyio.move_on_after(INTERRUPT_GRACE_S):
-                await http.wait_stopped()
+                for server in servers:
+                    await server.wait_stopped()
             tg.cancel_scope.cancel()
     log.info("stopped")

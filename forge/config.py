@@ -25,6 +25,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     mcp_port: Port = 8001
     enable_ui: bool = True
     enable_mcp: bool = True
+    # Comma-separated Host and Origin values MCP accepts (DNS-rebinding protection); empty: loopback only.
+    mcp_allowed_hosts: str = ""
+    mcp_allowed_origins: str = ""
     data_dir: str = "./data"
     # "auto": SDXL base from the Hugging Face cache or hub, else the built-in tiny model.
     # "tiny": always the built-in tiny model. Anything else: a local diffusers folder or a hub repo id.

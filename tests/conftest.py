@@ -32,6 +32,7 @@ def server_config(data_dir: Path, model: Path, **overrides: object) -> Config:
         "data_dir": str(data_dir),
         "model": str(model),
         "api_port": 0,
+        "mcp_port": 0,
         "host": "127.0.0.1",
         "preview_every": 1,
         "drain_seconds": 5,

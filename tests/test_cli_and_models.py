@@ -111,7 +111,12 @@ def test_serve_with_an_unavailable_backend_stops_with_a_clear_error(tmp_path: Pa
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PATH": "/usr/bin:/bin", "FORGE_BACKEND": "tensorrt", "FORGE_API_PORT": str(free_port())},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "FORGE_BACKEND": "tensorrt",
+            "FORGE_API_PORT": str(free_port()),
+            "FORGE_MCP_PORT": str(free_port()),
+        },
     )
     assert result.returncode == 2
     assert "error (backend): backend 'tensorrt' is not available" in result.stderr

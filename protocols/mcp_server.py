@@ -1,0 +1,253 @@
+"""MCP adapter: tools and resources for AI assistants, over streamable HTTP (/mcp) and SSE (/sse).
+
+Same ingress, scheduler and store as REST: a generation started here is visible there, and errors carry the
+same codes and field names, as a JSON object in the tool error's text.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import anyio.to_thread
+import msgspec
+from anyio.streams.memory import MemoryObjectReceiveStream
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError
+from mcp.server.transport_security import TransportSecuritySettings
+from mcp.types import CallToolResult, ImageContent, ResourceLink, TextContent
+from PIL import Image
+from pydantic import Field
+from starlette.applications import Starlette
+
+from actors.hub import EventHub
+from actors.ingress import Ingress
+from actors.scheduler import Scheduler
+from forge import __version__
+from forge.errors import ForgeError, InvalidRequest, NotFound
+from forge.events import TERMINAL_EVENTS, AnyTaskEvent, Progress
+from forge.requests import GenerationRequest
+from forge.resolve import KNOWN_STYLES
+from forge.tasks import TaskRecord, TaskState
+from forge.validation import convert
+from protocols.views import error_view, task_view
+
+THUMBNAIL_SIDE = 256  # image content stays small; the full-size file is a resource link
+IMAGE_URI = "chara-forge://generations/{task_id}/images/{index}"
+LOOPBACK_HOSTS = ("127.0.0.1:*", "localhost:*", "[::1]:*")
+LOOPBACK_ORIGINS = ("http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*")
+
+INSTRUCTIONS = """Chara Forge draws game characters from a text description with SDXL.
+Call generate_character with a description of one character; it waits for the images by default and
+returns small previews plus links to the full-size PNGs. Use wait=false for long jobs, then poll
+get_generation. Errors are JSON with `code`, `message` and, for bad input, the `field` at fault."""
+
+
+def transport_security(allowed_hosts: str, allowed_origins: str) -> TransportSecuritySettings:
+    """DNS-rebinding protection, always on: a bad Host gets 421, a bad Origin 403."""
+
+    def split(value: str, default: tuple[str, ...]) -> list[str]:
+        return [item.strip() for item in value.split(",") if item.strip()] or list(default)
+
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=split(allowed_hosts, LOOPBACK_HOSTS),
+        allowed_origins=split(allowed_origins, LOOPBACK_ORIGINS),
+    )
+
+
+def _error(exc: ForgeError) -> CallToolResult:
+    """A tool error whose text is exactly the REST API's error object (code, message, field, rule)."""
+    return _error_result(msgspec.json.encode(error_view(exc).error).decode())
+
+
+def _error_result(text: str) -> CallToolResult:
+    return CallToolResult(content=[TextContent(text=text)], is_error=True)
+
+
+def _round8(value: float) -> int:
+    return max(8, round(value / 8) * 8)
+
+
+class McpAdapter:
+    def __init__(self, *, ingress: Ingress, scheduler: Scheduler, hub: EventHub, outputs: Path) -> None:
+        self._ingress = ingress
+        self._scheduler = scheduler
+        self._hub = hub
+        self._outputs = outputs
+        self.server = MCPServer(name="chara-forge", version=__version__, instructions=INSTRUCTIONS)
+        self._register()
+
+    def app(self, security: TransportSecuritySettings) -> Starlette:
+        streamable = self.server.streamable_http_app(streamable_http_path="/mcp", transport_security=security)
+        sse = self.server.sse_app(sse_path="/sse", message_path="/messages/", transport_security=security)
+
+        @asynccontextmanager
+        async def lifespan(_: Starlette) -> AsyncIterator[None]:
+            async with self.server.session_manager.run():
+                yield
+
+        return Starlette(routes=[*streamable.routes, *sse.routes], lifespan=lifespan)
+
+    # -- tools --
+
+    def _register(self) -> None:
+        server = self.server
+
+        @server.tool(
+            structured_output=False,
+            description="Generate images of one game character from a text description. By default waits "
+            "and returns PNG previews, a link to each full-size image, and the task id. Progress "
+            "notifications are sent while it denoises when the request carries a progress token.",
+        )
+        async def generate_character(
+            prompt: Annotated[str, Field(description="the character: look, outfit, pose, setting")],
+            ctx: Context,
+            style: Annotated[str | None, Field(description="a style name from list_styles")] = None,
+            size: Annotated[
+                str | None,
+                Field(description="'square', 'portrait', 'landscape', or WIDTHxHEIGHT in pixels (multiples of 8)"),
+            ] = None,
+            num_images: Annotated[int, Field(ge=1, le=8, description="how many variations")] = 1,
+            seed: Annotated[int | None, Field(ge=0, le=2**32 - 1, description="same seed, same image")] = None,
+            negative_prompt: Annotated[str, Field(description="what to avoid")] = "",
+            wait: Annotated[bool, Field(description="wait for the images (else return the task id)")] = True,
+        ) -> list[TextContent | ImageContent | ResourceLink] | CallToolResult:
+            fields: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt, "num_images": num_images}
+            if style is not None:
+                fields["style"] = style
+            if seed is not None:
+                fields["seed"] = seed
+            try:
+                fields.update(self._size(size))
+                request = convert(fields, GenerationRequest)
+                record, _ = await self._ingress.submit(request)
+                if not wait:
+                    return [self._summary(record)]
+                with self._hub.subscribe(record.id) as events:  # then read the state: no event is missed
+                    record = await self._follow(record, events, ctx)
+            except ForgeError as exc:
+                return _error(exc)
+            if record.state is not TaskState.SUCCEEDED:
+                code = record.error_code or str(record.state)
+                message = record.error_message or f"the generation ended {record.state}"
+                return _error_result(json.dumps({"code": code, "message": message, "id": record.id}))
+            return [self._summary(record), *self._images(record)]
+
+        @server.tool(
+            structured_output=False, description="State, progress, seeds and image links of a generation, by task id."
+        )
+        async def get_generation(id: Annotated[str, Field(description="the task id")]) -> CallToolResult:
+            try:
+                return CallToolResult(content=[self._summary(await self._ingress.get(id))])
+            except ForgeError as exc:
+                return _error(exc)
+
+        @server.tool(structured_output=False, description="Cancel a generation, queued or running, by task id.")
+        async def cancel_generation(id: Annotated[str, Field(description="the task id")]) -> CallToolResult:
+            try:
+                return CallToolResult(content=[self._summary(await self._ingress.cancel(id))])
+            except ForgeError as exc:
+                return _error(exc)
+
+        @server.tool(
+            structured_output=False, description="The styles generate_character accepts, with what each looks like."
+        )
+        async def list_styles() -> str:
+            return json.dumps(
+                [{"name": name, "description": "no style: the prompt as written"} for name in KNOWN_STYLES]
+            )
+
+        @server.resource(
+            IMAGE_URI, name="generated-image", mime_type="image/png", description="A finished image, full size, as PNG"
+        )
+        async def generated_image(task_id: str, index: str) -> bytes:
+            try:
+                record = await self._ingress.get(task_id)
+            except NotFound as exc:
+                raise ResourceNotFoundError(exc.message) from None
+            if not index.isdigit() or int(index) >= len(record.images):
+                raise ResourceNotFoundError(f"generation {task_id} has no image {index}")
+            return await anyio.to_thread.run_sync(self._png, self._outputs / record.images[int(index)])
+
+    # -- helpers --
+
+    def _size(self, size: str | None) -> dict[str, int]:
+        if size is None:
+            return {}
+        model = self._ingress.model
+        side = model.default_size
+        presets = {
+            "square": (side, side),
+            "portrait": (_round8(side * 0.8125), _round8(side * 1.1875)),
+            "landscape": (_round8(side * 1.1875), _round8(side * 0.8125)),
+        }
+        if size in presets:
+            width, height = presets[size]
+            return {"width": max(width, model.min_size), "height": max(height, model.min_size)}
+        parts = size.lower().split("x")
+        if len(parts) == 2 and all(part.isdigit() for part in parts):
+            return {"width": int(parts[0]), "height": int(parts[1])}
+        raise InvalidRequest("size must be square, portrait, landscape or WIDTHxHEIGHT", field="size", rule="format")
+
+    async def _follow(
+        self, record: TaskRecord, events: MemoryObjectReceiveStream[AnyTaskEvent], ctx: Context
+    ) -> TaskRecord:
+        """Relay progress until the task ends; if the MCP request is cancelled, cancel the task too."""
+        try:
+            current = await self._ingress.get(record.id)
+            if not current.state.is_terminal:
+                async for event in events:
+                    if isinstance(event, Progress):
+                        await ctx.report_progress(event.step, event.total, f"step {event.step}/{event.total}")
+                    elif isinstance(event, TERMINAL_EVENTS):
+                        break
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await self._ingress.cancel(record.id)
+            raise
+        return await self._ingress.get(record.id)
+
+    def _summary(self, record: TaskRecord) -> TextContent:
+        view = task_view(
+            record, position=self._scheduler.position(record), progress=self._hub.latest_progress(record.id)
+        )
+        body = msgspec.to_builtins(view)
+        body["resources"] = [IMAGE_URI.format(task_id=record.id, index=i) for i in range(len(record.images))]
+        return TextContent(text=json.dumps(body))
+
+    def _images(self, record: TaskRecord) -> list[ImageContent | ResourceLink]:
+        content: list[ImageContent | ResourceLink] = []
+        for index, path in enumerate(record.images):
+            content.append(ImageContent(data=self._thumbnail(self._outputs / path), mime_type="image/png"))
+            content.append(
+                ResourceLink(
+                    uri=IMAGE_URI.format(task_id=record.id, index=index),
+                    name=f"{record.id}-{index}.png",
+                    mime_type="image/png",
+                )
+            )
+        return content
+
+    @staticmethod
+    def _thumbnail(path: Path) -> str:
+        with Image.open(path) as image:
+            image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    @staticmethod
+    def _png(path: Path) -> bytes:
+        if path.suffix == ".png":
+            return path.read_bytes()
+        with Image.open(path) as image:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+        return buffer.getvalue()

@@ -1,0 +1,163 @@
+"""The MCP adapter with the real `mcp` client, over streamable HTTP and SSE, against the running server."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from mcp.client.session import ClientSession
+from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.types import ImageContent, ResourceLink, TextContent
+from PIL import Image
+
+from actors.encoding import read_parameters
+from tests.conftest import RunningServer
+from tests.helpers import wait_for_state
+
+pytestmark = pytest.mark.anyio
+
+TRANSPORTS = ["streamable-http", "sse"]
+
+
+@asynccontextmanager
+async def mcp_session(server: RunningServer, transport: str) -> AsyncIterator[ClientSession]:
+    base = f"http://127.0.0.1:{server.handle.mcp_port}"
+    connect = streamable_http_client(f"{base}/mcp") if transport == "streamable-http" else sse_client(f"{base}/sse")
+    async with connect as streams, ClientSession(streams[0], streams[1]) as session:
+        await session.initialize()
+        yield session
+
+
+def _text(result: Any) -> dict[str, Any]:
+    texts = [c for c in result.content if isinstance(c, TextContent)]
+    body: dict[str, Any] = json.loads(texts[0].text)
+    return body
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_tools_are_listed_with_schemas(server: RunningServer, transport: str) -> None:
+    async with mcp_session(server, transport) as session:
+        tools = {tool.name: tool for tool in (await session.list_tools()).tools}
+    assert set(tools) == {"generate_character", "get_generation", "cancel_generation", "list_styles"}
+    schema = tools["generate_character"].input_schema
+    assert schema["required"] == ["prompt"]
+    assert schema["properties"]["num_images"]["maximum"] == 8
+    assert "progress" in (tools["generate_character"].description or "")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_generate_and_wait_with_progress_images_and_resource(server: RunningServer, transport: str) -> None:
+    reported: list[tuple[float, float | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        reported.append((progress, total))
+
+    async with mcp_session(server, transport) as session:
+        result = await session.call_tool(
+            "generate_character",
+            {"prompt": "a dwarf alchemist", "num_images": 2, "seed": 11, "size": "landscape"},
+            progress_callback=on_progress,
+        )
+        assert not result.is_error, result.content
+        summary = _text(result)
+        images = [c for c in result.content if isinstance(c, ImageContent)]
+        links = [c for c in result.content if isinstance(c, ResourceLink)]
+        resource = await session.read_resource(str(links[1].uri))
+
+    assert summary["state"] == "succeeded" and summary["seeds"] == [11, 12]
+    assert len(images) == 2 and images[0].mime_type == "image/png"
+    thumbnail = Image.open(io.BytesIO(base64.b64decode(images[0].data)))
+    assert thumbnail.size == (80, 64)  # the tiny model's landscape preset, within the thumbnail bound
+    assert [str(link.uri) for link in links] == summary["resources"]
+    assert reported and reported[-1] == (4, 4)
+    full = Image.open(io.BytesIO(base64.b64decode(resource.contents[0].blob)))  # type: ignore[union-attr]
+    assert full.size == (80, 64) and "Seed: 12" in (read_parameters(full) or "")
+    # The same task is visible over REST.
+    rest = (await server.client.get(f"/v1/generations/{summary['id']}")).json()
+    assert rest["state"] == "succeeded" and len(rest["images"]) == 2
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_generate_without_wait_then_get_and_cancel(server: RunningServer, transport: str) -> None:
+    async with mcp_session(server, transport) as session:
+        started = _text(
+            await session.call_tool("generate_character", {"prompt": "a giant golem", "size": "512x512", "wait": False})
+        )
+        assert started["state"] == "queued"
+        await wait_for_state(server.client, started["id"], {"running", "succeeded"})
+        cancelled = _text(await session.call_tool("cancel_generation", {"id": started["id"]}))
+        fetched = _text(await session.call_tool("get_generation", {"id": started["id"]}))
+    assert cancelled["state"] in {"cancelled", "succeeded"}
+    assert fetched["state"] == cancelled["state"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_errors_carry_the_rest_codes_and_fields(server: RunningServer, transport: str) -> None:
+    async with mcp_session(server, transport) as session:
+        bad_size = await session.call_tool("generate_character", {"prompt": "x", "size": "100x64"})
+        unknown = await session.call_tool("get_generation", {"id": "nope"})
+        styles = await session.call_tool("list_styles", {})
+    assert bad_size.is_error and unknown.is_error
+    error = json.loads(bad_size.content[0].text)  # type: ignore[union-attr]
+    assert (error["code"], error["field"], error["rule"]) == ("invalid_request", "width", "multiple_of")
+    assert json.loads(unknown.content[0].text)["code"] == "not_found"  # type: ignore[union-attr]
+    assert [s["name"] for s in json.loads(styles.content[0].text)] == ["none"]  # type: ignore[union-attr]
+
+
+async def test_cancelling_the_mcp_request_cancels_the_task(server: RunningServer) -> None:
+    async def running_task_id() -> str:
+        with anyio.fail_after(30):
+            while True:
+                items = (await server.client.get("/v1/generations?state=running")).json()["items"]
+                if items:
+                    return str(items[0]["id"])
+                await anyio.sleep(0.05)
+
+    async with mcp_session(server, "streamable-http") as session:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                session.call_tool, "generate_character", {"prompt": "a slow titan", "size": "512x512", "num_images": 8}
+            )
+            task_id = await running_task_id()
+            tg.cancel_scope.cancel()  # the client abandons the request: it tells the server it is cancelled
+        view = await wait_for_state(server.client, task_id, timeout_s=30)
+    assert view["state"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"Host": "evil.example:80"}, 421),
+        ({"Origin": "http://evil.example"}, 403),
+        ({"Origin": "http://localhost:3000"}, None),
+    ],
+)
+async def test_dns_rebinding_protection(server: RunningServer, headers: dict[str, str], status: int | None) -> None:
+    body = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "probe", "version": "0"},
+        },
+    }
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"http://127.0.0.1:{server.handle.mcp_port}/mcp",
+            json=body,
+            headers={"Accept": "application/json, text/event-stream", **headers},
+        )
+    if status is None:
+        assert response.status_code == 200, response.text
+    else:
+        assert response.status_code == status
