@@ -43,6 +43,7 @@ class ServerHandle:
     model: ModelInfo
     api_port: int
     mcp_port: int | None
+    ui_port: int | None
     ingress: Ingress
     scheduler: Scheduler
     hub: EventHub
@@ -135,6 +136,19 @@ async def serve(
             mcp_http = HttpServer(mcp.app(security), config.host, config.mcp_port)
             servers.append(mcp_http)
 
+        ui_http: HttpServer | None = None
+        if config.enable_ui:
+            try:
+                from protocols.ui import WebUi
+            except ImportError as exc:
+                raise ConfigError(
+                    f"the web UI needs the 'ui' extra ({exc}); install chara-forge[ui] or set FORGE_ENABLE_UI=false",
+                    field="enable_ui",
+                ) from exc
+            ui = WebUi(ingress=ingress, hub=hub, outputs=config.outputs_path, data_dir=config.data_path)
+            ui_http = HttpServer(ui.app(), config.host, config.ui_port)
+            servers.append(ui_http)
+
         async with AsyncExitStack() as stack, anyio.create_task_group() as tg:
             for channel in channels:
                 stack.push_async_callback(channel.aclose)
@@ -146,6 +160,10 @@ async def serve(
             if mcp_http is not None:
                 mcp_port = await tg.start(mcp_http.run)
                 log.info("MCP on http://%s:%d/mcp (streamable HTTP) and /sse", config.host, mcp_port)
+            ui_port = None
+            if ui_http is not None:
+                ui_port = await tg.start(ui_http.run)
+                log.info("web UI on http://%s:%d", config.host, ui_port)
             for engine in engines:  # load concurrently; the scheduler dispatches to each once it is warm
                 tg.start_soon(engine.run)
             task_status.started(
@@ -154,6 +172,7 @@ async def serve(
                     model=model,
                     api_port=api_port,
                     mcp_port=mcp_port,
+                    ui_port=ui_port,
                     ingress=ingress,
                     scheduler=scheduler,
                     hub=hub,

@@ -65,6 +65,7 @@ async def server_run(model: Path, data_dir: Path) -> tuple[float, list[float]]:
         "FORGE_API_PORT": str(port),
         "FORGE_HOST": "127.0.0.1",
         "FORGE_ENABLE_MCP": "false",
+        "FORGE_ENABLE_UI": "false",
         "FORGE_LOG_LEVEL": "WARNING",
         "HF_HUB_OFFLINE": "1",
     }

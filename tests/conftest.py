@@ -33,6 +33,7 @@ def server_config(data_dir: Path, model: Path, **overrides: object) -> Config:
         "model": str(model),
         "api_port": 0,
         "mcp_port": 0,
+        "ui_port": 0,
         "host": "127.0.0.1",
         "preview_every": 1,
         "drain_seconds": 5,

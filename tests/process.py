@@ -33,6 +33,7 @@ class ServerProcess:
             "FORGE_MODEL": str(model),
             "FORGE_API_PORT": str(self.port),
             "FORGE_MCP_PORT": str(free_port()),
+            "FORGE_UI_PORT": str(free_port()),
             "FORGE_HOST": "127.0.0.1",
             "HF_HUB_OFFLINE": "1",
             **{f"FORGE_{key.upper()}": value for key, value in settings.items()},

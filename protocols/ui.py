@@ -1,0 +1,304 @@
+"""Gradio web UI: an adapter like REST and MCP, on its own port, in the same process and event loop."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+from starlette.applications import Starlette
+
+from actors.hub import EventHub
+from actors.ingress import Ingress
+from engines.schedulers import SAMPLERS
+from forge.errors import ForgeError
+from forge.events import TERMINAL_EVENTS, Progress
+from forge.requests import GenerationRequest
+from forge.resolve import KNOWN_STYLES
+from forge.tasks import TaskRecord, TaskState
+from forge.validation import convert
+
+SIZE_PRESETS = ("square", "portrait", "landscape", "custom")
+HISTORY_LIMIT = 48
+
+
+def _round8(value: float) -> int:
+    return max(8, round(value / 8) * 8)
+
+
+class WebUi:
+    def __init__(self, *, ingress: Ingress, hub: EventHub, outputs: Path, data_dir: Path) -> None:
+        self._ingress = ingress
+        self._hub = hub
+        self._outputs = outputs
+        self._data_dir = data_dir
+        self._session_tasks: dict[str, list[str]] = {}  # browser session -> its latest tasks, for Cancel
+        self.blocks = self._build()
+
+    def app(self) -> Starlette:
+        """The UI mounted on a plain Starlette parent. Only generated images are served from disk."""
+        root = Starlette()
+        blocked = [self._data_dir / name for name in ("forge.sqlite3", "forge.sqlite3-wal", "forge.sqlite3-shm")]
+        app: Starlette = gr.mount_gradio_app(
+            root,  # type: ignore[arg-type]
+            self.blocks,
+            path="",
+            allowed_paths=[str(self._outputs)],
+            blocked_paths=[str(path) for path in [*blocked, self._data_dir / "models"]],
+            show_error=True,
+            footer_links=["api"],
+        )
+        return app
+
+    # -- layout --
+
+    def _build(self) -> gr.Blocks:
+        model = self._ingress.model
+        with gr.Blocks(title="Chara Forge") as blocks:
+            gr.Markdown("# Chara Forge\nDescribe a character; get game-ready art.")
+            if model.is_tiny:
+                gr.Markdown(
+                    f"**Demo model in use** ({model.name}): random weights, so images are noise. "
+                    "Set `FORGE_MODEL` to an SDXL model for real images."
+                )
+            with gr.Tab("Create"):
+                prompt = gr.Textbox(
+                    label="Character description",
+                    lines=3,
+                    elem_id="prompt",
+                    placeholder="a fox ranger in a green cloak, full body, holding a longbow",
+                )
+                with gr.Row():
+                    style = gr.Dropdown(choices=list(KNOWN_STYLES), value="none", label="Style")
+                    num_images = gr.Slider(1, 8, value=1, step=1, label="Number of images")
+                    batch = gr.Checkbox(value=False, label="Batch: one character per line")
+                with gr.Accordion("Advanced", open=False):
+                    negative = gr.Textbox(label="Negative prompt", lines=2)
+                    with gr.Row():
+                        size = gr.Radio(list(SIZE_PRESETS), value="square", label="Size")
+                        width = gr.Slider(
+                            model.min_size, model.max_size, value=model.default_size, step=8, label="Width (custom)"
+                        )
+                        height = gr.Slider(
+                            model.min_size, model.max_size, value=model.default_size, step=8, label="Height (custom)"
+                        )
+                    with gr.Row():
+                        steps = gr.Slider(1, 150, value=model.default_steps, step=1, label="Steps")
+                        guidance = gr.Slider(0, 30, value=model.default_guidance, step=0.5, label="Guidance")
+                        scheduler = gr.Dropdown(choices=list(SAMPLERS), value="euler", label="Sampler")
+                    with gr.Row():
+                        random_seed = gr.Checkbox(value=True, label="Random seed")
+                        seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
+                        output_format = gr.Radio(["png", "webp", "jpeg"], value="png", label="Format")
+                with gr.Row():
+                    generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                    cancel = gr.Button("Cancel", variant="stop")
+                status = gr.Markdown("", elem_id="status")
+                preview = gr.Image(label="Preview", type="pil", interactive=False, height=256)
+                gallery = gr.Gallery(label="Result", columns=4, elem_id="gallery")
+            with gr.Tab("History"):
+                refresh = gr.Button("Refresh")
+                history = gr.Gallery(label="Your generations", columns=6, allow_preview=False)
+                details = gr.JSON(label="Parameters")
+                selected = gr.Textbox(label="Selected generation", interactive=False)
+                history_ids = gr.State([])
+                with gr.Row():
+                    reuse = gr.Button("Use these settings again")
+                    same_seed = gr.Button("Same seed, new prompt")
+
+            settings = [
+                prompt,
+                negative,
+                style,
+                num_images,
+                size,
+                width,
+                height,
+                steps,
+                guidance,
+                scheduler,
+                random_seed,
+                seed,
+                output_format,
+            ]
+            generate.click(
+                self.generate,
+                inputs=[*settings, batch],
+                outputs=[status, preview, gallery],
+                api_name="generate",
+            )
+            cancel.click(self.cancel, outputs=[status], api_name="cancel")
+            refresh.click(self.history, outputs=[history, history_ids], api_name="history")
+            history.select(self.select, inputs=[history_ids], outputs=[details, selected], api_name=False)
+            reuse.click(self.reuse, inputs=[selected], outputs=settings, api_name="reuse")
+            same_seed.click(
+                self.same_seed, inputs=[selected], outputs=[prompt, random_seed, seed], api_name="same_seed"
+            )
+            blocks.load(self.history, outputs=[history, history_ids], api_name=False)
+        return blocks
+
+    # -- handlers --
+
+    async def generate(
+        self,
+        prompt: str,
+        negative: str,
+        style: str,
+        num_images: float,
+        size: str,
+        width: float,
+        height: float,
+        steps: float,
+        guidance: float,
+        scheduler: str,
+        random_seed: bool,
+        seed: float | None,
+        output_format: str,
+        batch: bool,
+        request: gr.Request,
+    ) -> AsyncIterator[tuple[str, Any, Any]]:
+        lines = [line.strip() for line in prompt.splitlines() if line.strip()] if batch else [prompt]
+        width_px, height_px = self._size(size, int(width), int(height))
+        records: list[TaskRecord] = []
+        try:
+            for line in lines or [""]:
+                fields: dict[str, Any] = {
+                    "prompt": line,
+                    "negative_prompt": negative or "",
+                    "num_images": int(num_images),
+                    "width": width_px,
+                    "height": height_px,
+                    "steps": int(steps),
+                    "guidance_scale": float(guidance),
+                    "scheduler": scheduler,
+                    "output_format": output_format,
+                }
+                if style and style != "none":
+                    fields["style"] = style
+                if not random_seed and seed is not None:
+                    fields["seed"] = int(seed)
+                record, _ = await self._ingress.submit(convert(fields, GenerationRequest))
+                records.append(record)
+        except ForgeError as exc:
+            where = f" ({exc.field})" if exc.field else ""
+            raise gr.Error(f"{exc.message}{where}", print_exception=False) from None
+        self._session_tasks[request.session_hash or ""] = [record.id for record in records]
+        yield f"Queued {len(records)} task(s)…", None, None
+        finished: list[TaskRecord] = []
+        for number, record in enumerate(records, start=1):
+            label = f"Task {number}/{len(records)}" if len(records) > 1 else "Task"
+            with self._hub.subscribe(record.id) as events:
+                current = await self._ingress.get(record.id)
+                if not current.state.is_terminal:
+                    async for event in events:
+                        if isinstance(event, Progress):
+                            image = self._preview(event.preview_jpeg_b64)
+                            yield f"{label}: step {event.step}/{event.total}", image or gr.skip(), gr.skip()
+                        elif isinstance(event, TERMINAL_EVENTS):
+                            break
+                        else:
+                            yield f"{label}: {event.__class__.__name__.lower()}", gr.skip(), gr.skip()
+            finished.append(await self._ingress.get(record.id))
+            yield self._summary(finished), gr.skip(), self._gallery(finished)
+        yield self._summary(finished), None, self._gallery(finished)
+
+    async def cancel(self, request: gr.Request) -> str:
+        """Cancels the tasks this browser session started last, and nobody else's."""
+        states = []
+        for task_id in self._session_tasks.pop(request.session_hash or "", []):
+            try:
+                states.append((await self._ingress.cancel(task_id)).state)
+            except ForgeError:
+                continue  # already finished: nothing to cancel
+        if not states:
+            return "Nothing to cancel."
+        return f"Cancelled {sum(state is TaskState.CANCELLED for state in states)} task(s)."
+
+    async def history(self) -> tuple[list[tuple[str, str]], list[str]]:
+        records = [r for r in await self._ingress.list(state=TaskState.SUCCEEDED, limit=HISTORY_LIMIT) if r.images]
+        return [(str(self._outputs / r.images[0]), r.spec.prompt[:60]) for r in records], [r.id for r in records]
+
+    async def select(self, history_ids: list[str], event: gr.SelectData) -> tuple[dict[str, Any], str]:
+        if not 0 <= event.index < len(history_ids):
+            return {}, ""
+        record = await self._ingress.get(history_ids[event.index])
+        view: dict[str, Any] = {
+            "id": record.id,
+            "seeds": record.spec.seeds,
+            "model": record.spec.model,
+            "request": {f: getattr(record.spec, f) for f in record.spec.__struct_fields__},
+        }
+        return view, record.id
+
+    async def reuse(self, task_id: str) -> list[Any]:
+        spec = (await self._picked(task_id)).spec
+        return [
+            spec.prompt,
+            spec.negative_prompt,
+            spec.style or "none",
+            spec.num_images,
+            "custom",
+            spec.width,
+            spec.height,
+            spec.steps,
+            spec.guidance_scale,
+            spec.scheduler,
+            False,
+            spec.seed,
+            spec.output_format,
+        ]
+
+    async def same_seed(self, task_id: str) -> tuple[str, bool, int]:
+        return "", False, (await self._picked(task_id)).spec.seed
+
+    async def _picked(self, task_id: str) -> TaskRecord:
+        if not task_id:
+            raise gr.Error("Pick a generation in the history first.", print_exception=False)
+        try:
+            return await self._ingress.get(task_id)
+        except ForgeError as exc:
+            raise gr.Error(exc.message, print_exception=False) from None
+
+    # -- helpers --
+
+    def _size(self, preset: str, width: int, height: int) -> tuple[int, int]:
+        model = self._ingress.model
+        side = model.default_size
+        presets = {
+            "square": (side, side),
+            "portrait": (_round8(side * 0.8125), _round8(side * 1.1875)),
+            "landscape": (_round8(side * 1.1875), _round8(side * 0.8125)),
+        }
+        if preset in presets:
+            w, h = presets[preset]
+            return max(w, model.min_size), max(h, model.min_size)
+        return width, height
+
+    def _gallery(self, records: list[TaskRecord]) -> list[tuple[str, str]]:
+        return [
+            (str(self._outputs / path), f"seed {seed}")
+            for r in records
+            for path, seed in zip(r.images, r.spec.seeds, strict=False)
+        ]
+
+    @staticmethod
+    def _summary(records: list[TaskRecord]) -> str:
+        parts = []
+        for record in records:
+            if record.state is TaskState.SUCCEEDED:
+                parts.append(f"✅ {len(record.images)} image(s), seeds {', '.join(map(str, record.spec.seeds))}")
+            elif record.state is TaskState.CANCELLED:
+                parts.append("⏹ cancelled")
+            else:
+                parts.append(f"❌ {record.error_code or record.state}: {record.error_message or ''}")
+        return "  \n".join(parts)
+
+    @staticmethod
+    def _preview(preview_b64: str | None) -> Image.Image | None:
+        if preview_b64 is None:
+            return None
+        return Image.open(io.BytesIO(base64.b64decode(preview_b64)))

@@ -1,0 +1,172 @@
+"""The Gradio UI driven through gradio_client against the running server, plus file-route probes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import httpx
+import pytest
+from gradio_client import Client
+from PIL import Image
+
+from actors.encoding import read_parameters
+from tests.conftest import RunningServer, server_config, start_server
+from tests.helpers import wait_for_state
+
+pytestmark = pytest.mark.anyio
+
+# prompt, negative, style, num_images, size, width, height, steps, guidance, sampler, random seed, seed, format, batch
+DEFAULTS: dict[str, Any] = {
+    "prompt": "a dwarf blacksmith",
+    "negative": "",
+    "style": "none",
+    "num_images": 1,
+    "size": "square",
+    "width": 64,
+    "height": 64,
+    "steps": 3,
+    "guidance": 5.0,
+    "scheduler": "euler",
+    "random_seed": True,
+    "seed": 0,
+    "output_format": "png",
+    "batch": False,
+}
+
+
+def ui_client(server: RunningServer) -> Client:
+    return Client(f"http://127.0.0.1:{server.handle.ui_port}/", verbose=False)
+
+
+@pytest.fixture
+async def client(server: RunningServer) -> AsyncIterator[Client]:
+    """gradio_client is synchronous: tests call it from a worker thread."""
+    connected = await anyio.to_thread.run_sync(ui_client, server)
+    yield connected
+    await anyio.to_thread.run_sync(connected.close)
+
+
+def run_generate(client: Client, **changes: Any) -> list[tuple[Any, ...]]:
+    """Every update the page would show, in order."""
+    job = client.submit(*{**DEFAULTS, **changes}.values(), api_name="/generate")
+    updates = list(job)
+    final = job.result()  # raises the error the page would show
+    return updates or [tuple(final)]
+
+
+def gallery_files(update: tuple[Any, ...]) -> list[Path]:
+    return [Path(item["image"]) for item in update[2]]
+
+
+async def test_generate_shows_progress_then_gallery_with_seeds(server: RunningServer, client: Client) -> None:
+    updates = await anyio.to_thread.run_sync(
+        lambda: run_generate(client, num_images=2, random_seed=False, seed=21, steps=4, size="landscape")
+    )
+    statuses = [update[0] for update in updates]
+    assert any("step 4/4" in status for status in statuses), statuses
+    assert "seeds 21, 22" in statuses[-1]
+    files = gallery_files(updates[-1])
+    assert len(files) == 2
+    with Image.open(files[1]) as image:
+        assert image.size == (80, 64)
+        assert "Seed: 22" in (read_parameters(image) or "")
+    listed = (await server.client.get("/v1/generations")).json()["items"]
+    assert len(listed) == 1 and listed[0]["state"] == "succeeded"  # the same task is visible over REST
+
+
+async def test_batch_queues_one_task_per_line(server: RunningServer, client: Client) -> None:
+    updates = await anyio.to_thread.run_sync(
+        lambda: run_generate(client, prompt="an orc chief\n\na goblin thief\nan elf mage", batch=True)
+    )
+    assert len(gallery_files(updates[-1])) == 3
+    prompts = {item["request"]["prompt"] for item in (await server.client.get("/v1/generations")).json()["items"]}
+    assert prompts == {"an orc chief", "a goblin thief", "an elf mage"}
+
+
+async def test_bad_input_is_a_clear_message_not_a_traceback(server: RunningServer, client: Client) -> None:
+    with pytest.raises(Exception, match="multiple of 8") as raised:
+        await anyio.to_thread.run_sync(lambda: run_generate(client, size="custom", width=100))
+    assert "Traceback" not in str(raised.value)
+    with pytest.raises(Exception, match="must not be blank"):
+        await anyio.to_thread.run_sync(lambda: run_generate(client, prompt="   "))
+
+
+async def test_full_queue_is_reported(tmp_path: Path, tiny_model: Path) -> None:
+    config = server_config(tmp_path / "data", tiny_model, max_queue=1)
+    async for server in start_server(config):
+        long = {"prompt": "long", "width": 512, "height": 512, "steps": 150}
+        running = (await server.client.post("/v1/generations", json=long)).json()
+        await wait_for_state(server.client, running["id"], {"running"})
+        await server.client.post("/v1/generations", json=long)  # fills the queue
+        client = await anyio.to_thread.run_sync(ui_client, server)
+        with pytest.raises(Exception, match="queue is full"):
+            await anyio.to_thread.run_sync(run_generate, client)
+        await anyio.to_thread.run_sync(client.close)
+        for item in (await server.client.get("/v1/generations")).json()["items"]:
+            await server.client.post(item["links"]["cancel"])
+
+
+async def test_cancel_button_cancels_this_sessions_task(server: RunningServer, client: Client) -> None:
+    other = (await server.client.post("/v1/generations", json={"prompt": "someone else's", "steps": 2})).json()
+    job = client.submit(
+        *{**DEFAULTS, "size": "custom", "width": 512, "height": 512, "steps": 150}.values(), api_name="/generate"
+    )
+    with anyio.fail_after(30):
+        while not (
+            running := [
+                item
+                for item in (await server.client.get("/v1/generations?state=running")).json()["items"]
+                if item["request"]["prompt"] == DEFAULTS["prompt"]
+            ]
+        ):
+            await anyio.sleep(0.05)
+    message = await anyio.to_thread.run_sync(lambda: client.predict(api_name="/cancel"))
+    assert message == "Cancelled 1 task(s)."
+    assert (await wait_for_state(server.client, running[0]["id"]))["state"] == "cancelled"
+    assert (await wait_for_state(server.client, other["id"]))["state"] == "succeeded"
+    final = await anyio.to_thread.run_sync(lambda: job.outputs()[-1])
+    assert "cancelled" in final[0]
+
+
+async def test_history_reuse_and_same_seed(server: RunningServer, client: Client) -> None:
+    await anyio.to_thread.run_sync(
+        lambda: run_generate(client, prompt="a paladin", random_seed=False, seed=5, steps=2, output_format="webp")
+    )
+    history = await anyio.to_thread.run_sync(lambda: client.predict(api_name="/history"))
+    assert len(history) == 1 and history[0]["caption"] == "a paladin"
+    task_id = (await server.client.get("/v1/generations")).json()["items"][0]["id"]
+    settings = await anyio.to_thread.run_sync(lambda: client.predict(task_id, api_name="/reuse"))
+    assert settings[0] == "a paladin" and settings[10] is False and settings[11] == 5 and settings[12] == "webp"
+    assert await anyio.to_thread.run_sync(lambda: client.predict(task_id, api_name="/same_seed")) == ("", False, 5)
+
+
+def _probes(server: RunningServer) -> Iterator[str]:
+    data = Path(server.handle.config.data_dir).resolve()
+    targets = [
+        "/etc/passwd",
+        str(data / "forge.sqlite3"),
+        "../../../../etc/passwd",
+        "data/forge.sqlite3",
+        "../forge.sqlite3",
+        f"{data}/outputs/../forge.sqlite3",
+        str(data / "models" / "tiny-sdxl" / "model_index.json"),
+        "%2e%2e/%2e%2e/etc/passwd",
+    ]
+    for prefix in ("/file=", "/gradio_api/file=", "/gradio_api/file/"):
+        for target in targets:
+            yield prefix + target
+
+
+async def test_file_routes_serve_nothing_outside_outputs(server: RunningServer) -> None:
+    secrets = [b"root:x:0:0", b"SQLite format 3", b"StableDiffusionXLPipeline"]
+    leaked = []
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.handle.ui_port}") as client:
+        for probe in _probes(server):
+            response = await client.get(probe)
+            if response.status_code == 200 and any(secret in response.content for secret in secrets):
+                leaked.append(probe)
+    assert leaked == [], f"files leaked through: {leaked}"
