@@ -99,7 +99,7 @@ class WebUi:
                     cancel = gr.Button("Cancel", variant="stop")
                 status = gr.Markdown("", elem_id="status")
                 preview = gr.Image(label="Preview", type="pil", interactive=False, height=256)
-                gallery = gr.Gallery(label="Result", columns=4, elem_id="gallery")
+                gallery = gr.Gallery(label="Result", columns=4, height=420, object_fit="contain", elem_id="gallery")
             with gr.Tab("History"):
                 refresh = gr.Button("Refresh")
                 history = gr.Gallery(label="Your generations", columns=6, allow_preview=False)
@@ -290,11 +290,11 @@ class WebUi:
         parts = []
         for record in records:
             if record.state is TaskState.SUCCEEDED:
-                parts.append(f"✅ {len(record.images)} image(s), seeds {', '.join(map(str, record.spec.seeds))}")
+                parts.append(f"Done: {len(record.images)} image(s), seeds {', '.join(map(str, record.spec.seeds))}")
             elif record.state is TaskState.CANCELLED:
-                parts.append("⏹ cancelled")
+                parts.append("Cancelled")
             else:
-                parts.append(f"❌ {record.error_code or record.state}: {record.error_message or ''}")
+                parts.append(f"Failed ({record.error_code or record.state}): {record.error_message or ''}")
         return "  \n".join(parts)
 
     @staticmethod

@@ -129,7 +129,7 @@ async def test_cancel_button_cancels_this_sessions_task(server: RunningServer, c
     assert (await wait_for_state(server.client, running[0]["id"]))["state"] == "cancelled"
     assert (await wait_for_state(server.client, other["id"]))["state"] == "succeeded"
     final = await anyio.to_thread.run_sync(lambda: job.outputs()[-1])
-    assert "cancelled" in final[0]
+    assert "Cancelled" in final[0]
 
 
 async def test_history_reuse_and_same_seed(server: RunningServer, client: Client) -> None:
