@@ -12,6 +12,24 @@ DEFAULT_SCHEDULER: SchedulerName = "euler"
 KNOWN_STYLES = ("none",)
 
 
+SIZE_PRESETS = ("square", "portrait", "landscape")
+
+
+def _round8(value: float) -> int:
+    return max(8, round(value / 8) * 8)
+
+
+def preset_size(model: ModelInfo, preset: str) -> tuple[int, int] | None:
+    """(width, height) for a named preset at the model's native area (SDXL: 832x1216 portrait)."""
+    side = model.default_size
+    long, short = _round8(side * 1.1875), _round8(side * 0.8125)
+    sizes = {"square": (side, side), "portrait": (short, long), "landscape": (long, short)}
+    if preset not in sizes:
+        return None
+    width, height = sizes[preset]
+    return max(width, model.min_size), max(height, model.min_size)
+
+
 def resolve_request(request: GenerationRequest, model: ModelInfo, *, max_prompt_chars: int) -> GenerationSpec:
     if not request.prompt.strip():
         raise InvalidRequest("prompt must not be blank", field="prompt", rule="min_length")

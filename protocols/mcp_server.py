@@ -33,7 +33,7 @@ from forge import __version__
 from forge.errors import ForgeError, InvalidRequest, NotFound
 from forge.events import TERMINAL_EVENTS, AnyTaskEvent, Progress
 from forge.requests import GenerationRequest
-from forge.resolve import KNOWN_STYLES
+from forge.resolve import KNOWN_STYLES, preset_size
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert
 from protocols.views import error_view, task_view
@@ -69,10 +69,6 @@ def _error(exc: ForgeError) -> CallToolResult:
 
 def _error_result(text: str) -> CallToolResult:
     return CallToolResult(content=[TextContent(text=text)], is_error=True)
-
-
-def _round8(value: float) -> int:
-    return max(8, round(value / 8) * 8)
 
 
 class McpAdapter:
@@ -181,16 +177,9 @@ class McpAdapter:
     def _size(self, size: str | None) -> dict[str, int]:
         if size is None:
             return {}
-        model = self._ingress.model
-        side = model.default_size
-        presets = {
-            "square": (side, side),
-            "portrait": (_round8(side * 0.8125), _round8(side * 1.1875)),
-            "landscape": (_round8(side * 1.1875), _round8(side * 0.8125)),
-        }
-        if size in presets:
-            width, height = presets[size]
-            return {"width": max(width, model.min_size), "height": max(height, model.min_size)}
+        preset = preset_size(self._ingress.model, size)
+        if preset is not None:
+            return {"width": preset[0], "height": preset[1]}
         parts = size.lower().split("x")
         if len(parts) == 2 and all(part.isdigit() for part in parts):
             return {"width": int(parts[0]), "height": int(parts[1])}

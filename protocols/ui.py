@@ -18,16 +18,11 @@ from engines.schedulers import SAMPLERS
 from forge.errors import ForgeError
 from forge.events import TERMINAL_EVENTS, Progress
 from forge.requests import GenerationRequest
-from forge.resolve import KNOWN_STYLES
+from forge.resolve import KNOWN_STYLES, SIZE_PRESETS, preset_size
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert
 
-SIZE_PRESETS = ("square", "portrait", "landscape", "custom")
 HISTORY_LIMIT = 48
-
-
-def _round8(value: float) -> int:
-    return max(8, round(value / 8) * 8)
 
 
 class WebUi:
@@ -79,7 +74,7 @@ class WebUi:
                 with gr.Accordion("Advanced", open=False):
                     negative = gr.Textbox(label="Negative prompt", lines=2)
                     with gr.Row():
-                        size = gr.Radio(list(SIZE_PRESETS), value="square", label="Size")
+                        size = gr.Radio([*SIZE_PRESETS, "custom"], value="square", label="Size")
                         width = gr.Slider(
                             model.min_size, model.max_size, value=model.default_size, step=8, label="Width (custom)"
                         )
@@ -266,17 +261,7 @@ class WebUi:
     # -- helpers --
 
     def _size(self, preset: str, width: int, height: int) -> tuple[int, int]:
-        model = self._ingress.model
-        side = model.default_size
-        presets = {
-            "square": (side, side),
-            "portrait": (_round8(side * 0.8125), _round8(side * 1.1875)),
-            "landscape": (_round8(side * 1.1875), _round8(side * 0.8125)),
-        }
-        if preset in presets:
-            w, h = presets[preset]
-            return max(w, model.min_size), max(h, model.min_size)
-        return width, height
+        return preset_size(self._ingress.model, preset) or (width, height)
 
     def _gallery(self, records: list[TaskRecord]) -> list[tuple[str, str]]:
         return [

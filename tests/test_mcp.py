@@ -161,3 +161,12 @@ async def test_dns_rebinding_protection(server: RunningServer, headers: dict[str
         assert response.status_code == 200, response.text
     else:
         assert response.status_code == status
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"), [({"Host": "evil.example:80"}, 421), ({"Origin": "http://evil.example"}, 403)]
+)
+async def test_dns_rebinding_protection_on_sse(server: RunningServer, headers: dict[str, str], status: int) -> None:
+    async with httpx.AsyncClient(timeout=5) as client:
+        response = await client.get(f"http://127.0.0.1:{server.handle.mcp_port}/sse", headers=headers)
+    assert response.status_code == status
