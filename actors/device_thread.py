@@ -4,7 +4,7 @@ Why not `anyio.to_thread`: its pool hands successive calls to whichever worker i
 kernels keep one OpenMP team per calling thread, and as soon as two threads own a team the runtime
 oversubscribes the cores: the tiny model ran 2.5x slower on this machine's two cores. CUDA work also
 prefers one host thread per device. Like `to_thread.run_sync`, a call that has started is waited for even
-when the caller is cancelled.
+when the caller is cancelled; `on_cancel` lets the caller make it end sooner.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ class DeviceThread:
         self._thread: threading.Thread | None = None
         self.token: anyio.lowlevel.EventLoopToken | None = None
 
-    async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run_sync(self, fn: Callable[..., T], *args: Any, on_cancel: Callable[[], None] | None = None) -> T:
+        """Run `fn(*args)` on the thread. If the caller is cancelled meanwhile, `on_cancel` is called (to ask
+        `fn` to stop early) and the call is still waited for before the cancellation propagates."""
         if self._thread is None:
             self.token = anyio.lowlevel.current_token()
             self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
@@ -38,8 +40,14 @@ class DeviceThread:
         done = anyio.Event()
         outcome: list[tuple[bool, Any]] = []
         self._calls.put((fn, args, done, outcome))
-        with anyio.CancelScope(shield=True):
+        try:
             await done.wait()
+        except anyio.get_cancelled_exc_class():
+            if on_cancel is not None:
+                on_cancel()
+            with anyio.CancelScope(shield=True):
+                await done.wait()
+            raise
         succeeded, value = outcome[0]
         if succeeded:
             return value  # type: ignore[no-any-return]

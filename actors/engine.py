@@ -105,12 +105,16 @@ class EngineActor:
     async def _execute(self, engine: Engine, msg: Dispatch, progress: LatestValue[AnyTaskEvent]) -> None:
         task = msg.task
         try:
-            result = await self._thread.run_sync(engine.run, self._job(task, msg, progress))
+            result = await self._thread.run_sync(
+                engine.run, self._job(task, msg, progress), on_cancel=lambda: msg.cancel.set(SHUTDOWN)
+            )
+        except anyio.get_cancelled_exc_class():  # a forced stop: the task waits for the next start
+            with anyio.CancelScope(shield=True):
+                await self._requeue(task)
+            raise
         except JobCancelled:
-            if msg.cancel.reason == SHUTDOWN:  # not the task's fault: it waits, same attempt, for the next start
-                await self._store.transition(
-                    task.id, attempt=task.attempt, from_states=[TaskState.RUNNING], to=TaskState.QUEUED
-                )
+            if msg.cancel.reason == SHUTDOWN:
+                await self._requeue(task)
             else:
                 await cancel_task(self._store, self._hub, task, [TaskState.RUNNING])
         except OutOfMemory as exc:
@@ -134,6 +138,12 @@ class EngineActor:
         finally:
             self._hub.forget_progress(task.id)
             await self._scheduler.send(EngineIdle(device=self.device, task_id=task.id))
+
+    async def _requeue(self, task: TaskRecord) -> None:
+        """Stopped by a shutdown, not by its own fault: it waits, same attempt, for the next start."""
+        await self._store.transition(
+            task.id, attempt=task.attempt, from_states=[TaskState.RUNNING], to=TaskState.QUEUED
+        )
 
     def _job(self, task: TaskRecord, msg: Dispatch, progress: LatestValue[AnyTaskEvent]) -> Job:
         spec = task.spec

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import anyio
 import msgspec
 
 from forge.requests import GenerationSpec
@@ -86,13 +87,17 @@ class Store:
     async def open(cls, path: Path) -> AsyncIterator[Store]:
         path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: every statement commits on its own unless wrapped in BEGIN ... COMMIT.
-        async with aiosqlite.connect(path, isolation_level=None) as db:
+        db = await aiosqlite.connect(path, isolation_level=None)
+        try:
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=NORMAL")  # in WAL mode: survives a killed process
             await db.execute("PRAGMA busy_timeout=5000")
             await db.executescript(SCHEMA)
             await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             yield cls(db)
+        finally:
+            with anyio.CancelScope(shield=True):  # even on a forced stop: let the SQLite thread finish
+                await db.close()
 
     async def insert(
         self,

@@ -17,6 +17,7 @@ from forge.errors import ForgeError
 
 log = logging.getLogger("chara_forge")
 DEFAULT_CONFIG = Path("chara-forge.toml")
+REPEAT_WINDOW_S = 1.0
 
 
 def _setup_logging(level: str) -> None:
@@ -32,14 +33,19 @@ def _config(args: argparse.Namespace, **explicit: object) -> Config:
 
 
 async def _watch_signals(shutdown: anyio.Event, scope: anyio.CancelScope) -> None:
+    first_at = 0.0
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
-            if shutdown.is_set():
-                log.warning("second %s: stopping now", signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            if not shutdown.is_set():
+                log.info("%s received: graceful shutdown (send again to stop now)", name)
+                first_at = time.monotonic()
+                shutdown.set()
+            # Ctrl-C reaches both `just` and the server, and `just` forwards it: one keypress, two signals.
+            elif time.monotonic() - first_at > REPEAT_WINDOW_S:
+                log.warning("second %s: stopping now", name)
                 scope.cancel()
                 return
-            log.info("%s received: graceful shutdown (send again to stop now)", signal.Signals(signum).name)
-            shutdown.set()
 
 
 async def _serve(config: Config) -> None:

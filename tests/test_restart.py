@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -106,7 +107,7 @@ async def test_sigterm_drains_then_resumes_interrupted_work(tmp_path: Path, tiny
     await server.start()
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
         long = (
-            await client.post("/v1/generations", json={"prompt": "long", "width": 512, "height": 512, "steps": 150})
+            await client.post("/v1/generations", json={"prompt": "long", "width": 512, "height": 512, "steps": 60})
         ).json()
         waiting = (await client.post("/v1/generations", json={"prompt": "waiting", "steps": 2})).json()
         await wait_for_state(client, long["id"], {"running"})
@@ -123,3 +124,34 @@ async def test_sigterm_drains_then_resumes_interrupted_work(tmp_path: Path, tiny
     assert resumed["attempt"] == 1, "a graceful stop does not count against the task's attempts"
     log = (tmp_path / "server.log").read_text()
     assert "graceful shutdown" in log and "resuming" in log
+
+
+async def test_a_second_signal_stops_at_once_and_the_task_waits_for_the_next_start(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    server = ServerProcess(tmp_path / "data", tiny_model, tmp_path / "server.log", drain_seconds="60")
+    await server.start()
+    assert server.process is not None
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        long = (
+            await client.post("/v1/generations", json={"prompt": "long", "width": 512, "height": 512, "steps": 150})
+        ).json()
+        await wait_for_state(client, long["id"], {"running"})
+    server.process.send_signal(signal.SIGTERM)
+    server.process.send_signal(signal.SIGTERM)  # at once: the same stop twice (Ctrl-C under `just`)
+    await anyio.sleep(1.5)
+    assert server.process.returncode is None, "two signals at once still mean a graceful stop"
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)  # later: stop now, without waiting out the 60 s drain
+    with anyio.fail_after(20):
+        await server.process.wait()
+    assert time.monotonic() - started < 15
+
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            view = (await client.get(f"/v1/generations/{long['id']}")).json()
+            await client.post(f"/v1/generations/{long['id']}/cancel")
+    finally:
+        await server.terminate()
+    assert view["attempt"] == 1 and view["state"] in {"queued", "running"}
