@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHUTDOWN = "shutdown"
+PROGRESS_FLUSH_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -105,9 +106,13 @@ class EngineActor:
     async def _execute(self, engine: Engine, msg: Dispatch, progress: LatestValue[AnyTaskEvent]) -> None:
         task = msg.task
         try:
-            result = await self._thread.run_sync(
-                engine.run, self._job(task, msg, progress), on_cancel=lambda: msg.cancel.set(SHUTDOWN)
-            )
+            try:
+                result = await self._thread.run_sync(
+                    engine.run, self._job(task, msg, progress), on_cancel=lambda: msg.cancel.set(SHUTDOWN)
+                )
+            finally:  # the last step's progress goes out before the task's final event, never after it
+                with anyio.move_on_after(PROGRESS_FLUSH_S, shield=True):
+                    await progress.wait_delivered()
         except anyio.get_cancelled_exc_class():  # a forced stop: the task waits for the next start
             with anyio.CancelScope(shield=True):
                 await self._requeue(task)

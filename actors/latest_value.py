@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+import anyio
 from anyio.from_thread import BlockingPortal
 
 T = TypeVar("T")
@@ -21,6 +22,7 @@ class LatestValue(Generic[T]):
         self._consume = consume
         self._lock = threading.Lock()
         self._pending: list[T] = []
+        self._delivered: anyio.Event | None = None
 
     def put(self, value: T) -> None:
         """Called from the worker thread."""
@@ -30,7 +32,18 @@ class LatestValue(Generic[T]):
         if not scheduled:
             self._portal.start_task_soon(self._deliver)
 
+    async def wait_delivered(self) -> None:
+        """Returns once the latest value put has been handed over (call from the event loop)."""
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return
+            self._delivered = anyio.Event()
+            await self._delivered.wait()
+
     async def _deliver(self) -> None:
         with self._lock:
             value = self._pending.pop()
         self._consume(value)
+        if self._delivered is not None:
+            self._delivered.set()

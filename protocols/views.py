@@ -110,7 +110,9 @@ def task_view(record: TaskRecord, *, position: int | None, progress: Progress | 
         id=record.id,
         state=record.state,
         position=position if record.state is TaskState.QUEUED else None,
-        progress=ProgressView(progress.step, progress.total) if progress else None,
+        progress=ProgressView(progress.step, progress.total)
+        if progress and record.state is TaskState.RUNNING
+        else None,
         attempt=record.attempt,
         request=record.spec,
         seeds=record.spec.seeds,

@@ -120,3 +120,13 @@ async def test_websocket_of_a_queued_task_starts_with_its_position_and_cleans_up
     await server.client.post(blocker["links"]["cancel"])
     await wait_for_state(server.client, waiting["id"])
     assert server.handle.hub.statistics()["subscribers"] == 0, "a closed WebSocket leaves no subscription"
+
+
+async def test_no_progress_lingers_after_a_task_ends(server: RunningServer) -> None:
+    tasks = [await submit(server.client, steps=4) for _ in range(3)]
+    running = await submit(server.client, width=512, height=512, steps=150)
+    await wait_for_state(server.client, running["id"], {"running"})
+    await server.client.post(running["links"]["cancel"])
+    views = [await wait_for_state(server.client, t["id"]) for t in [*tasks, running]]
+    assert all(view["progress"] is None for view in views)
+    assert server.handle.hub.statistics()["tasks_with_progress"] == 0
