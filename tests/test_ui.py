@@ -128,7 +128,7 @@ async def test_cancel_button_cancels_this_sessions_task(server: RunningServer, c
     assert message == "Cancelled 1 task(s)."
     assert (await wait_for_state(server.client, running[0]["id"]))["state"] == "cancelled"
     assert (await wait_for_state(server.client, other["id"]))["state"] == "succeeded"
-    final = await anyio.to_thread.run_sync(lambda: job.outputs()[-1])
+    final = await anyio.to_thread.run_sync(job.result)  # waits for the page's last update
     assert "Cancelled" in final[0]
 
 
