@@ -36,7 +36,7 @@ from forge.requests import GenerationRequest
 from forge.resolve import KNOWN_STYLES, preset_size
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert
-from protocols.views import error_view, task_view
+from protocols.views import error_view, live_task_view
 
 THUMBNAIL_SIDE = 256  # image content stays small; the full-size file is a resource link
 IMAGE_URI = "chara-forge://generations/{task_id}/images/{index}"
@@ -204,10 +204,7 @@ class McpAdapter:
         return await self._ingress.get(record.id)
 
     def _summary(self, record: TaskRecord) -> TextContent:
-        view = task_view(
-            record, position=self._scheduler.position(record), progress=self._hub.latest_progress(record.id)
-        )
-        body = msgspec.to_builtins(view)
+        body = msgspec.to_builtins(live_task_view(record, self._scheduler, self._hub))
         body["resources"] = [IMAGE_URI.format(task_id=record.id, index=i) for i in range(len(record.images))]
         return TextContent(text=json.dumps(body))
 

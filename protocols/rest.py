@@ -31,7 +31,7 @@ from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert, decode_json
 from protocols.docs import docs_page
 from protocols.openapi import openapi_spec
-from protocols.views import API, ErrorBody, ErrorView, TaskList, error_view, image_url, task_view
+from protocols.views import API, ErrorBody, ErrorView, TaskList, TaskView, error_view, image_url, live_task_view
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +232,8 @@ class RestApi:
 
     # -- helpers --
 
-    def _view(self, record: TaskRecord) -> Any:
-        return task_view(record, position=self.scheduler.position(record), progress=self.hub.latest_progress(record.id))
+    def _view(self, record: TaskRecord) -> TaskView:
+        return live_task_view(record, self.scheduler, self.hub)
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.max_body_bytes

@@ -10,6 +10,8 @@ import msgspec
 from msgspec import Meta
 
 from actors.encoding import CONTENT_TYPES
+from actors.hub import EventHub
+from actors.scheduler import Scheduler
 from forge.errors import ForgeError
 from forge.events import Progress
 from forge.requests import GenerationSpec
@@ -124,3 +126,8 @@ def task_view(record: TaskRecord, *, position: int | None, progress: Progress | 
         images=images,
         links=Links(self=base, events=f"{base}/events", cancel=f"{base}/cancel"),
     )
+
+
+def live_task_view(record: TaskRecord, scheduler: Scheduler, hub: EventHub) -> TaskView:
+    """The task as a client sees it now: its stored row plus queue position and latest progress."""
+    return task_view(record, position=scheduler.position(record), progress=hub.latest_progress(record.id))
