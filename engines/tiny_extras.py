@@ -1,0 +1,115 @@
+"""Tiny companions for the tiny SDXL model: ControlNets, a depth estimator and LoRAs, with random weights.
+
+Each is saved in the format real weights come in and loaded through the same code path, so ControlNet,
+depth and LoRA handling run end to end without a model hub. Like the tiny model, they make noise.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+CONTROL_TYPES = ("openpose", "depth", "canny")
+_MARKER = "chara_forge_tiny.json"
+
+
+def _built(target: Path) -> bool:
+    return (target / _MARKER).exists()
+
+
+def _finish(tmp: Path, target: Path, kind: str) -> Path:
+    (tmp / _MARKER).write_text(json.dumps({"kind": kind}))
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target
+
+
+def _partial(target: Path) -> Path:
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def build_tiny_controlnet(base: Path, target: Path, seed: int) -> Path:
+    """A ControlNet shaped like the tiny UNet (as `ControlNetModel.from_unet` makes one).
+
+    from_unet zeroes the output convolutions, as training starts; these get small random weights instead,
+    so the control image visibly changes the result."""
+    if _built(target):
+        return target
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    with torch.no_grad():
+        for name, parameter in controlnet.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding")):
+                parameter.normal_(0.0, 0.5)
+    tmp = _partial(target)
+    controlnet.save_pretrained(tmp)
+    return _finish(tmp, target, "controlnet")
+
+
+def build_tiny_depth_model(target: Path, seed: int = 0) -> Path:
+    """A DPT depth estimator (transformers) at toy width, with its image processor."""
+    if _built(target):
+        return target
+    import torch
+    from transformers import DPTConfig, DPTForDepthEstimation
+    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+
+    torch.manual_seed(seed)
+    config = DPTConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=37,
+        image_size=64,
+        patch_size=8,
+        neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16,
+        backbone_out_indices=[0, 1, 2, 3],
+        head_in_index=-1,
+    )
+    tmp = _partial(target)
+    DPTForDepthEstimation(config).save_pretrained(tmp)
+    DPTImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(tmp)
+    return _finish(tmp, target, "depth")
+
+
+def build_tiny_lora(base: Path, target_file: Path, seed: int, rank: int = 4) -> Path:
+    """A LoRA for the tiny UNet's attention, made with peft and saved as diffusers' LoRA file."""
+    if target_file.exists():
+        return target_file
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+    )
+    unet.add_adapter(config)
+    target_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target_file.with_name(target_file.stem + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    StableDiffusionXLPipeline.save_lora_weights(tmp, unet_lora_layers=get_peft_model_state_dict(unet))
+    (tmp / "pytorch_lora_weights.safetensors").rename(target_file)
+    shutil.rmtree(tmp)
+    return target_file
+
+
+def build_tiny_companions(base: Path) -> dict[str, Path]:
+    """ControlNets of every type and a depth model beside the tiny model: {name: folder}."""
+    found = {
+        kind: build_tiny_controlnet(base, base.parent / f"{base.name}-controlnet-{kind}", seed)
+        for seed, kind in enumerate(CONTROL_TYPES, start=1)
+    }
+    found["depth_model"] = build_tiny_depth_model(base.parent / f"{base.name}-depth")
+    return found
