@@ -17,10 +17,25 @@ from actors.device_thread import DeviceThread
 from actors.hub import EventHub
 from actors.latest_value import LatestValue
 from actors.lifecycle import cancel_task, fail_task
+from actors.model_catalog import ModelCatalog
 from actors.store import Store
-from engines.loader import load_engine
-from forge.engine import Engine, Job, JobCancelled, ModelInfo, OutOfMemory, job_for
+from actors.uploads import UploadStore
+from engines.cache import ModelCache
+from engines.loader import load_engine, prepare_thread
+from forge.engine import (
+    AssetError,
+    ControlJob,
+    GenerationResult,
+    Job,
+    JobCancelled,
+    LoraWeight,
+    ModelInfo,
+    ModelLoadError,
+    OutOfMemory,
+    job_for,
+)
 from forge.events import AnyTaskEvent, Progress
+from forge.loras import LoraCatalog
 from forge.messages import Dispatch, EngineIdle, EngineInbox, EngineReady, Generated, PostprocessInbox, SchedulerInbox
 from forge.tasks import TaskRecord, TaskState
 
@@ -51,7 +66,10 @@ class EngineActor:
         *,
         device: str,
         backend: str,
-        model: ModelInfo,
+        catalog: ModelCatalog,
+        loras: LoraCatalog,
+        uploads: UploadStore,
+        memory_budget: int,
         cpu_threads: int,
         previews: PreviewSettings,
         store: Store,
@@ -64,7 +82,12 @@ class EngineActor:
         self.ready = False
         self._backend = backend
         self._cpu_threads = cpu_threads
-        self._model = model
+        self._catalog = catalog
+        self._loras = loras
+        self._uploads = uploads
+        self._cache = ModelCache(
+            device, memory_budget, catalog.default.id, lambda model: load_engine(backend, model, device)
+        )
         self._previews = previews
         self._store = store
         self._hub = hub
@@ -75,16 +98,15 @@ class EngineActor:
         self._thread = DeviceThread(f"engine-{device}")
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        log.info("engine %s: loading %s (%s backend)", self.device, self._model.name, self._backend)
+        default = self._catalog.default
+        log.info("engine %s: loading %s (%s backend)", self.device, default.id, self._backend)
         try:
-            engine = await self._thread.run_sync(
-                load_engine, self._backend, self._model, self.device, self._cpu_threads
-            )
+            await self._thread.run_sync(prepare_thread, self.device, self._cpu_threads)
+            await self.load_model(default)  # loads and warms; the default model failing is fatal
         except BaseException:
             self._thread.stop()
             raise
         try:
-            await self._thread.run_sync(engine.warm)
             self.ready = True
             log.info("engine %s: ready", self.device)
             task_status.started()
@@ -94,22 +116,52 @@ class EngineActor:
                 async for msg in self._inbox:
                     match msg:
                         case Dispatch():
-                            await self._execute(engine, msg, progress)
+                            await self._execute(msg, progress)
                         case _:
                             assert_never(msg)
         finally:
             self.ready = False
             with anyio.CancelScope(shield=True):
-                await self._thread.run_sync(engine.close)
+                await self._thread.run_sync(self._cache.close)
             self._thread.stop()
 
-    async def _execute(self, engine: Engine, msg: Dispatch, progress: LatestValue[AnyTaskEvent]) -> None:
+    async def load_model(self, model: ModelInfo) -> None:
+        """Load and warm `model` on this device (after the job in progress), unloading others to fit."""
+        self._catalog.loading(self.device, model.id)
+        try:
+            await self._thread.run_sync(self._cache.get, model)
+        except ModelLoadError as exc:
+            self._catalog.failed(self.device, model.id, str(exc))
+            raise
+        finally:
+            self._catalog.loaded(self.device, self._cache.loaded())
+
+    async def unload_model(self, model_id: str) -> bool:
+        unloaded = await self._thread.run_sync(self._cache.unload, model_id)
+        self._catalog.loaded(self.device, self._cache.loaded())
+        return unloaded
+
+    def _generate(self, model: ModelInfo, job: Job) -> GenerationResult:
+        """On the device thread: the model (loaded if need be), then the job."""
+        return self._cache.get(model).run(job)
+
+    async def _execute(self, msg: Dispatch, progress: LatestValue[AnyTaskEvent]) -> None:
         task = msg.task
         try:
             try:
-                result = await self._thread.run_sync(
-                    engine.run, self._job(task, msg, progress), on_cancel=lambda: msg.cancel.set(SHUTDOWN)
-                )
+                model = self._catalog.find(task.spec.model)
+                if model is None:
+                    raise ModelLoadError(task.spec.model, f"model {task.spec.model!r} is no longer configured")
+                job = self._job(task, msg, progress, model)
+                if model.id not in self._cache.loaded():
+                    self._catalog.loading(self.device, model.id)
+                self._catalog.used(model.id)
+                try:
+                    result = await self._thread.run_sync(
+                        self._generate, model, job, on_cancel=lambda: msg.cancel.set(SHUTDOWN)
+                    )
+                finally:
+                    self._catalog.loaded(self.device, self._cache.loaded())
             finally:  # the last step's progress goes out before the task's final event, never after it
                 with anyio.move_on_after(PROGRESS_FLUSH_S, shield=True):
                     await progress.wait_delivered()
@@ -131,6 +183,11 @@ class EngineActor:
                 "out_of_memory",
                 f"{self.device} ran out of memory; try a smaller size or fewer images ({exc})",
             )
+        except ModelLoadError as exc:
+            self._catalog.failed(self.device, exc.model_id, str(exc))
+            await fail_task(self._store, self._hub, task, [TaskState.RUNNING], "model_unavailable", str(exc))
+        except AssetError as exc:
+            await fail_task(self._store, self._hub, task, [TaskState.RUNNING], exc.code, str(exc))
         except Exception as exc:
             log.exception("engine %s: task %s failed", self.device, task.id)
             await fail_task(
@@ -138,7 +195,7 @@ class EngineActor:
             )
         else:
             await self._postprocess.send(
-                Generated(task=task, images=result.images, device=self.device, denoise_s=result.denoise_s)
+                Generated(task=task, images=result.images, model=model, device=self.device, denoise_s=result.denoise_s)
             )
         finally:
             self._hub.forget_progress(task.id)
@@ -150,8 +207,34 @@ class EngineActor:
             task.id, attempt=task.attempt, from_states=[TaskState.RUNNING], to=TaskState.QUEUED
         )
 
-    def _job(self, task: TaskRecord, msg: Dispatch, progress: LatestValue[AnyTaskEvent]) -> Job:
+    def _job(self, task: TaskRecord, msg: Dispatch, progress: LatestValue[AnyTaskEvent], model: ModelInfo) -> Job:
+        """The engine's job: names resolved to files now (a LoRA or upload may have gone since the request)."""
         spec = task.spec
+        loras = []
+        for lora in spec.loras:
+            path = self._loras.path(lora.name)
+            if path is None:
+                raise AssetError("lora_missing", self._loras.missing_message(lora.name))
+            loras.append(LoraWeight(name=lora.name, path=str(path), weight=lora.weight))
+        controls = []
+        for control in spec.control:
+            image = None
+            if control.image is not None:
+                upload = self._uploads.path(control.image)
+                if upload is None:
+                    raise AssetError("control_invalid", f"the upload {control.image} is gone")
+                image = str(upload)
+            controls.append(
+                ControlJob(
+                    type=control.type,
+                    image=image,
+                    pose=control.pose,
+                    preprocess=bool(control.preprocess),
+                    strength=control.strength,
+                    start=control.start,
+                    end=control.end,
+                )
+            )
 
         def on_progress(step: int, total: int, preview: Image | None) -> None:
             event = Progress(
@@ -164,6 +247,9 @@ class EngineActor:
 
         return job_for(
             spec,
+            model,
+            loras=loras,
+            controls=controls,
             preview_every=self._previews.every,
             preview_size=self._previews.size,
             on_progress=on_progress,

@@ -7,21 +7,24 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+from functools import partial
 
 import anyio
 import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 
 from actors.hub import EventHub
+from actors.model_catalog import ModelCatalog
 from actors.scheduler import Scheduler
 from actors.store import Store
+from actors.uploads import UploadStore
 from forge.config import Config
 from forge.engine import ModelInfo
 from forge.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
 from forge.events import TERMINAL_EVENTS
 from forge.messages import Cancel, SchedulerInbox, Submit
-from forge.requests import GenerationRequest, GenerationSpec
-from forge.resolve import resolve_request
+from forge.requests import ControlRequest, GenerationRequest, GenerationSpec
+from forge.resolve import Resources, requested_controls, resolve_request
 from forge.tasks import TaskRecord, TaskState
 
 DEFAULT_OWNER = "local"
@@ -33,14 +36,18 @@ class Ingress:
         self,
         *,
         config: Config,
-        model: ModelInfo,
+        catalog: ModelCatalog,
+        resources: Resources,
+        uploads: UploadStore,
         store: Store,
         hub: EventHub,
         scheduler: Scheduler,
         scheduler_inbox: MemoryObjectSendStream[SchedulerInbox],
     ) -> None:
         self._config = config
-        self.model = model
+        self.catalog = catalog
+        self.resources = resources
+        self.uploads = uploads
         self._store = store
         self._hub = hub
         self._scheduler = scheduler
@@ -51,8 +58,28 @@ class Ingress:
         """Stop taking new work (shutdown); everything already accepted stays in the store."""
         self.accepting = False
 
+    @property
+    def model(self) -> ModelInfo:
+        """The default model."""
+        return self.catalog.default
+
     def resolve(self, request: GenerationRequest) -> GenerationSpec:
-        return resolve_request(request, self.model, max_prompt_chars=self._config.max_prompt_chars)
+        return resolve_request(request, self.catalog.get(request.model), self.resources)
+
+    async def _store_inline_images(self, request: GenerationRequest) -> GenerationRequest:
+        """Control images sent inline become uploads, so the stored task holds an id, not megabytes."""
+        controls = requested_controls(request)
+        if not any(control.image is not None for _, control in controls):
+            return request
+        stored: list[ControlRequest] = []
+        for field, control in controls:
+            if control.image is not None:
+                save = partial(self.uploads.save_inline, control.image, field=f"{field}.image")
+                upload_id = await anyio.to_thread.run_sync(save)
+                control = msgspec.structs.replace(control, image=upload_id)
+            stored.append(control)
+        single = isinstance(request.control, ControlRequest)
+        return msgspec.structs.replace(request, control=stored[0] if single else stored)
 
     async def submit(
         self, request: GenerationRequest, *, owner: str = DEFAULT_OWNER, idempotency_key: str | None = None
@@ -60,8 +87,8 @@ class Ingress:
         """Returns the committed task and whether it was an earlier submission with the same key."""
         if not self.accepting:
             raise ServiceUnavailable("the server is shutting down; retry shortly")
-        spec = self.resolve(request)
         request_hash = hashlib.sha256(msgspec.json.encode(request)).hexdigest()
+        spec = self.resolve(await self._store_inline_images(request))
         if idempotency_key is not None:
             earlier = await self._replay(owner, idempotency_key, request_hash)
             if earlier is not None:

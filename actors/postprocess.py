@@ -103,13 +103,11 @@ class Postprocessor:
         hub: EventHub,
         inbox: MemoryObjectReceiveStream[PostprocessInbox],
         outputs: Path,
-        model: ModelInfo,
     ) -> None:
         self._store = store
         self._hub = hub
         self._inbox = inbox
         self._outputs = outputs
-        self._model = model
         self._busy = False
         self._finished_one = anyio.Event()
 
@@ -149,7 +147,7 @@ class Postprocessor:
                     task_id=task.id,
                     spec=task.spec,
                     images=msg.images,
-                    model=self._model,
+                    model=msg.model,
                     device=msg.device,
                     attempt=task.attempt,
                     denoise_s=msg.denoise_s,

@@ -10,6 +10,7 @@ import logging
 import math
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 from anyio.abc import TaskStatus
@@ -18,15 +19,20 @@ from actors.device_thread import DeviceThread
 from actors.engine import SHUTDOWN, EngineActor, PreviewSettings
 from actors.hub import EventHub
 from actors.ingress import Ingress
+from actors.model_catalog import ModelCatalog
 from actors.postprocess import Postprocessor
 from actors.scheduler import Scheduler
 from actors.store import Store
-from engines.loader import check_backend, cpu_threads_for_serving, visible_devices
-from engines.models import resolve_model
+from actors.uploads import UploadStore
+from engines.loader import check_backend, cpu_threads_for_serving, memory_budget, visible_devices
+from engines.models import resolve_models
 from forge.config import Config
 from forge.engine import ModelInfo
 from forge.errors import ConfigError
+from forge.loras import HubLora, LoraCatalog, fetch_hub_loras
 from forge.messages import EngineInbox, PostprocessInbox, SchedulerInbox
+from forge.resolve import Resources
+from forge.styles import BUILTIN_STYLES_DIR, StyleRegistry
 from protocols.http_server import HttpServer
 from protocols.rest import RestApi
 
@@ -41,6 +47,8 @@ class ServerHandle:
 
     config: Config
     model: ModelInfo
+    catalog: ModelCatalog
+    resources: Resources
     api_port: int
     mcp_port: int | None
     ui_port: int | None
@@ -61,17 +69,42 @@ def announce_model(model: ModelInfo) -> None:
         log.info("model: %s (%s)", model.name, model.path)
 
 
+def load_resources(config: Config) -> Resources:
+    """Styles (shipped, then the configured folder) and the LoRA catalog, with the hub LoRAs styles name."""
+    style_dirs = [BUILTIN_STYLES_DIR] + ([Path(config.styles_dir).expanduser()] if config.styles_dir else [])
+    styles = StyleRegistry.load(style_dirs)
+    hub_loras = {
+        lora.name: HubLora(repo=lora.hub, weight_name=lora.weight_name)
+        for style in styles.all()
+        for lora in style.loras
+        if lora.hub is not None
+    }
+    return Resources(
+        styles=styles,
+        loras=LoraCatalog(config.loras_path, hub_loras),
+        max_prompt_chars=config.max_prompt_chars,
+        max_loras=config.max_loras,
+    )
+
+
 async def serve(
     config: Config, *, shutdown: anyio.Event, task_status: TaskStatus[ServerHandle] = anyio.TASK_STATUS_IGNORED
 ) -> None:
     check_backend(config.backend)
+    resources = load_resources(config)  # style files are checked here, before any model loads
     setup = DeviceThread("model-setup")  # may build the tiny model with torch: a thread that then ends
     try:
-        model = await setup.run_sync(resolve_model, config.model, config.data_path, config.hub_timeout_s)
+        models = await setup.run_sync(resolve_models, config)
         devices = await setup.run_sync(visible_devices, config.devices)
+        still_missing = await setup.run_sync(fetch_hub_loras, resources.loras, config.hub_timeout_s)
     finally:
         setup.stop()
+    catalog = ModelCatalog(models, models[0].id)
+    model = catalog.default
     announce_model(model)
+    if still_missing:
+        log.warning("LoRAs not installed (styles using them are refused): %s", ", ".join(still_missing))
+    uploads = UploadStore(config.uploads_path, config.max_upload_bytes)
 
     async with Store.open(config.database_path) as store:
         recovery = await store.recover(config.max_attempts)
@@ -89,14 +122,15 @@ async def serve(
         channels += [end for pair in engine_channels.values() for end in pair]
 
         scheduler = Scheduler(store, hub, scheduler_inbox, {d: send for d, (send, _) in engine_channels.items()})
-        postprocessor = Postprocessor(
-            store=store, hub=hub, inbox=postprocess_inbox, outputs=config.outputs_path, model=model
-        )
+        postprocessor = Postprocessor(store=store, hub=hub, inbox=postprocess_inbox, outputs=config.outputs_path)
         engines = [
             EngineActor(
                 device=device,
                 backend=config.backend,
-                model=model,
+                catalog=catalog,
+                loras=resources.loras,
+                uploads=uploads,
+                memory_budget=memory_budget(device, config.model_memory_gb),
                 cpu_threads=cpu_threads_for_serving(config.cpu_threads),
                 previews=PreviewSettings(config.preview_every, config.preview_size),
                 store=store,
@@ -108,15 +142,23 @@ async def serve(
             for device, (_, receive) in engine_channels.items()
         ]
         ingress = Ingress(
-            config=config, model=model, store=store, hub=hub, scheduler=scheduler, scheduler_inbox=to_scheduler
+            config=config,
+            catalog=catalog,
+            resources=resources,
+            uploads=uploads,
+            store=store,
+            hub=hub,
+            scheduler=scheduler,
+            scheduler_inbox=to_scheduler,
         )
         rest = RestApi(
             ingress=ingress,
             scheduler=scheduler,
             hub=hub,
             outputs=config.outputs_path,
-            engine_readiness=lambda: {engine.device: engine.ready for engine in engines},
+            engines=engines,
             max_body_bytes=config.max_body_bytes,
+            admin_key=config.admin_key,
         )
         http = HttpServer(rest.app(), config.host, config.api_port)
         servers = [http]
@@ -170,6 +212,8 @@ async def serve(
                 ServerHandle(
                     config=config,
                     model=model,
+                    catalog=catalog,
+                    resources=resources,
                     api_port=api_port,
                     mcp_port=mcp_port,
                     ui_port=ui_port,

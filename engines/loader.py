@@ -50,15 +50,28 @@ def check_backend(backend: str) -> None:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}", field="backend")
 
 
-def load_engine(backend: str, model: ModelInfo, device: str, cpu_threads: int = 0) -> Engine:
-    """Load (not warm) one engine. Blocking: call from the thread that will run it.
-
-    cpu_threads: 0 leaves PyTorch's own default (all cores)."""
+def prepare_thread(device: str, cpu_threads: int = 0) -> None:
+    """Once, on the thread that will run the device's engines. cpu_threads: 0 leaves PyTorch's default."""
     quiet_libraries()
     if device == "cpu" and cpu_threads:
         import torch
 
         torch.set_num_threads(cpu_threads)
+
+
+def memory_budget(device: str, configured_gb: float) -> int:
+    """Bytes the device's loaded models may take: as configured, else 80% of the GPU or half the RAM."""
+    if configured_gb:
+        return int(configured_gb * 1e9)
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.get_device_properties(device).total_memory * 0.8)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.5)
+
+
+def load_engine(backend: str, model: ModelInfo, device: str) -> Engine:
+    """Load (not warm) one engine. Blocking: call from the device's thread."""
     check_backend(backend)
     from engines.eager import EagerEngine
 

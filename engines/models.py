@@ -5,10 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 from engines.tiny import TINY_MODEL_NAME, build_tiny_sdxl, is_tiny_model
+from engines.tiny_extras import CONTROL_TYPES, build_tiny_companions
+from forge.config import Config
 from forge.engine import ModelInfo
+from forge.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +35,18 @@ def sdxl_info(name: str, path: str, variant: str | None = None) -> ModelInfo:
     )
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
 def tiny_info(path: Path) -> ModelInfo:
+    try:
+        companions = build_tiny_companions(path)
+    except Exception as exc:  # a damaged tiny model: its own load reports the file; serve it without control
+        log.warning("no ControlNets for the tiny model at %s: %s", path, exc)
+        companions = {}
     return ModelInfo(
+        controlnets={kind: str(companions[kind]) for kind in CONTROL_TYPES if kind in companions},
+        depth_model=str(companions["depth_model"]) if "depth_model" in companions else None,
         name=TINY_MODEL_NAME,
         path=str(path),
         is_tiny=True,
@@ -75,7 +89,47 @@ def _hub_reachable(timeout_s: float) -> bool:
     return bool(outcome and outcome[0])
 
 
+def _default_id(info: ModelInfo) -> str:
+    if info.is_tiny:
+        return "tiny-sdxl"
+    if info.name == SDXL_BASE:
+        return "sdxl-base"
+    return info.name
+
+
+def with_companions(
+    info: ModelInfo, *, model_id: str, controlnets: dict[str, str], depth_model: str | None
+) -> ModelInfo:
+    """Give a model its id and, for SDXL, the configured ControlNets and depth model (tiny builds its own)."""
+    if info.is_tiny:
+        return replace(info, id=model_id)
+    return replace(info, id=model_id, controlnets=controlnets, depth_model=depth_model)
+
+
+def resolve_extra_model(model_id: str, source: str, default: ModelInfo) -> ModelInfo:
+    """An additional model from config: a diffusers folder, a single checkpoint file or a hub repo id."""
+    local = Path(source).expanduser()
+    if local.suffix in SINGLE_FILE_SUFFIXES:
+        if not local.is_file():
+            raise ConfigError(f"model {model_id!r}: checkpoint file {local} does not exist", field="models")
+        # A single file holds weights only; the default model's folder describes the architecture.
+        base = tiny_info(Path(default.path)) if default.is_tiny else sdxl_info(model_id, str(local))
+        return replace(base, name=local.name, path=str(local), format="single_file", config=default.path, variant=None)
+    if local.is_dir():
+        info = tiny_info(local) if is_tiny_model(local) else sdxl_info(local.name, str(local))
+        return replace(info, name=local.name if not info.is_tiny else info.name)
+    if source.startswith((".", "/", "~")):
+        raise ConfigError(f"model {model_id!r}: {source} does not exist", field="models")
+    return sdxl_info(source, source)
+
+
 def resolve_model(model: str, data_dir: Path, hub_timeout_s: float) -> ModelInfo:
+    """The default model, with its id."""
+    info = _resolve_default(model, data_dir, hub_timeout_s)
+    return replace(info, id=_default_id(info))
+
+
+def _resolve_default(model: str, data_dir: Path, hub_timeout_s: float) -> ModelInfo:
     """Map the configured `model` to something `from_pretrained` can load."""
     tiny_dir = data_dir / "models" / "tiny-sdxl"
     if model == "tiny":
@@ -97,3 +151,17 @@ def resolve_model(model: str, data_dir: Path, hub_timeout_s: float) -> ModelInfo
             return tiny_info(local)
         return sdxl_info(local.name, str(local))
     return sdxl_info(model, model)  # a hub repo id: from_pretrained finds it in the cache or downloads it
+
+
+def resolve_models(config: Config) -> list[ModelInfo]:
+    """The default model first, then the configured extra ones, each with its ControlNets and depth model."""
+    controlnets = {kind: source for kind in CONTROL_TYPES if (source := getattr(config, f"controlnet_{kind}"))}
+    depth = config.depth_model or None
+    default = resolve_model(config.model, config.data_path, config.hub_timeout_s)
+    models = [with_companions(default, model_id=default.id, controlnets=controlnets, depth_model=depth)]
+    for model_id, source in config.models.items():
+        if model_id == default.id:
+            raise ConfigError(f"model id {model_id!r} is the default model's id; pick another", field="models")
+        extra = resolve_extra_model(model_id, source, default)
+        models.append(with_companions(extra, model_id=model_id, controlnets=controlnets, depth_model=depth))
+    return models

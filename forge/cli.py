@@ -69,9 +69,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from actors.postprocess import write_outputs
-    from engines.loader import load_engine, visible_devices
+    from actors.supervisor import load_resources
+    from engines.loader import load_engine, prepare_thread, visible_devices
     from engines.models import resolve_model
-    from forge.engine import job_for
+    from forge.engine import LoraWeight, job_for
     from forge.requests import GenerationRequest
     from forge.resolve import resolve_request
     from forge.validation import convert
@@ -89,13 +90,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "scheduler": args.scheduler,
         "output_format": args.output_format,
+        "style": args.style,
     }
     request = convert({k: v for k, v in fields.items() if v is not None}, GenerationRequest)
     model = resolve_model(config.model, config.data_path, config.hub_timeout_s)
     if model.is_tiny:
         print(f"note: using the built-in tiny model {model.name} (random weights: images are noise)", file=sys.stderr)
-    spec = resolve_request(request, model, max_prompt_chars=config.max_prompt_chars)
+    resources = load_resources(config)
+    spec = resolve_request(request, model, resources)
+    loras = [
+        LoraWeight(name=lora.name, path=str(resources.loras.path(lora.name)), weight=lora.weight) for lora in spec.loras
+    ]
     device = args.device or visible_devices(config.devices)[0]
+    prepare_thread(device)
     engine = load_engine(config.backend, model, device)
     bar = tqdm(total=spec.steps, desc="denoising", unit="step", file=sys.stderr)
 
@@ -105,7 +112,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         bar.refresh()
 
     created = time.time()
-    result = engine.run(job_for(spec, on_progress=on_progress))
+    result = engine.run(job_for(spec, model, loras=loras, on_progress=on_progress))
     bar.close()
     task_id = uuid.uuid4().hex
     images, _ = write_outputs(
@@ -148,6 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--scheduler")
     gen.add_argument("--format", dest="output_format")
+    gen.add_argument("--style", action="append", help="a style from the style files; repeat to stack them")
     gen.add_argument("--model")
     gen.add_argument("--device")
     gen.add_argument("--data-dir")

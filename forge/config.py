@@ -32,6 +32,26 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # "auto": SDXL base from the Hugging Face cache or hub, else the built-in tiny model.
     # "tiny": always the built-in tiny model. Anything else: a local diffusers folder or a hub repo id.
     model: str = "auto"
+    # More base models, loaded on demand: id -> a diffusers folder, a hub repo id or a single .safetensors file.
+    # In FORGE_MODELS: "id=source,id=source".
+    models: dict[str, str] = {}
+    # Memory per device for loaded models (least recently used ones are unloaded first; the default model is
+    # pinned). 0: 80% of the GPU's memory, or half the RAM on a CPU.
+    model_memory_gb: Annotated[float, Meta(ge=0)] = 0.0
+    # SDXL ControlNets (a diffusers folder or hub repo id; empty: not installed). The tiny model builds its own.
+    controlnet_openpose: str = ""
+    controlnet_depth: str = ""
+    controlnet_canny: str = ""
+    # A transformers depth-estimation model (folder or repo id) for depth control from an ordinary image.
+    depth_model: str = ""
+    # Extra style files (TOML/YAML) on top of the shipped ones; a style with the same name replaces a shipped one.
+    styles_dir: str = ""
+    # LoRA files; empty: <data_dir>/models/loras.
+    loras_dir: str = ""
+    max_loras: Annotated[int, Meta(ge=0, le=16)] = 4
+    # Bearer token for the admin endpoints (model load/unload); empty: only clients on this machine may call them.
+    admin_key: str = ""
+    max_upload_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024 * 1024
     backend: Backend = "eager"
     # "auto": every visible CUDA device, else one CPU engine. Otherwise a comma-separated list.
     devices: str = "auto"
@@ -40,7 +60,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     hub_timeout_s: Annotated[float, Meta(gt=0, le=60)] = 3.0
     max_attempts: Annotated[int, Meta(ge=1, le=20)] = 3
     max_queue: Annotated[int, Meta(ge=1)] = 10_000
-    max_body_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
     max_prompt_chars: Annotated[int, Meta(ge=1, le=100_000)] = 2000
     preview_every: Annotated[int, Meta(ge=0)] = 2  # steps between latent previews; 0 turns them off
     preview_size: Annotated[int, Meta(ge=16, le=512)] = 128
@@ -59,20 +79,45 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     def database_path(self) -> Path:
         return self.data_path / "forge.sqlite3"
 
+    @property
+    def models_path(self) -> Path:
+        return self.data_path / "models"
+
+    @property
+    def loras_path(self) -> Path:
+        return Path(self.loras_dir).expanduser() if self.loras_dir else self.models_path / "loras"
+
+    @property
+    def uploads_path(self) -> Path:
+        return self.data_path / "uploads"
+
 
 ENV_PREFIX = "FORGE_"
 
 
-def env_overrides(environ: Mapping[str, str]) -> dict[str, str]:
+def env_overrides(environ: Mapping[str, str]) -> dict[str, object]:
     known = set(Config.__struct_fields__)
-    overrides = {}
+    overrides: dict[str, object] = {}
     for name, value in environ.items():
         if name.startswith(ENV_PREFIX):
             key = name[len(ENV_PREFIX) :].lower()
             if key not in known:
                 raise ConfigError(f"unknown setting {name}", field=name)
-            overrides[key] = value
+            overrides[key] = _parse_mapping(name, value) if key in MAPPING_KEYS else value
     return overrides
+
+
+MAPPING_KEYS = {"models"}
+
+
+def _parse_mapping(name: str, value: str) -> dict[str, str]:
+    mapping = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        key, sep, source = item.partition("=")
+        if not sep or not key.strip() or not source.strip():
+            raise ConfigError(f"{name}: expected id=source pairs separated by commas, got {item!r}", field=name)
+        mapping[key.strip()] = source.strip()
+    return mapping
 
 
 def load_config(

@@ -40,7 +40,28 @@ class CancelFlag:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LoraWeight:
+    name: str
+    path: str
+    weight: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class ControlJob:
+    """One ControlNet's input. `image` is a file (an upload) or None with `pose` set (a template to draw)."""
+
+    type: str
+    image: str | None
+    pose: str | None
+    preprocess: bool
+    strength: float
+    start: float
+    end: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class Job:
+    model: ModelInfo
     prompt: str
     negative_prompt: str
     width: int
@@ -49,6 +70,8 @@ class Job:
     steps: int
     guidance_scale: float
     scheduler: str
+    loras: list[LoraWeight] = field(default_factory=list)
+    controls: list[ControlJob] = field(default_factory=list)
     preview_every: int = 0
     preview_size: int = 128
     on_progress: ProgressFn | None = None
@@ -57,7 +80,10 @@ class Job:
 
 def job_for(
     spec: GenerationSpec,
+    model: ModelInfo,
     *,
+    loras: list[LoraWeight] | None = None,
+    controls: list[ControlJob] | None = None,
     preview_every: int = 0,
     preview_size: int = 128,
     on_progress: ProgressFn | None = None,
@@ -65,14 +91,17 @@ def job_for(
 ) -> Job:
     """The engine's view of a resolved request."""
     return Job(
-        prompt=spec.prompt,
-        negative_prompt=spec.negative_prompt,
+        model=model,
+        prompt=spec.styled_prompt,
+        negative_prompt=spec.styled_negative_prompt,
         width=spec.width,
         height=spec.height,
         seeds=spec.seeds,
         steps=spec.steps,
         guidance_scale=spec.guidance_scale,
         scheduler=spec.scheduler,
+        loras=loras or [],
+        controls=controls or [],
         preview_every=preview_every,
         preview_size=preview_size,
         on_progress=on_progress,
@@ -99,6 +128,32 @@ class ModelInfo:
     min_size: int
     max_size: int
     variant: str | None = None
+    id: str = ""
+    # "single_file": `path` is one checkpoint file and `config` the diffusers folder that describes it.
+    format: str = "diffusers"
+    config: str | None = None
+    # ControlNet type -> a diffusers folder or hub repo id made for this model's architecture.
+    controlnets: dict[str, str] = field(default_factory=dict)
+    depth_model: str | None = None
+
+
+class ModelLoadError(Exception):
+    """A model's weights could not be loaded (missing, corrupt or truncated); `file` names the culprit."""
+
+    def __init__(self, model_id: str, message: str, file: str | None = None) -> None:
+        super().__init__(message)
+        self.model_id = model_id
+        self.file = file
+
+
+class AssetError(Exception):
+    """A LoRA, ControlNet or control input this job needs could not be used; the job fails, the model stays.
+
+    `code` is the task's error code (`lora_invalid`, `controlnet_unavailable`, `control_invalid`)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class Engine(Protocol):
@@ -109,5 +164,7 @@ class Engine(Protocol):
     def warm(self) -> None: ...
 
     def run(self, job: Job) -> GenerationResult: ...
+
+    def memory_bytes(self) -> int: ...
 
     def close(self) -> None: ...

@@ -51,5 +51,13 @@ class ConfigError(ForgeError):
     code = "config_error"
 
 
-class ModelUnavailable(ConfigError):
+class ModelUnavailable(ForgeError):
+    """The model exists in the catalog but its weights failed to load; an admin may retry the load."""
+
     code = "model_unavailable"
+    status = 409
+
+
+class Forbidden(ForgeError):
+    code = "forbidden"
+    status = 403

@@ -6,7 +6,7 @@ import json
 
 from engines.schedulers import SAMPLERS
 from forge import __version__
-from forge.requests import GenerationSpec
+from forge.requests import ControlRequest, GenerationSpec
 
 
 def _quote(value: str) -> str:
@@ -14,6 +14,11 @@ def _quote(value: str) -> str:
     if any(ch in value for ch in ',\n:"'):
         return json.dumps(value, ensure_ascii=False)
     return value
+
+
+def _control(control: ControlRequest) -> str:
+    source = f"pose {control.pose}" if control.pose else "image"
+    return f"{control.type} ({source}) {control.strength:g} [{control.start:g}-{control.end:g}]"
 
 
 def infotext(spec: GenerationSpec, seed: int, model_name: str) -> str:
@@ -26,12 +31,14 @@ def infotext(spec: GenerationSpec, seed: int, model_name: str) -> str:
         "Seed": seed,
         "Size": f"{spec.width}x{spec.height}",
         "Model": model_name,
-        "Style": spec.style,
+        "Styles": ", ".join(spec.styles) or None,
+        "LoRAs": ", ".join(f"{lora.name}:{lora.weight:g}" for lora in spec.loras) or None,
+        "ControlNet": ", ".join(_control(c) for c in spec.control) or None,
         "Version": f"chara-forge {__version__}",
     }
-    lines = [spec.prompt]
-    if spec.negative_prompt:
-        lines.append(f"Negative prompt: {spec.negative_prompt}")
+    lines = [spec.styled_prompt]
+    if spec.styled_negative_prompt:
+        lines.append(f"Negative prompt: {spec.styled_negative_prompt}")
     lines.append(", ".join(f"{key}: {_quote(str(value))}" for key, value in params.items() if value is not None))
     return "\n".join(lines)
 

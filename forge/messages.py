@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-from forge.engine import CancelFlag
+from forge.engine import CancelFlag, ModelInfo
 from forge.tasks import TaskRecord
 
 
@@ -57,6 +57,7 @@ class Generated(Msg, frozen=True):
 
     task: TaskRecord
     images: list[Any]
+    model: ModelInfo
     device: str
     denoise_s: float
 

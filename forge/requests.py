@@ -13,6 +13,48 @@ OutputFormat = Literal["png", "webp", "jpeg"]
 MAX_SEED = 2**32 - 1
 # Hard ceilings; the configured and per-model bounds are checked by ingress.
 Side = Annotated[int, Meta(ge=8, le=4096, multiple_of=8, description="pixels, a multiple of 8")]
+Name = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+ModelId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")]
+ControlType = Literal["openpose", "depth", "canny"]
+MAX_STYLES = 8
+MAX_CONTROLS = 3
+
+
+class LoraRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A LoRA from `GET /v1/loras` and how strongly it applies (0 leaves the base model as it is)."""
+
+    name: Name
+    weight: Annotated[float, Meta(ge=-4, le=4)] = 1.0
+
+
+class ControlRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Guide the composition with a ControlNet: a pose, a depth map or the edges of an image."""
+
+    type: ControlType
+    image: (
+        Annotated[
+            str,
+            Meta(
+                min_length=1,
+                description="an upload id from POST /v1/uploads, or the image itself in base64 (a data: URL is fine)",
+            ),
+        ]
+        | None
+    ) = None
+    pose: Annotated[Name, Meta(description="openpose only: a built-in pose template, see GET /v1/poses")] | None = None
+    preprocess: (
+        Annotated[
+            bool,
+            Meta(
+                description="canny: find edges in the image (default on); depth: estimate depth from a photo "
+                "(default off: the image is a depth map); openpose: not available (give a pose image or template)"
+            ),
+        ]
+        | None
+    ) = None
+    strength: Annotated[float, Meta(ge=0, le=2, description="conditioning scale")] = 0.8
+    start: Annotated[float, Meta(ge=0, le=1, description="fraction of the steps where control begins")] = 0.0
+    end: Annotated[float, Meta(ge=0, le=1, description="fraction of the steps where control ends")] = 1.0
 
 
 class GenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -20,7 +62,14 @@ class GenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
 
     prompt: Annotated[str, Meta(min_length=1, max_length=100_000, description="what to draw")]
     negative_prompt: Annotated[str, Meta(max_length=100_000, description="what to avoid")] = ""
-    style: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
+    style: (
+        Annotated[Name, Meta(description="a style from GET /v1/styles")]
+        | Annotated[list[Name], Meta(max_length=MAX_STYLES, description="styles stacked, first innermost")]
+        | None
+    ) = None
+    loras: Annotated[list[LoraRequest], Meta(description="LoRAs on top of the style's own")] = []
+    control: ControlRequest | Annotated[list[ControlRequest], Meta(max_length=MAX_CONTROLS)] | None = None
+    model: Annotated[ModelId, Meta(description="a model id from GET /v1/models; the default when absent")] | None = None
     width: Side | None = None
     height: Side | None = None
     num_images: Annotated[int, Meta(ge=1, le=8, description="images from one prompt")] = 1
@@ -37,7 +86,7 @@ class GenerationSpec(msgspec.Struct, frozen=True, kw_only=True):
 
     prompt: str
     negative_prompt: str
-    style: str | None
+    styles: list[str]
     width: int
     height: int
     num_images: int
@@ -48,6 +97,11 @@ class GenerationSpec(msgspec.Struct, frozen=True, kw_only=True):
     output_format: OutputFormat
     priority: int
     model: str
+    # What the pipeline is given once styles are applied (the prompt fields above are the user's own).
+    styled_prompt: str
+    styled_negative_prompt: str
+    loras: list[LoraRequest] = []
+    control: list[ControlRequest] = []
 
     @property
     def seeds(self) -> list[int]:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 
+import msgspec
+
+from engines.poses import POSE_NAMES
 from forge.engine import ModelInfo
 from forge.errors import InvalidRequest
-from forge.requests import MAX_SEED, GenerationRequest, GenerationSpec, SchedulerName
+from forge.loras import LoraCatalog
+from forge.requests import MAX_SEED, ControlRequest, GenerationRequest, GenerationSpec, LoraRequest, SchedulerName
+from forge.styles import NO_STYLE, Style, StyledPrompt, StyleRegistry, apply_styles
 
 DEFAULT_SCHEDULER: SchedulerName = "euler"
-KNOWN_STYLES = ("none",)
 
 
 SIZE_PRESETS = ("square", "portrait", "landscape")
@@ -30,41 +35,153 @@ def preset_size(model: ModelInfo, preset: str) -> tuple[int, int] | None:
     return max(width, model.min_size), max(height, model.min_size)
 
 
-def resolve_request(request: GenerationRequest, model: ModelInfo, *, max_prompt_chars: int) -> GenerationSpec:
+@dataclass(frozen=True)
+class Resources:
+    """What requests may refer to besides the model: styles and installed LoRAs, plus the configured limits."""
+
+    styles: StyleRegistry
+    loras: LoraCatalog
+    max_prompt_chars: int
+    max_loras: int
+
+
+def requested_styles(request: GenerationRequest) -> list[str]:
+    if request.style is None:
+        return []
+    names = [request.style] if isinstance(request.style, str) else request.style
+    return [name for name in names if name != NO_STYLE]
+
+
+def requested_controls(request: GenerationRequest) -> list[tuple[str, ControlRequest]]:
+    """(field prefix for errors, control) in request order."""
+    if request.control is None:
+        return []
+    if isinstance(request.control, ControlRequest):
+        return [("control", request.control)]
+    return [(f"control[{index}]", control) for index, control in enumerate(request.control)]
+
+
+def _styles(request: GenerationRequest, styles: StyleRegistry) -> list[Style]:
+    found = []
+    for name in requested_styles(request):
+        style = styles.get(name)
+        if style is None:
+            raise InvalidRequest(
+                f"unknown style {name!r}; GET /v1/styles lists them", field="style", rule="unknown_style"
+            )
+        found.append(style)
+    return found
+
+
+def check_control(control: ControlRequest, model: ModelInfo, field: str) -> None:
+    if control.type not in model.controlnets:
+        raise InvalidRequest(
+            f"no {control.type} ControlNet is installed for model {model.id!r} "
+            f"(set FORGE_CONTROLNET_{control.type.upper()} to its folder or hub id)",
+            field=f"{field}.type",
+            rule="controlnet_missing",
+        )
+    if control.start >= control.end:
+        raise InvalidRequest("start must be below end", field=f"{field}.start", rule="range")
+    if control.pose is not None:
+        if control.type != "openpose":
+            raise InvalidRequest("pose templates are for openpose control", field=f"{field}.pose", rule="invalid")
+        if control.image is not None:
+            raise InvalidRequest("give either image or pose, not both", field=f"{field}.pose", rule="exclusive")
+        if control.pose not in POSE_NAMES:
+            raise InvalidRequest(
+                f"unknown pose {control.pose!r}; known poses: {', '.join(POSE_NAMES)}",
+                field=f"{field}.pose",
+                rule="unknown_pose",
+            )
+    elif control.image is None:
+        needs = "an image or a pose template" if control.type == "openpose" else "an image"
+        raise InvalidRequest(f"{control.type} control needs {needs}", field=f"{field}.image", rule="required")
+    if control.type == "openpose" and control.preprocess:
+        raise InvalidRequest(
+            "there is no pose detector: give a pose image or a template", field=f"{field}.preprocess", rule="invalid"
+        )
+    if control.type == "depth" and control.preprocess and model.depth_model is None:
+        raise InvalidRequest(
+            "depth estimation needs a depth model (set FORGE_DEPTH_MODEL); or give a depth map",
+            field=f"{field}.preprocess",
+            rule="depth_model_missing",
+        )
+
+
+def _with_default_preprocess(control: ControlRequest) -> ControlRequest:
+    if control.preprocess is not None:
+        return control
+    return msgspec.structs.replace(control, preprocess=control.type == "canny")
+
+
+def _loras(request: GenerationRequest, styled: StyledPrompt, resources: Resources) -> list[LoraRequest]:
+    if len(request.loras) > resources.max_loras:
+        raise InvalidRequest(f"at most {resources.max_loras} LoRAs per request", field="loras", rule="max_length")
+    for index, lora in enumerate(request.loras):
+        if resources.loras.path(lora.name) is None:
+            raise InvalidRequest(
+                resources.loras.missing_message(lora.name), field=f"loras[{index}].name", rule="lora_missing"
+            )
+    for lora in styled.loras:
+        if resources.loras.path(lora.name) is None:
+            raise InvalidRequest(
+                f"the style needs a LoRA that is not installed. {resources.loras.missing_message(lora.name)}",
+                field="style",
+                rule="lora_missing",
+            )
+    merged = {lora.name: lora for lora in styled.loras}
+    merged.update({lora.name: lora for lora in request.loras})  # the request's weight wins
+    return list(merged.values())
+
+
+def resolve_request(request: GenerationRequest, model: ModelInfo, resources: Resources) -> GenerationSpec:
+    """Apply styles and defaults; check every name against what is installed. Raises InvalidRequest."""
     if not request.prompt.strip():
         raise InvalidRequest("prompt must not be blank", field="prompt", rule="min_length")
+    limit = resources.max_prompt_chars
     for field, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
-        if len(text) > max_prompt_chars:
-            raise InvalidRequest(
-                f"{field} is longer than {max_prompt_chars} characters", field=field, rule="max_length"
-            )
-    if request.style is not None and request.style not in KNOWN_STYLES:
-        raise InvalidRequest(
-            f"unknown style {request.style!r}; known styles: {', '.join(KNOWN_STYLES)}",
-            field="style",
-            rule="unknown_style",
-        )
-    width = request.width or model.default_size
-    height = request.height or model.default_size
+        if len(text) > limit:
+            raise InvalidRequest(f"{field} is longer than {limit} characters", field=field, rule="max_length")
+    styles = _styles(request, resources.styles)
+    styled = apply_styles(styles, request.prompt, request.negative_prompt)
+    loras = _loras(request, styled, resources)
+    controls = requested_controls(request)
+    if not controls and styled.control is not None:
+        controls = [("style", styled.control)]
+    for field, control in controls:
+        check_control(control, model, field)
+
+    defaults = styled.defaults
+    preset = preset_size(model, defaults.size) if defaults.size else None
+    width = request.width or (preset[0] if preset else model.default_size)
+    height = request.height or (preset[1] if preset else model.default_size)
     for field, side in (("width", width), ("height", height)):
         if not model.min_size <= side <= model.max_size:
             raise InvalidRequest(
-                f"{field} must be between {model.min_size} and {model.max_size} for {model.name}",
+                f"{field} must be between {model.min_size} and {model.max_size} for {model.id}",
                 field=field,
                 rule="range",
             )
+    guidance = request.guidance_scale
+    if guidance is None:
+        guidance = model.default_guidance if defaults.guidance_scale is None else defaults.guidance_scale
     return GenerationSpec(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
-        style=request.style,
+        styles=[style.name for style in styles],
         width=width,
         height=height,
         num_images=request.num_images,
-        steps=request.steps or model.default_steps,
-        guidance_scale=model.default_guidance if request.guidance_scale is None else request.guidance_scale,
+        steps=request.steps or defaults.steps or model.default_steps,
+        guidance_scale=guidance,
         seed=secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed,
-        scheduler=request.scheduler or DEFAULT_SCHEDULER,
+        scheduler=request.scheduler or defaults.scheduler or DEFAULT_SCHEDULER,
         output_format=request.output_format,
         priority=request.priority,
-        model=model.name,
+        model=model.id,
+        styled_prompt=styled.prompt,
+        styled_negative_prompt=styled.negative_prompt,
+        loras=loras,
+        control=[_with_default_preprocess(control) for _, control in controls],
     )

@@ -24,6 +24,7 @@ _RULES = (
     (">", "minimum"),
     ("<", "maximum"),
     ("Invalid enum value", "enum"),
+    ("matching regex", "pattern"),
     ("Expected", "type"),
 )
 
@@ -42,7 +43,8 @@ def invalid_request(exc: msgspec.ValidationError, prefix: str = "") -> InvalidRe
     for pattern, rule in _FIELD_IN_MESSAGE:
         found = pattern.search(message)
         if found:
-            return InvalidRequest(message, field=_field_from_path(f"$.{found.group(1)}", prefix), rule=rule)
+            where = path.rstrip("`") or "$"
+            return InvalidRequest(message, field=_field_from_path(f"{where}.{found.group(1)}", prefix), rule=rule)
     rule = next((name for marker, name in _RULES if marker in message), "invalid")
     return InvalidRequest(f"{field}: {message}", field=field, rule=rule)
 

@@ -33,7 +33,7 @@ from forge import __version__
 from forge.errors import ForgeError, InvalidRequest, NotFound
 from forge.events import TERMINAL_EVENTS, AnyTaskEvent, Progress
 from forge.requests import GenerationRequest
-from forge.resolve import KNOWN_STYLES, preset_size
+from forge.resolve import preset_size
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert
 from protocols.views import error_view, live_task_view
@@ -105,7 +105,17 @@ class McpAdapter:
         async def generate_character(
             prompt: Annotated[str, Field(description="the character: look, outfit, pose, setting")],
             ctx: Context,
-            style: Annotated[str | None, Field(description="a style name from list_styles")] = None,
+            style: Annotated[
+                str | list[str] | None, Field(description="a style from list_styles, or several to stack")
+            ] = None,
+            pose: Annotated[
+                str | None,
+                Field(
+                    description="a pose template (front, back, left, right, three-quarter, t-pose, run, jump, "
+                    "attack, cast, turnaround) for openpose control"
+                ),
+            ] = None,
+            model: Annotated[str | None, Field(description="a model id; the server's default when absent")] = None,
             size: Annotated[
                 str | None,
                 Field(description="'square', 'portrait', 'landscape', or WIDTHxHEIGHT in pixels (multiples of 8)"),
@@ -118,6 +128,10 @@ class McpAdapter:
             fields: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt, "num_images": num_images}
             if style is not None:
                 fields["style"] = style
+            if pose is not None:
+                fields["control"] = {"type": "openpose", "pose": pose}
+            if model is not None:
+                fields["model"] = model
             if seed is not None:
                 fields["seed"] = seed
             try:
@@ -156,9 +170,8 @@ class McpAdapter:
             structured_output=False, description="The styles generate_character accepts, with what each looks like."
         )
         async def list_styles() -> str:
-            return json.dumps(
-                [{"name": name, "description": "no style: the prompt as written"} for name in KNOWN_STYLES]
-            )
+            styles = self._ingress.resources.styles.all()
+            return json.dumps([{"name": style.name, "description": style.description} for style in styles])
 
         @server.resource(
             IMAGE_URI, name="generated-image", mime_type="image/png", description="A finished image, full size, as PNG"

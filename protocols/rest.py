@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,31 +19,26 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from actors.encoding import CONTENT_TYPES
+from actors.engine import EngineActor
 from actors.hub import EventHub
 from actors.ingress import Ingress
 from actors.scheduler import Scheduler
 from engines.schedulers import SAMPLERS
 from forge import __version__
-from forge.errors import ForgeError, InvalidRequest, NotFound, PayloadTooLarge, ServiceUnavailable
+from forge.errors import ForgeError, InvalidRequest, NotFound, ServiceUnavailable
 from forge.events import TERMINAL_EVENTS, AnyTaskEvent, Cancelled, Failed, Postprocessing, Queued, Started, Succeeded
 from forge.requests import GenerationRequest
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert, decode_json
+from protocols.catalog_routes import CatalogRoutes
 from protocols.docs import docs_page
+from protocols.http_io import JSONResponse, read_body
 from protocols.openapi import openapi_spec
 from protocols.views import API, ErrorBody, ErrorView, TaskList, TaskView, error_view, image_url, live_task_view
 
 log = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY = 255
-DISCARD_FACTOR = 8  # an over-long streamed body is read up to this multiple of the limit, then cut
-
-
-class JSONResponse(Response):
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return msgspec.json.encode(content)
 
 
 class ListQuery(msgspec.Struct, forbid_unknown_fields=True):
@@ -58,8 +53,12 @@ class RestApi:
     scheduler: Scheduler
     hub: EventHub
     outputs: Path
-    engine_readiness: Callable[[], dict[str, bool]]
+    engines: Sequence[EngineActor]
     max_body_bytes: int
+    admin_key: str = ""
+
+    def engine_readiness(self) -> dict[str, bool]:
+        return {engine.device: engine.ready for engine in self.engines}
 
     def app(self) -> Starlette:
         spec = openapi_spec()
@@ -70,6 +69,7 @@ class RestApi:
             Route(API + "/{id}/cancel", self.cancel, methods=["POST"]),
             Route(API + "/{id}/images/{index:int}", self.image, methods=["GET"]),
             WebSocketRoute(API + "/{id}/events", self.events),
+            *CatalogRoutes(self.ingress, self.engines, self.admin_key).routes(),
             Route("/v1/info", self.info, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
@@ -86,7 +86,7 @@ class RestApi:
     # -- generations --
 
     async def create(self, request: Request) -> Response:
-        body = await self._read_body(request)
+        body = await read_body(request, self.max_body_bytes)
         generation = decode_json(body, GenerationRequest)
         key = request.headers.get("idempotency-key")
         if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
@@ -234,23 +234,6 @@ class RestApi:
 
     def _view(self, record: TaskRecord) -> TaskView:
         return live_task_view(record, self.scheduler, self.hub)
-
-    async def _read_body(self, request: Request) -> bytes:
-        limit = self.max_body_bytes
-        too_large = PayloadTooLarge(f"request body is larger than {limit} bytes", field="body", rule="max_bytes")
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise too_large
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size <= limit:
-                chunks.append(chunk)
-            elif size > DISCARD_FACTOR * limit:  # give up on a client that keeps streaming
-                break
-        if size > limit:  # read (and dropped) the rest first, so the client gets our answer, not a reset
-            raise too_large
-        return b"".join(chunks)
 
     async def _forge_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ForgeError)

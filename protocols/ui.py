@@ -18,7 +18,7 @@ from engines.schedulers import SAMPLERS
 from forge.errors import ForgeError
 from forge.events import TERMINAL_EVENTS, Progress
 from forge.requests import GenerationRequest
-from forge.resolve import KNOWN_STYLES, SIZE_PRESETS, preset_size
+from forge.resolve import SIZE_PRESETS, preset_size
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert
 
@@ -68,7 +68,12 @@ class WebUi:
                     placeholder="a fox ranger in a green cloak, full body, holding a longbow",
                 )
                 with gr.Row():
-                    style = gr.Dropdown(choices=list(KNOWN_STYLES), value="none", label="Style")
+                    style = gr.Dropdown(
+                        choices=self._ingress.resources.styles.names(),
+                        value=[],
+                        multiselect=True,
+                        label="Style (pick several to stack them)",
+                    )
                     num_images = gr.Slider(1, 8, value=1, step=1, label="Number of images")
                     batch = gr.Checkbox(value=False, label="Batch: one character per line")
                 with gr.Accordion("Advanced", open=False):
@@ -142,7 +147,7 @@ class WebUi:
         self,
         prompt: str,
         negative: str,
-        style: str,
+        style: str | list[str] | None,
         num_images: float,
         size: str,
         width: float,
@@ -172,7 +177,7 @@ class WebUi:
                     "scheduler": scheduler,
                     "output_format": output_format,
                 }
-                if style and style != "none":
+                if style:
                     fields["style"] = style
                 if not random_seed and seed is not None:
                     fields["seed"] = int(seed)
@@ -234,7 +239,7 @@ class WebUi:
         return [
             spec.prompt,
             spec.negative_prompt,
-            spec.style or "none",
+            spec.styles,
             spec.num_images,
             "custom",
             spec.width,

@@ -73,3 +73,33 @@ async def server(tmp_path: Path, tiny_model: Path) -> AsyncIterator[RunningServe
     """A real server (hypercorn on 127.0.0.1, real SQLite file, tiny model on the CPU) in this event loop."""
     async for running in start_server(server_config(tmp_path / "data", tiny_model)):
         yield running
+
+
+@pytest.fixture(scope="session")
+def tiny_loras(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict[str, Path]:
+    """Two LoRAs for the tiny model, made with peft and saved as diffusers LoRA files."""
+    from engines.tiny_extras import build_tiny_lora
+
+    folder = tmp_path_factory.mktemp("loras")
+    return {
+        name: build_tiny_lora(tiny_model, folder / f"{name}.safetensors", seed)
+        for seed, name in enumerate(("ink-lora", "glow-lora"), start=1)
+    }
+
+
+def install_loras(data_dir: Path, loras: dict[str, Path], names: dict[str, str] | None = None) -> Path:
+    """Copy LoRA files into a server's LoRA folder, optionally under other names ({installed: source})."""
+    import shutil
+
+    folder = data_dir / "models" / "loras"
+    folder.mkdir(parents=True, exist_ok=True)
+    for installed, source in (names or {name: name for name in loras}).items():
+        shutil.copy(loras[source], folder / f"{installed}.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def other_tiny_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two more tiny models with their own random weights, for switching between base models."""
+    folder = tmp_path_factory.mktemp("more-models")
+    return [build_tiny_sdxl(folder / f"tiny-{seed}", seed=seed) for seed in (1, 2)]

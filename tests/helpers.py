@@ -25,3 +25,17 @@ async def wait_for_state(
             if view["state"] in states:
                 return view
             await anyio.sleep(0.02)
+
+
+async def generate_pixels(client: httpx.AsyncClient, **fields: Any) -> tuple[dict[str, Any], Any]:
+    """Generate, wait for success, and return the task view and image 0's pixels (a numpy array)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    view = await wait_for_state(client, (await submit(client, **fields))["id"])
+    assert view["state"] == "succeeded", view["error"]
+    response = await client.get(view["images"][0]["url"])
+    with Image.open(io.BytesIO(response.content)) as image:
+        return view, np.asarray(image.convert("RGB"))

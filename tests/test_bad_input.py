@@ -60,7 +60,7 @@ RAW_CASES = [
     ("malformed JSON", b'{"prompt": "a', 422, "body", "json"),
     ("empty body", b"", 422, "body", "json"),
     ("not UTF-8", b'{"prompt": "\xff\xfe"}', 422, "body", "json"),
-    ("body over 1 MiB", b'{"prompt": "' + b"x" * (1024 * 1024) + b'"}', 413, "body", "max_bytes"),
+    ("body over 4 MiB", b'{"prompt": "' + b"x" * (4 * 1024 * 1024) + b'"}', 413, "body", "max_bytes"),
 ]
 
 
@@ -75,7 +75,7 @@ async def test_invalid_body(server: RunningServer, case: str, raw: bytes, status
 async def test_oversized_body_without_content_length_is_refused(server: RunningServer) -> None:
     async def chunks() -> AsyncIterator[bytes]:
         yield b'{"prompt": "'
-        for _ in range(20):
+        for _ in range(80):  # 5 MiB, over the 4 MiB default
             yield b"x" * 65536
         yield b'"}'
 

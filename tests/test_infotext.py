@@ -12,7 +12,7 @@ from forge.requests import GenerationSpec
 SPEC = GenerationSpec(
     prompt="a paladin, gold trim: heroic",
     negative_prompt='lowres, "bad" hands',
-    style=None,
+    styles=[],
     width=832,
     height=1216,
     num_images=2,
@@ -23,6 +23,8 @@ SPEC = GenerationSpec(
     output_format="png",
     priority=0,
     model="stabilityai/stable-diffusion-xl-base-1.0",
+    styled_prompt="a paladin, gold trim: heroic",
+    styled_negative_prompt='lowres, "bad" hands',
 )
 
 

@@ -109,7 +109,10 @@ async def test_errors_carry_the_rest_codes_and_fields(server: RunningServer, tra
     error = json.loads(bad_size.content[0].text)  # type: ignore[union-attr]
     assert (error["code"], error["field"], error["rule"]) == ("invalid_request", "width", "multiple_of")
     assert json.loads(unknown.content[0].text)["code"] == "not_found"  # type: ignore[union-attr]
-    assert [s["name"] for s in json.loads(styles.content[0].text)] == ["none"]  # type: ignore[union-attr]
+    listed = {s["name"]: s["description"] for s in json.loads(styles.content[0].text)}  # type: ignore[union-attr]
+    rest = (await server.client.get("/v1/styles")).json()["items"]
+    assert listed == {s["name"]: s["description"] for s in rest}
+    assert {"none", "anime", "pixel-art", "character-sheet", "anime-character-lora"} <= set(listed)
 
 
 async def test_cancelling_the_mcp_request_cancels_the_task(server: RunningServer) -> None:

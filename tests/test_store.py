@@ -16,7 +16,7 @@ pytestmark = pytest.mark.anyio
 SPEC = GenerationSpec(
     prompt="p",
     negative_prompt="",
-    style=None,
+    styles=[],
     width=64,
     height=64,
     num_images=1,
@@ -27,6 +27,8 @@ SPEC = GenerationSpec(
     output_format="png",
     priority=0,
     model="m",
+    styled_prompt="p",
+    styled_negative_prompt="",
 )
 
 

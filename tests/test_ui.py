@@ -23,7 +23,7 @@ pytestmark = pytest.mark.anyio
 DEFAULTS: dict[str, Any] = {
     "prompt": "a dwarf blacksmith",
     "negative": "",
-    "style": "none",
+    "style": [],
     "num_images": 1,
     "size": "square",
     "width": 64,

@@ -1,0 +1,214 @@
+"""REST routes for what requests can name: styles, LoRAs, pose templates, models (with admin load/unload)
+and uploaded control images."""
+
+from __future__ import annotations
+
+import hmac
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import ip_address
+from typing import Annotated, Any
+
+import anyio
+import msgspec
+from msgspec import Meta
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from actors.engine import EngineActor
+from actors.ingress import Ingress
+from actors.model_catalog import ModelStatus
+from engines.poses import DESCRIPTIONS, POSE_NAMES, render_pose
+from forge.engine import ModelLoadError
+from forge.errors import Conflict, Forbidden, ForgeError, ModelUnavailable, NotFound
+from forge.loras import LoraInfo
+from forge.styles import Style, StyleDefaults
+from forge.validation import convert
+from protocols.http_io import JSONResponse, read_body
+
+
+class Unauthorized(ForgeError):
+    code = "unauthorized"
+    status = 401
+
+
+class StyleLoraView(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    weight: float
+    installed: bool
+
+
+class StyleView(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    description: str
+    prompt: str
+    negative_prompt: str
+    loras: list[StyleLoraView]
+    defaults: StyleDefaults
+    control: dict[str, Any] | None
+    available: bool
+    missing: list[str]
+
+
+class PoseView(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    description: str
+    image: str
+
+
+class UploadView(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    width: int
+    height: int
+
+
+class PoseQuery(msgspec.Struct, forbid_unknown_fields=True):
+    width: Annotated[int, Meta(ge=64, le=2048)] = 512
+    height: Annotated[int, Meta(ge=64, le=2048)] = 512
+
+
+LOOPBACK_NAMES = {"localhost", "testclient"}
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class CatalogRoutes:
+    ingress: Ingress
+    engines: Sequence[EngineActor]
+    admin_key: str
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/v1/styles", self.styles, methods=["GET"]),
+            Route("/v1/loras", self.loras, methods=["GET"]),
+            Route("/v1/poses", self.poses, methods=["GET"]),
+            Route("/v1/poses/{name}.png", self.pose_image, methods=["GET"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{id:path}/load", self.load_model, methods=["POST"]),
+            Route("/v1/models/{id:path}/unload", self.unload_model, methods=["POST"]),
+            Route("/v1/models/{id:path}", self.model, methods=["GET"]),
+            Route("/v1/uploads", self.upload, methods=["POST"]),
+        ]
+
+    # -- styles, LoRAs, poses --
+
+    def style_view(self, style: Style) -> StyleView:
+        loras = self.ingress.resources.loras
+        lora_views = [
+            StyleLoraView(name=lora.name, weight=lora.weight, installed=loras.path(lora.name) is not None)
+            for lora in style.loras
+        ]
+        missing = [f"LoRA {view.name}" for view in lora_views if not view.installed]
+        control = None
+        if style.control is not None:
+            control = msgspec.structs.asdict(style.control)
+            if style.control.type not in self.ingress.model.controlnets:
+                missing.append(f"{style.control.type} ControlNet")
+        return StyleView(
+            name=style.name,
+            description=style.description,
+            prompt=style.prompt,
+            negative_prompt=style.negative_prompt,
+            loras=lora_views,
+            defaults=style.defaults,
+            control=control,
+            available=not missing,
+            missing=missing,
+        )
+
+    async def styles(self, request: Request) -> Response:
+        views = [self.style_view(style) for style in self.ingress.resources.styles.all()]
+        return JSONResponse({"items": views})
+
+    async def loras(self, request: Request) -> Response:
+        found: list[LoraInfo] = await anyio.to_thread.run_sync(self.ingress.resources.loras.installed)
+        return JSONResponse({"items": found, "directory": str(self.ingress.resources.loras.directory)})
+
+    async def poses(self, request: Request) -> Response:
+        views = [
+            PoseView(name=name, description=DESCRIPTIONS[name], image=f"/v1/poses/{name}.png") for name in POSE_NAMES
+        ]
+        return JSONResponse({"items": views})
+
+    async def pose_image(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in POSE_NAMES:
+            raise NotFound(f"no pose template {name!r}; known: {', '.join(POSE_NAMES)}", field="name")
+        size = convert(dict(request.query_params), PoseQuery, strict=False)
+
+        def encode() -> bytes:
+            buffer = io.BytesIO()
+            render_pose(name, size.width, size.height).save(buffer, format="PNG")
+            return buffer.getvalue()
+
+        return Response(await anyio.to_thread.run_sync(encode), media_type="image/png")
+
+    # -- models --
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"items": self.ingress.catalog.statuses()})
+
+    def _status(self, model_id: str) -> ModelStatus:
+        status = self.ingress.catalog.status(model_id)
+        if status is None:
+            raise NotFound(f"no model {model_id!r}", field="id")
+        return status
+
+    async def model(self, request: Request) -> Response:
+        return JSONResponse(self._status(request.path_params["id"]))
+
+    async def load_model(self, request: Request) -> Response:
+        self._require_admin(request)
+        model_id = request.path_params["id"]
+        self._status(model_id)
+        model = self.ingress.catalog.find(model_id)
+        assert model is not None
+        for engine in self.engines:
+            try:
+                await engine.load_model(model)
+            except ModelLoadError as exc:
+                raise ModelUnavailable(str(exc), field="id", rule="load_failed") from None
+        return JSONResponse(self._status(model_id))
+
+    async def unload_model(self, request: Request) -> Response:
+        self._require_admin(request)
+        model_id = request.path_params["id"]
+        status = self._status(model_id)
+        if status.default:
+            raise Conflict(f"{model_id} is the default model and stays loaded", field="id", rule="pinned")
+        for engine in self.engines:
+            await engine.unload_model(model_id)
+        return JSONResponse(self._status(model_id))
+
+    def _require_admin(self, request: Request) -> None:
+        if not self.admin_key:
+            client = request.client.host if request.client else None
+            if not _is_loopback(client):
+                raise Forbidden("admin endpoints answer only local clients unless FORGE_ADMIN_KEY is set")
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("admin endpoints need Authorization: Bearer <admin key>", field="Authorization")
+        if not hmac.compare_digest(token.encode(), self.admin_key.encode()):
+            raise Forbidden("wrong admin key", field="Authorization")
+
+    # -- uploads --
+
+    async def upload(self, request: Request) -> Response:
+        """The raw image as the body (image/png, image/jpeg, image/webp); the id goes in `control.image`."""
+        uploads = self.ingress.uploads
+        body = await read_body(request, uploads.max_bytes)
+        upload_id, width, height = await anyio.to_thread.run_sync(uploads.save, body)
+        return JSONResponse(UploadView(id=upload_id, width=width, height=height), status_code=201)

@@ -1,0 +1,38 @@
+"""HTTP helpers shared by the REST routes: msgspec JSON responses, and request bodies read with a limit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from forge.errors import PayloadTooLarge
+
+DISCARD_FACTOR = 8  # an over-long streamed body is read up to this multiple of the limit, then cut
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return msgspec.json.encode(content)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, answering 413 rather than resetting the connection when it is over `limit`."""
+    too_large = PayloadTooLarge(f"request body is larger than {limit} bytes", field="body", rule="max_bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > DISCARD_FACTOR * limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        elif size > DISCARD_FACTOR * limit:  # give up on a client that keeps streaming
+            break
+    if size > limit:  # read (and dropped) the rest first, so the client gets our answer, not a reset
+        raise too_large
+    return b"".join(chunks)
