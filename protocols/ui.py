@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 
 from actors.hub import EventHub
 from actors.ingress import Ingress
+from engines.poses import POSE_NAMES
 from engines.schedulers import SAMPLERS
 from forge.errors import ForgeError
 from forge.events import TERMINAL_EVENTS, Progress
@@ -23,6 +24,9 @@ from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert
 
 HISTORY_LIMIT = 48
+
+
+NO_POSE = "none"
 
 
 class WebUi:
@@ -91,6 +95,16 @@ class WebUi:
                         guidance = gr.Slider(0, 30, value=model.default_guidance, step=0.5, label="Guidance")
                         scheduler = gr.Dropdown(choices=list(SAMPLERS), value="euler", label="Sampler")
                     with gr.Row():
+                        base_model = gr.Dropdown(choices=self._ingress.catalog.ids(), value=model.id, label="Model")
+                        pose = gr.Dropdown(choices=[NO_POSE, *POSE_NAMES], value=NO_POSE, label="Pose (openpose)")
+                        loras = gr.Dropdown(
+                            choices=[lora.name for lora in self._ingress.resources.loras.installed()],
+                            value=[],
+                            multiselect=True,
+                            label="LoRAs",
+                        )
+                        lora_weight = gr.Slider(-2, 2, value=0.8, step=0.05, label="LoRA weight")
+                    with gr.Row():
                         random_seed = gr.Checkbox(value=True, label="Random seed")
                         seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
                         output_format = gr.Radio(["png", "webp", "jpeg"], value="png", label="Format")
@@ -124,6 +138,10 @@ class WebUi:
                 random_seed,
                 seed,
                 output_format,
+                base_model,
+                pose,
+                loras,
+                lora_weight,
             ]
             generate.click(
                 self.generate,
@@ -158,6 +176,10 @@ class WebUi:
         random_seed: bool,
         seed: float | None,
         output_format: str,
+        base_model: str,
+        pose: str,
+        loras: list[str] | None,
+        lora_weight: float,
         batch: bool,
         request: gr.Request,
     ) -> AsyncIterator[tuple[str, Any, Any]]:
@@ -179,6 +201,12 @@ class WebUi:
                 }
                 if style:
                     fields["style"] = style
+                if base_model:
+                    fields["model"] = base_model
+                if pose and pose != NO_POSE:
+                    fields["control"] = {"type": "openpose", "pose": pose}
+                if loras:
+                    fields["loras"] = [{"name": name, "weight": float(lora_weight)} for name in loras]
                 if not random_seed and seed is not None:
                     fields["seed"] = int(seed)
                 record, _ = await self._ingress.submit(convert(fields, GenerationRequest))
@@ -250,6 +278,10 @@ class WebUi:
             False,
             spec.seed,
             spec.output_format,
+            spec.model,
+            next((c.pose for c in spec.control if c.pose), NO_POSE),
+            [lora.name for lora in spec.loras],
+            spec.loras[0].weight if spec.loras else 0.8,
         ]
 
     async def same_seed(self, task_id: str) -> tuple[str, bool, int]:

@@ -115,6 +115,21 @@ async def test_errors_carry_the_rest_codes_and_fields(server: RunningServer, tra
     assert {"none", "anime", "pixel-art", "character-sheet", "anime-character-lora"} <= set(listed)
 
 
+async def test_styles_pose_and_model_through_mcp(server: RunningServer) -> None:
+    arguments = {"prompt": "a rogue", "style": ["dark-fantasy-rpg", "chibi"], "pose": "t-pose", "model": "tiny-sdxl"}
+    async with mcp_session(server, "streamable-http") as session:
+        done = await session.call_tool("generate_character", arguments)
+        bad_pose = await session.call_tool("generate_character", {"prompt": "x", "pose": "moonwalk"})
+    assert not done.is_error
+    spec = (await server.client.get(f"/v1/generations/{_text(done)['id']}")).json()["request"]
+    assert spec["styles"] == ["dark-fantasy-rpg", "chibi"] and spec["model"] == "tiny-sdxl"
+    assert spec["control"] == [
+        {"type": "openpose", "image": None, "pose": "t-pose", "preprocess": False, "strength": 0.8, "start": 0.0,
+         "end": 1.0}
+    ]  # fmt: skip
+    assert bad_pose.is_error and json.loads(bad_pose.content[0].text)["field"] == "control.pose"  # type: ignore[union-attr]
+
+
 async def test_cancelling_the_mcp_request_cancels_the_task(server: RunningServer) -> None:
     async def running_task_id() -> str:
         with anyio.fail_after(30):

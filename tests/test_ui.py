@@ -19,7 +19,7 @@ from tests.helpers import wait_for_state
 
 pytestmark = pytest.mark.anyio
 
-# prompt, negative, style, num_images, size, width, height, steps, guidance, sampler, random seed, seed, format, batch
+# the generate endpoint's inputs, in order
 DEFAULTS: dict[str, Any] = {
     "prompt": "a dwarf blacksmith",
     "negative": "",
@@ -34,6 +34,10 @@ DEFAULTS: dict[str, Any] = {
     "random_seed": True,
     "seed": 0,
     "output_format": "png",
+    "model": "tiny-sdxl",
+    "pose": "none",
+    "loras": [],
+    "lora_weight": 0.8,
     "batch": False,
 }
 
@@ -134,13 +138,25 @@ async def test_cancel_button_cancels_this_sessions_task(server: RunningServer, c
 
 async def test_history_reuse_and_same_seed(server: RunningServer, client: Client) -> None:
     await anyio.to_thread.run_sync(
-        lambda: run_generate(client, prompt="a paladin", random_seed=False, seed=5, steps=2, output_format="webp")
+        lambda: run_generate(
+            client,
+            prompt="a paladin",
+            random_seed=False,
+            seed=5,
+            steps=2,
+            output_format="webp",
+            style=["anime", "chibi"],
+            pose="front",
+        )
     )
     history = await anyio.to_thread.run_sync(lambda: client.predict(api_name="/history"))
     assert len(history) == 1 and history[0]["caption"] == "a paladin"
     task_id = (await server.client.get("/v1/generations")).json()["items"][0]["id"]
     settings = await anyio.to_thread.run_sync(lambda: client.predict(task_id, api_name="/reuse"))
     assert settings[0] == "a paladin" and settings[10] is False and settings[11] == 5 and settings[12] == "webp"
+    assert settings[2] == ["anime", "chibi"] and settings[13] == "tiny-sdxl" and settings[14] == "front"
+    spec = (await server.client.get(f"/v1/generations/{task_id}")).json()["request"]
+    assert spec["styles"] == ["anime", "chibi"] and spec["control"][0]["pose"] == "front"
     assert await anyio.to_thread.run_sync(lambda: client.predict(task_id, api_name="/same_seed")) == ("", False, 5)
 
 
