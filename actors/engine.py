@@ -143,7 +143,10 @@ class EngineActor:
 
     def _generate(self, model: ModelInfo, job: Job) -> GenerationResult:
         """On the device thread: the model (loaded if need be), then the job."""
-        return self._cache.get(model).run(job)
+        result = self._cache.get(model).run(job)
+        if job.loras or job.controls:  # adapters and ControlNets stay loaded: count them against the budget
+            self._cache.remeasure(model.id)
+        return result
 
     async def _execute(self, msg: Dispatch, progress: LatestValue[AnyTaskEvent]) -> None:
         task = msg.task

@@ -76,6 +76,16 @@ class ModelCache:
         self._make_room(0, keep=model.id)  # the estimate may have been low
         return engine
 
+    def remeasure(self, model_id: str) -> None:
+        """After a model took on LoRAs or ControlNets: count them, and make room if they pushed it over."""
+        engine = self._engines.get(model_id)
+        if engine is None:
+            return
+        size = engine.memory_bytes()
+        with self._lock:
+            self._sizes[model_id] = size
+        self._make_room(0, keep=model_id)
+
     def unload(self, model_id: str) -> bool:
         with self._lock:
             engine = self._engines.pop(model_id, None)

@@ -26,17 +26,20 @@ class HubLora(msgspec.Struct, frozen=True, kw_only=True):
     weight_name: str | None = None
 
 
-def _cached_hub_file(source: HubLora) -> Path | None:
+def _cached_hub_file(source: HubLora, cache_dir: Path | None) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(source.repo, source.weight_name or DIFFUSERS_LORA_FILE)
+    found = try_to_load_from_cache(source.repo, source.weight_name or DIFFUSERS_LORA_FILE, cache_dir=cache_dir)
     return Path(found) if isinstance(found, str) else None
 
 
 class LoraCatalog:
-    def __init__(self, directory: Path, hub_sources: dict[str, HubLora] | None = None) -> None:
+    def __init__(
+        self, directory: Path, hub_sources: dict[str, HubLora] | None = None, hub_cache: Path | None = None
+    ) -> None:
         self.directory = directory
         self.hub_sources = hub_sources or {}
+        self.hub_cache = hub_cache  # None: the Hugging Face default cache
 
     def expected_file(self, name: str) -> Path:
         return self.directory / f"{name}{LORA_SUFFIX}"
@@ -54,7 +57,7 @@ class LoraCatalog:
             if len(found) == 1:
                 return found[0]
         source = self.hub_sources.get(name)
-        return _cached_hub_file(source) if source is not None else None
+        return _cached_hub_file(source, self.hub_cache) if source is not None else None
 
     def missing_message(self, name: str) -> str:
         message = f"LoRA {name!r} is not installed: put {self.expected_file(name)} in place"
@@ -96,7 +99,12 @@ def fetch_hub_loras(catalog: LoraCatalog, timeout_s: float) -> list[str]:
         from huggingface_hub import hf_hub_download
 
         with contextlib.suppress(Exception):  # unreachable or not there: the style reports the LoRA as missing
-            hf_hub_download(source.repo, source.weight_name or DIFFUSERS_LORA_FILE, etag_timeout=timeout_s)
+            hf_hub_download(
+                source.repo,
+                source.weight_name or DIFFUSERS_LORA_FILE,
+                etag_timeout=timeout_s,
+                cache_dir=catalog.hub_cache,
+            )
 
     for name in missing:
         thread = threading.Thread(target=fetch, args=(catalog.hub_sources[name],), daemon=True)

@@ -98,7 +98,14 @@ async def test_each_control_type_changes_the_image_and_follows_its_input(server:
     assert np.array_equal(front, drawn)  # a template is exactly the pose image it draws
 
 
+async def _default_model_bytes(server: RunningServer) -> int:
+    default = (await server.client.get("/v1/models")).json()["items"][0]
+    size: int = default["devices"][0]["memory_bytes"]
+    return size
+
+
 async def test_inline_base64_images_and_several_controlnets_at_once(server: RunningServer) -> None:
+    before = await _default_model_bytes(server)
     inline = base64.b64encode(_png(_gradient())).decode()
     control = [
         {"type": "openpose", "pose": "attack", "strength": 0.9, "end": 0.8},
@@ -114,6 +121,7 @@ async def test_inline_base64_images_and_several_controlnets_at_once(server: Runn
         server.client, seed=8, control=[control[0], {**control[1], "image": stored[1]["image"]}]
     )
     assert np.array_equal(both, by_id)
+    assert await _default_model_bytes(server) > before  # loaded ControlNets count against the memory budget
 
 
 async def test_depth_estimated_from_an_ordinary_image(server: RunningServer) -> None:
@@ -134,29 +142,29 @@ async def test_the_character_sheet_style_brings_its_turnaround_pose(server: Runn
     assert view["request"]["width"] > view["request"]["height"]
 
 
-@pytest.mark.parametrize(
-    ("control", "field", "rule"),
-    [
-        ({"type": "openpose", "pose": "moonwalk"}, "control.pose", "unknown_pose"),
-        ({"type": "openpose"}, "control.image", "required"),
-        ({"type": "canny"}, "control.image", "required"),
-        ({"type": "canny", "pose": "front"}, "control.pose", "invalid"),
-        ({"type": "openpose", "pose": "front", "preprocess": True}, "control.preprocess", "invalid"),
-        ({"type": "canny", "image": "up_" + "0" * 32}, "control.image", "unknown_upload"),
-        ({"type": "canny", "image": "not base64 at all!"}, "control.image", "image"),
-        ({"type": "canny", "image": base64.b64encode(b"plain text").decode()}, "control.image", "image"),
-        ({"type": "openpose", "pose": "front", "start": 0.6, "end": 0.4}, "control.start", "range"),
-        ({"type": "scribble", "pose": "front"}, "control.type", "enum"),
-        ({"type": "canny", "image": "x", "strength": 3}, "control.strength", "maximum"),
-        ([{"type": "openpose", "pose": "front"}] * 4, "control", "max_length"),
-        ([{"type": "openpose", "pose": "front"}, {"type": "depth"}], "control[1].image", "required"),
-    ],
-)
-async def test_control_errors(server: RunningServer, control: object, field: str, rule: str) -> None:
-    response = await server.client.post("/v1/generations", json={"prompt": "x", "control": control})
-    assert response.status_code == 422, response.text
-    error = response.json()["error"]
-    assert (error["field"], error["rule"]) == (field, rule), error
+CONTROL_ERRORS: list[tuple[object, str, str]] = [
+    ({"type": "openpose", "pose": "moonwalk"}, "control.pose", "unknown_pose"),
+    ({"type": "openpose"}, "control.image", "required"),
+    ({"type": "canny"}, "control.image", "required"),
+    ({"type": "canny", "pose": "front"}, "control.pose", "invalid"),
+    ({"type": "openpose", "pose": "front", "preprocess": True}, "control.preprocess", "invalid"),
+    ({"type": "canny", "image": "up_" + "0" * 32}, "control.image", "unknown_upload"),
+    ({"type": "canny", "image": "not base64 at all!"}, "control.image", "image"),
+    ({"type": "canny", "image": base64.b64encode(b"plain text").decode()}, "control.image", "image"),
+    ({"type": "openpose", "pose": "front", "start": 0.6, "end": 0.4}, "control.start", "range"),
+    ({"type": "scribble", "pose": "front"}, "control.type", "enum"),
+    ({"type": "canny", "image": "x", "strength": 3}, "control.strength", "maximum"),
+    ([{"type": "openpose", "pose": "front"}] * 4, "control", "max_length"),
+    ([{"type": "openpose", "pose": "front"}, {"type": "depth"}], "control[1].image", "required"),
+]
+
+
+async def test_control_errors(server: RunningServer) -> None:
+    for control, field, rule in CONTROL_ERRORS:
+        response = await server.client.post("/v1/generations", json={"prompt": "x", "control": control})
+        assert response.status_code == 422, (control, response.text)
+        error = response.json()["error"]
+        assert (error["field"], error["rule"]) == (field, rule), (control, error)
 
 
 async def test_upload_errors(server: RunningServer) -> None:

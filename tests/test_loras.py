@@ -62,22 +62,22 @@ async def test_a_style_lora_applies_and_the_request_can_reweight_it(lora_server:
     assert view["request"]["loras"] == [{"name": "pixel-art-lora", "weight": 0.0}]
 
 
-@pytest.mark.parametrize(
-    ("loras", "field", "rule", "text"),
-    [
-        ([{"name": "missing-lora"}], "loras[0].name", "lora_missing", "missing-lora.safetensors"),
-        ([{"name": "ink-lora"}, {"name": "a"}, {"name": "b"}], "loras", "max_length", "at most 2"),
-        ([{"name": "ink-lora", "weight": 9}], "loras[0].weight", "maximum", ""),
-        ([{"name": "../etc/passwd"}], "loras[0].name", "pattern", ""),
-        ([{"weight": 1}], "loras[0].name", "required", ""),
-    ],
-)
-async def test_lora_errors(lora_server: RunningServer, loras: object, field: str, rule: str, text: str) -> None:
-    response = await lora_server.client.post("/v1/generations", json={"prompt": "x", "loras": loras})
-    assert response.status_code == 422, response.text
-    error = response.json()["error"]
-    assert (error["field"], error["rule"]) == (field, rule)
-    assert text in error["message"]
+LORA_ERRORS: list[tuple[object, str, str, str]] = [
+    ([{"name": "missing-lora"}], "loras[0].name", "lora_missing", "missing-lora.safetensors"),
+    ([{"name": "ink-lora"}, {"name": "a"}, {"name": "b"}], "loras", "max_length", "at most 2"),
+    ([{"name": "ink-lora", "weight": 9}], "loras[0].weight", "maximum", ""),
+    ([{"name": "../etc/passwd"}], "loras[0].name", "pattern", ""),
+    ([{"weight": 1}], "loras[0].name", "required", ""),
+]
+
+
+async def test_lora_errors(lora_server: RunningServer) -> None:
+    for loras, field, rule, text in LORA_ERRORS:
+        response = await lora_server.client.post("/v1/generations", json={"prompt": "x", "loras": loras})
+        assert response.status_code == 422, (loras, response.text)
+        error = response.json()["error"]
+        assert (error["field"], error["rule"]) == (field, rule), (loras, error)
+        assert text in error["message"]
 
 
 async def test_a_lora_dropped_in_while_running_is_usable(
@@ -129,3 +129,25 @@ def test_resident_adapters_are_bounded(tiny_model: Path, tiny_loras: dict[str, P
     adapters.activate([ink])
     adapters.activate([glow])
     assert adapters.resident == ["glow_lora"]
+
+
+def test_a_style_lora_from_the_hub_is_used_from_the_cache(tmp_path: Path, tiny_loras: dict[str, Path]) -> None:
+    """A hub LoRA that a style names counts as installed once it is in the Hugging Face cache."""
+    import shutil
+
+    from forge.loras import HubLora, LoraCatalog, fetch_hub_loras
+
+    cache = tmp_path / "hub"
+    catalog = LoraCatalog(
+        tmp_path / "loras", {"ink": HubLora(repo="someone/ink", weight_name="ink.safetensors")}, cache
+    )
+    assert catalog.path("ink") is None
+    assert fetch_hub_loras(catalog, 0.5) == ["ink"]  # offline in tests: still missing, and quickly
+    assert "someone/ink" in catalog.missing_message("ink")
+    snapshot = cache / "models--someone--ink" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (cache / "models--someone--ink" / "refs").mkdir()
+    (cache / "models--someone--ink" / "refs" / "main").write_text("0123abcd")
+    shutil.copy(tiny_loras["ink-lora"], snapshot / "ink.safetensors")
+    assert catalog.path("ink") == snapshot / "ink.safetensors"
+    assert [(lora.name, lora.source) for lora in catalog.installed()] == [("ink", "hub")]
