@@ -35,14 +35,38 @@ def module_bytes(module: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+LDM_TEXT_ENCODER_PREFIX = "conditioner.embedders."
+
+
+def text_encoders_if_missing(model: ModelInfo, dtype: torch.dtype) -> dict[str, Any]:
+    """A checkpoint without text encoders (some ship UNet and VAE only) takes them from its config folder."""
+    from safetensors import safe_open
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    with safe_open(model.path, framework="pt") as tensors:
+        if any(key.startswith(LDM_TEXT_ENCODER_PREFIX) for key in tensors.keys()):  # noqa: SIM118
+            return {}
+    return {
+        "text_encoder": CLIPTextModel.from_pretrained(model.config, subfolder="text_encoder", dtype=dtype),
+        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
+            model.config, subfolder="text_encoder_2", dtype=dtype
+        ),
+    }
+
+
 def load_pipeline(model: ModelInfo, device: str) -> StableDiffusionXLPipeline:
     """from_pretrained for a diffusers folder or repo, from_single_file for one checkpoint file.
 
     A failed load becomes ModelLoadError naming the damaged file when one is found."""
     try:
         if model.format == "single_file":
+            dtype = dtype_for(device)
             pipe = StableDiffusionXLPipeline.from_single_file(
-                model.path, config=model.config, dtype=dtype_for(device), local_files_only=True
+                model.path,
+                config=model.config,
+                dtype=dtype,
+                local_files_only=True,
+                **text_encoders_if_missing(model, dtype),
             )
         else:
             pipe = StableDiffusionXLPipeline.from_pretrained(

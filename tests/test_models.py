@@ -17,6 +17,7 @@ from engines.loader import load_engine
 from engines.models import resolve_model
 from tests.conftest import RunningServer, server_config, start_server
 from tests.helpers import generate_pixels, submit, wait_for_state
+from tests.ldm_checkpoint import write_ldm_checkpoint
 from tests.test_loras import _rss_mib
 
 pytestmark = pytest.mark.anyio
@@ -43,6 +44,7 @@ async def multi(tmp_path: Path, tiny_model: Path, other_tiny_models: list[Path])
         "broken": str(broken.parent.parent),
         "plain": str(plain),
         "ckpt": str(tmp_path / "bad.safetensors"),
+        "single": str(write_ldm_checkpoint(tiny_model, tmp_path / "tiny-sdxl.safetensors")),
     }
     config = server_config(tmp_path / "data", tiny_model, models=models, model_memory_gb=2.5 * TINY_BYTES / 1e9)
     async for running in start_server(config):
@@ -56,10 +58,10 @@ async def _models(server: RunningServer) -> dict[str, dict[str, Any]]:
 async def test_models_load_on_demand_and_the_least_recent_makes_room(multi: RunningServer) -> None:
     client = multi.client
     listed = await _models(multi)
-    assert list(listed) == ["tiny-sdxl", "alt", "alt2", "broken", "plain", "ckpt"]
+    assert list(listed) == ["tiny-sdxl", "alt", "alt2", "broken", "plain", "ckpt", "single"]
     assert listed["tiny-sdxl"]["default"] and listed["tiny-sdxl"]["state"] == "loaded"
     assert {listed[m]["state"] for m in ("alt", "alt2", "broken", "ckpt")} == {"not_loaded"}
-    assert listed["ckpt"]["format"] == "single_file"
+    assert listed["ckpt"]["format"] == listed["single"]["format"] == "single_file"
 
     _, base = await generate_pixels(client, seed=5)
     view, alt = await generate_pixels(client, seed=5, model="alt")
@@ -74,6 +76,14 @@ async def test_models_load_on_demand_and_the_least_recent_makes_room(multi: Runn
     assert listed["tiny-sdxl"]["state"] == "loaded"  # the default is pinned
     _, alt_again = await generate_pixels(client, seed=5, model="alt")
     assert np.array_equal(alt, alt_again)
+
+
+async def test_a_single_checkpoint_file_loads_as_the_same_model(multi: RunningServer) -> None:
+    """The default model's weights, written as one original-layout file, give the same pixels."""
+    _, from_folder = await generate_pixels(multi.client, seed=21)
+    view, from_file = await generate_pixels(multi.client, seed=21, model="single")
+    assert view["request"]["model"] == "single"
+    assert np.array_equal(from_folder, from_file)
 
 
 async def test_damaged_weights_fail_with_the_file_named_and_others_keep_serving(multi: RunningServer) -> None:
