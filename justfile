@@ -4,9 +4,10 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 
 venv := ".venv"
 bin := venv / "bin"
-# Torch is installed first and pinned: a plain `torch` requirement can pull several GB of CUDA wheels
-# where a CPU build would do. Override on a GPU box, e.g. TORCH_SPEC="torch==2.13.0".
-torch_spec := env("TORCH_SPEC", "torch==2.13.0")
+# Torch and torchvision are installed first, as a matching pair (spandrel, the upscaler loader, needs
+# torchvision). This pair comes from the local wheel mirror and runs on the CPU as well as on CUDA; an
+# unpinned `torch` would fetch several GB more. Override with TORCH_SPEC on another machine.
+torch_spec := env("TORCH_SPEC", "torch==2.14.1 torchvision==0.29.1")
 
 default:
     @just --list
@@ -19,7 +20,7 @@ setup:
     stamp="{{venv}}/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
     if [ ! -e "$stamp" ]; then
         {{bin}}/python -m pip install --quiet --upgrade pip
-        {{bin}}/python -m pip install --quiet "{{torch_spec}}"
+        {{bin}}/python -m pip install --quiet {{torch_spec}}
         {{bin}}/python -m pip install --quiet -e ".[dev]"
         touch "$stamp"
     fi

@@ -30,7 +30,16 @@ def read_parameters(image: Image.Image) -> str | None:
     return None
 
 
-def encode_image(image: Image.Image, output_format: str, parameters: str) -> bytes:
+def encode_image(
+    image: Image.Image,
+    output_format: str,
+    parameters: str,
+    *,
+    quality: int = 95,
+    lossless: bool = False,
+    matte: tuple[int, int, int] = (255, 255, 255),
+) -> bytes:
+    """PNG and WebP keep transparency; JPEG has none, so transparent parts are flattened onto `matte`."""
     buffer = io.BytesIO()
     if output_format == "png":
         info = PngImagePlugin.PngInfo()
@@ -40,9 +49,13 @@ def encode_image(image: Image.Image, output_format: str, parameters: str) -> byt
         exif = Image.Exif()
         exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _user_comment(parameters)
         if output_format == "webp":
-            image.save(buffer, format="WEBP", quality=95, exif=exif)
+            image.save(buffer, format="WEBP", quality=quality, lossless=lossless, exact=lossless, exif=exif)
         else:
-            image.convert("RGB").save(buffer, format="JPEG", quality=95, exif=exif)
+            flat = image
+            if image.mode == "RGBA":
+                flat = Image.new("RGB", image.size, matte)
+                flat.paste(image, mask=image.getchannel("A"))
+            flat.convert("RGB").save(buffer, format="JPEG", quality=quality, exif=exif)
     return buffer.getvalue()
 
 

@@ -2,33 +2,39 @@
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import shutil
 import time
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, assert_never
+from typing import assert_never
 
 import anyio
+import anyio.from_thread
 import anyio.to_thread
 import msgspec
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
+from PIL.Image import Image
 
+from actors.device_thread import DeviceThread
 from actors.encoding import EXTENSIONS, encode_image, write_atomically
 from actors.hub import EventHub
 from actors.lifecycle import fail_task
 from actors.store import Store
+from engines.image_ops import hex_rgb
+from engines.postprocess import PostprocessError, PostprocessTools, planned_steps
+from engines.sprite_sheet import pack
 from forge import __version__
 from forge.engine import ModelInfo
 from forge.events import Postprocessing, Succeeded
 from forge.infotext import infotext
 from forge.messages import Generated, PostprocessInbox
-from forge.requests import GenerationSpec
+from forge.model_files import ModelFiles
+from forge.requests import GenerationSpec, PostprocessRequest
 from forge.tasks import TaskState
-
-if TYPE_CHECKING:
-    from PIL.Image import Image
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,16 @@ class ImageMetadata(msgspec.Struct, frozen=True):
     width: int
     height: int
     parameters: str
+    postprocess: list[str] = []
+
+
+class SpriteSheetFiles(msgspec.Struct, frozen=True):
+    image: str
+    atlas: str
+
+
+SPRITE_SHEET_IMAGE = "sprite-sheet.png"
+SPRITE_SHEET_ATLAS = "sprite-sheet.json"
 
 
 class ResultMetadata(msgspec.Struct, frozen=True, kw_only=True):
@@ -53,6 +69,7 @@ class ResultMetadata(msgspec.Struct, frozen=True, kw_only=True):
     attempt: int
     denoise_s: float
     created_at: float
+    sprite_sheet: SpriteSheetFiles | None = None
     finished_at: float
     version: str = __version__
 
@@ -68,16 +85,39 @@ def write_outputs(
     attempt: int,
     denoise_s: float,
     created_at: float,
+    applied: list[list[str]] | None = None,
 ) -> tuple[list[str], str]:
-    """Encode and write every image and metadata.json; returns paths relative to `outputs`."""
+    """Encode and write every image, the sprite sheet if asked for, and metadata.json; returns paths
+    relative to `outputs`."""
+    options = spec.postprocess or PostprocessRequest()
     entries = []
     for index, (image, seed) in enumerate(zip(images, spec.seeds, strict=True)):
-        parameters = infotext(spec, seed, model.name)
+        steps = applied[index] if applied else []
+        parameters = infotext(spec, seed, model.name, postprocess=steps)
         name = f"{task_id}/{index}.{EXTENSIONS[spec.output_format]}"
-        write_atomically(outputs / name, encode_image(image, spec.output_format, parameters))
-        entries.append(
-            ImageMetadata(file=name, seed=seed, width=image.width, height=image.height, parameters=parameters)
+        encoded = encode_image(
+            image,
+            spec.output_format,
+            parameters,
+            quality=options.quality,
+            lossless=options.lossless,
+            matte=hex_rgb(options.matte),
         )
+        write_atomically(outputs / name, encoded)
+        entries.append(
+            ImageMetadata(
+                file=name, seed=seed, width=image.width, height=image.height, parameters=parameters, postprocess=steps
+            )
+        )
+    sheet = None
+    if options.sprite_sheet is not None:
+        frames = [(f"{task_id}/{index}", image) for index, image in enumerate(images)]
+        atlas, document = pack(frames, SPRITE_SHEET_IMAGE, options.sprite_sheet.columns, options.sprite_sheet.padding)
+        buffer = io.BytesIO()
+        atlas.save(buffer, format="PNG")
+        write_atomically(outputs / task_id / SPRITE_SHEET_IMAGE, buffer.getvalue())
+        write_atomically(outputs / task_id / SPRITE_SHEET_ATLAS, json.dumps(document, indent=1).encode())
+        sheet = SpriteSheetFiles(image=f"{task_id}/{SPRITE_SHEET_IMAGE}", atlas=f"{task_id}/{SPRITE_SHEET_ATLAS}")
     metadata = ResultMetadata(
         id=task_id,
         model=model.name,
@@ -89,6 +129,7 @@ def write_outputs(
         denoise_s=round(denoise_s, 4),
         created_at=created_at,
         finished_at=time.time(),
+        sprite_sheet=sheet,
     )
     metadata_name = f"{task_id}/metadata.json"
     write_atomically(outputs / metadata_name, msgspec.json.format(msgspec.json.encode(metadata)))
@@ -103,17 +144,31 @@ class Postprocessor:
         hub: EventHub,
         inbox: MemoryObjectReceiveStream[PostprocessInbox],
         outputs: Path,
+        tools: PostprocessTools,
+        upscalers: ModelFiles,
+        background_models: ModelFiles,
     ) -> None:
         self._store = store
         self._hub = hub
         self._inbox = inbox
         self._outputs = outputs
+        self._tools = tools
+        self._upscalers = upscalers
+        self._background_models = background_models
+        # Upscaling runs torch: one long-lived thread, like an engine's, keeps to one CPU thread team.
+        self._thread = DeviceThread("postprocess")
         self._busy = False
         self._finished_one = anyio.Event()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         self._outputs.mkdir(parents=True, exist_ok=True)
         task_status.started()
+        try:
+            await self._serve()
+        finally:
+            self._thread.stop()
+
+    async def _serve(self) -> None:
         async with self._inbox:
             async for msg in self._inbox:
                 match msg:
@@ -126,6 +181,38 @@ class Postprocessor:
                             self._finished_one.set()
                     case _:
                         assert_never(msg)
+
+    def _process(
+        self, task_id: str, images: list[Image], options: PostprocessRequest
+    ) -> tuple[list[Image], list[list[str]]]:
+        """On the post-processing thread: every step on every image, announcing each as it starts."""
+        upscaler = self._model_file(self._upscalers, "upscaler", options.upscaler) if options.upscale else None
+        background = None
+        if options.remove_background:
+            background = self._model_file(self._background_models, "background model", options.background_model)
+        total = len(planned_steps(options))
+        results: list[Image] = []
+        applied: list[list[str]] = []
+        for index, image in enumerate(images):
+            step = 0
+
+            def announce(stage: str, index: int = index) -> None:
+                nonlocal step
+                step += 1
+                event = Postprocessing(task_id=task_id, stage=stage, image=index, step=step, total=total)
+                anyio.from_thread.run_sync(self._hub.publish, event, token=self._thread.token)
+
+            result, lines = self._tools.apply(image, options, upscaler, background, announce)
+            results.append(result)
+            applied.append(lines)
+        return results, applied
+
+    @staticmethod
+    def _model_file(files: ModelFiles, what: str, name: str | None) -> Path:
+        path = files.path(name or "")
+        if path is None:
+            raise PostprocessError("postprocess_model_missing", files.missing_message(what, name or ""))
+        return path
 
     async def wait_idle(self) -> None:
         while self._busy or self._inbox.statistics().current_buffer_used:
@@ -140,20 +227,28 @@ class Postprocessor:
             return  # cancelled, or superseded by a newer attempt
         self._hub.publish(Postprocessing(task_id=task.id))
         try:
-            images, metadata = await anyio.to_thread.run_sync(
+            processed, applied = msg.images, None
+            options = task.spec.postprocess
+            if options is not None and planned_steps(options):
+                processed, applied = await self._thread.run_sync(self._process, task.id, msg.images, options)
+            images, metadata = await self._thread.run_sync(
                 partial(
                     write_outputs,
                     self._outputs,
                     task_id=task.id,
                     spec=task.spec,
-                    images=msg.images,
+                    images=processed,
                     model=msg.model,
                     device=msg.device,
                     attempt=task.attempt,
                     denoise_s=msg.denoise_s,
                     created_at=task.created_at,
+                    applied=applied,
                 )
             )
+        except PostprocessError as exc:
+            await fail_task(self._store, self._hub, task, [TaskState.POSTPROCESSING], exc.code, str(exc))
+            return
         except Exception as exc:
             log.exception("post-processing task %s failed", task.id)
             await fail_task(

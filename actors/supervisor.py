@@ -24,13 +24,17 @@ from actors.postprocess import Postprocessor
 from actors.scheduler import Scheduler
 from actors.store import Store
 from actors.uploads import UploadStore
+from engines.background import MODEL_SUFFIX as BACKGROUND_SUFFIX
 from engines.loader import check_backend, cpu_threads_for_serving, memory_budget, visible_devices
 from engines.models import resolve_models
+from engines.postprocess import PostprocessTools
+from engines.upscale import UPSCALER_SUFFIXES
 from forge.config import Config
 from forge.engine import ModelInfo
 from forge.errors import ConfigError
 from forge.loras import HubLora, LoraCatalog, fetch_hub_loras
 from forge.messages import EngineInbox, PostprocessInbox, SchedulerInbox
+from forge.model_files import ModelFiles
 from forge.resolve import Resources
 from forge.styles import BUILTIN_STYLES_DIR, StyleRegistry
 from protocols.http_server import HttpServer
@@ -84,6 +88,11 @@ def load_resources(config: Config) -> Resources:
         loras=LoraCatalog(config.loras_path, hub_loras),
         max_prompt_chars=config.max_prompt_chars,
         max_loras=config.max_loras,
+        upscalers=ModelFiles(config.upscalers_path, UPSCALER_SUFFIXES),
+        background_models=ModelFiles(config.background_models_path, (BACKGROUND_SUFFIX,)),
+        default_upscaler=config.default_upscaler,
+        default_background_model=config.default_background_model,
+        max_output_pixels=config.max_output_pixels,
     )
 
 
@@ -122,7 +131,17 @@ async def serve(
         channels += [end for pair in engine_channels.values() for end in pair]
 
         scheduler = Scheduler(store, hub, scheduler_inbox, {d: send for d, (send, _) in engine_channels.items()})
-        postprocessor = Postprocessor(store=store, hub=hub, inbox=postprocess_inbox, outputs=config.outputs_path)
+        postprocessor = Postprocessor(
+            store=store,
+            hub=hub,
+            inbox=postprocess_inbox,
+            outputs=config.outputs_path,
+            tools=PostprocessTools(
+                config.upscalers_path, config.background_models_path, devices[0], config.upscale_tile
+            ),
+            upscalers=resources.upscalers,
+            background_models=resources.background_models,
+        )
         engines = [
             EngineActor(
                 device=device,

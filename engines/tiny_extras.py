@@ -113,3 +113,40 @@ def build_tiny_companions(base: Path) -> dict[str, Path]:
     }
     found["depth_model"] = build_tiny_depth_model(base.parent / f"{base.name}-depth")
     return found
+
+
+def build_tiny_upscaler(target_file: Path, scale: int, seed: int = 0) -> Path:
+    """An RRDBNet (ESRGAN / Real-ESRGAN's architecture) at toy width, saved as Real-ESRGAN's .pth files are:
+    a state dict under `params_ema`. x2 models see a pixel-unshuffled input, as RealESRGAN_x2plus does."""
+    if target_file.exists():
+        return target_file
+    import torch
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    torch.manual_seed(seed)
+    model = ESRGAN(num_filters=8, num_blocks=1, scale=scale, shuffle_factor=2 if scale == 2 else None)
+    target_file.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"params_ema": model.state_dict()}, target_file)
+    return target_file
+
+
+def build_tiny_segmenter(target_file: Path) -> Path:
+    """An ONNX "segmentation" model in U^2-Net's input and output layout whose mask is the input's
+    brightness: bright parts are the subject. Tests can predict exactly where the alpha must be."""
+    if target_file.exists():
+        return target_file
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["input"], ["mask"], axes=[1], keepdims=1)],
+        "brightness-mask",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, "height", "width"])],
+        [helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, "height", "width"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    target_file.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, target_file)
+    return target_file

@@ -51,6 +51,14 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     max_loras: Annotated[int, Meta(ge=0, le=16)] = 4
     # Bearer token for the admin endpoints (model load/unload); empty: only clients on this machine may call them.
     admin_key: str = ""
+    # Post-processing models are files in <data_dir>/models/upscalers (.pth/.safetensors) and
+    # <data_dir>/models/rembg (.onnx); these are used when a request names none.
+    default_upscaler: str = "RealESRGAN_x4plus"
+    default_background_model: str = "isnet-general-use"
+    # Upscaling works tile by tile (pixels a side, 0: whole images) so memory stays bounded.
+    upscale_tile: Annotated[int, Meta(ge=0, le=4096)] = 256
+    # Largest image post-processing may produce (after upscaling), in pixels.
+    max_output_pixels: Annotated[int, Meta(ge=4096)] = 4096 * 4096
     max_upload_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024 * 1024
     backend: Backend = "eager"
     # "auto": every visible CUDA device, else one CPU engine. Otherwise a comma-separated list.
@@ -86,6 +94,14 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     @property
     def loras_path(self) -> Path:
         return Path(self.loras_dir).expanduser() if self.loras_dir else self.models_path / "loras"
+
+    @property
+    def upscalers_path(self) -> Path:
+        return self.models_path / "upscalers"
+
+    @property
+    def background_models_path(self) -> Path:
+        return self.models_path / "rembg"
 
     @property
     def uploads_path(self) -> Path:

@@ -25,7 +25,12 @@ class Progress(TaskEvent, tag="progress", frozen=True):
 
 
 class Postprocessing(TaskEvent, tag="postprocessing", frozen=True):
-    pass
+    """Entered post-processing; then, per image and step, which step starts (`step` of `total`)."""
+
+    stage: str | None = None
+    image: int | None = None
+    step: int = 0
+    total: int = 0
 
 
 class Succeeded(TaskEvent, tag="succeeded", frozen=True):

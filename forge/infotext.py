@@ -21,7 +21,7 @@ def _control(control: ControlRequest) -> str:
     return f"{control.type} ({source}) {control.strength:g} [{control.start:g}-{control.end:g}]"
 
 
-def infotext(spec: GenerationSpec, seed: int, model_name: str) -> str:
+def infotext(spec: GenerationSpec, seed: int, model_name: str, postprocess: list[str] | None = None) -> str:
     sampler = SAMPLERS[spec.scheduler]
     params: dict[str, object | None] = {
         "Steps": spec.steps,
@@ -34,6 +34,7 @@ def infotext(spec: GenerationSpec, seed: int, model_name: str) -> str:
         "Styles": ", ".join(spec.styles) or None,
         "LoRAs": ", ".join(f"{lora.name}:{lora.weight:g}" for lora in spec.loras) or None,
         "ControlNet": ", ".join(_control(c) for c in spec.control) or None,
+        "Postprocess": "; ".join(postprocess or []) or None,
         "Version": f"chara-forge {__version__}",
     }
     lines = [spec.styled_prompt]

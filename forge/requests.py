@@ -57,6 +57,52 @@ class ControlRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     end: Annotated[float, Meta(ge=0, le=1, description="fraction of the steps where control ends")] = 1.0
 
 
+PALETTE_NAMES = ("pico-8", "nes", "game-boy", "endesga-32", "sweetie-16", "cga", "grayscale-4")
+HexColor = Annotated[str, Meta(pattern=r"^#[0-9a-fA-F]{6}$", description="#rrggbb")]
+
+
+class PixelArtRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Snap to a pixel grid: downscale by `factor`, reduce colours, optionally outline, scale back up."""
+
+    factor: Annotated[int, Meta(ge=1, le=64, description="source pixels per art pixel")] = 8
+    colors: Annotated[int, Meta(ge=2, le=256, description="colours to keep (when no palette)")] | None = None
+    palette: Annotated[str, Meta(description=f"a named palette: {', '.join(PALETTE_NAMES)}")] | None = None
+    outline: Annotated[bool, Meta(description="a one-pixel outline around the character (needs transparency)")] = False
+
+
+class ResizeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    width: Annotated[int, Meta(ge=1, le=8192)]
+    height: Annotated[int, Meta(ge=1, le=8192)]
+    mode: Annotated[
+        Literal["fit", "fill", "pad", "stretch"],
+        Meta(description="fit inside, fill and crop, fit and pad to the size, or stretch"),
+    ] = "pad"
+
+
+class SpriteSheetRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Pack the task's images into one atlas with a TexturePacker "hash" JSON frame map."""
+
+    columns: Annotated[int, Meta(ge=1, le=64)] | None = None
+    padding: Annotated[int, Meta(ge=0, le=64)] = 2
+
+
+class PostprocessRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Steps run in this order on every image: upscale, remove background, trim, pixel art, resize."""
+
+    upscale: Literal[2, 4] | None = None
+    upscaler: Annotated[Name, Meta(description="a model in models/upscalers, see GET /v1/postprocess")] | None = None
+    remove_background: bool = False
+    background_model: Annotated[Name, Meta(description="a model in models/rembg")] | None = None
+    trim: Annotated[bool, Meta(description="crop to the character (needs remove_background)")] = False
+    trim_padding: Annotated[int, Meta(ge=0, le=512)] = 8
+    pixel_art: PixelArtRequest | None = None
+    resize: ResizeRequest | None = None
+    sprite_sheet: SpriteSheetRequest | None = None
+    matte: Annotated[HexColor, Meta(description="JPEG: transparent parts are flattened onto this colour")] = "#ffffff"
+    quality: Annotated[int, Meta(ge=1, le=100, description="WebP and JPEG quality")] = 95
+    lossless: Annotated[bool, Meta(description="WebP: lossless")] = False
+
+
 class GenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A request to generate character images. Omitted fields take the model's defaults."""
 
@@ -70,6 +116,7 @@ class GenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     loras: Annotated[list[LoraRequest], Meta(description="LoRAs on top of the style's own")] = []
     control: ControlRequest | Annotated[list[ControlRequest], Meta(max_length=MAX_CONTROLS)] | None = None
     model: Annotated[ModelId, Meta(description="a model id from GET /v1/models; the default when absent")] | None = None
+    postprocess: Annotated[PostprocessRequest, Meta(description="replaces the style's post-processing")] | None = None
     width: Side | None = None
     height: Side | None = None
     num_images: Annotated[int, Meta(ge=1, le=8, description="images from one prompt")] = 1
@@ -102,6 +149,7 @@ class GenerationSpec(msgspec.Struct, frozen=True, kw_only=True):
     styled_negative_prompt: str
     loras: list[LoraRequest] = []
     control: list[ControlRequest] = []
+    postprocess: PostprocessRequest | None = None
 
     @property
     def seeds(self) -> list[int]:

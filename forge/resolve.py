@@ -11,7 +11,17 @@ from engines.poses import POSE_NAMES
 from forge.engine import ModelInfo
 from forge.errors import InvalidRequest
 from forge.loras import LoraCatalog
-from forge.requests import MAX_SEED, ControlRequest, GenerationRequest, GenerationSpec, LoraRequest, SchedulerName
+from forge.model_files import ModelFiles
+from forge.requests import (
+    MAX_SEED,
+    PALETTE_NAMES,
+    ControlRequest,
+    GenerationRequest,
+    GenerationSpec,
+    LoraRequest,
+    PostprocessRequest,
+    SchedulerName,
+)
 from forge.styles import NO_STYLE, Style, StyledPrompt, StyleRegistry, apply_styles
 
 DEFAULT_SCHEDULER: SchedulerName = "euler"
@@ -43,6 +53,11 @@ class Resources:
     loras: LoraCatalog
     max_prompt_chars: int
     max_loras: int
+    upscalers: ModelFiles
+    background_models: ModelFiles
+    default_upscaler: str
+    default_background_model: str
+    max_output_pixels: int
 
 
 def requested_styles(request: GenerationRequest) -> list[str]:
@@ -135,6 +150,59 @@ def _loras(request: GenerationRequest, styled: StyledPrompt, resources: Resource
     return list(merged.values())
 
 
+def check_postprocess(
+    options: PostprocessRequest, resources: Resources, width: int, height: int, field: str
+) -> PostprocessRequest:
+    """Validate the steps against what is installed and fill in the model names used."""
+    art = options.pixel_art
+    if art is not None:
+        if art.palette is not None and art.colors is not None:
+            raise InvalidRequest(
+                "give colors or palette, not both", field=f"{field}.pixel_art.palette", rule="exclusive"
+            )
+        if art.palette is not None and art.palette not in PALETTE_NAMES:
+            raise InvalidRequest(
+                f"unknown palette {art.palette!r}; known palettes: {', '.join(PALETTE_NAMES)}",
+                field=f"{field}.pixel_art.palette",
+                rule="unknown_palette",
+            )
+        if art.outline and not options.remove_background:
+            raise InvalidRequest(
+                "an outline follows the character's edge: it needs remove_background",
+                field=f"{field}.pixel_art.outline",
+                rule="needs_transparency",
+            )
+    if options.trim and not options.remove_background:
+        raise InvalidRequest(
+            "trim crops to the character: it needs remove_background", field=f"{field}.trim", rule="needs_transparency"
+        )
+    upscaler = options.upscaler
+    if options.upscale:
+        upscaler = upscaler or resources.default_upscaler
+        if resources.upscalers.path(upscaler) is None:
+            raise InvalidRequest(
+                resources.upscalers.missing_message("upscaler", upscaler),
+                field=f"{field}.upscaler",
+                rule="model_missing",
+            )
+        if width * height * options.upscale**2 > resources.max_output_pixels:
+            raise InvalidRequest(
+                f"{width}x{height} upscaled x{options.upscale} is over {resources.max_output_pixels} pixels",
+                field=f"{field}.upscale",
+                rule="max_pixels",
+            )
+    background = options.background_model
+    if options.remove_background:
+        background = background or resources.default_background_model
+        if resources.background_models.path(background) is None:
+            raise InvalidRequest(
+                resources.background_models.missing_message("background model", background),
+                field=f"{field}.background_model",
+                rule="model_missing",
+            )
+    return msgspec.structs.replace(options, upscaler=upscaler, background_model=background)
+
+
 def resolve_request(request: GenerationRequest, model: ModelInfo, resources: Resources) -> GenerationSpec:
     """Apply styles and defaults; check every name against what is installed. Raises InvalidRequest."""
     if not request.prompt.strip():
@@ -163,6 +231,11 @@ def resolve_request(request: GenerationRequest, model: ModelInfo, resources: Res
                 field=field,
                 rule="range",
             )
+    postprocess = None
+    if request.postprocess is not None:
+        postprocess = check_postprocess(request.postprocess, resources, width, height, "postprocess")
+    elif styled.postprocess is not None:
+        postprocess = check_postprocess(styled.postprocess, resources, width, height, "style")
     guidance = request.guidance_scale
     if guidance is None:
         guidance = model.default_guidance if defaults.guidance_scale is None else defaults.guidance_scale
@@ -184,4 +257,5 @@ def resolve_request(request: GenerationRequest, model: ModelInfo, resources: Res
         styled_negative_prompt=styled.negative_prompt,
         loras=loras,
         control=[_with_default_preprocess(control) for _, control in controls],
+        postprocess=postprocess,
     )

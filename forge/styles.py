@@ -15,7 +15,7 @@ import msgspec
 from msgspec import Meta
 
 from forge.errors import ConfigError
-from forge.requests import ControlRequest, LoraRequest, Name, SchedulerName
+from forge.requests import ControlRequest, LoraRequest, Name, PostprocessRequest, SchedulerName
 
 PLACEHOLDER = "{prompt}"
 NO_STYLE = "none"
@@ -49,6 +49,7 @@ class Style(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     loras: list[StyleLora] = []
     defaults: StyleDefaults = StyleDefaults()
     control: ControlRequest | None = None
+    postprocess: PostprocessRequest | None = None
 
 
 class StyleError(ConfigError):
@@ -117,6 +118,7 @@ class StyledPrompt(msgspec.Struct, frozen=True, kw_only=True):
     loras: list[LoraRequest]
     defaults: StyleDefaults
     control: ControlRequest | None
+    postprocess: PostprocessRequest | None
 
 
 def _join(*parts: str) -> str:
@@ -128,6 +130,7 @@ def apply_styles(styles: Sequence[Style], prompt: str, negative_prompt: str) -> 
     loras: dict[str, float] = {}
     defaults: dict[str, object] = {}
     control = None
+    postprocess = None
     for style in styles:
         prompt = style.prompt.replace(PLACEHOLDER, prompt)
         negative_prompt = _join(negative_prompt, style.negative_prompt)
@@ -136,10 +139,12 @@ def apply_styles(styles: Sequence[Style], prompt: str, negative_prompt: str) -> 
             loras[lora.name] = lora.weight
         defaults.update({k: v for k, v in msgspec.structs.asdict(style.defaults).items() if v is not None})
         control = style.control or control
+        postprocess = style.postprocess or postprocess
     return StyledPrompt(
         prompt=prompt,
         negative_prompt=negative_prompt,
         loras=[LoraRequest(name=name, weight=weight) for name, weight in loras.items()],
         defaults=StyleDefaults(**defaults),  # type: ignore[arg-type]
         control=control,
+        postprocess=postprocess,
     )

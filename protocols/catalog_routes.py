@@ -20,6 +20,7 @@ from starlette.routing import BaseRoute, Route
 from actors.engine import EngineActor
 from actors.ingress import Ingress
 from actors.model_catalog import ModelStatus
+from engines.palettes import PALETTES
 from engines.poses import DESCRIPTIONS, POSE_NAMES, render_pose
 from forge.engine import ModelLoadError
 from forge.errors import Conflict, Forbidden, ForgeError, ModelUnavailable, NotFound
@@ -100,6 +101,7 @@ class CatalogRoutes:
             Route("/v1/models/{id:path}/unload", self.unload_model, methods=["POST"]),
             Route("/v1/models/{id:path}", self.model, methods=["GET"]),
             Route("/v1/uploads", self.upload, methods=["POST"]),
+            Route("/v1/postprocess", self.postprocess, methods=["GET"]),
         ]
 
     # -- styles, LoRAs, poses --
@@ -154,6 +156,23 @@ class CatalogRoutes:
             return buffer.getvalue()
 
         return Response(await anyio.to_thread.run_sync(encode), media_type="image/png")
+
+    async def postprocess(self, request: Request) -> Response:
+        """Installed upscalers and background models, and the named pixel-art palettes."""
+        resources = self.ingress.resources
+
+        def listing() -> dict[str, Any]:
+            return {
+                "upscalers": resources.upscalers.names(),
+                "upscalers_dir": str(resources.upscalers.directory),
+                "default_upscaler": resources.default_upscaler,
+                "background_models": resources.background_models.names(),
+                "background_models_dir": str(resources.background_models.directory),
+                "default_background_model": resources.default_background_model,
+                "palettes": {name: [f"#{c}" for c in colours] for name, colours in PALETTES.items()},
+            }
+
+        return JSONResponse(await anyio.to_thread.run_sync(listing))
 
     # -- models --
 

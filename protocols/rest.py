@@ -34,6 +34,7 @@ from protocols.catalog_routes import CatalogRoutes
 from protocols.docs import docs_page
 from protocols.http_io import JSONResponse, read_body
 from protocols.openapi import openapi_spec
+from protocols.sprite_sheets import SpriteSheetRoutes
 from protocols.views import API, ErrorBody, ErrorView, TaskList, TaskView, error_view, image_url, live_task_view
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class RestApi:
             Route(API + "/{id}/images/{index:int}", self.image, methods=["GET"]),
             WebSocketRoute(API + "/{id}/events", self.events),
             *CatalogRoutes(self.ingress, self.engines, self.admin_key).routes(),
+            *SpriteSheetRoutes(self.ingress, self.outputs).routes(),
             Route("/v1/info", self.info, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),

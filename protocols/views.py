@@ -55,6 +55,11 @@ class Links(msgspec.Struct, frozen=True, kw_only=True):
     cancel: str
 
 
+class SpriteSheetLinks(msgspec.Struct, frozen=True, kw_only=True):
+    image: str
+    atlas: str
+
+
 class TaskView(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     state: TaskState
@@ -70,6 +75,7 @@ class TaskView(msgspec.Struct, frozen=True, kw_only=True):
     error: ErrorView | None
     images: list[ImageLink]
     links: Links
+    sprite_sheet: SpriteSheetLinks | None = None
 
 
 class TaskList(msgspec.Struct, frozen=True, kw_only=True):
@@ -125,6 +131,9 @@ def task_view(record: TaskRecord, *, position: int | None, progress: Progress | 
         error=error,
         images=images,
         links=Links(self=base, events=f"{base}/events", cancel=f"{base}/cancel"),
+        sprite_sheet=SpriteSheetLinks(image=f"{base}/sprite-sheet.png", atlas=f"{base}/sprite-sheet.json")
+        if record.state is TaskState.SUCCEEDED and record.spec.postprocess and record.spec.postprocess.sprite_sheet
+        else None,
     )
 
 

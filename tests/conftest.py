@@ -103,3 +103,22 @@ def other_tiny_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Two more tiny models with their own random weights, for switching between base models."""
     folder = tmp_path_factory.mktemp("more-models")
     return [build_tiny_sdxl(folder / f"tiny-{seed}", seed=seed) for seed in (1, 2)]
+
+
+@pytest.fixture(scope="session")
+def postprocess_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny upscalers (RRDBNet x2, x4) and a tiny ONNX segmentation model, laid out as a models folder."""
+    from engines.tiny_extras import build_tiny_segmenter, build_tiny_upscaler
+
+    models = tmp_path_factory.mktemp("postprocess-models")
+    build_tiny_upscaler(models / "upscalers" / "RealESRGAN_x4plus.pth", 4)
+    build_tiny_upscaler(models / "upscalers" / "RealESRGAN_x2plus.pth", 2, seed=1)
+    for name in ("isnet-general-use", "isnet-anime", "u2net"):
+        build_tiny_segmenter(models / "rembg" / f"{name}.onnx")
+    return models
+
+
+def install_postprocess_models(data_dir: Path, models: Path) -> None:
+    import shutil
+
+    shutil.copytree(models, data_dir / "models", dirs_exist_ok=True)
