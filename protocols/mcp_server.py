@@ -116,6 +116,14 @@ class McpAdapter:
                 ),
             ] = None,
             model: Annotated[str | None, Field(description="a model id; the server's default when absent")] = None,
+            postprocess: Annotated[
+                dict[str, Any] | None,
+                Field(
+                    description="game-asset steps, as in the REST API: {upscale: 2|4, remove_background: bool, "
+                    "trim: bool, pixel_art: {factor, colors | palette, outline}, resize: {width, height, mode}, "
+                    "sprite_sheet: {columns}}"
+                ),
+            ] = None,
             size: Annotated[
                 str | None,
                 Field(description="'square', 'portrait', 'landscape', or WIDTHxHEIGHT in pixels (multiples of 8)"),
@@ -132,6 +140,8 @@ class McpAdapter:
                 fields["control"] = {"type": "openpose", "pose": pose}
             if model is not None:
                 fields["model"] = model
+            if postprocess is not None:
+                fields["postprocess"] = postprocess
             if seed is not None:
                 fields["seed"] = seed
             try:

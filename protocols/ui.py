@@ -18,7 +18,7 @@ from engines.poses import POSE_NAMES
 from engines.schedulers import SAMPLERS
 from forge.errors import ForgeError
 from forge.events import TERMINAL_EVENTS, Progress
-from forge.requests import GenerationRequest
+from forge.requests import PALETTE_NAMES, GenerationRequest, PostprocessRequest
 from forge.resolve import SIZE_PRESETS, preset_size
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert
@@ -27,6 +27,46 @@ HISTORY_LIMIT = 48
 
 
 NO_POSE = "none"
+NO_PIXEL_ART = "off"
+FREE_PALETTE = "16 colours"
+
+
+def _postprocess_fields(
+    upscale: str, remove_background: bool, trim: bool, palette: str, factor: int, outline: bool, sheet: bool
+) -> dict[str, Any]:
+    """The request's `postprocess` object from the Game asset panel (empty: no post-processing)."""
+    fields: dict[str, Any] = {}
+    if upscale in ("2", "4"):
+        fields["upscale"] = int(upscale)
+    if remove_background:
+        fields["remove_background"] = True
+    if trim:
+        fields["trim"] = True
+    if palette != NO_PIXEL_ART:
+        art: dict[str, Any] = {"factor": factor, "outline": outline}
+        if palette != FREE_PALETTE:
+            art["palette"] = palette
+        fields["pixel_art"] = art
+    if sheet:
+        fields["sprite_sheet"] = {}
+    return fields
+
+
+def _postprocess_settings(options: PostprocessRequest | None) -> list[Any]:
+    """The Game asset panel's values for a stored task (the inverse of `_postprocess_fields`)."""
+    if options is None:
+        return ["off", False, False, NO_PIXEL_ART, 8, False, False]
+    art = options.pixel_art
+    palette = NO_PIXEL_ART if art is None else art.palette or FREE_PALETTE
+    return [
+        str(options.upscale) if options.upscale else "off",
+        options.remove_background,
+        options.trim,
+        palette,
+        art.factor if art else 8,
+        bool(art and art.outline),
+        options.sprite_sheet is not None,
+    ]
 
 
 class WebUi:
@@ -108,6 +148,18 @@ class WebUi:
                         random_seed = gr.Checkbox(value=True, label="Random seed")
                         seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
                         output_format = gr.Radio(["png", "webp", "jpeg"], value="png", label="Format")
+                with gr.Accordion("Game asset", open=False):
+                    with gr.Row():
+                        upscale = gr.Radio(["off", "2", "4"], value="off", label="Upscale")
+                        remove_background = gr.Checkbox(value=False, label="Remove background")
+                        trim_box = gr.Checkbox(value=False, label="Trim to the character")
+                        sprite_sheet = gr.Checkbox(value=False, label="Sprite sheet of the images")
+                    with gr.Row():
+                        pixel_palette = gr.Dropdown(
+                            choices=[NO_PIXEL_ART, FREE_PALETTE, *PALETTE_NAMES], value=NO_PIXEL_ART, label="Pixel art"
+                        )
+                        pixel_factor = gr.Slider(2, 32, value=8, step=1, label="Pixel size")
+                        outline = gr.Checkbox(value=False, label="Outline (with background removal)")
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel = gr.Button("Cancel", variant="stop")
@@ -142,6 +194,13 @@ class WebUi:
                 pose,
                 loras,
                 lora_weight,
+                upscale,
+                remove_background,
+                trim_box,
+                pixel_palette,
+                pixel_factor,
+                outline,
+                sprite_sheet,
             ]
             generate.click(
                 self.generate,
@@ -180,6 +239,13 @@ class WebUi:
         pose: str,
         loras: list[str] | None,
         lora_weight: float,
+        upscale: str,
+        remove_background: bool,
+        trim_box: bool,
+        pixel_palette: str,
+        pixel_factor: float,
+        outline: bool,
+        sprite_sheet: bool,
         batch: bool,
         request: gr.Request,
     ) -> AsyncIterator[tuple[str, Any, Any]]:
@@ -207,6 +273,11 @@ class WebUi:
                     fields["control"] = {"type": "openpose", "pose": pose}
                 if loras:
                     fields["loras"] = [{"name": name, "weight": float(lora_weight)} for name in loras]
+                steps_wanted = _postprocess_fields(
+                    upscale, remove_background, trim_box, pixel_palette, int(pixel_factor), outline, sprite_sheet
+                )
+                if steps_wanted:
+                    fields["postprocess"] = steps_wanted
                 if not random_seed and seed is not None:
                     fields["seed"] = int(seed)
                 record, _ = await self._ingress.submit(convert(fields, GenerationRequest))
@@ -282,6 +353,7 @@ class WebUi:
             next((c.pose for c in spec.control if c.pose), NO_POSE),
             [lora.name for lora in spec.loras],
             spec.loras[0].weight if spec.loras else 0.8,
+            *_postprocess_settings(spec.postprocess),
         ]
 
     async def same_seed(self, task_id: str) -> tuple[str, bool, int]:

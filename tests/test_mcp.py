@@ -116,10 +116,17 @@ async def test_errors_carry_the_rest_codes_and_fields(server: RunningServer, tra
 
 
 async def test_styles_pose_and_model_through_mcp(server: RunningServer) -> None:
-    arguments = {"prompt": "a rogue", "style": ["dark-fantasy-rpg", "chibi"], "pose": "t-pose", "model": "tiny-sdxl"}
+    arguments = {
+        "prompt": "a rogue",
+        "style": ["dark-fantasy-rpg", "chibi"],
+        "pose": "t-pose",
+        "model": "tiny-sdxl",
+        "postprocess": {"pixel_art": {"factor": 4, "palette": "nes"}, "sprite_sheet": {}},
+    }
     async with mcp_session(server, "streamable-http") as session:
         done = await session.call_tool("generate_character", arguments)
         bad_pose = await session.call_tool("generate_character", {"prompt": "x", "pose": "moonwalk"})
+        bad_step = await session.call_tool("generate_character", {"prompt": "x", "postprocess": {"blur": 1}})
     assert not done.is_error
     spec = (await server.client.get(f"/v1/generations/{_text(done)['id']}")).json()["request"]
     assert spec["styles"] == ["dark-fantasy-rpg", "chibi"] and spec["model"] == "tiny-sdxl"
@@ -128,6 +135,8 @@ async def test_styles_pose_and_model_through_mcp(server: RunningServer) -> None:
          "end": 1.0}
     ]  # fmt: skip
     assert bad_pose.is_error and json.loads(bad_pose.content[0].text)["field"] == "control.pose"  # type: ignore[union-attr]
+    assert json.loads(bad_step.content[0].text)["field"] == "postprocess.blur"  # type: ignore[union-attr]
+    assert spec["postprocess"]["pixel_art"]["palette"] == "nes"
 
 
 async def test_cancelling_the_mcp_request_cancels_the_task(server: RunningServer) -> None:

@@ -38,6 +38,13 @@ DEFAULTS: dict[str, Any] = {
     "pose": "none",
     "loras": [],
     "lora_weight": 0.8,
+    "upscale": "off",
+    "remove_background": False,
+    "trim": False,
+    "pixel_palette": "off",
+    "pixel_factor": 8,
+    "outline": False,
+    "sprite_sheet": False,
     "batch": False,
 }
 
@@ -147,6 +154,9 @@ async def test_history_reuse_and_same_seed(server: RunningServer, client: Client
             output_format="webp",
             style=["anime", "chibi"],
             pose="front",
+            pixel_palette="game-boy",
+            pixel_factor=4,
+            sprite_sheet=True,
         )
     )
     history = await anyio.to_thread.run_sync(lambda: client.predict(api_name="/history"))
@@ -157,6 +167,8 @@ async def test_history_reuse_and_same_seed(server: RunningServer, client: Client
     assert settings[2] == ["anime", "chibi"] and settings[13] == "tiny-sdxl" and settings[14] == "front"
     spec = (await server.client.get(f"/v1/generations/{task_id}")).json()["request"]
     assert spec["styles"] == ["anime", "chibi"] and spec["control"][0]["pose"] == "front"
+    assert spec["postprocess"]["pixel_art"] == {"factor": 4, "colors": None, "palette": "game-boy", "outline": False}
+    assert list(settings[17:24]) == ["off", False, False, "game-boy", 4, False, True]
     assert await anyio.to_thread.run_sync(lambda: client.predict(task_id, api_name="/same_seed")) == ("", False, 5)
 
 
