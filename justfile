@@ -46,3 +46,4 @@ lint: setup
 # Benchmarks; each prints one JSON line
 bench: setup
     {{bin}}/python -m bench.server_bench
+    {{bin}}/python -m bench.postprocess_bench
