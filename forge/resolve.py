@@ -150,6 +150,12 @@ def _loras(request: GenerationRequest, styled: StyledPrompt, resources: Resource
     return list(merged.values())
 
 
+def _installed(files: ModelFiles, what: str, name: str, field: str) -> str:
+    if files.path(name) is None:
+        raise InvalidRequest(files.missing_message(what, name), field=field, rule="model_missing")
+    return name
+
+
 def check_postprocess(
     options: PostprocessRequest, resources: Resources, width: int, height: int, field: str
 ) -> PostprocessRequest:
@@ -178,13 +184,9 @@ def check_postprocess(
         )
     upscaler = options.upscaler
     if options.upscale:
-        upscaler = upscaler or resources.default_upscaler
-        if resources.upscalers.path(upscaler) is None:
-            raise InvalidRequest(
-                resources.upscalers.missing_message("upscaler", upscaler),
-                field=f"{field}.upscaler",
-                rule="model_missing",
-            )
+        upscaler = _installed(
+            resources.upscalers, "upscaler", upscaler or resources.default_upscaler, f"{field}.upscaler"
+        )
         if width * height * options.upscale**2 > resources.max_output_pixels:
             raise InvalidRequest(
                 f"{width}x{height} upscaled x{options.upscale} is over {resources.max_output_pixels} pixels",
@@ -193,13 +195,8 @@ def check_postprocess(
             )
     background = options.background_model
     if options.remove_background:
-        background = background or resources.default_background_model
-        if resources.background_models.path(background) is None:
-            raise InvalidRequest(
-                resources.background_models.missing_message("background model", background),
-                field=f"{field}.background_model",
-                rule="model_missing",
-            )
+        name = background or resources.default_background_model
+        background = _installed(resources.background_models, "background model", name, f"{field}.background_model")
     return msgspec.structs.replace(options, upscaler=upscaler, background_model=background)
 
 

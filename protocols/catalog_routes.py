@@ -49,6 +49,7 @@ class StyleView(msgspec.Struct, frozen=True, kw_only=True):
     loras: list[StyleLoraView]
     defaults: StyleDefaults
     control: dict[str, Any] | None
+    postprocess: dict[str, Any] | None
     available: bool
     missing: list[str]
 
@@ -118,6 +119,16 @@ class CatalogRoutes:
             control = msgspec.structs.asdict(style.control)
             if style.control.type not in self.ingress.model.controlnets:
                 missing.append(f"{style.control.type} ControlNet")
+        postprocess = None
+        if style.postprocess is not None:
+            postprocess = msgspec.to_builtins(style.postprocess)
+            resources = self.ingress.resources
+            options = style.postprocess
+            if options.upscale and resources.upscalers.path(options.upscaler or resources.default_upscaler) is None:
+                missing.append(f"upscaler {options.upscaler or resources.default_upscaler}")
+            background = options.background_model or resources.default_background_model
+            if options.remove_background and resources.background_models.path(background) is None:
+                missing.append(f"background model {background}")
         return StyleView(
             name=style.name,
             description=style.description,
@@ -126,6 +137,7 @@ class CatalogRoutes:
             loras=lora_views,
             defaults=style.defaults,
             control=control,
+            postprocess=postprocess,
             available=not missing,
             missing=missing,
         )

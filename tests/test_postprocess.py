@@ -97,6 +97,9 @@ async def test_a_style_brings_its_post_processing(pp_server: RunningServer) -> N
     view = await wait_for_state(pp_server.client, (await submit(pp_server.client, style="retro-sprite"))["id"])
     assert view["state"] == "succeeded", view["error"]
     assert view["request"]["postprocess"]["pixel_art"]["palette"] == "game-boy"
+    styles = {s["name"]: s for s in (await pp_server.client.get("/v1/styles")).json()["items"]}
+    assert styles["retro-sprite"]["postprocess"]["remove_background"] is True
+    assert styles["retro-sprite"]["available"] is True
     image = np.asarray(await _image(pp_server, view["images"][0]["url"]))
     visible = image[..., 3] > 0
     assert {tuple(c) for c in image[visible][:, :3]} <= set(palette_rgb("game-boy"))
