@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import anyio
@@ -17,6 +17,11 @@ class EventHub:
     def __init__(self) -> None:
         self._subscribers: dict[str, set[MemoryObjectSendStream[AnyTaskEvent]]] = {}
         self._progress: dict[str, Progress] = {}
+        self._taps: list[Callable[[AnyTaskEvent], None]] = []
+
+    def add_tap(self, fn: Callable[[AnyTaskEvent], None]) -> None:
+        """`fn` sees every event of every task (metrics); it must not block."""
+        self._taps.append(fn)
 
     @contextmanager
     def subscribe(self, task_id: str) -> Iterator[MemoryObjectReceiveStream[AnyTaskEvent]]:
@@ -36,6 +41,8 @@ class EventHub:
         """Never blocks: a subscriber too slow for progress events misses some; one that cannot take a
         final event is closed, and reads the task's state instead."""
         final = isinstance(event, TERMINAL_EVENTS)
+        for tap in self._taps:
+            tap(event)
         if isinstance(event, Progress):
             self._progress[event.task_id] = event
         elif final:

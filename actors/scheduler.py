@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import assert_never
 
@@ -56,7 +57,9 @@ class Scheduler:
         hub: EventHub,
         inbox: MemoryObjectReceiveStream[SchedulerInbox],
         engines: dict[str, MemoryObjectSendStream[Dispatch]],
+        on_enqueue: Callable[[TaskRecord], None] | None = None,
     ) -> None:
+        self._on_enqueue = on_enqueue
         self._store = store
         self._hub = hub
         self._inbox = inbox
@@ -136,6 +139,8 @@ class Scheduler:
     # -- internals --
 
     def _enqueue(self, task: TaskRecord) -> None:
+        if self._on_enqueue is not None:
+            self._on_enqueue(task)
         bisect.insort(self._queue, _Entry(_key(task), task))
         self._publish_positions()
 

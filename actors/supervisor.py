@@ -19,6 +19,7 @@ from actors.device_thread import DeviceThread
 from actors.engine import SHUTDOWN, EngineActor, PreviewSettings
 from actors.hub import EventHub
 from actors.ingress import Ingress
+from actors.metrics import Metrics
 from actors.model_catalog import ModelCatalog
 from actors.postprocess import Postprocessor
 from actors.scheduler import Scheduler
@@ -60,6 +61,7 @@ class ServerHandle:
     scheduler: Scheduler
     hub: EventHub
     store: Store
+    metrics: Metrics
 
 
 def announce_model(model: ModelInfo) -> None:
@@ -130,7 +132,16 @@ async def serve(
         channels = [to_scheduler, scheduler_inbox, to_postprocess, postprocess_inbox]
         channels += [end for pair in engine_channels.values() for end in pair]
 
-        scheduler = Scheduler(store, hub, scheduler_inbox, {d: send for d, (send, _) in engine_channels.items()})
+        metrics = Metrics()
+        hub.add_tap(metrics.observe)
+        scheduler = Scheduler(
+            store,
+            hub,
+            scheduler_inbox,
+            {d: send for d, (send, _) in engine_channels.items()},
+            on_enqueue=metrics.track,
+        )
+        metrics.watch(lambda: scheduler.statistics().queued, lambda: scheduler.statistics().running, devices)
         postprocessor = Postprocessor(
             store=store,
             hub=hub,
@@ -176,6 +187,7 @@ async def serve(
             hub=hub,
             outputs=config.outputs_path,
             engines=engines,
+            metrics=metrics,
             max_body_bytes=config.max_body_bytes,
             admin_key=config.admin_key,
         )
@@ -240,6 +252,7 @@ async def serve(
                     scheduler=scheduler,
                     hub=hub,
                     store=store,
+                    metrics=metrics,
                 )
             )
             await shutdown.wait()

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import anyio
 import msgspec
 from msgspec import Meta
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -22,6 +23,7 @@ from actors.encoding import CONTENT_TYPES
 from actors.engine import EngineActor
 from actors.hub import EventHub
 from actors.ingress import Ingress
+from actors.metrics import Metrics
 from actors.scheduler import Scheduler
 from engines.schedulers import SAMPLERS
 from forge import __version__
@@ -55,6 +57,7 @@ class RestApi:
     hub: EventHub
     outputs: Path
     engines: Sequence[EngineActor]
+    metrics: Metrics
     max_body_bytes: int
     admin_key: str = ""
 
@@ -74,6 +77,7 @@ class RestApi:
             *SpriteSheetRoutes(self.ingress, self.outputs).routes(),
             Route("/v1/info", self.info, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/metrics", self.prometheus, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/openapi.json", lambda _: JSONResponse(spec), methods=["GET"]),
             Route("/docs", lambda _: HTMLResponse(docs_page(spec)), methods=["GET"]),
@@ -222,6 +226,9 @@ class RestApi:
             }
         )
 
+    async def prometheus(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -239,6 +246,7 @@ class RestApi:
 
     async def _forge_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ForgeError)
+        self.metrics.rejected(exc.code)
         headers = {}
         if isinstance(exc, ServiceUnavailable):
             headers["Retry-After"] = str(exc.retry_after_s)

@@ -1,0 +1,130 @@
+"""Prometheus metrics, fed by the event hub: every task's events pass through `observe`, and the
+scheduler reports each task it queues (for its style and creation time). Gauges are read at scrape time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from forge.events import AnyTaskEvent, Cancelled, Failed, Postprocessing, Started, Succeeded
+from forge.tasks import TaskRecord
+
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
+
+
+@dataclass
+class _Tracked:
+    styles: str
+    created_at: float
+    images: int
+    started: float | None = None
+    device: str | None = None
+    denoised: float | None = None
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.generations = Counter(
+            "chara_forge_generations",
+            "Generations that ended, by final state and style",
+            ["state", "style"],
+            registry=r,
+        )
+        self.images = Counter("chara_forge_images", "Images delivered", registry=r)
+        self.queue_wait = Histogram(
+            "chara_forge_queue_wait_seconds", "From accepted to started", buckets=DURATION_BUCKETS, registry=r
+        )
+        self.denoise = Histogram(
+            "chara_forge_denoise_seconds", "From started to denoised (includes a model load)", buckets=DURATION_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.postprocess = Histogram(
+            "chara_forge_postprocess_seconds", "Post-processing and writing the files", buckets=DURATION_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.end_to_end = Histogram(
+            "chara_forge_end_to_end_seconds", "From accepted to succeeded", buckets=DURATION_BUCKETS, registry=r
+        )
+        self.engine_busy = Counter(
+            "chara_forge_engine_busy_seconds", "Time each engine spent on tasks", ["device"], registry=r
+        )
+        self.rejections = Counter(
+            "chara_forge_rejections",
+            "Requests refused, by error code (rate_limited and content_filtered among them)",
+            ["code"],
+            registry=r,
+        )
+        self._started_at = time.monotonic()
+        self._tracked: dict[str, _Tracked] = {}
+        self._busy: dict[str, float] = {}
+
+    def watch(
+        self,
+        queue_depth: Callable[[], float],
+        running: Callable[[], float],
+        devices: list[str],
+    ) -> None:
+        """Gauges computed when scraped."""
+        r = self.registry
+        Gauge("chara_forge_queue_depth", "Tasks waiting", registry=r).set_function(queue_depth)
+        Gauge("chara_forge_running", "Tasks on an engine", registry=r).set_function(running)
+        ratio = Gauge("chara_forge_engine_busy_ratio", "Busy time over uptime, per engine", ["device"], registry=r)
+        memory = Gauge("chara_forge_gpu_memory_bytes", "GPU memory allocated by PyTorch", ["device"], registry=r)
+        for device in devices:
+            ratio.labels(device).set_function(partial(self.busy_ratio, device))
+            if device.startswith("cuda"):
+                memory.labels(device).set_function(partial(_gpu_memory, device))
+
+    def busy_ratio(self, device: str) -> float:
+        return self._busy.get(device, 0.0) / max(time.monotonic() - self._started_at, 1e-9)
+
+    def track(self, task: TaskRecord) -> None:
+        styles = "+".join(task.spec.styles) or "none"
+        self._tracked.setdefault(task.id, _Tracked(styles, task.created_at, task.spec.num_images))
+
+    def rejected(self, code: str) -> None:
+        self.rejections.labels(code).inc()
+
+    def observe(self, event: AnyTaskEvent) -> None:
+        tracked = self._tracked.get(event.task_id)
+        if tracked is None:
+            return
+        now = time.time()
+        match event:
+            case Started():
+                tracked.started, tracked.device = now, event.device
+                self.queue_wait.observe(max(now - tracked.created_at, 0.0))
+            case Postprocessing() if event.stage is None and tracked.started is not None:
+                tracked.denoised = now
+                self.denoise.observe(now - tracked.started)
+                self._add_busy(tracked, now)
+            case Succeeded() | Failed() | Cancelled():
+                del self._tracked[event.task_id]
+                state = {Succeeded: "succeeded", Failed: "failed", Cancelled: "cancelled"}[type(event)]
+                self.generations.labels(state, tracked.styles).inc()
+                if tracked.denoised is None:
+                    self._add_busy(tracked, now)
+                if isinstance(event, Succeeded):
+                    self.images.inc(len(event.images))
+                    self.end_to_end.observe(max(now - tracked.created_at, 0.0))
+                    if tracked.denoised is not None:
+                        self.postprocess.observe(now - tracked.denoised)
+
+    def _add_busy(self, tracked: _Tracked, now: float) -> None:
+        if tracked.started is not None and tracked.device is not None:
+            self.engine_busy.labels(tracked.device).inc(now - tracked.started)
+            self._busy[tracked.device] = self._busy.get(tracked.device, 0.0) + now - tracked.started
+            tracked.started = None
+
+
+def _gpu_memory(device: str) -> float:
+    import torch
+
+    return float(torch.cuda.memory_allocated(device))
