@@ -11,6 +11,7 @@ from functools import partial
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from forge.content_filter import CONTENT_FILTERED
 from forge.events import AnyTaskEvent, Cancelled, Failed, Postprocessing, Started, Succeeded
 from forge.tasks import TaskRecord
 
@@ -108,6 +109,8 @@ class Metrics:
             case Succeeded() | Failed() | Cancelled():
                 del self._tracked[event.task_id]
                 state = {Succeeded: "succeeded", Failed: "failed", Cancelled: "cancelled"}[type(event)]
+                if isinstance(event, Failed) and event.code == CONTENT_FILTERED:
+                    state = "filtered"
                 self.generations.labels(state, tracked.styles).inc()
                 if tracked.denoised is None:
                     self._add_busy(tracked, now)

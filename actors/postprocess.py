@@ -28,13 +28,14 @@ from engines.image_ops import hex_rgb
 from engines.postprocess import PostprocessError, PostprocessTools, planned_steps
 from engines.sprite_sheet import pack
 from forge import __version__
+from forge.content_filter import CONTENT_FILTERED
 from forge.engine import ModelInfo
-from forge.events import Postprocessing, Succeeded
+from forge.events import Failed, Postprocessing, Succeeded
 from forge.infotext import infotext
 from forge.messages import Generated, PostprocessInbox
 from forge.model_files import ModelFiles
 from forge.requests import GenerationSpec, PostprocessRequest
-from forge.tasks import TaskState
+from forge.tasks import TaskRecord, TaskState
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,17 @@ class Postprocessor:
             applied.append(lines)
         return results, applied
 
+    async def _filtered(self, task: TaskRecord, reason: str) -> None:
+        if await self._store.transition(
+            task.id,
+            attempt=task.attempt,
+            from_states=[TaskState.POSTPROCESSING],
+            to=TaskState.FILTERED,
+            error_code=CONTENT_FILTERED,
+            error_message=reason,
+        ):
+            self._hub.publish(Failed(task_id=task.id, code=CONTENT_FILTERED, message=reason))
+
     @staticmethod
     def _model_file(files: ModelFiles, what: str, name: str | None) -> Path:
         path = files.path(name or "")
@@ -227,6 +239,10 @@ class Postprocessor:
             return  # cancelled, or superseded by a newer attempt
         self._hub.publish(Postprocessing(task_id=task.id))
         try:
+            unsafe = await self._thread.run_sync(self._tools.screen, msg.images)
+            if unsafe is not None:
+                await self._filtered(task, unsafe)
+                return
             processed, applied = msg.images, None
             options = task.spec.postprocess
             if options is not None and planned_steps(options):

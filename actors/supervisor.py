@@ -28,9 +28,10 @@ from actors.uploads import UploadStore
 from engines.background import MODEL_SUFFIX as BACKGROUND_SUFFIX
 from engines.loader import check_backend, cpu_threads_for_serving, memory_budget, visible_devices
 from engines.models import resolve_models
-from engines.postprocess import PostprocessTools
+from engines.postprocess import ImageFilterSettings, PostprocessTools
 from engines.upscale import UPSCALER_SUFFIXES
 from forge.config import Config
+from forge.content_filter import DEFAULT_BLOCKED_TERMS, PromptFilter
 from forge.engine import ModelInfo
 from forge.errors import ConfigError
 from forge.loras import HubLora, LoraCatalog, fetch_hub_loras
@@ -95,6 +96,11 @@ def load_resources(config: Config) -> Resources:
         default_upscaler=config.default_upscaler,
         default_background_model=config.default_background_model,
         max_output_pixels=config.max_output_pixels,
+        prompt_filter=PromptFilter.from_file(
+            Path(config.blocked_terms_file).expanduser() if config.blocked_terms_file else DEFAULT_BLOCKED_TERMS
+        )
+        if config.content_filter
+        else None,
     )
 
 
@@ -148,7 +154,17 @@ async def serve(
             inbox=postprocess_inbox,
             outputs=config.outputs_path,
             tools=PostprocessTools(
-                config.upscalers_path, config.background_models_path, devices[0], config.upscale_tile
+                config.upscalers_path,
+                config.background_models_path,
+                devices[0],
+                config.upscale_tile,
+                image_filter=ImageFilterSettings(
+                    source=config.image_filter_model,
+                    labels=tuple(config.image_filter_labels.split(",")),
+                    threshold=config.image_filter_threshold,
+                )
+                if config.image_filter_model
+                else None,
             ),
             upscalers=resources.upscalers,
             background_models=resources.background_models,

@@ -7,11 +7,13 @@ segmentation models) are loaded on first use and kept.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
 from engines.background import BackgroundError, BackgroundRemover
+from engines.image_filter import ImageFilter
 from engines.image_ops import hex_rgb, pixel_art, resize, trim
 from engines.upscale import Upscaler, UpscalerError
 from forge.requests import PostprocessRequest
@@ -43,14 +45,49 @@ def planned_steps(request: PostprocessRequest) -> list[str]:
     return steps
 
 
+@dataclass(frozen=True)
+class ImageFilterSettings:
+    source: str
+    labels: tuple[str, ...]
+    threshold: float
+
+
 class PostprocessTools:
-    def __init__(self, upscalers: Path, background_models: Path, device: str, tile: int) -> None:
+    def __init__(
+        self,
+        upscalers: Path,
+        background_models: Path,
+        device: str,
+        tile: int,
+        image_filter: ImageFilterSettings | None = None,
+    ) -> None:
+        self._filter_settings = image_filter
+        self._image_filter: ImageFilter | None = None
         self.upscalers_dir = upscalers
         self.background_dir = background_models
         self.device = device
         self.tile = tile
         self._upscalers: dict[Path, Upscaler] = {}
         self._removers: dict[Path, BackgroundRemover] = {}
+
+    def screen(self, images: list[Image.Image]) -> str | None:
+        """Why the first unsafe image is unsafe, or None (also when no image filter is configured)."""
+        settings = self._filter_settings
+        if settings is None:
+            return None
+        if self._image_filter is None:
+            try:
+                self._image_filter = ImageFilter(settings.source, self.device, settings.labels, settings.threshold)
+            except Exception as exc:  # transformers raises many types for a missing or broken model
+                raise PostprocessError(
+                    "image_filter_unavailable", f"the image filter {settings.source} failed to load: {exc}"
+                ) from exc
+        for index, image in enumerate(images):
+            found = self._image_filter.flagged(image)
+            if found is not None:
+                label, score = found
+                return f"image {index} was classified {label!r} ({score:.2f}); it was not stored"
+        return None
 
     def upscaler(self, path: Path) -> Upscaler:
         if path not in self._upscalers:

@@ -150,3 +150,32 @@ def build_tiny_segmenter(target_file: Path) -> Path:
     target_file.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, target_file)
     return target_file
+
+
+def build_tiny_image_classifier(target: Path, flag_everything: bool) -> Path:
+    """A ViT image classifier at toy width with labels `normal` and `nsfw`. Its head is set so that it
+    calls every image `nsfw` (flag_everything) or `normal`, which makes filter tests deterministic."""
+    if _built(target):
+        return target
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        image_size=32,
+        patch_size=8,
+        num_labels=2,
+        id2label={0: "normal", 1: "nsfw"},
+        label2id={"normal": 0, "nsfw": 1},
+    )
+    model = ViTForImageClassification(config)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([0.0, 12.0] if flag_everything else [12.0, 0.0]))
+    tmp = _partial(target)
+    model.save_pretrained(tmp)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp)
+    return _finish(tmp, target, "image-classifier")

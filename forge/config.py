@@ -57,6 +57,14 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     default_background_model: str = "isnet-general-use"
     # Upscaling works tile by tile (pixels a side, 0: whole images) so memory stays bounded.
     upscale_tile: Annotated[int, Meta(ge=0, le=4096)] = 256
+    # Prompts are checked against a term list (empty: the shipped configs/content_filter/blocked_terms.txt).
+    content_filter: bool = True
+    blocked_terms_file: str = ""
+    # Generated images are checked by this transformers image classifier when set (a folder or repo id);
+    # an image with one of the labels at or over the threshold is not stored and the task ends `filtered`.
+    image_filter_model: str = ""
+    image_filter_labels: str = "nsfw,porn,hentai,sexy"
+    image_filter_threshold: Annotated[float, Meta(ge=0, le=1)] = 0.8
     # Largest image post-processing may produce (after upscaling), in pixels.
     max_output_pixels: Annotated[int, Meta(ge=4096)] = 4096 * 4096
     max_upload_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024 * 1024

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import msgspec
 
 from engines.poses import POSE_NAMES
+from forge.content_filter import PromptFilter
 from forge.engine import ModelInfo
 from forge.errors import InvalidRequest
 from forge.loras import LoraCatalog
@@ -58,6 +59,7 @@ class Resources:
     default_upscaler: str
     default_background_model: str
     max_output_pixels: int
+    prompt_filter: PromptFilter | None = None
 
 
 def requested_styles(request: GenerationRequest) -> list[str]:
@@ -208,6 +210,8 @@ def resolve_request(request: GenerationRequest, model: ModelInfo, resources: Res
     for field, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
         if len(text) > limit:
             raise InvalidRequest(f"{field} is longer than {limit} characters", field=field, rule="max_length")
+    if resources.prompt_filter is not None:  # before any GPU work, on every interface
+        resources.prompt_filter.check("prompt", request.prompt)
     styles = _styles(request, resources.styles)
     styled = apply_styles(styles, request.prompt, request.negative_prompt)
     loras = _loras(request, styled, resources)
