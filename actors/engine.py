@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, assert_never
 
 import anyio
+import structlog
 from anyio.abc import TaskStatus
 from anyio.from_thread import BlockingPortal
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -149,6 +150,10 @@ class EngineActor:
         return result
 
     async def _execute(self, msg: Dispatch, progress: LatestValue[AnyTaskEvent]) -> None:
+        with structlog.contextvars.bound_contextvars(task_id=msg.task.id, request_id=msg.request_id):
+            await self._execute_bound(msg, progress)
+
+    async def _execute_bound(self, msg: Dispatch, progress: LatestValue[AnyTaskEvent]) -> None:
         task = msg.task
         try:
             try:
@@ -198,7 +203,14 @@ class EngineActor:
             )
         else:
             await self._postprocess.send(
-                Generated(task=task, images=result.images, model=model, device=self.device, denoise_s=result.denoise_s)
+                Generated(
+                    task=task,
+                    images=result.images,
+                    model=model,
+                    device=self.device,
+                    denoise_s=result.denoise_s,
+                    request_id=msg.request_id,
+                )
             )
         finally:
             self._hub.forget_progress(task.id)

@@ -6,11 +6,13 @@ A task exists, and may be acknowledged to the client, only once its `queued` row
 from __future__ import annotations
 
 import hashlib
+import logging
 import sqlite3
 from functools import partial
 
 import anyio
 import msgspec
+import structlog
 from anyio.streams.memory import MemoryObjectSendStream
 
 from actors.hub import EventHub
@@ -22,12 +24,14 @@ from forge.config import Config
 from forge.engine import ModelInfo
 from forge.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
 from forge.events import TERMINAL_EVENTS
+from forge.logs import request_id as forge_request_id
 from forge.messages import Cancel, SchedulerInbox, Submit
 from forge.requests import ControlRequest, GenerationRequest, GenerationSpec
 from forge.resolve import Resources, requested_controls, resolve_request
 from forge.tasks import TaskRecord, TaskState
 
 DEFAULT_OWNER = "local"
+log = logging.getLogger(__name__)
 CANCEL_WAIT_S = 10.0
 
 
@@ -82,9 +86,20 @@ class Ingress:
         return msgspec.structs.replace(request, control=stored[0] if single else stored)
 
     async def submit(
-        self, request: GenerationRequest, *, owner: str = DEFAULT_OWNER, idempotency_key: str | None = None
+        self,
+        request: GenerationRequest,
+        *,
+        owner: str = DEFAULT_OWNER,
+        idempotency_key: str | None = None,
+        request_id: str | None = None,
     ) -> tuple[TaskRecord, bool]:
         """Returns the committed task and whether it was an earlier submission with the same key."""
+        with structlog.contextvars.bound_contextvars(request_id=request_id or forge_request_id()):
+            return await self._submit(request, owner, idempotency_key)
+
+    async def _submit(
+        self, request: GenerationRequest, owner: str, idempotency_key: str | None
+    ) -> tuple[TaskRecord, bool]:
         if not self.accepting:
             raise ServiceUnavailable("the server is shutting down; retry shortly")
         request_hash = hashlib.sha256(msgspec.json.encode(request)).hexdigest()
@@ -106,7 +121,9 @@ class Ingress:
             if earlier is None:
                 raise
             return earlier, True
-        await self._scheduler_inbox.send(Submit(task=record))
+        request_id = str(structlog.contextvars.get_contextvars().get("request_id", ""))
+        log.info("accepted task %s", record.id, extra={"task_id": record.id})
+        await self._scheduler_inbox.send(Submit(task=record, request_id=request_id))
         return record, False
 
     async def _replay(self, owner: str, key: str, request_hash: str) -> TaskRecord | None:

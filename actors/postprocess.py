@@ -15,6 +15,7 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 import msgspec
+import structlog
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 from PIL.Image import Image
@@ -232,6 +233,11 @@ class Postprocessor:
             await self._finished_one.wait()
 
     async def _finish(self, msg: Generated) -> None:
+        with structlog.contextvars.bound_contextvars(task_id=msg.task.id, request_id=msg.request_id):
+            await self._finish_bound(msg)
+            log.info("finished post-processing in %.2f s of denoise", msg.denoise_s)
+
+    async def _finish_bound(self, msg: Generated) -> None:
         task = msg.task
         if not await self._store.transition(
             task.id, attempt=task.attempt, from_states=[TaskState.RUNNING], to=TaskState.POSTPROCESSING

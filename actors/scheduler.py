@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import assert_never
 
 import anyio
+import structlog
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -70,6 +71,7 @@ class Scheduler:
         self._running: dict[str, _Running] = {}
         self._dispatching = True
         self._running_changed = anyio.Event()
+        self._request_ids: dict[str, str] = {}  # task id -> the request that created it (this process only)
 
     async def run(
         self, recovered: list[TaskRecord], *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -82,7 +84,9 @@ class Scheduler:
         async with self._inbox:
             async for msg in self._inbox:
                 match msg:
-                    case Submit(task=task):
+                    case Submit(task=task, request_id=request_id):
+                        if request_id:
+                            self._request_ids[task.id] = request_id
                         self._enqueue(task)
                     case Cancel(task_id=task_id):
                         await self._cancel(task_id)
@@ -175,7 +179,10 @@ class Scheduler:
             flag = CancelFlag()
             self._running[task.id] = _Running(device, task, flag)
             self._hub.publish(Started(task_id=task.id, attempt=task.attempt, device=device))
-            await self._engines[device].send(Dispatch(task=task, cancel=flag))
+            request_id = self._request_ids.pop(task.id, "")
+            with structlog.contextvars.bound_contextvars(task_id=task.id, request_id=request_id):
+                log.info("dispatched to %s (attempt %d)", device, task.attempt)
+            await self._engines[device].send(Dispatch(task=task, cancel=flag, request_id=request_id))
             dispatched = True
         if dispatched:
             self._publish_positions()

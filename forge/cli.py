@@ -14,14 +14,15 @@ import anyio
 
 from forge.config import Config, load_config
 from forge.errors import ForgeError
+from forge.logs import setup_logging
 
 log = logging.getLogger("chara_forge")
 DEFAULT_CONFIG = Path("chara-forge.toml")
 REPEAT_WINDOW_S = 1.0
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
+def _setup_logging(level: str, fmt: str = "console") -> None:
+    setup_logging(level, fmt)
     import os
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -60,7 +61,7 @@ async def _serve(config: Config) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args, host=args.host, api_port=args.port, data_dir=args.data_dir, model=args.model)
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.log_format)
     anyio.run(_serve, config)
     return 0
 

@@ -82,6 +82,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     preview_size: Annotated[int, Meta(ge=16, le=512)] = 128
     drain_seconds: Annotated[float, Meta(ge=0)] = 30.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # "json": one JSON object a line, with task_id and request_id on every line about a task.
+    log_format: Literal["console", "json"] = "console"
 
     @property
     def data_path(self) -> Path:

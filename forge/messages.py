@@ -18,6 +18,7 @@ class Submit(Msg, frozen=True):
     """Ingress -> scheduler: a committed `queued` task to schedule."""
 
     task: TaskRecord
+    request_id: str = ""
 
 
 class Cancel(Msg, frozen=True):
@@ -47,6 +48,7 @@ class Dispatch(Msg, frozen=True):
 
     task: TaskRecord
     cancel: CancelFlag
+    request_id: str = ""
 
 
 EngineInbox = Dispatch
@@ -60,6 +62,7 @@ class Generated(Msg, frozen=True):
     model: ModelInfo
     device: str
     denoise_s: float
+    request_id: str = ""
 
 
 PostprocessInbox = Generated

@@ -29,6 +29,7 @@ from engines.schedulers import SAMPLERS
 from forge import __version__
 from forge.errors import ForgeError, InvalidRequest, NotFound, ServiceUnavailable
 from forge.events import TERMINAL_EVENTS, AnyTaskEvent, Cancelled, Failed, Postprocessing, Queued, Started, Succeeded
+from forge.logs import request_id as forge_request_id
 from forge.requests import GenerationRequest
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert, decode_json
@@ -101,9 +102,10 @@ class RestApi:
                 field="Idempotency-Key",
                 rule="max_length",
             )
-        record, replayed = await self.ingress.submit(generation, idempotency_key=key)
+        request_id = forge_request_id(request.headers.get("x-request-id"))
+        record, replayed = await self.ingress.submit(generation, idempotency_key=key, request_id=request_id)
         view = self._view(record)
-        headers = {"Location": view.links.self}
+        headers = {"Location": view.links.self, "X-Request-Id": request_id}
         if replayed:
             headers["Idempotent-Replayed"] = "true"
         return JSONResponse(view, status_code=202, headers=headers)
