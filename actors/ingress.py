@@ -17,9 +17,11 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from actors.hub import EventHub
 from actors.model_catalog import ModelCatalog
+from actors.rate_limits import RateLimiter
 from actors.scheduler import Scheduler
 from actors.store import Store
 from actors.uploads import UploadStore
+from forge.auth import LOCAL, Principal
 from forge.config import Config
 from forge.engine import ModelInfo
 from forge.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
@@ -47,7 +49,9 @@ class Ingress:
         hub: EventHub,
         scheduler: Scheduler,
         scheduler_inbox: MemoryObjectSendStream[SchedulerInbox],
+        limiter: RateLimiter | None = None,
     ) -> None:
+        self._limiter = limiter
         self._config = config
         self.catalog = catalog
         self.resources = resources
@@ -57,6 +61,9 @@ class Ingress:
         self._scheduler = scheduler
         self._scheduler_inbox = scheduler_inbox
         self.accepting = True
+
+    def set_limiter(self, limiter: RateLimiter) -> None:
+        self._limiter = limiter
 
     def close(self) -> None:
         """Stop taking new work (shutdown); everything already accepted stays in the store."""
@@ -89,17 +96,18 @@ class Ingress:
         self,
         request: GenerationRequest,
         *,
-        owner: str = DEFAULT_OWNER,
+        principal: Principal = LOCAL,
         idempotency_key: str | None = None,
         request_id: str | None = None,
     ) -> tuple[TaskRecord, bool]:
         """Returns the committed task and whether it was an earlier submission with the same key."""
         with structlog.contextvars.bound_contextvars(request_id=request_id or forge_request_id()):
-            return await self._submit(request, owner, idempotency_key)
+            return await self._submit(request, principal, idempotency_key)
 
     async def _submit(
-        self, request: GenerationRequest, owner: str, idempotency_key: str | None
+        self, request: GenerationRequest, principal: Principal, idempotency_key: str | None
     ) -> tuple[TaskRecord, bool]:
+        owner = principal.owner
         if not self.accepting:
             raise ServiceUnavailable("the server is shutting down; retry shortly")
         request_hash = hashlib.sha256(msgspec.json.encode(request)).hexdigest()
@@ -112,6 +120,8 @@ class Ingress:
             raise ServiceUnavailable(
                 f"the queue is full ({self._config.max_queue} tasks); retry later", retry_after_s=30
             )
+        if self._limiter is not None:  # replays above are free; new work counts against the plan
+            self._limiter.admit(principal, self._scheduler.in_flight(owner))
         try:
             record = await self._store.insert(
                 owner=owner, spec=spec, idempotency_key=idempotency_key, request_hash=request_hash
@@ -137,13 +147,14 @@ class Ingress:
             )
         return record
 
-    async def get(self, task_id: str, *, owner: str = DEFAULT_OWNER) -> TaskRecord:
+    async def get(self, task_id: str, *, owner: str | None = DEFAULT_OWNER) -> TaskRecord:
+        """The task if `owner` may see it (None: any owner, for admins); another owner's is not found."""
         record = await self._store.get(task_id)
-        if record is None or record.owner != owner:
+        if record is None or (owner is not None and record.owner != owner):
             raise NotFound(f"no generation with id {task_id!r}", field="id")
         return record
 
-    async def cancel(self, task_id: str, *, owner: str = DEFAULT_OWNER) -> TaskRecord:
+    async def cancel(self, task_id: str, *, owner: str | None = DEFAULT_OWNER) -> TaskRecord:
         """Cancel exactly this task, queued or running; waits briefly for the engine to stop it."""
         record = await self.get(task_id, owner=owner)
         if record.state is TaskState.CANCELLED:
@@ -161,7 +172,7 @@ class Ingress:
     async def list(
         self,
         *,
-        owner: str = DEFAULT_OWNER,
+        owner: str | None = DEFAULT_OWNER,
         state: TaskState | None = None,
         limit: int = 20,
         before_seq: int | None = None,

@@ -10,6 +10,7 @@ import logging
 import math
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from ipaddress import ip_address
 from pathlib import Path
 
 import anyio
@@ -19,9 +20,11 @@ from actors.device_thread import DeviceThread
 from actors.engine import SHUTDOWN, EngineActor, PreviewSettings
 from actors.hub import EventHub
 from actors.ingress import Ingress
+from actors.keys import KeyStore
 from actors.metrics import Metrics
 from actors.model_catalog import ModelCatalog
 from actors.postprocess import Postprocessor
+from actors.rate_limits import RateLimiter
 from actors.scheduler import Scheduler
 from actors.store import Store
 from actors.uploads import UploadStore
@@ -30,6 +33,7 @@ from engines.loader import check_backend, cpu_threads_for_serving, memory_budget
 from engines.models import resolve_models
 from engines.postprocess import ImageFilterSettings, PostprocessTools
 from engines.upscale import UPSCALER_SUFFIXES
+from forge.auth import ADMIN_SCOPE, Authenticator, JwtSettings, KeyRecord, Principal
 from forge.config import Config
 from forge.content_filter import DEFAULT_BLOCKED_TERMS, PromptFilter
 from forge.engine import ModelInfo
@@ -76,6 +80,41 @@ def announce_model(model: ModelInfo) -> None:
         log.info("model: %s (%s)", model.name, model.path)
 
 
+def check_exposure(config: Config) -> None:
+    """Without auth there is one user with every right: only this machine may reach it."""
+    if config.auth:
+        if config.jwt_secret and config.jwt_public_key_file:
+            raise ConfigError("set jwt_secret or jwt_public_key_file, not both", field="jwt_secret")
+        return
+    if config.local_plan not in config.plans:
+        raise ConfigError(f"local_plan {config.local_plan!r} is not one of the plans", field="local_plan")
+    try:
+        loopback = ip_address(config.host).is_loopback
+    except ValueError:
+        loopback = config.host == "localhost"
+    if not loopback:
+        raise ConfigError(
+            f"host {config.host} with auth off would let anyone on the network in; set FORGE_AUTH=true "
+            "(then create keys with `chara-forge keys create`) or bind to 127.0.0.1",
+            field="host",
+        )
+
+
+def authenticator(config: Config, keys: KeyStore) -> Authenticator:
+    def verify(token: str) -> KeyRecord | None:
+        key = keys.verify(token)
+        return None if key is None else KeyRecord(key.owner, key.plan, key.scopes)
+
+    jwt = JwtSettings(
+        secret=config.jwt_secret,
+        public_key_file=config.jwt_public_key_file,
+        issuer=config.jwt_issuer,
+        audience=config.jwt_audience,
+    )
+    local = Principal(owner="local", plan=config.local_plan, scopes=frozenset({ADMIN_SCOPE}))
+    return Authenticator(config.auth, verify, jwt, local)
+
+
 def load_resources(config: Config) -> Resources:
     """Styles (shipped, then the configured folder) and the LoRA catalog, with the hub LoRAs styles name."""
     style_dirs = [BUILTIN_STYLES_DIR] + ([Path(config.styles_dir).expanduser()] if config.styles_dir else [])
@@ -108,6 +147,7 @@ async def serve(
     config: Config, *, shutdown: anyio.Event, task_status: TaskStatus[ServerHandle] = anyio.TASK_STATUS_IGNORED
 ) -> None:
     check_backend(config.backend)
+    check_exposure(config)
     resources = load_resources(config)  # style files are checked here, before any model loads
     setup = DeviceThread("model-setup")  # may build the tiny model with torch: a thread that then ends
     try:
@@ -197,6 +237,9 @@ async def serve(
             scheduler=scheduler,
             scheduler_inbox=to_scheduler,
         )
+        keys = KeyStore(config.database_path)
+        auth = authenticator(config, keys)
+        ingress.set_limiter(RateLimiter(config.plans))
         rest = RestApi(
             ingress=ingress,
             scheduler=scheduler,
@@ -204,6 +247,8 @@ async def serve(
             outputs=config.outputs_path,
             engines=engines,
             metrics=metrics,
+            auth=auth,
+            ws_allowed_origins=frozenset(filter(None, (o.strip() for o in config.ws_allowed_origins.split(",")))),
             max_body_bytes=config.max_body_bytes,
             admin_key=config.admin_key,
         )
@@ -220,7 +265,7 @@ async def serve(
                     field="enable_mcp",
                 ) from exc
 
-            mcp = McpAdapter(ingress=ingress, scheduler=scheduler, hub=hub, outputs=config.outputs_path)
+            mcp = McpAdapter(ingress=ingress, scheduler=scheduler, hub=hub, outputs=config.outputs_path, auth=auth)
             security = transport_security(config.mcp_allowed_hosts, config.mcp_allowed_origins)
             mcp_http = HttpServer(mcp.app(security), config.host, config.mcp_port)
             servers.append(mcp_http)
@@ -234,7 +279,7 @@ async def serve(
                     f"the web UI needs the 'ui' extra ({exc}); install chara-forge[ui] or set FORGE_ENABLE_UI=false",
                     field="enable_ui",
                 ) from exc
-            ui = WebUi(ingress=ingress, hub=hub, outputs=config.outputs_path, data_dir=config.data_path)
+            ui = WebUi(ingress=ingress, hub=hub, outputs=config.outputs_path, data_dir=config.data_path, auth=auth)
             ui_http = HttpServer(ui.app(), config.host, config.ui_port)
             servers.append(ui_http)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import anyio
 
 from forge.config import Config, load_config
-from forge.errors import ForgeError
+from forge.errors import ConfigError, ForgeError
 from forge.logs import setup_logging
 
 log = logging.getLogger("chara_forge")
@@ -132,6 +132,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from actors.keys import KeyStore
+
+    config = _config(args, data_dir=args.data_dir)
+    store = KeyStore(config.database_path)
+    if args.action == "create":
+        if args.plan not in config.plans:
+            raise ConfigError(f"unknown plan {args.plan!r}; plans: {', '.join(config.plans)}", field="plan")
+        key, token = store.create(args.owner, args.plan, ["generate", *args.scope])
+        print(f"key {key.id} for {key.owner} (plan {key.plan}, scopes {' '.join(key.scopes)}):")
+        print(token)
+        print("keep it safe: it is not stored and cannot be shown again", file=sys.stderr)
+    elif args.action == "list":
+        for key in store.list():
+            state = "revoked" if key.revoked_at else "active"
+            print(f"{key.id}  {key.owner:20}  {key.plan:10}  {' '.join(key.scopes):20}  {state}")
+    elif not store.revoke(args.id):
+        print(f"no active key {args.id}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chara-forge", description=__doc__)
     parser.add_argument("--config", type=Path, help="TOML config file (default: ./chara-forge.toml if present)")
@@ -161,6 +183,18 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device")
     gen.add_argument("--data-dir")
     gen.set_defaults(func=cmd_generate)
+
+    keys = sub.add_parser("keys", help="manage API keys (stored hashed in the server's database)")
+    keys.add_argument("--data-dir")
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="make a key; it is printed once")
+    create.add_argument("--owner", required=True, help="whose tasks the key reaches")
+    create.add_argument("--plan", default="free", help="rate-limit plan (see `plans` in the config)")
+    create.add_argument("--scope", action="append", default=[], help="extra scope, e.g. admin (repeatable)")
+    actions.add_parser("list", help="every key, without its secret")
+    revoke = actions.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("id")
+    keys.set_defaults(func=cmd_keys)
     return parser
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from forge.auth import DEFAULT_PLANS, Plan
 from forge.errors import ConfigError
 
 Backend = Literal["eager", "compiled", "tensorrt"]
@@ -51,6 +52,17 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     max_loras: Annotated[int, Meta(ge=0, le=16)] = 4
     # Bearer token for the admin endpoints (model load/unload); empty: only clients on this machine may call them.
     admin_key: str = ""
+    # Identity: with auth on, every call needs an API key (`chara-forge keys create`) or a JWT; owners see
+    # only their own tasks. Off: one local user, and the server only binds to loopback.
+    auth: bool = False
+    jwt_secret: str = ""  # HS256/384/512
+    jwt_public_key_file: str = ""  # RS*/ES*/PS*; set one of the two
+    jwt_issuer: str = ""
+    jwt_audience: str = "chara-forge"
+    # Browser Origins allowed to open the WebSocket (comma-separated); clients that send none are fine.
+    ws_allowed_origins: str = ""
+    plans: dict[str, Plan] = msgspec.field(default_factory=lambda: dict(DEFAULT_PLANS))
+    local_plan: str = "unlimited"
     # Post-processing models are files in <data_dir>/models/upscalers (.pth/.safetensors) and
     # <data_dir>/models/rembg (.onnx); these are used when a request names none.
     default_upscaler: str = "RealESRGAN_x4plus"

@@ -22,12 +22,14 @@ from actors.ingress import Ingress
 from actors.model_catalog import ModelStatus
 from engines.palettes import PALETTES
 from engines.poses import DESCRIPTIONS, POSE_NAMES, render_pose
+from forge.auth import Authenticator
 from forge.engine import ModelLoadError
 from forge.errors import Conflict, Forbidden, ForgeError, ModelUnavailable, NotFound
 from forge.loras import LoraInfo
 from forge.styles import Style, StyleDefaults
 from forge.validation import convert
 from protocols.http_io import JSONResponse, read_body
+from protocols.identity import principal_of, require_admin
 
 
 class Unauthorized(ForgeError):
@@ -90,6 +92,7 @@ class CatalogRoutes:
     ingress: Ingress
     engines: Sequence[EngineActor]
     admin_key: str
+    auth: Authenticator
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -201,7 +204,7 @@ class CatalogRoutes:
         return JSONResponse(self._status(request.path_params["id"]))
 
     async def load_model(self, request: Request) -> Response:
-        self._require_admin(request)
+        await self._require_admin(request)
         model_id = request.path_params["id"]
         self._status(model_id)
         model = self.ingress.catalog.find(model_id)
@@ -214,7 +217,7 @@ class CatalogRoutes:
         return JSONResponse(self._status(model_id))
 
     async def unload_model(self, request: Request) -> Response:
-        self._require_admin(request)
+        await self._require_admin(request)
         model_id = request.path_params["id"]
         status = self._status(model_id)
         if status.default:
@@ -223,7 +226,11 @@ class CatalogRoutes:
             await engine.unload_model(model_id)
         return JSONResponse(self._status(model_id))
 
-    def _require_admin(self, request: Request) -> None:
+    async def _require_admin(self, request: Request) -> None:
+        """With auth on: the admin scope. Otherwise: the admin key when one is set, else a local client."""
+        if self.auth.enabled:
+            require_admin(await principal_of(request, self.auth))
+            return
         if not self.admin_key:
             client = request.client.host if request.client else None
             if not _is_loopback(client):
@@ -239,6 +246,7 @@ class CatalogRoutes:
 
     async def upload(self, request: Request) -> Response:
         """The raw image as the body (image/png, image/jpeg, image/webp); the id goes in `control.image`."""
+        await principal_of(request, self.auth)
         uploads = self.ingress.uploads
         body = await read_body(request, uploads.max_bytes)
         upload_id, width, height = await anyio.to_thread.run_sync(uploads.save, body)

@@ -30,12 +30,14 @@ from actors.hub import EventHub
 from actors.ingress import Ingress
 from actors.scheduler import Scheduler
 from forge import __version__
+from forge.auth import Authenticator, Principal, Unauthorized
 from forge.errors import ForgeError, InvalidRequest, NotFound
 from forge.events import TERMINAL_EVENTS, AnyTaskEvent, Progress
 from forge.requests import GenerationRequest
 from forge.resolve import preset_size
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert
+from protocols.identity import RequireBearer, visible_owner
 from protocols.views import error_view, live_task_view
 
 THUMBNAIL_SIDE = 256  # image content stays small; the full-size file is a resource link
@@ -72,7 +74,10 @@ def _error_result(text: str) -> CallToolResult:
 
 
 class McpAdapter:
-    def __init__(self, *, ingress: Ingress, scheduler: Scheduler, hub: EventHub, outputs: Path) -> None:
+    def __init__(
+        self, *, ingress: Ingress, scheduler: Scheduler, hub: EventHub, outputs: Path, auth: Authenticator
+    ) -> None:
+        self._auth = auth
         self._ingress = ingress
         self._scheduler = scheduler
         self._hub = hub
@@ -89,7 +94,9 @@ class McpAdapter:
             async with self.server.session_manager.run():
                 yield
 
-        return Starlette(routes=[*streamable.routes, *sse.routes], lifespan=lifespan)
+        app = Starlette(routes=[*streamable.routes, *sse.routes], lifespan=lifespan)
+        app.add_middleware(RequireBearer, auth=self._auth)
+        return app
 
     # -- tools --
 
@@ -147,7 +154,7 @@ class McpAdapter:
             try:
                 fields.update(self._size(size))
                 request = convert(fields, GenerationRequest)
-                record, _ = await self._ingress.submit(request)
+                record, _ = await self._ingress.submit(request, principal=await self._principal(ctx))
                 if not wait:
                     return [self._summary(record)]
                 with self._hub.subscribe(record.id) as events:  # then read the state: no event is missed
@@ -163,16 +170,20 @@ class McpAdapter:
         @server.tool(
             structured_output=False, description="State, progress, seeds and image links of a generation, by task id."
         )
-        async def get_generation(id: Annotated[str, Field(description="the task id")]) -> CallToolResult:
+        async def get_generation(id: Annotated[str, Field(description="the task id")], ctx: Context) -> CallToolResult:
             try:
-                return CallToolResult(content=[self._summary(await self._ingress.get(id))])
+                owner = visible_owner(await self._principal(ctx))
+                return CallToolResult(content=[self._summary(await self._ingress.get(id, owner=owner))])
             except ForgeError as exc:
                 return _error(exc)
 
         @server.tool(structured_output=False, description="Cancel a generation, queued or running, by task id.")
-        async def cancel_generation(id: Annotated[str, Field(description="the task id")]) -> CallToolResult:
+        async def cancel_generation(
+            id: Annotated[str, Field(description="the task id")], ctx: Context
+        ) -> CallToolResult:
             try:
-                return CallToolResult(content=[self._summary(await self._ingress.cancel(id))])
+                owner = visible_owner(await self._principal(ctx))
+                return CallToolResult(content=[self._summary(await self._ingress.cancel(id, owner=owner))])
             except ForgeError as exc:
                 return _error(exc)
 
@@ -186,16 +197,25 @@ class McpAdapter:
         @server.resource(
             IMAGE_URI, name="generated-image", mime_type="image/png", description="A finished image, full size, as PNG"
         )
-        async def generated_image(task_id: str, index: str) -> bytes:
+        async def generated_image(task_id: str, index: str, ctx: Context) -> bytes:
             try:
-                record = await self._ingress.get(task_id)
-            except NotFound as exc:
+                record = await self._ingress.get(task_id, owner=visible_owner(await self._principal(ctx)))
+            except (NotFound, Unauthorized) as exc:
                 raise ResourceNotFoundError(exc.message) from None
             if not index.isdigit() or int(index) >= len(record.images):
                 raise ResourceNotFoundError(f"generation {task_id} has no image {index}")
             return await anyio.to_thread.run_sync(self._png, self._outputs / record.images[int(index)])
 
     # -- helpers --
+
+    async def _principal(self, ctx: Context) -> Principal:
+        """Each MCP request carries its own bearer token (HTTP transports)."""
+        request = ctx.request_context.request
+        headers = getattr(request, "headers", None)
+        header = headers.get("authorization") if headers is not None else None
+        if not self._auth.enabled:
+            return self._auth.principal(header)
+        return await anyio.to_thread.run_sync(self._auth.principal, header)
 
     def _size(self, size: str | None) -> dict[str, int]:
         if size is None:
@@ -213,7 +233,7 @@ class McpAdapter:
     ) -> TaskRecord:
         """Relay progress until the task ends; if the MCP request is cancelled, cancel the task too."""
         try:
-            current = await self._ingress.get(record.id)
+            current = await self._ingress.get(record.id, owner=record.owner)
             if not current.state.is_terminal:
                 async for event in events:
                     if isinstance(event, Progress):
@@ -222,9 +242,9 @@ class McpAdapter:
                         break
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
-                await self._ingress.cancel(record.id)
+                await self._ingress.cancel(record.id, owner=record.owner)
             raise
-        return await self._ingress.get(record.id)
+        return await self._ingress.get(record.id, owner=record.owner)
 
     def _summary(self, record: TaskRecord) -> TextContent:
         body = msgspec.to_builtins(live_task_view(record, self._scheduler, self._hub))

@@ -24,10 +24,12 @@ from actors.engine import EngineActor
 from actors.hub import EventHub
 from actors.ingress import Ingress
 from actors.metrics import Metrics
+from actors.rate_limits import RateLimited
 from actors.scheduler import Scheduler
 from engines.schedulers import SAMPLERS
 from forge import __version__
-from forge.errors import ForgeError, InvalidRequest, NotFound, ServiceUnavailable
+from forge.auth import Authenticator
+from forge.errors import Forbidden, ForgeError, InvalidRequest, NotFound, ServiceUnavailable
 from forge.events import TERMINAL_EVENTS, AnyTaskEvent, Cancelled, Failed, Postprocessing, Queued, Started, Succeeded
 from forge.logs import request_id as forge_request_id
 from forge.requests import GenerationRequest
@@ -36,6 +38,7 @@ from forge.validation import convert, decode_json
 from protocols.catalog_routes import CatalogRoutes
 from protocols.docs import docs_page
 from protocols.http_io import JSONResponse, read_body
+from protocols.identity import principal_of, visible_owner
 from protocols.openapi import openapi_spec
 from protocols.sprite_sheets import SpriteSheetRoutes
 from protocols.views import API, ErrorBody, ErrorView, TaskList, TaskView, error_view, image_url, live_task_view
@@ -60,7 +63,9 @@ class RestApi:
     engines: Sequence[EngineActor]
     metrics: Metrics
     max_body_bytes: int
+    auth: Authenticator
     admin_key: str = ""
+    ws_allowed_origins: frozenset[str] = frozenset()
 
     def engine_readiness(self) -> dict[str, bool]:
         return {engine.device: engine.ready for engine in self.engines}
@@ -74,8 +79,8 @@ class RestApi:
             Route(API + "/{id}/cancel", self.cancel, methods=["POST"]),
             Route(API + "/{id}/images/{index:int}", self.image, methods=["GET"]),
             WebSocketRoute(API + "/{id}/events", self.events),
-            *CatalogRoutes(self.ingress, self.engines, self.admin_key).routes(),
-            *SpriteSheetRoutes(self.ingress, self.outputs).routes(),
+            *CatalogRoutes(self.ingress, self.engines, self.admin_key, self.auth).routes(),
+            *SpriteSheetRoutes(self.ingress, self.outputs, self.auth).routes(),
             Route("/v1/info", self.info, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/metrics", self.prometheus, methods=["GET"]),
@@ -103,7 +108,10 @@ class RestApi:
                 rule="max_length",
             )
         request_id = forge_request_id(request.headers.get("x-request-id"))
-        record, replayed = await self.ingress.submit(generation, idempotency_key=key, request_id=request_id)
+        principal = await principal_of(request, self.auth)
+        record, replayed = await self.ingress.submit(
+            generation, principal=principal, idempotency_key=key, request_id=request_id
+        )
         view = self._view(record)
         headers = {"Location": view.links.self, "X-Request-Id": request_id}
         if replayed:
@@ -111,21 +119,25 @@ class RestApi:
         return JSONResponse(view, status_code=202, headers=headers)
 
     async def get(self, request: Request) -> Response:
-        return JSONResponse(self._view(await self.ingress.get(request.path_params["id"])))
+        owner = visible_owner(await principal_of(request, self.auth))
+        return JSONResponse(self._view(await self.ingress.get(request.path_params["id"], owner=owner)))
 
     async def cancel(self, request: Request) -> Response:
-        record = await self.ingress.cancel(request.path_params["id"])
+        owner = visible_owner(await principal_of(request, self.auth))
+        record = await self.ingress.cancel(request.path_params["id"], owner=owner)
         return JSONResponse(self._view(record), status_code=200 if record.state.is_terminal else 202)
 
     async def list_generations(self, request: Request) -> Response:
         query = convert(dict(request.query_params), ListQuery, strict=False)
         before = int(query.cursor) if query.cursor else None
-        records = await self.ingress.list(state=query.state, limit=query.limit, before_seq=before)
+        owner = visible_owner(await principal_of(request, self.auth))
+        records = await self.ingress.list(owner=owner, state=query.state, limit=query.limit, before_seq=before)
         cursor = str(records[-1].seq) if len(records) == query.limit else None
         return JSONResponse(TaskList(items=[self._view(r) for r in records], next_cursor=cursor))
 
     async def image(self, request: Request) -> Response:
-        record = await self.ingress.get(request.path_params["id"])
+        owner = visible_owner(await principal_of(request, self.auth))
+        record = await self.ingress.get(request.path_params["id"], owner=owner)
         index: int = request.path_params["index"]
         if not 0 <= index < len(record.images):
             raise NotFound(f"generation {record.id} has no image {index} (state {record.state})", field="index")
@@ -142,11 +154,21 @@ class RestApi:
     # -- progress over WebSocket --
 
     async def events(self, websocket: WebSocket) -> None:
+        origin = websocket.headers.get("origin")
+        try:
+            if self.auth.enabled and origin is not None and origin not in self.ws_allowed_origins:
+                raise Forbidden(f"Origin {origin} may not open this WebSocket", field="Origin")
+            owner = visible_owner(await principal_of(websocket, self.auth))
+        except ForgeError as exc:
+            await websocket.accept()
+            await websocket.send_text(msgspec.json.encode(error_view(exc)).decode())
+            await websocket.close(code=4000 + exc.status)
+            return
         await websocket.accept()
         task_id = websocket.path_params["id"]
         with self.hub.subscribe(task_id) as stream:
             try:
-                record = await self.ingress.get(task_id)
+                record = await self.ingress.get(task_id, owner=owner)
             except NotFound as exc:
                 await websocket.send_text(msgspec.json.encode(error_view(exc)).decode())
                 await websocket.close(code=4404)
@@ -163,7 +185,7 @@ class RestApi:
                     if isinstance(event, TERMINAL_EVENTS):
                         break
                 else:  # too slow to take the final event: send the state as it now stands
-                    for event in self._snapshot(await self.ingress.get(task_id)):
+                    for event in self._snapshot(await self.ingress.get(task_id, owner=owner)):
                         await websocket.send_text(msgspec.json.encode(event).decode())
                 tg.cancel_scope.cancel()
         await websocket.close()
@@ -250,7 +272,7 @@ class RestApi:
         assert isinstance(exc, ForgeError)
         self.metrics.rejected(exc.code)
         headers = {}
-        if isinstance(exc, ServiceUnavailable):
+        if isinstance(exc, ServiceUnavailable | RateLimited):
             headers["Retry-After"] = str(exc.retry_after_s)
         return JSONResponse(error_view(exc), status_code=exc.status, headers=headers)
 

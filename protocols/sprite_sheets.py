@@ -22,10 +22,12 @@ from actors.encoding import write_atomically
 from actors.ingress import Ingress
 from actors.postprocess import SPRITE_SHEET_ATLAS, SPRITE_SHEET_IMAGE
 from engines.sprite_sheet import pack
+from forge.auth import Authenticator
 from forge.errors import Conflict, NotFound
 from forge.tasks import TaskState
 from forge.validation import decode_json
 from protocols.http_io import JSONResponse, read_body
+from protocols.identity import principal_of, visible_owner
 from protocols.views import API
 
 SHEETS = "/v1/sprite-sheets"
@@ -49,6 +51,7 @@ class SheetView(msgspec.Struct, frozen=True, kw_only=True):
 class SpriteSheetRoutes:
     ingress: Ingress
     outputs: Path
+    auth: Authenticator
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -58,7 +61,8 @@ class SpriteSheetRoutes:
         ]
 
     async def task_sheet(self, request: Request) -> Response:
-        record = await self.ingress.get(request.path_params["id"])
+        owner = visible_owner(await principal_of(request, self.auth))
+        record = await self.ingress.get(request.path_params["id"], owner=owner)
         name = {"png": SPRITE_SHEET_IMAGE, "json": SPRITE_SHEET_ATLAS}.get(request.path_params["kind"])
         path = self.outputs / record.id / (name or "")
         if name is None or record.state is not TaskState.SUCCEEDED or not path.is_file():
@@ -67,14 +71,15 @@ class SpriteSheetRoutes:
 
     async def create(self, request: Request) -> Response:
         """Pack every image of the given finished tasks, in order, into one atlas."""
+        owner = visible_owner(await principal_of(request, self.auth))
         sheet = decode_json(await read_body(request, MAX_BODY), SheetRequest)
         frames: list[tuple[str, Path]] = []
         for index, task_id in enumerate(sheet.tasks):
-            record = await self.ingress.get(task_id)
+            record = await self.ingress.get(task_id, owner=owner)
             if record.state is not TaskState.SUCCEEDED:
                 raise Conflict(f"generation {task_id} is {record.state}, not succeeded", field=f"tasks[{index}]")
             frames += [(f"{task_id}/{i}", self.outputs / path) for i, path in enumerate(record.images)]
-        sheet_id = hashlib.sha256(msgspec.json.encode(sheet)).hexdigest()[:32]
+        sheet_id = hashlib.sha256(msgspec.json.encode([owner, sheet])).hexdigest()[:32]
         await anyio.to_thread.run_sync(self._write, sheet_id, frames, sheet)
         view = SheetView(
             id=sheet_id,
@@ -97,6 +102,7 @@ class SpriteSheetRoutes:
         write_atomically(folder / f"{sheet_id}.json", json.dumps(document, indent=1).encode())
 
     async def sheet(self, request: Request) -> Response:
+        await principal_of(request, self.auth)
         sheet_id, kind = request.path_params["id"], request.path_params["kind"]
         path = self.outputs / "sprite-sheets" / f"{sheet_id}.{kind}"
         if kind not in ("png", "json") or not sheet_id.isalnum() or not path.is_file():

@@ -16,12 +16,14 @@ from actors.hub import EventHub
 from actors.ingress import Ingress
 from engines.poses import POSE_NAMES
 from engines.schedulers import SAMPLERS
+from forge.auth import Authenticator, Principal
 from forge.errors import ForgeError
 from forge.events import TERMINAL_EVENTS, Progress
 from forge.requests import PALETTE_NAMES, GenerationRequest, PostprocessRequest
 from forge.resolve import SIZE_PRESETS, preset_size
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert
+from protocols.identity import visible_owner
 
 HISTORY_LIMIT = 48
 
@@ -70,7 +72,9 @@ def _postprocess_settings(options: PostprocessRequest | None) -> list[Any]:
 
 
 class WebUi:
-    def __init__(self, *, ingress: Ingress, hub: EventHub, outputs: Path, data_dir: Path) -> None:
+    def __init__(self, *, ingress: Ingress, hub: EventHub, outputs: Path, data_dir: Path, auth: Authenticator) -> None:
+        self._auth = auth
+        self._logins: dict[str, Principal] = {}  # user name -> who logged in with it
         self._ingress = ingress
         self._hub = hub
         self._outputs = outputs
@@ -90,8 +94,31 @@ class WebUi:
             blocked_paths=[str(path) for path in [*blocked, self._data_dir / "models"]],
             show_error=True,
             footer_links=["api"],
+            auth=self._login if self._auth.enabled else None,
+            auth_message="Your owner name, and an API key as the password.",
         )
         return app
+
+    def _login(self, username: str, password: str) -> bool:
+        try:
+            principal = self._auth.from_token(password)
+        except ForgeError:
+            return False
+        if principal.owner != username:
+            return False
+        self._logins[username] = principal
+        return True
+
+    def _principal(self, request: gr.Request) -> Principal:
+        if not self._auth.enabled:
+            return self._auth.local
+        principal = self._logins.get(request.username or "")
+        if principal is None:
+            raise gr.Error("Please log in again.", print_exception=False)
+        return principal
+
+    def _owner(self, request: gr.Request) -> str | None:
+        return visible_owner(self._principal(request))
 
     # -- layout --
 
@@ -280,7 +307,9 @@ class WebUi:
                     fields["postprocess"] = steps_wanted
                 if not random_seed and seed is not None:
                     fields["seed"] = int(seed)
-                record, _ = await self._ingress.submit(convert(fields, GenerationRequest))
+                record, _ = await self._ingress.submit(
+                    convert(fields, GenerationRequest), principal=self._principal(request)
+                )
                 records.append(record)
         except ForgeError as exc:
             where = f" ({exc.field})" if exc.field else ""
@@ -291,7 +320,7 @@ class WebUi:
         for number, record in enumerate(records, start=1):
             label = f"Task {number}/{len(records)}" if len(records) > 1 else "Task"
             with self._hub.subscribe(record.id) as events:
-                current = await self._ingress.get(record.id)
+                current = await self._ingress.get(record.id, owner=record.owner)
                 if not current.state.is_terminal:
                     async for event in events:
                         if isinstance(event, Progress):
@@ -301,7 +330,7 @@ class WebUi:
                             break
                         else:
                             yield f"{label}: {event.__class__.__name__.lower()}", gr.skip(), gr.skip()
-            finished.append(await self._ingress.get(record.id))
+            finished.append(await self._ingress.get(record.id, owner=record.owner))
             yield self._summary(finished), gr.skip(), self._gallery(finished)
         yield self._summary(finished), None, self._gallery(finished)
 
@@ -310,21 +339,25 @@ class WebUi:
         states = []
         for task_id in self._session_tasks.pop(request.session_hash or "", []):
             try:
-                states.append((await self._ingress.cancel(task_id)).state)
+                states.append((await self._ingress.cancel(task_id, owner=self._owner(request))).state)
             except ForgeError:
                 continue  # already finished: nothing to cancel
         if not states:
             return "Nothing to cancel."
         return f"Cancelled {sum(state is TaskState.CANCELLED for state in states)} task(s)."
 
-    async def history(self) -> tuple[list[tuple[str, str]], list[str]]:
-        records = [r for r in await self._ingress.list(state=TaskState.SUCCEEDED, limit=HISTORY_LIMIT) if r.images]
+    async def history(self, request: gr.Request) -> tuple[list[tuple[str, str]], list[str]]:
+        owner = self._owner(request)
+        found = await self._ingress.list(owner=owner, state=TaskState.SUCCEEDED, limit=HISTORY_LIMIT)
+        records = [r for r in found if r.images]
         return [(str(self._outputs / r.images[0]), r.spec.prompt[:60]) for r in records], [r.id for r in records]
 
-    async def select(self, history_ids: list[str], event: gr.SelectData) -> tuple[dict[str, Any], str]:
+    async def select(
+        self, history_ids: list[str], event: gr.SelectData, request: gr.Request
+    ) -> tuple[dict[str, Any], str]:
         if not 0 <= event.index < len(history_ids):
             return {}, ""
-        record = await self._ingress.get(history_ids[event.index])
+        record = await self._picked(history_ids[event.index], request)
         view: dict[str, Any] = {
             "id": record.id,
             "seeds": record.spec.seeds,
@@ -333,8 +366,8 @@ class WebUi:
         }
         return view, record.id
 
-    async def reuse(self, task_id: str) -> list[Any]:
-        spec = (await self._picked(task_id)).spec
+    async def reuse(self, task_id: str, request: gr.Request) -> list[Any]:
+        spec = (await self._picked(task_id, request)).spec
         return [
             spec.prompt,
             spec.negative_prompt,
@@ -356,14 +389,14 @@ class WebUi:
             *_postprocess_settings(spec.postprocess),
         ]
 
-    async def same_seed(self, task_id: str) -> tuple[str, bool, int]:
-        return "", False, (await self._picked(task_id)).spec.seed
+    async def same_seed(self, task_id: str, request: gr.Request) -> tuple[str, bool, int]:
+        return "", False, (await self._picked(task_id, request)).spec.seed
 
-    async def _picked(self, task_id: str) -> TaskRecord:
+    async def _picked(self, task_id: str, request: gr.Request) -> TaskRecord:
         if not task_id:
             raise gr.Error("Pick a generation in the history first.", print_exception=False)
         try:
-            return await self._ingress.get(task_id)
+            return await self._ingress.get(task_id, owner=self._owner(request))
         except ForgeError as exc:
             raise gr.Error(exc.message, print_exception=False) from None
 

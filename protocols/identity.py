@@ -1,0 +1,51 @@
+"""The caller of an HTTP request or WebSocket, for the REST routes."""
+
+from __future__ import annotations
+
+import anyio
+import msgspec
+from starlette.requests import HTTPConnection
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from forge.auth import Authenticator, Principal
+from forge.errors import Forbidden, ForgeError
+
+
+async def principal_of(connection: HTTPConnection, auth: Authenticator) -> Principal:
+    """From `Authorization: Bearer`, or for a WebSocket (browsers cannot set headers) `?access_token=`."""
+    header = connection.headers.get("authorization")
+    if header is None and connection.scope["type"] == "websocket" and "access_token" in connection.query_params:
+        header = f"Bearer {connection.query_params['access_token']}"
+    if not auth.enabled:
+        return auth.principal(header)
+    return await anyio.to_thread.run_sync(auth.principal, header)  # an API key is looked up in SQLite
+
+
+def visible_owner(principal: Principal) -> str | None:
+    """Whose tasks the caller may see: their own, or everyone's for an admin."""
+    return None if principal.is_admin else principal.owner
+
+
+def require_admin(principal: Principal) -> None:
+    if not principal.is_admin:
+        raise Forbidden("this needs the admin scope", field="Authorization")
+
+
+class RequireBearer:
+    """ASGI middleware: with auth on, every HTTP request needs a valid bearer token, or gets 401."""
+
+    def __init__(self, app: ASGIApp, auth: Authenticator) -> None:
+        self.app = app
+        self.auth = auth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.auth.enabled:
+            try:
+                await principal_of(HTTPConnection(scope), self.auth)
+            except ForgeError as exc:
+                body = msgspec.json.encode({"error": {"code": exc.code, "message": exc.message, "field": exc.field}})
+                response = Response(body, status_code=exc.status, media_type="application/json")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
