@@ -135,6 +135,7 @@ def load_resources(config: Config) -> Resources:
         default_upscaler=config.default_upscaler,
         default_background_model=config.default_background_model,
         max_output_pixels=config.max_output_pixels,
+        max_work=config.max_work,
         prompt_filter=PromptFilter.from_file(
             Path(config.blocked_terms_file).expanduser() if config.blocked_terms_file else DEFAULT_BLOCKED_TERMS
         )

@@ -90,6 +90,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     max_queue: Annotated[int, Meta(ge=1)] = 10_000
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
     max_prompt_chars: Annotated[int, Meta(ge=1, le=100_000)] = 2000
+    # Work one request may ask for: width x height x images x steps (default: 8 images of 1024² at 60 steps).
+    max_work: Annotated[int, Meta(ge=1)] = 1024 * 1024 * 8 * 60
     preview_every: Annotated[int, Meta(ge=0)] = 2  # steps between latent previews; 0 turns them off
     preview_size: Annotated[int, Meta(ge=16, le=512)] = 128
     drain_seconds: Annotated[float, Meta(ge=0)] = 30.0

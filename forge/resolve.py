@@ -60,6 +60,7 @@ class Resources:
     default_background_model: str
     max_output_pixels: int
     prompt_filter: PromptFilter | None = None
+    max_work: int = 0  # width x height x images x steps; 0: no limit
 
 
 def requested_styles(request: GenerationRequest) -> list[str]:
@@ -237,6 +238,15 @@ def resolve_request(request: GenerationRequest, model: ModelInfo, resources: Res
         postprocess = check_postprocess(request.postprocess, resources, width, height, "postprocess")
     elif styled.postprocess is not None:
         postprocess = check_postprocess(styled.postprocess, resources, width, height, "style")
+    steps = request.steps or defaults.steps or model.default_steps
+    work = width * height * request.num_images * steps
+    if resources.max_work and work > resources.max_work:
+        raise InvalidRequest(
+            f"{width}x{height} x {request.num_images} images x {steps} steps is over this server's budget of "
+            f"{resources.max_work} pixel-steps per request; ask for fewer images, steps or pixels",
+            field="num_images",
+            rule="budget",
+        )
     guidance = request.guidance_scale
     if guidance is None:
         guidance = model.default_guidance if defaults.guidance_scale is None else defaults.guidance_scale
@@ -247,7 +257,7 @@ def resolve_request(request: GenerationRequest, model: ModelInfo, resources: Res
         width=width,
         height=height,
         num_images=request.num_images,
-        steps=request.steps or defaults.steps or model.default_steps,
+        steps=steps,
         guidance_scale=guidance,
         seed=secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed,
         scheduler=request.scheduler or defaults.scheduler or DEFAULT_SCHEDULER,

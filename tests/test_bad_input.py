@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, server_config, start_server
 from tests.helpers import submit, wait_for_state
 
 pytestmark = pytest.mark.anyio
@@ -123,3 +124,14 @@ async def test_bad_requests_lose_nothing_accepted(server: RunningServer) -> None
     assert (await wait_for_state(server.client, accepted["id"]))["state"] == "succeeded"
     listed = (await server.client.get("/v1/generations")).json()["items"]
     assert [item["id"] for item in listed] == [accepted["id"]]
+
+
+@pytest.mark.anyio
+async def test_a_request_over_the_work_budget_is_refused(tmp_path: Path, tiny_model: Path) -> None:
+    config = server_config(tmp_path / "data", tiny_model, max_work=64 * 64 * 4 * 8)
+    async for running in start_server(config):
+        fits = await running.client.post("/v1/generations", json={"prompt": "x", "num_images": 4, "steps": 8})
+        over = await running.client.post("/v1/generations", json={"prompt": "x", "num_images": 4, "steps": 9})
+        assert fits.status_code == 202
+        assert over.status_code == 422
+        assert (over.json()["error"]["field"], over.json()["error"]["rule"]) == ("num_images", "budget")

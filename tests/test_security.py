@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,8 @@ class Keys:
         self.store = store
         self.tokens: dict[str, str] = {}
         for owner, plan, scopes in (("alice", "free", []), ("bob", "premium", []), ("carol", "free", []),
-                                    ("dave", "free", []), ("root", "unlimited", ["admin"])):  # fmt: skip
+                                    ("dave", "free", []), ("frank", "free", []),
+                                    ("root", "unlimited", ["admin"])):  # fmt: skip
             self.tokens[owner] = store.create(owner, plan, ["generate", *scopes])[1]
 
     def headers(self, owner: str) -> dict[str, str]:
@@ -234,10 +236,26 @@ async def test_rate_limits_are_exact_and_shared_across_interfaces(secure: tuple[
                 if not (await session.call_tool("generate_character", {"prompt": "d", "wait": False})).is_error
                 else 429
             )
+    ui = await anyio.to_thread.run_sync(
+        lambda: Client(f"http://127.0.0.1:{server.handle.ui_port}/", auth=("frank", keys.tokens["frank"]))
+    )
+    ui_accepted = 0
+    for i in range(5):
+        try:
+            await anyio.to_thread.run_sync(partial(ui.predict, *_ui_inputs(f"u{i}"), api_name="/generate"))
+            ui_accepted += 1
+        except Exception as exc:  # gradio_client re-raises the UI's message
+            assert "allows 3 generations" in str(exc)
     print(f"rate limit 3/h, 5 tries: REST accepted {codes.count(202)}, MCP accepted {sum(mcp_results)}, "
-          f"REST+MCP accepted {shared.count(202)}")  # fmt: skip
-    assert sum(mcp_results) == 3 and shared.count(202) == 3
+          f"UI accepted {ui_accepted}, REST+MCP accepted {shared.count(202)}")  # fmt: skip
+    assert sum(mcp_results) == 3 and shared.count(202) == 3 and ui_accepted == 3
     assert 'chara_forge_rejections_total{code="rate_limited"}' in (await client.get("/metrics")).text
+
+
+def _ui_inputs(prompt: str) -> list[Any]:
+    from tests.test_ui import DEFAULTS
+
+    return list({**DEFAULTS, "prompt": prompt, "steps": 1}.values())
 
 
 async def test_websocket_origin_is_checked(secure: tuple[RunningServer, Keys]) -> None:
