@@ -90,7 +90,9 @@ class WebUi:
             root,  # type: ignore[arg-type]
             self.blocks,
             path="",
-            allowed_paths=[str(self._outputs)],
+            # With owners, no output file is served by path (any logged-in user could ask for any path):
+            # images are handed to Gradio by value and land in its cache under content hashes.
+            allowed_paths=[] if self._auth.enabled else [str(self._outputs)],
             blocked_paths=[str(path) for path in [*blocked, self._data_dir / "models"]],
             show_error=True,
             footer_links=["api"],
@@ -350,7 +352,7 @@ class WebUi:
         owner = self._owner(request)
         found = await self._ingress.list(owner=owner, state=TaskState.SUCCEEDED, limit=HISTORY_LIMIT)
         records = [r for r in found if r.images]
-        return [(str(self._outputs / r.images[0]), r.spec.prompt[:60]) for r in records], [r.id for r in records]
+        return [(self._shown(r.images[0]), r.spec.prompt[:60]) for r in records], [r.id for r in records]
 
     async def select(
         self, history_ids: list[str], event: gr.SelectData, request: gr.Request
@@ -405,12 +407,20 @@ class WebUi:
     def _size(self, preset: str, width: int, height: int) -> tuple[int, int]:
         return preset_size(self._ingress.model, preset) or (width, height)
 
-    def _gallery(self, records: list[TaskRecord]) -> list[tuple[str, str]]:
+    def _gallery(self, records: list[TaskRecord]) -> list[tuple[Any, str]]:
         return [
-            (str(self._outputs / path), f"seed {seed}")
+            (self._shown(path), f"seed {seed}")
             for r in records
             for path, seed in zip(r.images, r.spec.seeds, strict=False)
         ]
+
+    def _shown(self, path: str) -> Any:
+        """An output as the gallery gets it: its path, or with auth on the image itself."""
+        if not self._auth.enabled:
+            return str(self._outputs / path)
+        with Image.open(self._outputs / path) as image:
+            image.load()
+            return image.copy()
 
     @staticmethod
     def _summary(records: list[TaskRecord]) -> str:

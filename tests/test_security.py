@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import httpx2
 import jwt
 import pytest
@@ -156,12 +157,8 @@ async def test_owners_see_only_their_own_tasks_on_every_interface(secure: tuple[
     client = server.client
     created = await client.post("/v1/generations", json={"prompt": "alice's knight"}, headers=keys.headers("alice"))
     task_id = created.json()["id"]
-    assert await wait_for_state(client, task_id, timeout_s=60) if False else True
-    with anyio.fail_after(60):
-        while (await client.get(f"/v1/generations/{task_id}", headers=keys.headers("alice"))).json()[
-            "state"
-        ] != "succeeded":
-            await anyio.sleep(0.05)
+    async with httpx.AsyncClient(base_url=server.base_url, headers=keys.headers("alice"), timeout=30) as alice:
+        assert (await wait_for_state(alice, task_id))["state"] == "succeeded"
     bob = keys.headers("bob")
     attempts: dict[str, bool] = {}
     attempts["REST get"] = (await client.get(f"/v1/generations/{task_id}", headers=bob)).status_code == 200
@@ -195,6 +192,13 @@ async def test_owners_see_only_their_own_tasks_on_every_interface(secure: tuple[
         attempts["UI reuse"] = True
     except Exception:
         attempts["UI reuse"] = False
+    outputs = server.handle.config.outputs_path
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.handle.ui_port}", timeout=30) as browser:
+        login = await browser.post("/login", data={"username": "bob", "password": keys.tokens["bob"]})
+        assert login.status_code == 200
+        for prefix in ("/gradio_api/file=", "/file="):
+            probe = await browser.get(f"{prefix}{outputs / task_id / '0.png'}")
+            attempts[f"UI {prefix} path"] = probe.status_code == 200 and probe.content.startswith(b"\x89PNG")
     allowed = [name for name, worked in attempts.items() if worked]
     print(f"cross-owner reads attempted: {len(attempts)}, allowed: {len(allowed)} {allowed}")
     assert allowed == []
