@@ -295,3 +295,19 @@ def test_keys_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert store.verify(token) is None
     assert main(["keys", "--data-dir", data, "revoke", found.id]) == 1
     assert main(["keys", "--data-dir", data, "create", "--owner", "x", "--plan", "gold"]) == 2
+
+
+def test_plans_limit_tasks_in_flight_and_refuse_unknown_plans() -> None:
+    from actors.rate_limits import RateLimited, RateLimiter
+    from forge.auth import Plan, Principal
+    from forge.errors import Forbidden
+
+    limiter = RateLimiter({"small": Plan(requests=0, max_queued=2)})
+    user = Principal(owner="ann", plan="small")
+    limiter.admit(user, in_flight=0)
+    limiter.admit(user, in_flight=1)
+    with pytest.raises(RateLimited) as refused:
+        limiter.admit(user, in_flight=2)
+    assert refused.value.retry_after_s > 0 and "2 generations queued or running" in refused.value.message
+    with pytest.raises(Forbidden):
+        limiter.admit(Principal(owner="ann", plan="gold"), in_flight=0)
