@@ -10,7 +10,6 @@ import logging
 import math
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from ipaddress import ip_address
 from pathlib import Path
 
 import anyio
@@ -44,6 +43,7 @@ from forge.model_files import ModelFiles
 from forge.resolve import Resources
 from forge.styles import BUILTIN_STYLES_DIR, StyleRegistry
 from protocols.http_server import HttpServer
+from protocols.identity import is_loopback
 from protocols.rest import RestApi
 
 log = logging.getLogger(__name__)
@@ -88,11 +88,7 @@ def check_exposure(config: Config) -> None:
         return
     if config.local_plan not in config.plans:
         raise ConfigError(f"local_plan {config.local_plan!r} is not one of the plans", field="local_plan")
-    try:
-        loopback = ip_address(config.host).is_loopback
-    except ValueError:
-        loopback = config.host == "localhost"
-    if not loopback:
+    if not is_loopback(config.host):
         raise ConfigError(
             f"host {config.host} with auth off would let anyone on the network in; set FORGE_AUTH=true "
             "(then create keys with `chara-forge keys create`) or bind to 127.0.0.1",

@@ -7,7 +7,6 @@ import hmac
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import ip_address
 from typing import Annotated, Any
 
 import anyio
@@ -22,19 +21,14 @@ from actors.ingress import Ingress
 from actors.model_catalog import ModelStatus
 from engines.palettes import PALETTES
 from engines.poses import DESCRIPTIONS, POSE_NAMES, render_pose
-from forge.auth import Authenticator
+from forge.auth import Authenticator, Unauthorized
 from forge.engine import ModelLoadError
-from forge.errors import Conflict, Forbidden, ForgeError, ModelUnavailable, NotFound
+from forge.errors import Conflict, Forbidden, ModelUnavailable, NotFound
 from forge.loras import LoraInfo
 from forge.styles import Style, StyleDefaults
 from forge.validation import convert
 from protocols.http_io import JSONResponse, read_body
-from protocols.identity import principal_of, require_admin
-
-
-class Unauthorized(ForgeError):
-    code = "unauthorized"
-    status = 401
+from protocols.identity import is_loopback, principal_of, require_admin
 
 
 class StyleLoraView(msgspec.Struct, frozen=True, kw_only=True):
@@ -71,20 +65,6 @@ class UploadView(msgspec.Struct, frozen=True, kw_only=True):
 class PoseQuery(msgspec.Struct, forbid_unknown_fields=True):
     width: Annotated[int, Meta(ge=64, le=2048)] = 512
     height: Annotated[int, Meta(ge=64, le=2048)] = 512
-
-
-LOOPBACK_NAMES = {"localhost", "testclient"}
-
-
-def _is_loopback(host: str | None) -> bool:
-    if host is None:
-        return False
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -233,7 +213,7 @@ class CatalogRoutes:
             return
         if not self.admin_key:
             client = request.client.host if request.client else None
-            if not _is_loopback(client):
+            if client is None or not is_loopback(client):
                 raise Forbidden("admin endpoints answer only local clients unless FORGE_ADMIN_KEY is set")
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")

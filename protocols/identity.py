@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ipaddress import ip_address
+
 import anyio
 import msgspec
 from starlette.requests import HTTPConnection
@@ -20,6 +22,16 @@ async def principal_of(connection: HTTPConnection, auth: Authenticator) -> Princ
     if not auth.enabled:
         return auth.principal(header)
     return await anyio.to_thread.run_sync(auth.principal, header)  # an API key is looked up in SQLite
+
+
+def is_loopback(host: str) -> bool:
+    """An address (or `localhost`) that only this machine can reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def visible_owner(principal: Principal) -> str | None:
