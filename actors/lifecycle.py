@@ -18,13 +18,21 @@ async def cancel_task(store: Store, hub: EventHub, task: TaskRecord, from_states
 
 
 async def fail_task(
-    store: Store, hub: EventHub, task: TaskRecord, from_states: Iterable[TaskState], code: str, message: str
+    store: Store,
+    hub: EventHub,
+    task: TaskRecord,
+    from_states: Iterable[TaskState],
+    code: str,
+    message: str,
+    *,
+    to: TaskState = TaskState.FAILED,
 ) -> bool:
+    """End the task `failed` (or `filtered`), with an error code and message."""
     ok = await store.transition(
         task.id,
         attempt=task.attempt,
         from_states=from_states,
-        to=TaskState.FAILED,
+        to=to,
         error_code=code,
         error_message=message,
     )

@@ -31,12 +31,12 @@ from engines.sprite_sheet import pack
 from forge import __version__
 from forge.content_filter import CONTENT_FILTERED
 from forge.engine import ModelInfo
-from forge.events import Failed, Postprocessing, Succeeded
+from forge.events import Postprocessing, Succeeded
 from forge.infotext import infotext
 from forge.messages import Generated, PostprocessInbox
 from forge.model_files import ModelFiles
 from forge.requests import GenerationSpec, PostprocessRequest
-from forge.tasks import TaskRecord, TaskState
+from forge.tasks import TaskState
 
 log = logging.getLogger(__name__)
 
@@ -209,17 +209,6 @@ class Postprocessor:
             applied.append(lines)
         return results, applied
 
-    async def _filtered(self, task: TaskRecord, reason: str) -> None:
-        if await self._store.transition(
-            task.id,
-            attempt=task.attempt,
-            from_states=[TaskState.POSTPROCESSING],
-            to=TaskState.FILTERED,
-            error_code=CONTENT_FILTERED,
-            error_message=reason,
-        ):
-            self._hub.publish(Failed(task_id=task.id, code=CONTENT_FILTERED, message=reason))
-
     @staticmethod
     def _model_file(files: ModelFiles, what: str, name: str | None) -> Path:
         path = files.path(name or "")
@@ -247,7 +236,15 @@ class Postprocessor:
         try:
             unsafe = await self._thread.run_sync(self._tools.screen, msg.images)
             if unsafe is not None:
-                await self._filtered(task, unsafe)
+                await fail_task(
+                    self._store,
+                    self._hub,
+                    task,
+                    [TaskState.POSTPROCESSING],
+                    CONTENT_FILTERED,
+                    unsafe,
+                    to=TaskState.FILTERED,
+                )
                 return
             processed, applied = msg.images, None
             options = task.spec.postprocess
