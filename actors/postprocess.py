@@ -26,11 +26,11 @@ from actors.hub import EventHub
 from actors.lifecycle import fail_task
 from actors.store import Store
 from engines.image_ops import hex_rgb
-from engines.postprocess import PostprocessError, PostprocessTools, planned_steps
+from engines.postprocess import PostprocessTools, planned_steps
 from engines.sprite_sheet import pack
 from forge import __version__
 from forge.content_filter import CONTENT_FILTERED
-from forge.engine import ModelInfo
+from forge.engine import AssetError, ModelInfo
 from forge.events import Postprocessing, Succeeded
 from forge.infotext import infotext
 from forge.messages import Generated, PostprocessInbox
@@ -213,7 +213,7 @@ class Postprocessor:
     def _model_file(files: ModelFiles, what: str, name: str | None) -> Path:
         path = files.path(name or "")
         if path is None:
-            raise PostprocessError("postprocess_model_missing", files.missing_message(what, name or ""))
+            raise AssetError("postprocess_model_missing", files.missing_message(what, name or ""))
         return path
 
     async def wait_idle(self) -> None:
@@ -265,7 +265,7 @@ class Postprocessor:
                     applied=applied,
                 )
             )
-        except PostprocessError as exc:
+        except AssetError as exc:
             await fail_task(self._store, self._hub, task, [TaskState.POSTPROCESSING], exc.code, str(exc))
             return
         except Exception as exc:

@@ -16,18 +16,11 @@ from engines.background import BackgroundError, BackgroundRemover
 from engines.image_filter import ImageFilter
 from engines.image_ops import hex_rgb, pixel_art, resize, trim
 from engines.upscale import Upscaler, UpscalerError
+from forge.engine import AssetError
 from forge.requests import PostprocessRequest
 
 StepFn = Callable[[str], None]
 """Called before each step with its name, for progress."""
-
-
-class PostprocessError(Exception):
-    """A step could not run; `code` is the task's error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def planned_steps(request: PostprocessRequest) -> list[str]:
@@ -79,7 +72,7 @@ class PostprocessTools:
             try:
                 self._image_filter = ImageFilter(settings.source, self.device, settings.labels, settings.threshold)
             except Exception as exc:  # transformers raises many types for a missing or broken model
-                raise PostprocessError(
+                raise AssetError(
                     "image_filter_unavailable", f"the image filter {settings.source} failed to load: {exc}"
                 ) from exc
         for index, image in enumerate(images):
@@ -92,21 +85,21 @@ class PostprocessTools:
     def upscaler(self, path: Path) -> Upscaler:
         if path not in self._upscalers:
             if not path.is_file():
-                raise PostprocessError("postprocess_model_missing", f"the upscaler file {path} is missing")
+                raise AssetError("postprocess_model_missing", f"the upscaler file {path} is missing")
             try:
                 self._upscalers[path] = Upscaler(path, self.device, tile=self.tile)
             except UpscalerError as exc:
-                raise PostprocessError("postprocess_model_invalid", str(exc)) from exc
+                raise AssetError("postprocess_model_invalid", str(exc)) from exc
         return self._upscalers[path]
 
     def remover(self, name: str, path: Path) -> BackgroundRemover:
         if path not in self._removers:
             if not path.is_file():
-                raise PostprocessError("postprocess_model_missing", f"the background model file {path} is missing")
+                raise AssetError("postprocess_model_missing", f"the background model file {path} is missing")
             try:
                 self._removers[path] = BackgroundRemover(name, path, self.device)
             except BackgroundError as exc:
-                raise PostprocessError("postprocess_model_invalid", str(exc)) from exc
+                raise AssetError("postprocess_model_invalid", str(exc)) from exc
         return self._removers[path]
 
     def apply(

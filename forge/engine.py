@@ -147,9 +147,11 @@ class ModelLoadError(Exception):
 
 
 class AssetError(Exception):
-    """A LoRA, ControlNet or control input this job needs could not be used; the job fails, the model stays.
+    """Something a task needs besides its base model could not be used (a LoRA, a ControlNet, a control
+    image, a post-processing model); the task fails, the engine and the model stay.
 
-    `code` is the task's error code (`lora_invalid`, `controlnet_unavailable`, `control_invalid`)."""
+    `code` is the task's error code (`lora_invalid`, `controlnet_unavailable`, `control_invalid`,
+    `postprocess_model_missing`, ...)."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
