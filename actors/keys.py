@@ -43,11 +43,16 @@ def _hash(secret: str) -> str:
 class KeyStore:
     def __init__(self, database: Path) -> None:
         self.database = database
+        self._schema_ready = False
 
     def _connect(self) -> sqlite3.Connection:
-        self.database.parent.mkdir(parents=True, exist_ok=True)
+        """A connection per call (calls come from worker threads); the table is made on the first one."""
+        if not self._schema_ready:
+            self.database.parent.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(self.database, timeout=10)
-        connection.execute(SCHEMA)
+        if not self._schema_ready:
+            connection.execute(SCHEMA)
+            self._schema_ready = True
         return connection
 
     def create(self, owner: str, plan: str, scopes: list[str]) -> tuple[ApiKey, str]:
