@@ -6,7 +6,7 @@ import base64
 import io
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, assert_never
+from typing import TYPE_CHECKING, Any, assert_never
 
 import anyio
 import structlog
@@ -25,6 +25,7 @@ from engines.cache import ModelCache
 from engines.loader import load_engine, prepare_thread
 from forge.engine import (
     AssetError,
+    CancelFlag,
     ControlJob,
     GenerationResult,
     Job,
@@ -37,7 +38,16 @@ from forge.engine import (
 )
 from forge.events import AnyTaskEvent, Progress
 from forge.loras import LoraCatalog
-from forge.messages import Dispatch, EngineIdle, EngineInbox, EngineReady, Generated, PostprocessInbox, SchedulerInbox
+from forge.messages import (
+    Assignment,
+    Dispatch,
+    EngineIdle,
+    EngineInbox,
+    EngineReady,
+    Generated,
+    PostprocessInbox,
+    SchedulerInbox,
+)
 from forge.tasks import TaskRecord, TaskState
 
 if TYPE_CHECKING:
@@ -47,6 +57,16 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN = "shutdown"
 PROGRESS_FLUSH_S = 1.0
+
+
+@dataclass(frozen=True)
+class _Run:
+    """A task of the batch being run, with its engine job."""
+
+    assignment: Assignment
+    model: ModelInfo
+    job: Job
+    progress: LatestValue[AnyTaskEvent]
 
 
 @dataclass(frozen=True)
@@ -113,11 +133,10 @@ class EngineActor:
             task_status.started()
             await self._scheduler.send(EngineReady(device=self.device))
             async with self._inbox, BlockingPortal() as portal:
-                progress = LatestValue(portal, self._hub.publish)
                 async for msg in self._inbox:
                     match msg:
-                        case Dispatch():
-                            await self._execute(msg, progress)
+                        case Dispatch(batch=batch):
+                            await self._execute(batch, portal)
                         case _:
                             assert_never(msg)
         finally:
@@ -142,79 +161,138 @@ class EngineActor:
         self._catalog.loaded(self.device, self._cache.loaded())
         return unloaded
 
-    def _generate(self, model: ModelInfo, job: Job) -> GenerationResult:
-        """On the device thread: the model (loaded if need be), then the job."""
-        result = self._cache.get(model).run(job)
-        if job.loras or job.controls:  # adapters and ControlNets stay loaded: count them against the budget
+    def _generate(self, model: ModelInfo, jobs: list[Job]) -> list[GenerationResult]:
+        """On the device thread: the model (loaded if need be), then the batch."""
+        engine = self._cache.get(model)
+        results = engine.run_batch(jobs)
+        if jobs[0].loras or jobs[0].controls:  # adapters and ControlNets stay loaded: count them
             self._cache.remeasure(model.id)
-        return result
+        return results
 
-    async def _execute(self, msg: Dispatch, progress: LatestValue[AnyTaskEvent]) -> None:
-        with structlog.contextvars.bound_contextvars(task_id=msg.task.id, request_id=msg.request_id):
-            await self._execute_bound(msg, progress)
+    def _generate_apart(self, model: ModelInfo, jobs: list[Job]) -> list[GenerationResult | BaseException]:
+        """After a batch ran out of memory: each job alone, so one that fits is not failed for the others."""
+        outcomes: list[GenerationResult | BaseException] = []
+        for job in jobs:
+            try:
+                outcomes.append(self._generate(model, [job])[0])
+            except Exception as exc:  # each job's own outcome; the caller ends each task by it
+                outcomes.append(exc)
+        return outcomes
 
-    async def _execute_bound(self, msg: Dispatch, progress: LatestValue[AnyTaskEvent]) -> None:
-        task = msg.task
+    async def _execute(self, batch: list[Assignment], portal: BlockingPortal) -> None:
+        """Run one batch; every task in it ends (or goes back to the queue) before the engine reports idle."""
+        try:
+            runs = []
+            for assignment in batch:
+                with self._bound(assignment):
+                    run = await self._prepare(assignment, portal)
+                if run is not None:
+                    runs.append(run)
+            if runs:
+                await self._run(runs)
+        finally:
+            for assignment in batch:
+                self._hub.forget_progress(assignment.task.id)
+            await self._scheduler.send(EngineIdle(device=self.device, task_ids=[a.task.id for a in batch]))
+
+    @staticmethod
+    def _bound(assignment: Assignment) -> Any:
+        return structlog.contextvars.bound_contextvars(task_id=assignment.task.id, request_id=assignment.request_id)
+
+    async def _prepare(self, assignment: Assignment, portal: BlockingPortal) -> _Run | None:
+        """The task's engine job, or None when it cannot run (it is then ended here)."""
+        task = assignment.task
+        try:
+            model = self._catalog.find(task.spec.model)
+            if model is None:
+                raise ModelLoadError(task.spec.model, f"model {task.spec.model!r} is no longer configured")
+            progress = LatestValue(portal, self._hub.publish)
+            return _Run(assignment, model, self._job(task, assignment.cancel, progress, model), progress)
+        except (ModelLoadError, AssetError) as exc:
+            await self._end(assignment, exc)
+            return None
+
+    async def _run(self, runs: list[_Run]) -> None:
+        model, jobs = runs[0].model, [run.job for run in runs]
+        if model.id not in self._cache.loaded():
+            self._catalog.loading(self.device, model.id)
+        self._catalog.used(model.id)
+
+        def stop_all() -> None:
+            for run in runs:
+                run.assignment.cancel.set(SHUTDOWN)
+
+        outcomes: list[GenerationResult | BaseException]
         try:
             try:
-                model = self._catalog.find(task.spec.model)
-                if model is None:
-                    raise ModelLoadError(task.spec.model, f"model {task.spec.model!r} is no longer configured")
-                job = self._job(task, msg, progress, model)
-                if model.id not in self._cache.loaded():
-                    self._catalog.loading(self.device, model.id)
-                self._catalog.used(model.id)
                 try:
-                    result = await self._thread.run_sync(
-                        self._generate, model, job, on_cancel=lambda: msg.cancel.set(SHUTDOWN)
+                    outcomes = list(await self._thread.run_sync(self._generate, model, jobs, on_cancel=stop_all))
+                except OutOfMemory:
+                    if len(jobs) == 1:
+                        raise
+                    log.warning(
+                        "engine %s: a batch of %d ran out of memory; running its jobs apart", self.device, len(jobs)
                     )
+                    outcomes = await self._thread.run_sync(self._generate_apart, model, jobs, on_cancel=stop_all)
                 finally:
                     self._catalog.loaded(self.device, self._cache.loaded())
-            finally:  # the last step's progress goes out before the task's final event, never after it
+            finally:  # the last step's progress goes out before each task's final event, never after it
                 with anyio.move_on_after(PROGRESS_FLUSH_S, shield=True):
-                    await progress.wait_delivered()
-        except anyio.get_cancelled_exc_class():  # a forced stop: the task waits for the next start
+                    for run in runs:
+                        await run.progress.wait_delivered()
+        except anyio.get_cancelled_exc_class():  # a forced stop: the tasks wait for the next start
             with anyio.CancelScope(shield=True):
-                await self._requeue(task)
+                for run in runs:
+                    await self._requeue(run.assignment.task)
             raise
-        except JobCancelled:
-            if msg.cancel.reason == SHUTDOWN:
-                await self._requeue(task)
-            else:
-                await cancel_task(self._store, self._hub, task, [TaskState.RUNNING])
-        except OutOfMemory as exc:
-            await fail_task(
-                self._store,
-                self._hub,
-                task,
-                [TaskState.RUNNING],
-                "out_of_memory",
-                f"{self.device} ran out of memory; try a smaller size or fewer images ({exc})",
-            )
-        except ModelLoadError as exc:
-            self._catalog.failed(self.device, exc.model_id, str(exc))
-            await fail_task(self._store, self._hub, task, [TaskState.RUNNING], "model_unavailable", str(exc))
-        except AssetError as exc:
-            await fail_task(self._store, self._hub, task, [TaskState.RUNNING], exc.code, str(exc))
-        except Exception as exc:
-            log.exception("engine %s: task %s failed", self.device, task.id)
-            await fail_task(
-                self._store, self._hub, task, [TaskState.RUNNING], "engine_error", f"{type(exc).__name__}: {exc}"
-            )
-        else:
-            await self._postprocess.send(
-                Generated(
-                    task=task,
-                    images=result.images,
-                    model=model,
-                    device=self.device,
-                    denoise_s=result.denoise_s,
-                    request_id=msg.request_id,
+        except Exception as exc:  # the batch as a whole failed: every task in it ends the same way
+            outcomes = [exc] * len(runs)
+        for run, outcome in zip(runs, outcomes, strict=True):
+            with self._bound(run.assignment):
+                await self._end(run.assignment, outcome, run.model)
+
+    async def _end(
+        self, assignment: Assignment, outcome: GenerationResult | BaseException, model: ModelInfo | None = None
+    ) -> None:
+        """Hand a task's images on, or end it by what went wrong."""
+        task, cancel = assignment.task, assignment.cancel
+        if isinstance(outcome, GenerationResult) and cancel.is_set() and cancel.reason != SHUTDOWN:
+            outcome = JobCancelled()  # cancelled while the rest of its batch went on
+        match outcome:
+            case GenerationResult() if model is not None:
+                await self._postprocess.send(
+                    Generated(
+                        task=task,
+                        images=outcome.images,
+                        model=model,
+                        device=self.device,
+                        denoise_s=outcome.denoise_s,
+                        request_id=assignment.request_id,
+                    )
                 )
-            )
-        finally:
-            self._hub.forget_progress(task.id)
-            await self._scheduler.send(EngineIdle(device=self.device, task_id=task.id))
+            case JobCancelled() if cancel.reason == SHUTDOWN:
+                await self._requeue(task)
+            case JobCancelled():
+                await cancel_task(self._store, self._hub, task, [TaskState.RUNNING])
+            case OutOfMemory():
+                await self._fail(
+                    task,
+                    "out_of_memory",
+                    f"{self.device} ran out of memory; try a smaller size or fewer images ({outcome})",
+                )
+            case ModelLoadError():
+                self._catalog.failed(self.device, outcome.model_id, str(outcome))
+                await self._fail(task, "model_unavailable", str(outcome))
+            case AssetError():
+                await self._fail(task, outcome.code, str(outcome))
+            case BaseException():
+                log.error("engine %s: task %s failed", self.device, task.id, exc_info=outcome)
+                await self._fail(task, "engine_error", f"{type(outcome).__name__}: {outcome}")
+            case _:
+                raise AssertionError("a result comes with its model")
+
+    async def _fail(self, task: TaskRecord, code: str, message: str) -> None:
+        await fail_task(self._store, self._hub, task, [TaskState.RUNNING], code, message)
 
     async def _requeue(self, task: TaskRecord) -> None:
         """Stopped by a shutdown, not by its own fault: it waits, same attempt, for the next start."""
@@ -222,7 +300,7 @@ class EngineActor:
             task.id, attempt=task.attempt, from_states=[TaskState.RUNNING], to=TaskState.QUEUED
         )
 
-    def _job(self, task: TaskRecord, msg: Dispatch, progress: LatestValue[AnyTaskEvent], model: ModelInfo) -> Job:
+    def _job(self, task: TaskRecord, cancel: CancelFlag, progress: LatestValue[AnyTaskEvent], model: ModelInfo) -> Job:
         """The engine's job: names resolved to files now (a LoRA or upload may have gone since the request)."""
         spec = task.spec
         loras = []
@@ -268,5 +346,5 @@ class EngineActor:
             preview_every=self._previews.every,
             preview_size=self._previews.size,
             on_progress=on_progress,
-            cancel=msg.cancel,
+            cancel=cancel,
         )

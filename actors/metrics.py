@@ -16,6 +16,7 @@ from forge.events import AnyTaskEvent, Cancelled, Failed, Postprocessing, Starte
 from forge.tasks import TaskRecord
 
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
 
 @dataclass
@@ -25,6 +26,7 @@ class _Tracked:
     images: int
     started: float | None = None
     device: str | None = None
+    batch: int = 1
     denoised: float | None = None
 
 
@@ -52,6 +54,9 @@ class Metrics:
         )  # fmt: skip
         self.end_to_end = Histogram(
             "chara_forge_end_to_end_seconds", "From accepted to succeeded", buckets=DURATION_BUCKETS, registry=r
+        )
+        self.batch_tasks = Histogram(
+            "chara_forge_batch_tasks", "Tasks in the UNet batch each task ran in", buckets=BATCH_BUCKETS, registry=r
         )
         self.engine_busy = Counter(
             "chara_forge_engine_busy_seconds", "Time each engine spent on tasks", ["device"], registry=r
@@ -100,8 +105,9 @@ class Metrics:
         now = time.time()
         match event:
             case Started():
-                tracked.started, tracked.device = now, event.device
+                tracked.started, tracked.device, tracked.batch = now, event.device, event.batch
                 self.queue_wait.observe(max(now - tracked.created_at, 0.0))
+                self.batch_tasks.observe(event.batch)
             case Postprocessing() if event.stage is None and tracked.started is not None:
                 tracked.denoised = now
                 self.denoise.observe(now - tracked.started)
@@ -122,8 +128,9 @@ class Metrics:
 
     def _add_busy(self, tracked: _Tracked, now: float) -> None:
         if tracked.started is not None and tracked.device is not None:
-            self.engine_busy.labels(tracked.device).inc(now - tracked.started)
-            self._busy[tracked.device] = self._busy.get(tracked.device, 0.0) + now - tracked.started
+            share = (now - tracked.started) / tracked.batch  # a batch's tasks share the engine's time
+            self.engine_busy.labels(tracked.device).inc(share)
+            self._busy[tracked.device] = self._busy.get(tracked.device, 0.0) + share
             tracked.started = None
 
 

@@ -91,6 +91,9 @@ class ModelCatalog:
             del self._loading[device]
         self._errors[model_id] = message
 
+    def holds(self, device: str, model_id: str) -> bool:
+        return model_id in self._loaded.get(device, {})
+
     def is_loaded(self, model_id: str) -> bool:
         return any(model_id in models for models in self._loaded.values())
 

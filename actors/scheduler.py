@@ -1,9 +1,11 @@
-"""The scheduler: owns the queue, hands tasks to idle engines, and cancels exactly the task named."""
+"""The scheduler: owns the queue, groups compatible tasks into batches, hands batches to idle engines
+(preferring one that holds the model), and cancels exactly the task named."""
 
 from __future__ import annotations
 
 import bisect
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,9 +19,10 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from actors.hub import EventHub
 from actors.lifecycle import cancel_task
 from actors.store import Store
+from forge.batching import NO_BATCHING, BatchPolicy, batch_key
 from forge.engine import CancelFlag
 from forge.events import Queued, Started
-from forge.messages import Cancel, Dispatch, EngineIdle, EngineReady, SchedulerInbox, Submit
+from forge.messages import Assignment, Cancel, Dispatch, EngineIdle, EngineReady, SchedulerInbox, Submit
 from forge.tasks import TaskRecord, TaskState
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 class _Entry:
     key: tuple[int, int]  # (-priority, seq): higher priority first, then first come first served
     task: TaskRecord = field(compare=False)
+    queued_at: float = field(compare=False, default=0.0)  # monotonic, in this process
 
 
 def _key(task: TaskRecord) -> tuple[int, int]:
@@ -40,6 +44,7 @@ class _Running:
     device: str
     task: TaskRecord
     cancel: CancelFlag
+    batch_size: int
 
 
 @dataclass(frozen=True)
@@ -59,8 +64,13 @@ class Scheduler:
         inbox: MemoryObjectReceiveStream[SchedulerInbox],
         engines: dict[str, MemoryObjectSendStream[Dispatch]],
         on_enqueue: Callable[[TaskRecord], None] | None = None,
+        *,
+        batching: BatchPolicy = NO_BATCHING,
+        holds_model: Callable[[str, str], bool] = lambda device, model_id: False,
     ) -> None:
         self._on_enqueue = on_enqueue
+        self._batching = batching
+        self._holds_model = holds_model
         self._store = store
         self._hub = hub
         self._inbox = inbox
@@ -72,6 +82,7 @@ class Scheduler:
         self._dispatching = True
         self._running_changed = anyio.Event()
         self._request_ids: dict[str, str] = {}  # task id -> the request that created it (this process only)
+        self._window_closes: float | None = None  # when a part-filled batch that waits for company must go
 
     async def run(
         self, recovered: list[TaskRecord], *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -82,24 +93,36 @@ class Scheduler:
             log.info("resuming %d queued task(s) from the store", len(recovered))
         task_status.started()
         async with self._inbox:
-            async for msg in self._inbox:
-                match msg:
-                    case Submit(task=task, request_id=request_id):
-                        if request_id:
-                            self._request_ids[task.id] = request_id
-                        self._enqueue(task)
-                    case Cancel(task_id=task_id):
-                        await self._cancel(task_id)
-                    case EngineReady(device=device):
-                        self._ready.add(device)
-                        self._idle.append(device)
-                    case EngineIdle(device=device, task_id=task_id):
-                        self._running.pop(task_id, None)
-                        self._running_changed.set()
-                        self._idle.append(device)
-                    case _:
-                        assert_never(msg)
+            while True:
+                msg: SchedulerInbox | None = None
+                wait = math.inf if self._window_closes is None else self._window_closes - time.monotonic()
+                with anyio.move_on_after(max(wait, 0)):  # a batch window closing is the only timed event
+                    try:
+                        msg = await self._inbox.receive()
+                    except anyio.EndOfStream:
+                        return
+                if msg is not None:
+                    await self._handle(msg)
                 await self._dispatch()
+
+    async def _handle(self, msg: SchedulerInbox) -> None:
+        match msg:
+            case Submit(task=task, request_id=request_id):
+                if request_id:
+                    self._request_ids[task.id] = request_id
+                self._enqueue(task)
+            case Cancel(task_id=task_id):
+                await self._cancel(task_id)
+            case EngineReady(device=device):
+                self._ready.add(device)
+                self._idle.append(device)
+            case EngineIdle(device=device, task_ids=task_ids):
+                for task_id in task_ids:
+                    self._running.pop(task_id, None)
+                self._running_changed.set()
+                self._idle.append(device)
+            case _:
+                assert_never(msg)
 
     # -- introspection (called from other actors on the same loop) --
 
@@ -115,9 +138,10 @@ class Scheduler:
     def _index(self, task_id: str) -> int | None:
         return next((i for i, entry in enumerate(self._queue) if entry.task.id == task_id), None)
 
-    def device_of(self, task_id: str) -> str:
+    def placement(self, task_id: str) -> tuple[str, int]:
+        """Where a running task runs: its device and the number of tasks in its batch ("", 0 when not running)."""
         running = self._running.get(task_id)
-        return running.device if running else ""
+        return (running.device, running.batch_size) if running else ("", 0)
 
     def is_ready(self) -> bool:
         return bool(self._engines) and self._ready == set(self._engines)
@@ -150,7 +174,7 @@ class Scheduler:
     def _enqueue(self, task: TaskRecord) -> None:
         if self._on_enqueue is not None:
             self._on_enqueue(task)
-        bisect.insort(self._queue, _Entry(_key(task), task))
+        bisect.insort(self._queue, _Entry(_key(task), task, time.monotonic()))
         self._publish_positions()
 
     async def _cancel(self, task_id: str) -> None:
@@ -160,17 +184,57 @@ class Scheduler:
             await cancel_task(self._store, self._hub, task, [TaskState.QUEUED])
             self._publish_positions()
         elif task_id in self._running:
-            self._running[task_id].cancel.set("cancelled")  # the engine ends it at its next step
+            running = self._running[task_id]
+            running.cancel.set("cancelled")  # the engine ends it at its next step...
+            if running.batch_size > 1:  # ...or, while its batch goes on for the others, it ends now
+                await cancel_task(self._store, self._hub, running.task, [TaskState.RUNNING])
         else:
             record = await self._store.get(task_id)
             if record is not None and record.state is TaskState.POSTPROCESSING:
                 await cancel_task(self._store, self._hub, record, [TaskState.POSTPROCESSING])
 
     async def _dispatch(self) -> None:
+        self._window_closes = None
         dispatched = False
         while self._dispatching and self._queue and self._idle:
-            task = self._queue.pop(0).task
-            device = self._idle.pop(0)
+            batch = self._next_batch()
+            if batch is None:
+                break
+            for entry in batch:
+                self._queue.remove(entry)
+            dispatched = await self._start(batch) or dispatched
+        if dispatched:
+            self._publish_positions()
+
+    def _next_batch(self) -> list[_Entry] | None:
+        """The head task and the queued tasks that can share its batch, in queue order, up to the image limit;
+        None while a part-filled batch waits for company (only when nothing else is queued, and at most
+        `max_wait_s` after its oldest task arrived)."""
+        head = self._queue[0]
+        key = batch_key(head.task.spec)
+        batch, images = [head], head.task.spec.num_images
+        limit = self._batching.max_images
+        if key is not None:
+            for entry in self._queue[1:]:
+                if images >= limit:
+                    break
+                spec = entry.task.spec
+                if batch_key(spec) == key and images + spec.num_images <= limit:
+                    batch.append(entry)
+                    images += spec.num_images
+        could_grow = key is not None and images < limit and len(batch) == len(self._queue)
+        closes = head.queued_at + self._batching.max_wait_s
+        if could_grow and time.monotonic() < closes:
+            self._window_closes = closes
+            return None
+        return batch
+
+    async def _start(self, batch: list[_Entry]) -> bool:
+        """Mark the batch's tasks running and send them to an idle engine; False when none could start."""
+        device = self._pick_device(batch[0].task.spec.model)
+        assignments = []
+        for entry in batch:
+            task = entry.task
             started = await self._store.transition(
                 task.id,
                 attempt=task.attempt,
@@ -179,18 +243,25 @@ class Scheduler:
                 started_at=time.time(),
             )
             if not started:  # ended elsewhere since it was queued
-                self._idle.insert(0, device)
                 continue
-            flag = CancelFlag()
-            self._running[task.id] = _Running(device, task, flag)
-            self._hub.publish(Started(task_id=task.id, attempt=task.attempt, device=device))
             request_id = self._request_ids.pop(task.id, "")
-            with structlog.contextvars.bound_contextvars(task_id=task.id, request_id=request_id):
-                log.info("dispatched to %s (attempt %d)", device, task.attempt)
-            await self._engines[device].send(Dispatch(task=task, cancel=flag, request_id=request_id))
-            dispatched = True
-        if dispatched:
-            self._publish_positions()
+            assignments.append(Assignment(task=task, cancel=CancelFlag(), request_id=request_id))
+        if not assignments:
+            self._idle.insert(0, device)
+            return False
+        for assignment in assignments:
+            task = assignment.task
+            self._running[task.id] = _Running(device, task, assignment.cancel, len(assignments))
+            self._hub.publish(Started(task_id=task.id, attempt=task.attempt, device=device, batch=len(assignments)))
+            with structlog.contextvars.bound_contextvars(task_id=task.id, request_id=assignment.request_id):
+                log.info("dispatched to %s (attempt %d, batch of %d)", device, task.attempt, len(assignments))
+        await self._engines[device].send(Dispatch(batch=assignments))
+        return True
+
+    def _pick_device(self, model_id: str) -> str:
+        """An idle engine that already holds the model, else the one idle longest."""
+        index = next((i for i, device in enumerate(self._idle) if self._holds_model(device, model_id)), 0)
+        return self._idle.pop(index)
 
     def _publish_positions(self) -> None:
         for index, entry in enumerate(self._queue):

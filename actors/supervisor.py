@@ -28,7 +28,7 @@ from actors.scheduler import Scheduler
 from actors.store import Store
 from actors.uploads import UploadStore
 from engines.background import MODEL_SUFFIX as BACKGROUND_SUFFIX
-from engines.loader import check_backend, cpu_threads_for_serving, memory_budget, visible_devices
+from engines.loader import batch_policy, check_backend, cpu_threads_for_serving, memory_budget, visible_devices
 from engines.models import resolve_models
 from engines.postprocess import ImageFilterSettings, PostprocessTools
 from engines.upscale import UPSCALER_SUFFIXES
@@ -183,6 +183,8 @@ async def serve(
             scheduler_inbox,
             {d: send for d, (send, _) in engine_channels.items()},
             on_enqueue=metrics.track,
+            batching=batch_policy(config, devices),
+            holds_model=catalog.holds,
         )
         metrics.watch(lambda: scheduler.statistics().queued, lambda: scheduler.statistics().running, devices)
         postprocessor = Postprocessor(

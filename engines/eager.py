@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipe
 
 from engines.adapters import LoraAdapters
 from engines.control import ControlUnavailable, DepthEstimator, prepare_control
+from engines.loading import LOADING
 from engines.preview import latent_preview
 from engines.schedulers import make_scheduler
 from engines.weights import damaged_file
@@ -23,7 +25,17 @@ from forge.engine import (
     ModelInfo,
     ModelLoadError,
     OutOfMemory,
+    job_batch_key,
 )
+
+
+def _row_ranges(jobs: Sequence[Job]) -> list[tuple[int, int]]:
+    """Each job's rows in the batch: [begin, end)."""
+    ranges, begin = [], 0
+    for job in jobs:
+        ranges.append((begin, begin + len(job.seeds)))
+        begin += len(job.seeds)
+    return ranges
 
 
 def dtype_for(device: str) -> torch.dtype:
@@ -59,19 +71,22 @@ def load_pipeline(model: ModelInfo, device: str) -> StableDiffusionXLPipeline:
 
     A failed load becomes ModelLoadError naming the damaged file when one is found."""
     try:
-        if model.format == "single_file":
-            dtype = dtype_for(device)
-            pipe = StableDiffusionXLPipeline.from_single_file(
-                model.path,
-                config=model.config,
-                dtype=dtype,
-                local_files_only=True,
-                **text_encoders_if_missing(model, dtype),
-            )
-        else:
-            pipe = StableDiffusionXLPipeline.from_pretrained(
-                model.path, dtype=dtype_for(device), variant=model.variant, use_safetensors=True
-            )
+        with LOADING:
+            if model.format == "single_file":
+                dtype = dtype_for(device)
+                pipe = StableDiffusionXLPipeline.from_single_file(
+                    model.path,
+                    config=model.config,
+                    dtype=dtype,
+                    local_files_only=True,
+                    **text_encoders_if_missing(model, dtype),
+                )
+            else:
+                pipe = StableDiffusionXLPipeline.from_pretrained(
+                    model.path, dtype=dtype_for(device), variant=model.variant, use_safetensors=True
+                )
+            pipe.set_progress_bar_config(disable=True)
+            pipe.to(device)
     except Exception as exc:
         local = Path(model.path)
         damaged = damaged_file(local) if local.exists() else None
@@ -81,8 +96,7 @@ def load_pipeline(model: ModelInfo, device: str) -> StableDiffusionXLPipeline:
                 model.id, f"model {model.id!r}: {file} is corrupt or truncated ({reason})", file=str(file)
             ) from exc
         raise ModelLoadError(model.id, f"model {model.id!r} failed to load: {type(exc).__name__}: {exc}") from exc
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe
 
 
 class EagerEngine:
@@ -112,61 +126,72 @@ class EagerEngine:
         )
 
     def run(self, job: Job) -> GenerationResult:
-        if job.cancel.is_set():
+        return self.run_batch([job])[0]
+
+    def run_batch(self, jobs: Sequence[Job]) -> list[GenerationResult]:
+        first = jobs[0]
+        if any(job_batch_key(job) != job_batch_key(first) for job in jobs):
+            raise ValueError("jobs in one batch must share model, LoRAs, size, steps, sampler and guidance")
+        if len(jobs) > 1 and first.controls:
+            raise ValueError("jobs with ControlNet control run alone")
+        if all(job.cancel.is_set() for job in jobs):
             raise JobCancelled
-        # 1. LoRAs: loaded once per pipeline, switched by adapter weights.
+        # 1. LoRAs: loaded once per pipeline, switched by adapter weights (the batch shares one set).
         try:
-            self.adapters.activate(job.loras)
+            self.adapters.activate(first.loras)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            names = ", ".join(f"{lora.name} ({lora.path})" for lora in job.loras)
+            names = ", ".join(f"{lora.name} ({lora.path})" for lora in first.loras)
             raise AssetError("lora_invalid", f"could not apply LoRA {names}: {exc}") from exc
 
-        # 2. Control images and their ControlNets.
-        control_images = [self._control_image(control, job) for control in job.controls]
-        controlnets = [self._controlnet(control.type) for control in job.controls]
+        # 2. Control images and their ControlNets (a job with control is a batch of one).
+        control_images = [self._control_image(control, first) for control in first.controls]
+        controlnets = [self._controlnet(control.type) for control in first.controls]
 
         # 3. A request-scoped pipeline: shares every weight, owns a fresh scheduler (schedulers hold state).
-        components = {**self.pipe.components, "scheduler": make_scheduler(job.scheduler, self.pipe.scheduler.config)}
+        components = {**self.pipe.components, "scheduler": make_scheduler(first.scheduler, self.pipe.scheduler.config)}
         control_args: dict[str, Any] = {}
         pipe: Any
         if controlnets:
             pipe = StableDiffusionXLControlNetPipeline(**components, controlnet=controlnets)
             control_args = {
                 "image": control_images,
-                "controlnet_conditioning_scale": [c.strength for c in job.controls],
-                "control_guidance_start": [c.start for c in job.controls],
-                "control_guidance_end": [c.end for c in job.controls],
+                "controlnet_conditioning_scale": [c.strength for c in first.controls],
+                "control_guidance_start": [c.start for c in first.controls],
+                "control_guidance_end": [c.end for c in first.controls],
             }
         else:
             pipe = StableDiffusionXLPipeline(**components)
         pipe.set_progress_bar_config(disable=True)
 
-        # 4. One CPU generator per image: image k of seed s is reproducible alone and on any device.
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in job.seeds]
+        # 4. One CPU generator per image: image k of seed s is the same alone, in any batch and on any device.
+        generators = [torch.Generator("cpu").manual_seed(seed) for job in jobs for seed in job.seeds]
+        rows = _row_ranges(jobs)
 
-        # 5. Per-step callback: cancel flag, progress and an occasional latent preview.
+        # 5. Per-step callback: cancel flags, each job's progress and an occasional latent preview.
         def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            if job.cancel.is_set():
+            if all(job.cancel.is_set() for job in jobs):
                 raise JobCancelled
             done, total = step + 1, pipeline.num_timesteps
-            preview = None
-            if job.preview_every and done % job.preview_every == 0 and done < total:
-                preview = latent_preview(tensors["latents"], job.preview_size)
-            if job.on_progress is not None:
+            want_preview = first.preview_every and done % first.preview_every == 0 and done < total
+            for job, (begin, _) in zip(jobs, rows, strict=True):
+                if job.on_progress is None or job.cancel.is_set():
+                    continue
+                preview = latent_preview(tensors["latents"][begin:], job.preview_size) if want_preview else None
                 job.on_progress(done, total, preview)
             return {}
 
-        # 6. Denoise and decode.
+        # 6. Each job's own prompts, encoded apart and stacked (row r of the batch is one image of one job),
+        # then denoise and decode.
         started = time.perf_counter()
         try:
+            embeddings = self._encode_prompts(pipe, jobs)
             output = pipe(
-                prompt=job.prompt,
-                negative_prompt=job.negative_prompt or None,
-                width=job.width,
-                height=job.height,
-                num_inference_steps=job.steps,
-                guidance_scale=job.guidance_scale,
-                num_images_per_prompt=len(job.seeds),
+                **embeddings,
+                width=first.width,
+                height=first.height,
+                num_inference_steps=first.steps,
+                guidance_scale=first.guidance_scale,
+                num_images_per_prompt=1,
                 generator=generators,
                 callback_on_step_end=on_step_end,
                 callback_on_step_end_tensor_inputs=["latents"],
@@ -176,7 +201,28 @@ class EagerEngine:
         except torch.OutOfMemoryError as exc:
             self._release_cached_memory()
             raise OutOfMemory(str(exc)) from exc
-        return GenerationResult(images=list(output.images), denoise_s=time.perf_counter() - started)
+        denoise_s = time.perf_counter() - started
+        images = list(output.images)
+        return [GenerationResult(images=images[begin:end], denoise_s=denoise_s) for begin, end in rows]
+
+    def _encode_prompts(self, pipe: Any, jobs: Sequence[Job]) -> dict[str, Any]:
+        """Prompt and pooled embeddings for every row, exactly as the pipeline encodes one job's prompt."""
+        guided = jobs[0].guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+        parts = [
+            pipe.encode_prompt(
+                prompt=job.prompt,
+                device=pipe._execution_device,
+                num_images_per_prompt=len(job.seeds),
+                do_classifier_free_guidance=guided,
+                negative_prompt=job.negative_prompt or None,
+            )
+            for job in jobs
+        ]
+        names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+        return {
+            name: torch.cat([part[index] for part in parts]) if parts[0][index] is not None else None
+            for index, name in enumerate(names)
+        }
 
     def _controlnet(self, kind: str) -> Any:
         if kind not in self._controlnets:
@@ -186,7 +232,8 @@ class EagerEngine:
             if not source:
                 raise AssetError("controlnet_unavailable", f"no {kind} ControlNet is installed for {self.model.id}")
             try:
-                controlnet = ControlNetModel.from_pretrained(source, dtype=dtype_for(self.device))
+                with LOADING:
+                    controlnet = ControlNetModel.from_pretrained(source, dtype=dtype_for(self.device))
             except Exception as exc:
                 raise AssetError(
                     "controlnet_unavailable", f"the {kind} ControlNet at {source} failed to load: {exc}"
@@ -208,7 +255,8 @@ class EagerEngine:
     def _depth_estimator(self) -> DepthEstimator | None:
         if self._depth is None and self.model.depth_model:
             try:
-                self._depth = DepthEstimator(self.model.depth_model, self.device)
+                with LOADING:
+                    self._depth = DepthEstimator(self.model.depth_model, self.device)
             except Exception as exc:
                 raise AssetError(
                     "control_invalid", f"the depth model at {self.model.depth_model} failed to load: {exc}"

@@ -8,12 +8,15 @@ from typing import Any
 
 from PIL import Image
 
+from engines.loading import LOADING
+
 
 class ImageFilter:
     def __init__(self, source: str, device: str, unsafe_labels: Iterable[str], threshold: float) -> None:
         from transformers import pipeline
 
-        self._classify: Any = pipeline("image-classification", model=source, device=device)
+        with LOADING:
+            self._classify: Any = pipeline("image-classification", model=source, device=device)
         self._unsafe = {label.strip().casefold() for label in unsafe_labels if label.strip()}
         self._threshold = threshold
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from forge.batching import BatchPolicy
+from forge.config import Config
 from forge.engine import Engine, ModelInfo
 from forge.errors import ConfigError
 
@@ -50,10 +52,19 @@ def check_backend(backend: str) -> None:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}", field="backend")
 
 
+GPU_MAX_BATCH = 8
+
+
+def batch_policy(config: Config, devices: list[str]) -> BatchPolicy:
+    """Batching as configured; by default on where every engine is a GPU, off on a CPU."""
+    automatic = GPU_MAX_BATCH if all(device.startswith("cuda") for device in devices) else 1
+    return BatchPolicy(max_images=config.max_batch or automatic, max_wait_s=config.batch_wait_ms / 1000)
+
+
 def prepare_thread(device: str, cpu_threads: int = 0) -> None:
     """Once, on the thread that will run the device's engines. cpu_threads: 0 leaves PyTorch's default."""
     quiet_libraries()
-    if device == "cpu" and cpu_threads:
+    if device.startswith("cpu") and cpu_threads:
         import torch
 
         torch.set_num_threads(cpu_threads)

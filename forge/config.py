@@ -81,6 +81,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     max_output_pixels: Annotated[int, Meta(ge=4096)] = 4096 * 4096
     max_upload_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024 * 1024
     backend: Backend = "eager"
+    # Dynamic batching: tasks that share model, LoRAs, size, steps, sampler and guidance are denoised as one
+    # UNet batch of up to `max_batch` images (0: 8 on GPUs, 1 (off) on a CPU, where batches gain nothing).
+    # A part-filled batch waits at most `batch_wait_ms` for company, and only while nothing else is queued.
+    max_batch: Annotated[int, Meta(ge=0, le=64)] = 0
+    batch_wait_ms: Annotated[float, Meta(ge=0, le=10_000)] = 20.0
     # "auto": every visible CUDA device, else one CPU engine. Otherwise a comma-separated list.
     devices: str = "auto"
     # Intra-op threads for a CPU engine; 0: all cores but one, which stays free for the event loop and I/O.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -76,6 +76,12 @@ class Job:
     preview_size: int = 128
     on_progress: ProgressFn | None = None
     cancel: CancelFlag = field(default_factory=CancelFlag)
+
+
+def job_batch_key(job: Job) -> tuple[object, ...]:
+    """Jobs with equal keys can share one UNet batch."""
+    loras = tuple((lora.path, lora.weight) for lora in job.loras)
+    return (job.model.id, loras, job.width, job.height, job.steps, job.scheduler, job.guidance_scale)
 
 
 def job_for(
@@ -165,7 +171,15 @@ class Engine(Protocol):
 
     def warm(self) -> None: ...
 
-    def run(self, job: Job) -> GenerationResult: ...
+    def run(self, job: Job) -> GenerationResult:
+        """One job alone; raises JobCancelled when its flag is set before or during the run."""
+        ...
+
+    def run_batch(self, jobs: Sequence[Job]) -> list[GenerationResult]:
+        """Jobs that share a batch key, denoised together: one result per job, in order, each the images its
+        own seeds give alone. Raises JobCancelled only when every job's flag is set; a job cancelled while
+        the others go on still gets a result, which the caller discards."""
+        ...
 
     def memory_bytes(self) -> int: ...
 

@@ -16,6 +16,7 @@ class Queued(TaskEvent, tag="queued", frozen=True):
 class Started(TaskEvent, tag="started", frozen=True):
     attempt: int
     device: str
+    batch: int = 1  # tasks denoised together in this run (dynamic batching), this one included
 
 
 class Progress(TaskEvent, tag="progress", frozen=True):

@@ -34,21 +34,27 @@ class EngineReady(Msg, frozen=True):
 
 
 class EngineIdle(Msg, frozen=True):
-    """Engine -> scheduler: finished `task_id` (whatever the outcome) and is free again."""
+    """Engine -> scheduler: finished the batch of `task_ids` (whatever each outcome) and is free again."""
 
     device: str
-    task_id: str
+    task_ids: list[str]
 
 
 SchedulerInbox = Submit | Cancel | EngineReady | EngineIdle
 
 
-class Dispatch(Msg, frozen=True):
-    """Scheduler -> engine: run this task (already marked `running`)."""
+class Assignment(msgspec.Struct, frozen=True, kw_only=True):
+    """One task of a dispatched batch, already marked `running`, with the flag that cancels it alone."""
 
     task: TaskRecord
     cancel: CancelFlag
     request_id: str = ""
+
+
+class Dispatch(Msg, frozen=True):
+    """Scheduler -> engine: run these tasks as one batch (they share a batch key; often just one task)."""
+
+    batch: list[Assignment]
 
 
 EngineInbox = Dispatch

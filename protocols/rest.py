@@ -205,7 +205,8 @@ class RestApi:
                 return [Queued(task_id=task_id, position=self.scheduler.position(record))]
             case TaskState.RUNNING:
                 progress = self.hub.latest_progress(task_id)
-                started = Started(task_id=task_id, attempt=record.attempt, device=self.scheduler.device_of(task_id))
+                device, batch = self.scheduler.placement(task_id)
+                started = Started(task_id=task_id, attempt=record.attempt, device=device, batch=batch)
                 return [started] if progress is None else [started, progress]
             case TaskState.POSTPROCESSING:
                 return [Postprocessing(task_id=task_id)]

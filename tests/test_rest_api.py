@@ -77,14 +77,14 @@ async def test_higher_priority_runs_first_and_queue_positions_are_reported(serve
 
 
 async def test_out_of_memory_fails_that_task_alone(server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_call = StableDiffusionXLPipeline.__call__
+    real_encode = StableDiffusionXLPipeline.encode_prompt
 
-    def call_that_runs_out_of_memory(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if "enormous" in kwargs.get("prompt", ""):
+    def encode_that_runs_out_of_memory(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if "enormous" in (kwargs.get("prompt") or ""):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real_call(self, *args, **kwargs)
+        return real_encode(self, *args, **kwargs)
 
-    monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", call_that_runs_out_of_memory)
+    monkeypatch.setattr(StableDiffusionXLPipeline, "encode_prompt", encode_that_runs_out_of_memory)
     before = await submit(server.client, steps=1)
     doomed = await submit(server.client, prompt="an enormous dragon", steps=1)
     after = await submit(server.client, steps=1)

@@ -1,0 +1,31 @@
+"""Which queued tasks may share one UNet batch, and how long a batch may wait to fill."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from forge.requests import GenerationSpec
+
+BatchKey = tuple[object, ...]
+
+
+def batch_key(spec: GenerationSpec) -> BatchKey | None:
+    """Tasks with equal keys can be denoised together; None: the task always runs alone (ControlNet inputs
+    differ per task and their networks change the UNet's inputs)."""
+    if spec.control:
+        return None
+    loras = tuple((lora.name, lora.weight) for lora in spec.loras)
+    return (spec.model, loras, spec.width, spec.height, spec.steps, spec.scheduler, spec.guidance_scale)
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """`max_images`: rows of one batch (a task's images count each); 1 turns batching off.
+    `max_wait_s`: how long a part-filled batch may wait for company, counted from its oldest task's arrival,
+    and only while nothing else is queued."""
+
+    max_images: int = 1
+    max_wait_s: float = 0.0
+
+
+NO_BATCHING = BatchPolicy()
