@@ -22,7 +22,7 @@ from actors.model_catalog import ModelCatalog
 from actors.store import Store
 from actors.uploads import UploadStore
 from engines.cache import ModelCache
-from engines.loader import load_engine, prepare_thread
+from engines.loader import BackendSettings, load_engine, prepare_thread
 from forge.engine import (
     AssetError,
     CancelFlag,
@@ -86,7 +86,7 @@ class EngineActor:
         self,
         *,
         device: str,
-        backend: str,
+        backend: BackendSettings,
         catalog: ModelCatalog,
         loras: LoraCatalog,
         uploads: UploadStore,
@@ -120,7 +120,7 @@ class EngineActor:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         default = self._catalog.default
-        log.info("engine %s: loading %s (%s backend)", self.device, default.id, self._backend)
+        log.info("engine %s: loading %s (%s backend)", self.device, default.id, self._backend.name)
         try:
             await self._thread.run_sync(prepare_thread, self.device, self._cpu_threads)
             await self.load_model(default)  # loads and warms; the default model failing is fatal

@@ -28,7 +28,14 @@ from actors.scheduler import Scheduler
 from actors.store import Store
 from actors.uploads import UploadStore
 from engines.background import MODEL_SUFFIX as BACKGROUND_SUFFIX
-from engines.loader import batch_policy, check_backend, cpu_threads_for_serving, memory_budget, visible_devices
+from engines.loader import (
+    backend_settings,
+    batch_policy,
+    check_backend,
+    cpu_threads_for_serving,
+    memory_budget,
+    visible_devices,
+)
 from engines.models import resolve_models
 from engines.postprocess import ImageFilterSettings, PostprocessTools
 from engines.upscale import UPSCALER_SUFFIXES
@@ -143,13 +150,14 @@ def load_resources(config: Config) -> Resources:
 async def serve(
     config: Config, *, shutdown: anyio.Event, task_status: TaskStatus[ServerHandle] = anyio.TASK_STATUS_IGNORED
 ) -> None:
-    check_backend(config.backend)
     check_exposure(config)
     resources = load_resources(config)  # style files are checked here, before any model loads
     setup = DeviceThread("model-setup")  # may build the tiny model with torch: a thread that then ends
     try:
-        models = await setup.run_sync(resolve_models, config)
         devices = await setup.run_sync(visible_devices, config.devices)
+        backend = backend_settings(config, devices)
+        check_backend(backend)
+        models = await setup.run_sync(resolve_models, config)
         still_missing = await setup.run_sync(fetch_hub_loras, resources.loras, config.hub_timeout_s)
     finally:
         setup.stop()
@@ -211,7 +219,7 @@ async def serve(
         engines = [
             EngineActor(
                 device=device,
-                backend=config.backend,
+                backend=backend,
                 catalog=catalog,
                 loras=resources.loras,
                 uploads=uploads,

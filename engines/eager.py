@@ -44,7 +44,7 @@ def dtype_for(device: str) -> torch.dtype:
 
 def module_bytes(module: Any) -> int:
     tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(t.numel() * t.element_size() for t in tensors if not t.is_meta)
 
 
 LDM_TEXT_ENCODER_PREFIX = "conditioner.embedders."

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
+from engines.onnx_export import DEFAULT_SHAPES, ShapeRange
 from forge.batching import BatchPolicy
 from forge.config import Config
 from forge.engine import Engine, ModelInfo
@@ -44,12 +47,55 @@ def cpu_threads_for_serving(configured: int) -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 
 
-def check_backend(backend: str) -> None:
-    """Fail at start, before anything is served, for a backend this build cannot run."""
-    if backend != "eager":
-        if backend in BACKENDS:
-            raise ConfigError(f"backend {backend!r} is not available in this build; use 'eager'", field="backend")
-        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}", field="backend")
+@dataclass(frozen=True)
+class BackendSettings:
+    """Which backend builds engines, and its options. `cache_dir` holds compile caches and TensorRT engines."""
+
+    name: str = "eager"
+    cache_dir: Path = Path("data/engine-cache")
+    compile_mode: str = "auto"
+    quantize: str = "none"
+    fuse_qkv: bool = True
+    shapes: ShapeRange = DEFAULT_SHAPES
+
+
+MAX_IMAGES_PER_REQUEST = 8
+
+
+def backend_settings(config: Config, devices: list[str]) -> BackendSettings:
+    rows = 2 * max(batch_policy(config, devices).max_images, MAX_IMAGES_PER_REQUEST)  # two rows an image (CFG)
+    return BackendSettings(
+        name=config.backend,
+        cache_dir=config.data_path / "engine-cache",
+        compile_mode=config.compile_mode,
+        quantize=config.quantize,
+        fuse_qkv=config.fuse_qkv,
+        shapes=ShapeRange(
+            max_batch=rows,
+            min_side=config.tensorrt_min_side,
+            opt_side=config.tensorrt_opt_side,
+            max_side=config.tensorrt_max_side,
+        ),
+    )
+
+
+def check_backend(settings: BackendSettings) -> None:
+    """Fail at start, before anything is served, for a backend this machine cannot run."""
+    if settings.name not in BACKENDS:
+        raise ConfigError(f"unknown backend {settings.name!r}; choose one of {', '.join(BACKENDS)}", field="backend")
+    if settings.name == "compiled":
+        from engines.compiled import check_quantization
+
+        check_quantization(settings.quantize)
+    elif settings.quantize != "none":
+        raise ConfigError("quantize applies to the compiled backend only", field="quantize")
+    if settings.name == "tensorrt":
+        from engines.tensorrt import require_tensorrt
+
+        shapes = settings.shapes
+        if not shapes.min_side <= shapes.opt_side <= shapes.max_side:
+            raise ConfigError("tensorrt sides must be min <= opt <= max", field="tensorrt_opt_side")
+        require_tensorrt()
 
 
 GPU_MAX_BATCH = 8
@@ -81,9 +127,23 @@ def memory_budget(device: str, configured_gb: float) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.5)
 
 
-def load_engine(backend: str, model: ModelInfo, device: str) -> Engine:
+def load_engine(settings: BackendSettings, model: ModelInfo, device: str) -> Engine:
     """Load (not warm) one engine. Blocking: call from the device's thread."""
-    check_backend(backend)
+    check_backend(settings)
+    if settings.name == "compiled":
+        from engines.compiled import CompiledEngine, CompileOptions, cache_dir_for
+
+        options = CompileOptions(
+            cache_dir=cache_dir_for(settings.cache_dir / "compiled", device),
+            mode=settings.compile_mode,
+            quantize=settings.quantize,
+            fuse_qkv=settings.fuse_qkv,
+        )
+        return CompiledEngine(model, device, options)
+    if settings.name == "tensorrt":
+        from engines.tensorrt import TensorRTEngine, TensorRTOptions
+
+        return TensorRTEngine(model, device, TensorRTOptions(settings.cache_dir / "tensorrt", settings.shapes))
     from engines.eager import EagerEngine
 
     return EagerEngine(model, device)

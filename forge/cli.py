@@ -71,7 +71,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from actors.postprocess import write_outputs
     from actors.supervisor import load_resources
-    from engines.loader import load_engine, prepare_thread, visible_devices
+    from engines.loader import backend_settings, load_engine, prepare_thread, visible_devices
     from engines.models import resolve_model
     from forge.engine import LoraWeight, job_for
     from forge.requests import GenerationRequest
@@ -104,7 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ]
     device = args.device or visible_devices(config.devices)[0]
     prepare_thread(device)
-    engine = load_engine(config.backend, model, device)
+    engine = load_engine(backend_settings(config, [device]), model, device)
     bar = tqdm(total=spec.steps, desc="denoising", unit="step", file=sys.stderr)
 
     def on_progress(step: int, total: int, _preview: object) -> None:

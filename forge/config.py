@@ -81,6 +81,15 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     max_output_pixels: Annotated[int, Meta(ge=4096)] = 4096 * 4096
     max_upload_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024 * 1024
     backend: Backend = "eager"
+    # compiled: a torch.compile mode ("auto": max-autotune, with CUDA graphs, on GPUs; default on a CPU), weight
+    # quantisation through torchao ("int8", "fp8"; changes the images slightly) and fused QKV projections.
+    compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "auto"
+    quantize: Literal["none", "int8", "fp8"] = "none"
+    fuse_qkv: bool = True
+    # tensorrt: the image sides (pixels) one engine covers; the batch range follows max_batch.
+    tensorrt_min_side: Annotated[int, Meta(ge=64, le=4096, multiple_of=64)] = 512
+    tensorrt_opt_side: Annotated[int, Meta(ge=64, le=4096, multiple_of=64)] = 1024
+    tensorrt_max_side: Annotated[int, Meta(ge=64, le=4096, multiple_of=64)] = 1536
     # Dynamic batching: tasks that share model, LoRAs, size, steps, sampler and guidance are denoised as one
     # UNet batch of up to `max_batch` images (0: 8 on GPUs, 1 (off) on a CPU, where batches gain nothing).
     # A part-filled batch waits at most `batch_wait_ms` for company, and only while nothing else is queued.

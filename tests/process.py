@@ -40,16 +40,16 @@ class ServerProcess:
         }
         self.process: Process | None = None
 
-    async def start(self) -> None:
+    async def start(self, ready_timeout_s: float = 90) -> None:
         with open(self.log, "ab") as log:
             self.process = await anyio.open_process(
                 [sys.executable, "-m", "forge.cli", "serve"], env=self.env, stdout=log, stderr=log
             )
         async with httpx.AsyncClient(base_url=self.url) as client:
-            with anyio.fail_after(90):
+            with anyio.fail_after(ready_timeout_s):
                 while True:
                     try:
-                        await wait_ready(client, timeout_s=90)
+                        await wait_ready(client, timeout_s=ready_timeout_s)
                         return
                     except httpx.TransportError:
                         await anyio.sleep(0.1)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from engines.cache import ModelCache
-from engines.loader import load_engine
+from engines.loader import BackendSettings, load_engine
 from engines.models import resolve_model
 from tests.conftest import RunningServer, server_config, start_server
 from tests.helpers import generate_pixels, submit, wait_for_state
@@ -148,7 +148,9 @@ def test_switching_models_does_not_grow_memory(tiny_model: Path, other_tiny_mode
         replace(resolve_model(str(path), path.parent, 1), id=f"m{index}")
         for index, path in enumerate(other_tiny_models)
     )
-    cache = ModelCache("cpu", int(2.5 * TINY_BYTES), pinned.id, lambda model: load_engine("eager", model, "cpu"))
+    cache = ModelCache(
+        "cpu", int(2.5 * TINY_BYTES), pinned.id, lambda model: load_engine(BackendSettings(), model, "cpu")
+    )
     cache.get(pinned)
 
     def switch(count: int) -> None:

@@ -1,0 +1,147 @@
+"""torch.compile backend: the eager pipeline with its UNet and VAE decoder compiled in place.
+
+On CUDA: fused QKV projections, channels_last, and inductor's max-autotune (CUDA graphs for each shape
+it sees). Compiled kernels, autotuning results and Triton binaries are kept under the data directory, so a
+restart on the same machine and software compiles from the cache. Weights may be quantised (torchao)
+behind `quantize`; that changes the numbers, so benchmarks report it apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engines.eager import EagerEngine
+from forge.engine import GenerationResult, Job, ModelInfo
+from forge.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# More shapes than the default 8 before dynamo gives up and runs eagerly: sizes x batch sizes x LoRA sets.
+RECOMPILE_LIMIT = 64
+QUANTIZATIONS = ("none", "int8", "fp8")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    cache_dir: Path
+    mode: str = "auto"  # a torch.compile mode; auto: max-autotune on CUDA, default elsewhere
+    quantize: str = "none"  # none | int8 | fp8 (weights, via torchao)
+    fuse_qkv: bool = True
+
+
+def cache_dir_for(root: Path, device: str) -> Path:
+    """Compiled artefacts are only valid for one torch build and one kind of device."""
+    kind = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.machine()
+    name = f"torch-{torch.__version__}-{kind}".replace(" ", "_").replace("/", "_")
+    return root / name
+
+
+def use_cache_dir(path: Path) -> None:
+    """Point inductor's and Triton's caches at `path` (read when each compile starts)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(path / "triton")
+    import torch._inductor.config as inductor
+
+    inductor.fx_graph_cache = True
+    inductor.autotune_local_cache = True
+
+
+def check_quantization(quantize: str) -> None:
+    """At start: a quantisation that cannot run here stops the server with the reason."""
+    if quantize not in QUANTIZATIONS:
+        raise ConfigError(f"quantize must be one of {', '.join(QUANTIZATIONS)}", field="quantize")
+    if quantize == "none":
+        return
+    try:
+        import torchao  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            f"quantize={quantize!r} needs torchao (pip install 'chara-forge[fast]'): {exc}", field="quantize"
+        ) from exc
+
+
+def quantize_weights(module: torch.nn.Module, kind: str) -> None:
+    from torchao.quantization import quantize_
+
+    if kind == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        quantize_(module, Int8WeightOnlyConfig())
+    elif kind == "fp8":
+        from torchao.quantization import Float8WeightOnlyConfig
+
+        quantize_(module, Float8WeightOnlyConfig())
+
+
+class CompiledEngine(EagerEngine):
+    def __init__(self, model: ModelInfo, device: str, options: CompileOptions) -> None:
+        super().__init__(model, device)
+        self.options = options
+        use_cache_dir(options.cache_dir)
+        import torch._dynamo.config as dynamo
+
+        dynamo.cache_size_limit = max(dynamo.cache_size_limit, RECOMPILE_LIMIT)
+        pipe, cuda = self.pipe, device.startswith("cuda")
+        self._fused = options.fuse_qkv and cuda
+        if self._fused:
+            pipe.fuse_qkv_projections()
+        if cuda:
+            _tune_inductor_for_diffusion()
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        if options.quantize != "none":
+            quantize_weights(pipe.unet, options.quantize)
+        mode = options.mode if options.mode != "auto" else ("max-autotune" if cuda else "default")
+        # In place (nn.Module.compile): the pipeline, LoRA loading and memory accounting keep the same modules.
+        pipe.unet.compile(mode=mode, fullgraph=True)
+        pipe.vae.decoder.compile(mode=mode)
+
+    def warm(self) -> None:
+        """The first run compiles (or loads the compiled code from the cache); say which, and how long."""
+        before = self.compile_statistics()
+        started = time.perf_counter()
+        super().warm()
+        after = self.compile_statistics()
+        hits, misses = (after[name] - before[name] for name in ("fxgraph_cache_hit", "fxgraph_cache_miss"))
+        log.info(
+            "%s on %s: compiled in %.1f s (compile cache: %d hits, %d misses, in %s)",
+            self.model.id, self.device, time.perf_counter() - started, hits, misses, self.options.cache_dir,
+        )  # fmt: skip
+
+    def run_batch(self, jobs: Sequence[Job]) -> list[GenerationResult]:
+        if jobs[0].loras and self._fused:
+            # peft adapts to_q/to_k/to_v, which the fused projection bypasses: unfuse once, for good
+            # (the compiled graph's guards see the change and it recompiles).
+            self.pipe.unfuse_qkv_projections()
+            self._fused = False
+        return super().run_batch(jobs)
+
+    def compile_statistics(self) -> dict[str, Any]:
+        """Inductor's cache hits and misses so far in this process (a warm start is all hits)."""
+        from torch._dynamo.utils import counters
+
+        inductor = counters["inductor"]
+        return {
+            "fxgraph_cache_hit": inductor["fxgraph_cache_hit"],
+            "fxgraph_cache_miss": inductor["fxgraph_cache_miss"],
+        }
+
+
+def _tune_inductor_for_diffusion() -> None:
+    """The settings diffusers' own guide to fast SDXL inference uses for UNet convolutions."""
+    import torch._inductor.config as inductor
+
+    inductor.conv_1x1_as_mm = True
+    inductor.coordinate_descent_tuning = True
+    inductor.epilogue_fusion = False
+    inductor.coordinate_descent_check_all_directions = True

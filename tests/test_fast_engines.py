@@ -1,0 +1,118 @@
+"""The compiled and TensorRT backends: what runs on a CPU (torch.compile, the ONNX export checked with
+onnxruntime, and the startup errors where a backend's dependencies are missing)."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+from pathlib import Path
+
+import anyio
+import numpy as np
+import pytest
+from PIL import Image
+
+from actors.supervisor import serve
+from engines.eager import EagerEngine
+from engines.models import resolve_model
+from engines.onnx_export import (
+    UNET_INPUTS,
+    ShapeRange,
+    UNetForExport,
+    VaeDecoderForExport,
+    export_unet,
+    export_vae_decoder,
+    unet_example,
+    vae_example,
+)
+from forge.engine import Job
+from forge.errors import ConfigError
+from tests.conftest import server_config
+from tests.helpers import submit, wait_for_state
+from tests.process import ServerProcess
+
+pytestmark = pytest.mark.anyio
+
+
+def test_unet_and_vae_decoder_export_to_onnx_with_dynamic_batch_and_size(tiny_model: Path, tmp_path: Path) -> None:
+    import onnxruntime
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
+    shapes = ShapeRange(min_side=64, opt_side=64, max_side=128)
+    unet_file = export_unet(pipe.unet, tmp_path / "unet" / "model.onnx", shapes)
+    vae_file = export_vae_decoder(pipe.vae, tmp_path / "vae" / "model.onnx", shapes)
+    unet = onnxruntime.InferenceSession(str(unet_file), providers=["CPUExecutionProvider"])
+    vae = onnxruntime.InferenceSession(str(vae_file), providers=["CPUExecutionProvider"])
+    for batch, side in ((2, 64), (3, 96), (1, 128)):  # other batch sizes and sizes than the export's example
+        inputs = unet_example(pipe.unet, batch, side)
+        with torch.no_grad():
+            expected = UNetForExport(pipe.unet)(*inputs).numpy()
+        (got,) = unet.run(None, {name: t.numpy() for name, t in zip(UNET_INPUTS, inputs, strict=True)})
+        assert got.shape == (batch, 4, side // 8, side // 8)
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+
+        (latent,) = vae_example(pipe.vae, batch, side)
+        with torch.no_grad():
+            expected = VaeDecoderForExport(pipe.vae)(latent).numpy()
+        (got,) = vae.run(None, {"latent": latent.numpy()})
+        assert got.shape == (batch, 3, side, side)
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+async def test_selecting_tensorrt_without_it_stops_the_start_with_a_clear_error(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    config = server_config(tmp_path / "data", tiny_model, backend="tensorrt")
+    with pytest.raises(ConfigError) as raised:
+        with anyio.fail_after(60):
+            await serve(config, shutdown=anyio.Event())
+    assert raised.value.field == "backend"
+    assert "TensorRT" in raised.value.message and "not installed" in raised.value.message
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is not None, reason="torchao is installed here")
+async def test_quantising_without_torchao_stops_the_start_with_a_clear_error(tmp_path: Path, tiny_model: Path) -> None:
+    config = server_config(tmp_path / "data", tiny_model, backend="compiled", quantize="int8")
+    with pytest.raises(ConfigError) as raised, anyio.fail_after(60):
+        await serve(config, shutdown=anyio.Event())
+    assert raised.value.field == "quantize" and "torchao" in raised.value.message
+
+
+async def test_compiled_backend_matches_eager_and_restarts_from_its_compile_cache(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """A real server process on the compiled backend: its image equals eager's within a pixel level, and a
+    restart on the same data directory compiles nothing (every compiled graph comes from the cache)."""
+    request = {"prompt": "a paladin", "seed": 5, "width": 64, "height": 64, "steps": 4, "guidance_scale": 5.0}
+    model = resolve_model(str(tiny_model), tiny_model.parent, 1)
+    eager = EagerEngine(model, "cpu").run(
+        Job(model=model, prompt="a paladin", negative_prompt="", width=64, height=64, seeds=[5], steps=4,
+            guidance_scale=5.0, scheduler="euler")
+    ).images[0]  # fmt: skip
+
+    data, log = tmp_path / "data", tmp_path / "server.log"
+    settings = {"backend": "compiled", "cpu_threads": "1", "enable_ui": "false", "enable_mcp": "false"}
+    for start in ("cold", "warm"):
+        server = ServerProcess(data, tiny_model, log, **settings)
+        await server.start(ready_timeout_s=400)
+        try:
+            import httpx
+
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                view = await wait_for_state(client, (await submit(client, **request))["id"], timeout_s=300)
+                assert view["state"] == "succeeded", view["error"]
+                png = (await client.get(view["images"][0]["url"])).content
+        finally:
+            assert await server.terminate() == 0
+        with Image.open(io.BytesIO(png)) as image:
+            compiled = np.asarray(image.convert("RGB"), dtype=np.int16)
+        assert int(np.abs(compiled - np.asarray(eager, dtype=np.int16)).max()) <= 2, start
+        lines = [line for line in log.read_text().splitlines() if "compile cache" in line]
+        assert lines, "the engine reports how it compiled"
+        if start == "warm":
+            assert " 0 misses" in lines[-1], lines[-1]
+        else:
+            assert " 0 misses" not in lines[-1], lines[-1]
