@@ -10,6 +10,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 TINY_MODEL_NAME = "chara-forge/tiny-sdxl-random"
 _FORMAT_VERSION = "1"
@@ -49,6 +50,20 @@ def _byte_level_vocab(directory: Path) -> None:
     (directory / "merges.txt").write_text("#version: 0.2\n")
 
 
+BYTE_LEVEL_VOCAB_SIZE = 514  # 256 byte symbols, each with and without `</w>`, then start and end of text
+
+
+def byte_level_tokenizer() -> Any:
+    """A CLIP tokenizer that needs no downloaded vocabulary (start of text 512, end of text and padding 513)."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as vocab_dir:
+        _byte_level_vocab(Path(vocab_dir))
+        return CLIPTokenizer(
+            str(Path(vocab_dir) / "vocab.json"), str(Path(vocab_dir) / "merges.txt"), model_max_length=77
+        )
+
+
 def build_tiny_sdxl(target: Path, seed: int = 0) -> Path:
     """Create the tiny model under `target` (idempotent: an existing complete build is kept)."""
     marker = target / _MARKER
@@ -57,7 +72,7 @@ def build_tiny_sdxl(target: Path, seed: int = 0) -> Path:
 
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     # 1. UNet: SDXL's block layout (text_time conditioning, linear projections) at toy width.
@@ -101,18 +116,14 @@ def build_tiny_sdxl(target: Path, seed: int = 0) -> Path:
         layer_norm_eps=1e-05,
         num_attention_heads=4,
         num_hidden_layers=2,
-        vocab_size=514,
+        vocab_size=BYTE_LEVEL_VOCAB_SIZE,
         max_position_embeddings=77,
         hidden_act="gelu",
         projection_dim=32,
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
-    with tempfile.TemporaryDirectory() as vocab_dir:
-        _byte_level_vocab(Path(vocab_dir))
-        tokenizer = CLIPTokenizer(
-            str(Path(vocab_dir) / "vocab.json"), str(Path(vocab_dir) / "merges.txt"), model_max_length=77
-        )
+    tokenizer = byte_level_tokenizer()
 
     # 4. Assemble and save as a standard diffusers folder.
     pipe = StableDiffusionXLPipeline(

@@ -81,7 +81,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     max_output_pixels: Annotated[int, Meta(ge=4096)] = 4096 * 4096
     max_upload_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024 * 1024
     backend: Backend = "eager"
-    # compiled: a torch.compile mode ("auto": max-autotune, with CUDA graphs, on GPUs; default on a CPU), weight
+    # compiled: a torch.compile mode ("auto": reduce-overhead, with CUDA graphs, on GPUs; default on a CPU), weight
     # quantisation through torchao ("int8", "fp8"; changes the images slightly) and fused QKV projections.
     compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "auto"
     quantize: Literal["none", "int8", "fp8"] = "none"
