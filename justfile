@@ -47,3 +47,13 @@ lint: setup
 bench: setup
     {{bin}}/python -m bench.server_bench
     {{bin}}/python -m bench.postprocess_bench
+
+# GPU benchmark: stock diffusers against each engine and the whole server on SDXL's real architecture with
+# random weights; prints one JSON line (also in $OUT/gpu_bench.json). Runs without .venv on a CUDA machine
+# that has PyTorch: it installs the wheels in bench/wheels first. `--tiny` smoke-tests it on a CPU.
+bench-gpu *ARGS:
+    bash bench/gpu_run.sh {{ARGS}}
+
+# Fetch the wheels bench-gpu installs on a machine without network (about 10 MiB, into bench/wheels)
+bench-gpu-wheels: setup
+    {{bin}}/python -m bench.gpu_wheels

@@ -1,0 +1,364 @@
+"""GPU benchmark: SDXL's real architecture with random weights, stock diffusers against each engine and
+against the whole server, in one process (the server in a child process). Prints one JSON line and
+keeps it in $OUT/gpu_bench.json, rewritten after every section so a run cut short still reports.
+
+- stock: diffusers' StableDiffusionXLPipeline as it ships (fp16, SDPA), the baseline for every ratio.
+- each engine (eager, compiled, tensorrt): cold load-to-ready (compile or engine build included), seconds
+  per image at 1024²/30 steps/batch 1 (median of 3), peak VRAM, max pixel difference from stock.
+- server: `chara-forge serve` on the fastest engine that worked, started on the caches the engine runs
+  left (a warm restart), then 8 concurrent clients: images/s, p50/p99 end-to-end latency.
+
+`--tiny` runs the same sections with the tiny model (a smoke test that works on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+TARGETS = {"batch1_ratio_max": 0.30, "images_per_s_min": 1.5, "warm_restart_s_max": 30.0}
+PROMPT, SEED, GUIDANCE = "a knight in silver armour, full body", 0, 5.0
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.started = time.monotonic()
+        self.result: dict[str, Any] = {"bench": "gpu", "tiny": args.tiny}
+        self.reference: Any = None  # stock diffusers' image, which every engine's is compared with
+        self.out = Path(os.environ.get("OUT", args.scratch)) / "gpu_bench.json"
+
+    def left_s(self) -> float:
+        return float(self.args.budget_s - (time.monotonic() - self.started))
+
+    def save(self) -> None:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(self.result, indent=1))
+
+    def section(self, name: str, needs_s: float, fn: Callable[[], Any]) -> Any:
+        """Run one section if the time budget allows; its result or error goes into the JSON."""
+        if self.left_s() < needs_s:
+            self.result[name] = {"skipped": f"needs ~{needs_s:.0f} s, {self.left_s():.0f} s left"}
+            self.save()
+            return None
+        started = time.monotonic()
+        try:
+            value = fn()
+        except Exception as exc:
+            traceback.print_exc()
+            value = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        if isinstance(value, dict):
+            value["section_s"] = round(time.monotonic() - started, 1)
+        self.result[name] = value
+        self.save()
+        return value
+
+
+def _peak_gib(device: str) -> float | None:
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+
+
+def _reset_peak(device: str) -> None:
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def _timed(device: str, run: Callable[[], Any], repeats: int) -> tuple[float, list[float], Any]:
+    """Median seconds over `repeats` runs after one warm-up, every run's seconds, and the last output."""
+    output = run()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        output = run()
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), [round(t, 3) for t in times], output
+
+
+def stock(bench: Bench, model: Path) -> dict[str, Any]:
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    args = bench.args
+    _reset_peak(args.device)
+    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=dtype).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run() -> Any:
+        return pipe(
+            PROMPT,
+            width=args.size,
+            height=args.size,
+            num_inference_steps=args.steps,
+            guidance_scale=GUIDANCE,
+            generator=torch.Generator("cpu").manual_seed(SEED),
+        ).images[0]
+
+    median, times, image = _timed(args.device, run, args.repeats)
+    bench.reference = np.asarray(image, dtype=np.int16)
+    return {"s_per_image": round(median, 3), "runs_s": times, "peak_vram_gib": _peak_gib(args.device)}
+
+
+def engine_run(bench: Bench, model: Path, backend: str) -> dict[str, Any]:
+    from engines.loader import BackendSettings, load_engine, prepare_thread
+    from engines.models import resolve_model
+    from engines.onnx_export import ShapeRange
+    from forge.engine import Job
+
+    args = bench.args
+    prepare_thread(args.device)
+    info = resolve_model(str(model), Path(args.scratch), 1)
+    settings = BackendSettings(
+        name=backend,
+        cache_dir=Path(args.scratch) / "data" / "engine-cache",
+        compile_mode=args.compile_mode,
+        quantize=args.quantize if backend == "compiled" else "none",
+        shapes=ShapeRange(
+            max_batch=16, min_side=min(512, args.size), opt_side=args.size, max_side=max(1536, args.size)
+        ),
+    )
+    _reset_peak(args.device)
+    started = time.perf_counter()
+    engine = load_engine(settings, info, args.device)
+    engine.warm()
+    _sync(args.device)
+    ready_s = time.perf_counter() - started
+    job = Job(model=info, prompt=PROMPT, negative_prompt="", width=args.size, height=args.size, seeds=[SEED],
+              steps=args.steps, guidance_scale=GUIDANCE, scheduler="euler")  # fmt: skip
+    median, times, result = _timed(args.device, lambda: engine.run(job), args.repeats)
+    image = np.asarray(result.images[0], dtype=np.int16)
+    reference = bench.reference
+    out: dict[str, Any] = {
+        "cold_ready_s": round(ready_s, 1),
+        "s_per_image": round(median, 3),
+        "runs_s": times,
+        "peak_vram_gib": _peak_gib(args.device),
+        "max_pixel_diff_vs_stock": None if reference is None else int(np.abs(image - reference).max()),
+    }
+    if backend == "compiled":
+        out["compile_mode"] = args.compile_mode
+        out["quantize"] = settings.quantize
+    engine.close()
+    return out
+
+
+def server_run(bench: Bench, model: Path, backend: str) -> dict[str, Any]:
+    """The real server in its own process on the caches left by the engine runs: ready time, then load."""
+    args = bench.args
+    port = _free_port()
+    env = {
+        **os.environ,
+        "FORGE_MODEL": str(model),
+        "FORGE_DATA_DIR": str(Path(args.scratch) / "data"),
+        "FORGE_API_PORT": str(port),
+        "FORGE_HOST": "127.0.0.1",
+        "FORGE_ENABLE_UI": "false",
+        "FORGE_ENABLE_MCP": "false",
+        "FORGE_BACKEND": backend,
+        "FORGE_COMPILE_MODE": args.compile_mode,
+        "FORGE_DEVICES": args.device,
+        "FORGE_LOG_LEVEL": "INFO",
+        "FORGE_MAX_QUEUE": "1000",
+        "HF_HUB_OFFLINE": "1",
+    }
+    if args.max_batch:
+        env["FORGE_MAX_BATCH"] = str(args.max_batch)
+    log = Path(args.scratch) / "server.log"
+    started = time.monotonic()
+    with log.open("ab") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "forge.cli", "serve"], env=env, stdout=sink, stderr=sink)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, timeout=60) as client:
+            ready_s = _wait_ready(client, process, max(bench.left_s() - 60, 30)) - started
+        latencies, elapsed = _load(base, args)
+    finally:
+        process.terminate()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    images = args.clients * args.per_client
+    quantiles = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
+    return {
+        "backend": backend,
+        "warm_restart_ready_s": round(ready_s, 1),
+        "clients": args.clients,
+        "images": images,
+        "images_per_s": round(images / elapsed, 3),
+        "latency_p50_s": round(quantiles[49], 3),
+        "latency_p99_s": round(quantiles[98], 3),
+        "log_tail": log.read_text(errors="replace").splitlines()[-8:],
+    }
+
+
+def _load(base: str, args: argparse.Namespace) -> tuple[list[float], float]:
+    """`clients` threads, each submitting `per_client` requests one after another and polling to the end."""
+    import threading
+
+    latencies: list[float] = []
+    failures: list[str] = []
+
+    def user(index: int) -> None:
+        with httpx.Client(base_url=base, timeout=120) as client:
+            for n in range(args.per_client):
+                body = {"prompt": f"hero {index}-{n}", "width": args.size, "height": args.size, "steps": args.steps,
+                        "guidance_scale": GUIDANCE, "seed": index * 100 + n}  # fmt: skip
+                started = time.perf_counter()
+                task = client.post("/v1/generations", json=body).json()
+                while (view := client.get(f"/v1/generations/{task['id']}").json())["state"] not in (
+                    "succeeded", "failed", "cancelled",
+                ):  # fmt: skip
+                    time.sleep(0.02)
+                if view["state"] != "succeeded":
+                    failures.append(str(view.get("error")))
+                latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(args.clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise RuntimeError(f"{len(failures)} generations failed: {failures[:3]}")
+    return latencies, time.perf_counter() - started
+
+
+def _wait_ready(client: httpx.Client, process: subprocess.Popen[bytes], timeout_s: float) -> float:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode} before it was ready")
+        try:
+            if client.get("/readyz").status_code == 200:
+                return time.monotonic()
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"the server was not ready within {timeout_s:.0f} s")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def summarise(bench: Bench, backends: list[str]) -> None:
+    result = bench.result
+    base = (result.get("stock") or {}).get("s_per_image")
+    ratios = {}
+    for backend in backends:
+        seconds = (result.get(backend) or {}).get("s_per_image")
+        if base and seconds:
+            ratios[backend] = round(seconds / base, 3)
+    result["batch1_ratio_vs_stock"] = ratios
+    server = result.get("server") or {}
+    best = min(ratios.values()) if ratios else None
+    result["targets"] = TARGETS
+    result["meets_targets"] = {
+        "batch1_ratio": best is not None and best <= TARGETS["batch1_ratio_max"],
+        "images_per_s": server.get("images_per_s", 0) >= TARGETS["images_per_s_min"],
+        "warm_restart": server.get("warm_restart_ready_s", 1e9) < TARGETS["warm_restart_s_max"],
+    }
+    result["total_s"] = round(time.monotonic() - bench.started, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="the tiny model (a smoke test that runs on a CPU)")
+    parser.add_argument("--device", default=None, help="default: cuda:0, or cpu with --tiny")
+    parser.add_argument("--backends", default="eager,compiled,tensorrt")
+    parser.add_argument("--compile-mode", default="auto")
+    parser.add_argument("--quantize", default="none", help="compiled backend weights: none, int8 or fp8")
+    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--per-client", type=int, default=3)
+    parser.add_argument("--max-batch", type=int, default=0, help="the server's max_batch (0: its default)")
+    parser.add_argument("--budget-s", type=float, default=540, help="sections that would not fit are skipped")
+    parser.add_argument("--scratch", default=None, help="where the model, caches and logs go (default: a temp dir)")
+    args = parser.parse_args()
+    args.device = args.device or ("cpu" if args.tiny else "cuda:0")
+    args.size = args.size or (64 if args.tiny else 1024)
+    args.steps = args.steps or (4 if args.tiny else 30)
+    args.scratch = args.scratch or tempfile.mkdtemp(prefix="gpu-bench-")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+    import torch
+
+    from engines.loader import quiet_libraries
+
+    quiet_libraries()
+    bench = Bench(args)
+    bench.result.update(
+        torch=torch.__version__,
+        device=torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else args.device,
+        size=args.size,
+        steps=args.steps,
+        guidance=GUIDANCE,
+    )
+    model_dir = Path(args.scratch) / "model"
+
+    def build() -> dict[str, Any]:
+        if args.tiny:
+            from engines.tiny import build_tiny_sdxl
+
+            return {"path": str(build_tiny_sdxl(model_dir)), "weights": "tiny, random"}
+        from bench.sdxl_random import build_random_sdxl
+
+        return {"path": str(build_random_sdxl(model_dir, args.device)), "weights": "SDXL architecture, random fp16"}
+
+    bench.section("model", 0, build)
+    bench.section("stock", 30, lambda: stock(bench, model_dir))
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for backend in backends:
+        needs = {"eager": 30, "compiled": 240, "tensorrt": 300}.get(backend, 60)
+        bench.section(backend, needs, functools.partial(engine_run, bench, model_dir, backend))
+    worked = [b for b in backends if "s_per_image" in (bench.result.get(b) or {})]
+    fastest = min(worked, key=lambda b: bench.result[b]["s_per_image"]) if worked else "eager"
+    bench.section("server", 60, lambda: server_run(bench, model_dir, fastest))
+    summarise(bench, backends)
+    bench.save()
+    print(json.dumps(bench.result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

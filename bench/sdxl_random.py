@@ -1,0 +1,60 @@
+"""SDXL base 1.0's architecture with random weights, saved as a diffusers folder (timings are real, images
+are noise). The configs in bench/sdxl_arch are the real model's; the text encoders take the byte-level
+tokenizer, so their vocabulary is 514 tokens instead of 49408 (an embedding lookup: no cost to speak of).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+ARCH = Path(__file__).with_name("sdxl_arch")
+# Random weights at full scale overflow fp16 activations; halved they stay finite (as in the baseline probe).
+WEIGHT_SCALE = 0.5
+
+
+def _config(name: str) -> dict[str, object]:
+    config: dict[str, object] = json.loads((ARCH / f"{name}.json").read_text())
+    return {key: value for key, value in config.items() if not key.startswith("_") and key != "architectures"}
+
+
+def build_random_sdxl(target: Path, device: str, seed: int = 0) -> Path:
+    """Build on `device` (fast on a GPU), save in fp16 to `target`, and return it."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from engines.tiny import BYTE_LEVEL_VOCAB_SIZE, byte_level_tokenizer
+
+    if (target / "model_index.json").exists():
+        return target
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    tokens = {"vocab_size": BYTE_LEVEL_VOCAB_SIZE, "bos_token_id": 512, "eos_token_id": 513, "pad_token_id": 513}
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**_config("unet")).to(dtype)
+        vae = AutoencoderKL(**_config("vae")).to(dtype)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**{**_config("text_encoder"), **tokens})).to(dtype)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**_config("text_encoder_2"), **tokens})).to(
+            dtype
+        )
+    with torch.no_grad():
+        for module in (unet, vae, text_encoder, text_encoder_2):
+            for parameter in module.parameters():
+                parameter.mul_(WEIGHT_SCALE)
+    tokenizer = byte_level_tokenizer()
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**_config("scheduler")),  # type: ignore[arg-type]
+    )
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    pipe.save_pretrained(partial)
+    partial.rename(target)
+    return target

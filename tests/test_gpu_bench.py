@@ -1,0 +1,29 @@
+"""The GPU benchmark's script, run end to end with the tiny model on the CPU, so it is known to work before
+it is given a GPU's scarce minutes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_gpu_bench_runs_every_section_and_prints_one_json_line(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "bench.gpu_bench", "--tiny", "--backends", "eager,tensorrt",
+               "--clients", "2", "--per-client", "2", "--scratch", str(tmp_path / "scratch")]  # fmt: skip
+    env = {**os.environ, "OUT": str(tmp_path / "out")}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result == json.loads((tmp_path / "out" / "gpu_bench.json").read_text())
+    assert result["stock"]["s_per_image"] > 0
+    assert result["eager"]["max_pixel_diff_vs_stock"] <= 2  # the engine is the stock pipeline, batched
+    assert "TensorRT" in result["tensorrt"]["error"]  # not installed here: reported, not fatal
+    server = result["server"]
+    assert server["backend"] == "eager" and server["images"] == 4 and server["images_per_s"] > 0
+    assert server["latency_p50_s"] <= server["latency_p99_s"]
+    assert set(result["meets_targets"]) == {"batch1_ratio", "images_per_s", "warm_restart"}
