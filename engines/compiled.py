@@ -106,10 +106,13 @@ class CompiledEngine(EagerEngine):
             quantize_weights(pipe.unet, options.quantize)
         mode = options.mode if options.mode != "auto" else ("reduce-overhead" if cuda else "default")
         # In place (nn.Module.compile): the pipeline, LoRA loading and memory accounting keep the same modules.
-        # Dynamic shapes: one graph serves every batch size and image size (a batch of 3 or a portrait image
-        # does not recompile in the middle of serving); CUDA graphs are still recorded per concrete shape.
-        pipe.unet.compile(mode=mode, fullgraph=True, dynamic=True)
-        pipe.vae.decoder.compile(mode=mode, dynamic=True)
+        # On GPUs, dynamic shapes: one graph serves every batch and image size (a batch of 3 or a portrait
+        # image does not recompile in the middle of serving); CUDA graphs are still recorded per concrete
+        # shape. On a CPU, where batching is off, a dynamic graph takes five times as long to compile, so
+        # shapes start static and become dynamic at the first recompile (torch.compile's default).
+        dynamic = True if cuda else None
+        pipe.unet.compile(mode=mode, fullgraph=True, dynamic=dynamic)
+        pipe.vae.decoder.compile(mode=mode, dynamic=dynamic)
 
     def warm(self) -> None:
         """The first run compiles (or loads the compiled code from the cache); say which, and how long."""

@@ -119,5 +119,5 @@ def test_serve_with_an_unavailable_backend_stops_with_a_clear_error(tmp_path: Pa
         },
     )
     assert result.returncode == 2
-    assert "error (backend): backend 'tensorrt' is not available" in result.stderr
+    assert "error (backend): backend 'tensorrt' needs NVIDIA TensorRT" in result.stderr
     assert "REST API on" not in result.stderr  # nothing was served

@@ -61,18 +61,6 @@ def test_unet_and_vae_decoder_export_to_onnx_with_dynamic_batch_and_size(tiny_mo
         np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
-async def test_selecting_tensorrt_without_it_stops_the_start_with_a_clear_error(
-    tmp_path: Path, tiny_model: Path
-) -> None:
-    config = server_config(tmp_path / "data", tiny_model, backend="tensorrt")
-    with pytest.raises(ConfigError) as raised:
-        with anyio.fail_after(60):
-            await serve(config, shutdown=anyio.Event())
-    assert raised.value.field == "backend"
-    assert "TensorRT" in raised.value.message and "not installed" in raised.value.message
-
-
 @pytest.mark.skipif(importlib.util.find_spec("torchao") is not None, reason="torchao is installed here")
 async def test_quantising_without_torchao_stops_the_start_with_a_clear_error(tmp_path: Path, tiny_model: Path) -> None:
     config = server_config(tmp_path / "data", tiny_model, backend="compiled", quantize="int8")
