@@ -56,6 +56,9 @@ from protocols.rest import RestApi
 log = logging.getLogger(__name__)
 
 INTERRUPT_GRACE_S = 15.0
+# The web UI's and MCP's event streams stay open for as long as a page or a client is connected, so
+# waiting the REST server's graceful timeout for them to finish by themselves only delays every stop.
+STREAM_SERVER_GRACE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -274,7 +277,9 @@ async def serve(
 
             mcp = McpAdapter(ingress=ingress, scheduler=scheduler, hub=hub, outputs=config.outputs_path, auth=auth)
             security = transport_security(config.mcp_allowed_hosts, config.mcp_allowed_origins)
-            mcp_http = HttpServer(mcp.app(security), config.host, config.mcp_port)
+            mcp_http = HttpServer(
+                mcp.app(security), config.host, config.mcp_port, graceful_timeout_s=STREAM_SERVER_GRACE_S
+            )
             servers.append(mcp_http)
 
         ui_http: HttpServer | None = None
@@ -287,7 +292,7 @@ async def serve(
                     field="enable_ui",
                 ) from exc
             ui = WebUi(ingress=ingress, hub=hub, outputs=config.outputs_path, data_dir=config.data_path, auth=auth)
-            ui_http = HttpServer(ui.app(), config.host, config.ui_port)
+            ui_http = HttpServer(ui.app(), config.host, config.ui_port, graceful_timeout_s=STREAM_SERVER_GRACE_S)
             servers.append(ui_http)
 
         async with AsyncExitStack() as stack, anyio.create_task_group() as tg:
