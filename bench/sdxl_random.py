@@ -6,7 +6,6 @@ tokenizer, so their vocabulary is 514 tokens instead of 49408 (an embedding look
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 ARCH = Path(__file__).with_name("sdxl_arch")
@@ -22,10 +21,10 @@ def _config(name: str) -> dict[str, object]:
 def build_random_sdxl(target: Path, device: str, seed: int = 0) -> Path:
     """Build on `device` (fast on a GPU), save in fp16 to `target`, and return it."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from engines.tiny import BYTE_LEVEL_VOCAB_SIZE, byte_level_tokenizer
+    from engines.tiny import BYTE_LEVEL_VOCAB_SIZE, save_sdxl_folder
 
     if (target / "model_index.json").exists():
         return target
@@ -43,18 +42,11 @@ def build_random_sdxl(target: Path, device: str, seed: int = 0) -> Path:
         for module in (unet, vae, text_encoder, text_encoder_2):
             for parameter in module.parameters():
                 parameter.mul_(WEIGHT_SCALE)
-    tokenizer = byte_level_tokenizer()
-    pipe = StableDiffusionXLPipeline(
+    return save_sdxl_folder(
+        target,
+        unet=unet,
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer,
-        unet=unet,
-        scheduler=EulerDiscreteScheduler(**_config("scheduler")),  # type: ignore[arg-type]
+        scheduler=EulerDiscreteScheduler(**_config("scheduler")),
     )
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    pipe.save_pretrained(partial)
-    partial.rename(target)
-    return target

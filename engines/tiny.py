@@ -71,7 +71,7 @@ def build_tiny_sdxl(target: Path, seed: int = 0) -> Path:
         return target
 
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -106,7 +106,7 @@ def build_tiny_sdxl(target: Path, seed: int = 0) -> Path:
         sample_size=64,
         scaling_factor=0.13025,
     )
-    # 3. Two CLIP text encoders over a byte-level vocabulary.
+    # 3. Two CLIP text encoders over a byte-level vocabulary; then the folder.
     text_config = dict(
         bos_token_id=512,
         eos_token_id=513,
@@ -123,9 +123,33 @@ def build_tiny_sdxl(target: Path, seed: int = 0) -> Path:
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
-    tokenizer = byte_level_tokenizer()
+    identity = {"version": _FORMAT_VERSION, "name": TINY_MODEL_NAME}
+    return save_sdxl_folder(
+        target,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG),
+        extra_files={_MARKER: json.dumps(identity)},
+    )
 
-    # 4. Assemble and save as a standard diffusers folder.
+
+def save_sdxl_folder(
+    target: Path,
+    *,
+    unet: Any,
+    vae: Any,
+    text_encoder: Any,
+    text_encoder_2: Any,
+    scheduler: Any,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Assemble an SDXL pipeline around the byte-level tokenizer and save it as a standard diffusers folder,
+    under a temporary name first so a half-written folder is never taken for a model."""
+    from diffusers import StableDiffusionXLPipeline
+
+    tokenizer = byte_level_tokenizer()
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -133,12 +157,13 @@ def build_tiny_sdxl(target: Path, seed: int = 0) -> Path:
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         unet=unet,
-        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG),
+        scheduler=scheduler,
     )
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
-    (tmp / _MARKER).write_text(json.dumps({"version": _FORMAT_VERSION, "name": TINY_MODEL_NAME}))
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
