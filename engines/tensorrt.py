@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from engines.eager import EagerEngine
+from engines.exported import route_through
 from engines.onnx_export import (
     DEFAULT_SHAPES,
     UNET_INPUTS,
@@ -214,11 +215,7 @@ class TensorRTEngine(EagerEngine):
         )  # fmt: skip
         self._unet = TensorRTRunner(trt, unet_plan, device)
         self._vae = TensorRTRunner(trt, vae_plan, device)
-        pipe.unet.forward = self._unet_forward  # the module stays for its config, which the pipeline reads
-        pipe.vae.decode = self._vae_decode
-        # The engines hold their own weights: free the torch copies of the networks they replace.
-        for module in (pipe.unet, pipe.vae.decoder, pipe.vae.post_quant_conv):
-            module.to("meta")
+        route_through(pipe, self._unet, self._vae)
 
     def _plan(self, trt: Any, name: str, weights: Path, export: Any, profile: Any, *, fp16: bool) -> Path:
         """The cached engine for this network, exported and built first when there is none."""
@@ -230,27 +227,6 @@ class TensorRTEngine(EagerEngine):
                 export(onnx)
             build_engine(trt, onnx, plan, profile, fp16=fp16)
         return plan
-
-    def _unet_forward(
-        self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, **kwargs: Any
-    ) -> Any:
-        added = kwargs["added_cond_kwargs"]
-        batch = sample.shape[0]
-        timesteps = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32).reshape(-1).expand(batch)
-        out = self._unet(
-            {
-                "sample": sample,
-                "timestep": timesteps,
-                "encoder_hidden_states": encoder_hidden_states,
-                "text_embeds": added["text_embeds"],
-                "time_ids": added["time_ids"],
-            }
-        )["noise_pred"].to(sample.dtype)
-        return (out,) if not kwargs.get("return_dict", True) else _Output(out)
-
-    def _vae_decode(self, latent: torch.Tensor, return_dict: bool = True, **_: Any) -> Any:
-        image = self._vae({"latent": latent})["image"].to(latent.dtype)
-        return (image,) if not return_dict else _Output(image)
 
     def run_batch(self, jobs: Sequence[Job]) -> list[GenerationResult]:
         if jobs[0].loras:
@@ -267,11 +243,3 @@ class TensorRTEngine(EagerEngine):
     def memory_bytes(self) -> int:
         engines = sum(int(runner.engine.device_memory_size_v2) for runner in (self._unet, self._vae))
         return super().memory_bytes() + engines
-
-
-@dataclass(frozen=True)
-class _Output:
-    sample: torch.Tensor
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return (self.sample,)[index]

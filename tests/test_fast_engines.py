@@ -14,6 +14,7 @@ from PIL import Image
 
 from actors.supervisor import serve
 from engines.eager import EagerEngine
+from engines.exported import Runner, route_through
 from engines.models import resolve_model
 from engines.onnx_export import (
     UNET_INPUTS,
@@ -59,6 +60,49 @@ def test_unet_and_vae_decoder_export_to_onnx_with_dynamic_batch_and_size(tiny_mo
         (got,) = vae.run(None, {"latent": latent.numpy()})
         assert got.shape == (batch, 3, side, side)
         np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+
+
+async def test_a_pipeline_routed_through_its_exported_networks_makes_the_eager_images(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """What the TensorRT engine does with its engines, done with onnxruntime sessions on the CPU: the UNet
+    and VAE decoder calls go to the exported networks (a batch of three rows, two jobs), and the torch
+    copies of their weights are freed."""
+    import onnxruntime
+    import torch
+
+    model = resolve_model(str(tiny_model), tiny_model.parent, 1)
+
+    def job(prompt: str, seeds: list[int]) -> Job:
+        return Job(model=model, prompt=prompt, negative_prompt="", width=64, height=64, seeds=seeds, steps=4,
+                   guidance_scale=5.0, scheduler="euler_a")  # fmt: skip
+
+    jobs = [job("a knight", [1, 2]), job("a wizard", [3])]
+    eager = EagerEngine(model, "cpu")
+    expected = eager.run_batch(jobs)
+
+    routed = EagerEngine(model, "cpu")
+    shapes = ShapeRange(min_side=64, opt_side=64, max_side=128)
+    unet_file = export_unet(routed.pipe.unet, tmp_path / "unet" / "model.onnx", shapes)
+    vae_file = export_vae_decoder(routed.pipe.vae, tmp_path / "vae" / "model.onnx", shapes)
+
+    def runner(path: Path) -> Runner:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [output.name for output in session.get_outputs()]
+
+        def run(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            outputs = session.run(names, {name: tensor.numpy() for name, tensor in inputs.items()})
+            return {name: torch.from_numpy(array) for name, array in zip(names, outputs, strict=True)}
+
+        return run
+
+    route_through(routed.pipe, runner(unet_file), runner(vae_file))
+    got = routed.run_batch(jobs)
+    for want, have in zip(expected, got, strict=True):
+        for a, b in zip(want.images, have.images, strict=True):
+            assert int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max()) <= 2
+    unet_bytes = sum(p.numel() * p.element_size() for p in eager.pipe.unet.parameters())
+    assert routed.memory_bytes() <= eager.memory_bytes() - unet_bytes
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchao") is not None, reason="torchao is installed here")
