@@ -47,7 +47,7 @@ from forge.errors import ConfigError
 from forge.loras import HubLora, LoraCatalog, fetch_hub_loras
 from forge.messages import EngineInbox, PostprocessInbox, SchedulerInbox
 from forge.model_files import ModelFiles
-from forge.resolve import Resources
+from forge.resolve import BackendLimits, Resources
 from forge.styles import BUILTIN_STYLES_DIR, StyleRegistry
 from protocols.http_server import HttpServer
 from protocols.identity import is_loopback
@@ -147,7 +147,16 @@ def load_resources(config: Config) -> Resources:
         )
         if config.content_filter
         else None,
+        backend=backend_limits(config),
     )
+
+
+def backend_limits(config: Config) -> BackendLimits:
+    if config.backend == "tensorrt":  # weights are baked into its engines, built for one range of sizes
+        return BackendLimits(
+            "tensorrt", loras=False, control=False, min_side=config.tensorrt_min_side, max_side=config.tensorrt_max_side
+        )
+    return BackendLimits(config.backend)
 
 
 async def serve(

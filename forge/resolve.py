@@ -47,6 +47,17 @@ def preset_size(model: ModelInfo, preset: str) -> tuple[int, int] | None:
 
 
 @dataclass(frozen=True)
+class BackendLimits:
+    """What the serving backend cannot do, checked when a request arrives so the task never fails for it."""
+
+    backend: str
+    loras: bool = True
+    control: bool = True
+    min_side: int = 0
+    max_side: int = 1 << 30
+
+
+@dataclass(frozen=True)
 class Resources:
     """What requests may refer to besides the model: styles and installed LoRAs, plus the configured limits."""
 
@@ -61,6 +72,7 @@ class Resources:
     max_output_pixels: int
     prompt_filter: PromptFilter | None = None
     max_work: int = 0  # width x height x images x steps; 0: no limit
+    backend: BackendLimits = BackendLimits("eager")
 
 
 def requested_styles(request: GenerationRequest) -> list[str]:
@@ -153,6 +165,26 @@ def _loras(request: GenerationRequest, styled: StyledPrompt, resources: Resource
     return list(merged.values())
 
 
+def _check_backend_support(
+    request: GenerationRequest,
+    loras: list[LoraRequest],
+    controls: list[tuple[str, ControlRequest]],
+    limits: BackendLimits,
+) -> None:
+    if loras and not limits.loras:
+        raise InvalidRequest(
+            f"this server's {limits.backend} backend bakes the weights into its engines and cannot apply LoRAs",
+            field="loras" if request.loras else "style",
+            rule="unsupported",
+        )
+    if controls and not limits.control:
+        raise InvalidRequest(
+            f"this server's {limits.backend} backend cannot take ControlNet control",
+            field=controls[0][0],
+            rule="unsupported",
+        )
+
+
 def _installed(files: ModelFiles, what: str, name: str, field: str) -> str:
     if files.path(name) is None:
         raise InvalidRequest(files.missing_message(what, name), field=field, rule="model_missing")
@@ -221,15 +253,18 @@ def resolve_request(request: GenerationRequest, model: ModelInfo, resources: Res
         controls = [("style", styled.control)]
     for field, control in controls:
         check_control(control, model, field)
+    _check_backend_support(request, loras, controls, resources.backend)
 
     defaults = styled.defaults
     preset = preset_size(model, defaults.size) if defaults.size else None
     width = request.width or (preset[0] if preset else model.default_size)
     height = request.height or (preset[1] if preset else model.default_size)
+    smallest = max(model.min_size, resources.backend.min_side)
+    largest = min(model.max_size, resources.backend.max_side)
     for field, side in (("width", width), ("height", height)):
-        if not model.min_size <= side <= model.max_size:
+        if not smallest <= side <= largest:
             raise InvalidRequest(
-                f"{field} must be between {model.min_size} and {model.max_size} for {model.id}",
+                f"{field} must be between {smallest} and {largest} for {model.id} on this server",
                 field=field,
                 rule="range",
             )

@@ -148,3 +148,39 @@ async def test_compiled_backend_matches_eager_and_restarts_from_its_compile_cach
             assert " 0 misses" in lines[-1], lines[-1]
         else:
             assert " 0 misses" not in lines[-1], lines[-1]
+
+
+def test_requests_a_tensorrt_server_cannot_serve_are_refused_naming_the_field(
+    tmp_path: Path, tiny_model: Path, tiny_loras: dict[str, Path]
+) -> None:
+    """Its engines bake in the weights and cover one range of sizes: LoRAs, ControlNet and other sizes are
+    refused when the request arrives (a 422 naming the field), instead of failing the task later."""
+    import dataclasses
+
+    from actors.supervisor import backend_limits, load_resources
+    from forge.errors import InvalidRequest
+    from forge.requests import GenerationRequest
+    from forge.resolve import resolve_request
+    from forge.validation import convert
+    from tests.conftest import install_loras
+
+    config = server_config(tmp_path / "data", tiny_model, backend="tensorrt", tensorrt_min_side=64,
+                           tensorrt_max_side=128)  # fmt: skip
+    install_loras(config.data_path, tiny_loras)
+    resources = load_resources(config)
+    assert resources.backend == backend_limits(config)
+    model = resolve_model(str(tiny_model), tiny_model.parent, 1)
+
+    def refusal(**fields: object) -> tuple[str | None, str | None]:
+        request = convert({"prompt": "a knight", **fields}, GenerationRequest)
+        with pytest.raises(InvalidRequest) as raised:
+            resolve_request(request, model, resources)
+        return raised.value.field, raised.value.rule
+
+    assert refusal(loras=[{"name": "ink-lora", "weight": 0.8}]) == ("loras", "unsupported")
+    assert refusal(control={"type": "openpose", "pose": "front"}) == ("control", "unsupported")
+    assert refusal(width=256) == ("width", "range")
+    assert resolve_request(convert({"prompt": "a knight", "width": 128}, GenerationRequest), model, resources)
+    eager = dataclasses.replace(resources, backend=backend_limits(server_config(tmp_path, tiny_model)))
+    request = convert({"prompt": "a knight", "loras": [{"name": "ink-lora", "weight": 0.8}]}, GenerationRequest)
+    assert resolve_request(request, model, eager).loras
