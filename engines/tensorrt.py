@@ -42,8 +42,8 @@ def require_tensorrt() -> Any:
         import tensorrt
     except ImportError as exc:
         raise ConfigError(
-            "backend 'tensorrt' needs NVIDIA TensorRT 10 for Python (pip install tensorrt-cu12, or use the "
-            f"TensorRT container); it is not installed here: {exc}",
+            "backend 'tensorrt' needs NVIDIA TensorRT (10 or newer) for Python: pip install tensorrt from "
+            f"NVIDIA's index (https://pypi.nvidia.com), or use the TensorRT container; it is not installed here: {exc}",
             field="backend",
         ) from exc
     return tensorrt
@@ -104,20 +104,20 @@ def engine_key(component: Path, shapes: ShapeRange, device: str, trt_version: st
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def build_engine(
-    trt: Any, onnx_path: Path, plan_path: Path, profile: dict[str, tuple[tuple[int, ...], ...]], *, fp16: bool
-) -> None:
-    """Parse the ONNX file and build an engine with one optimisation profile (min, opt, max per input)."""
+def build_engine(trt: Any, onnx_path: Path, plan_path: Path, profile: dict[str, tuple[tuple[int, ...], ...]]) -> None:
+    """Parse the ONNX file and build an engine with one optimisation profile (min, opt, max per input).
+
+    Strongly typed: each layer runs in the precision the export gave it (fp16 UNet, fp32 VAE where it must
+    be). TensorRT 11 builds nothing else (its FP16 builder flag is gone); on 10.x the flag asks for it."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
     optimisation = builder.create_optimization_profile()
     for name, (smallest, typical, largest) in profile.items():
         optimisation.set_shape(name, smallest, typical, largest)
@@ -163,15 +163,14 @@ class TensorRTRunner:
         return results
 
 
+_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
+           "INT64": torch.int64, "BOOL": torch.bool}  # fmt: skip
+
+
 def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
-    return {
-        trt.float32: torch.float32,
-        trt.float16: torch.float16,
-        trt.bfloat16: torch.bfloat16,
-        trt.int32: torch.int32,
-        trt.int64: torch.int64,
-        trt.bool: torch.bool,
-    }[dtype]
+    by_trt = {getattr(trt.DataType, name): torch_dtype for name, torch_dtype in _DTYPES.items()
+              if hasattr(trt.DataType, name)}  # fmt: skip
+    return by_trt[dtype]
 
 
 def unet_profile(unet: Any, shapes: ShapeRange) -> dict[str, tuple[tuple[int, ...], ...]]:
@@ -207,25 +206,25 @@ class TensorRTEngine(EagerEngine):
             pipe.vae.to(torch.float32)
         unet_plan = self._plan(
             trt, "unet", _weights(model, "unet"), lambda onnx: export_unet(pipe.unet, onnx, shapes),
-            unet_profile(pipe.unet, shapes), fp16=True,
+            unet_profile(pipe.unet, shapes), precision=str(pipe.unet.dtype),
         )  # fmt: skip
         vae_plan = self._plan(
             trt, "vae-decoder", _weights(model, "vae"), lambda onnx: export_vae_decoder(pipe.vae, onnx, shapes),
-            vae_profile(pipe.vae, shapes), fp16=pipe.vae.dtype == torch.float16,
+            vae_profile(pipe.vae, shapes), precision=str(pipe.vae.dtype),
         )  # fmt: skip
         self._unet = TensorRTRunner(trt, unet_plan, device)
         self._vae = TensorRTRunner(trt, vae_plan, device)
         route_through(pipe, self._unet, self._vae)
 
-    def _plan(self, trt: Any, name: str, weights: Path, export: Any, profile: Any, *, fp16: bool) -> Path:
+    def _plan(self, trt: Any, name: str, weights: Path, export: Any, profile: Any, *, precision: str) -> Path:
         """The cached engine for this network, exported and built first when there is none."""
-        key = engine_key(weights, self.options.shapes, self.device, f"{trt.__version__}-fp16={fp16}")
+        key = engine_key(weights, self.options.shapes, self.device, f"{trt.__version__}-{precision}")
         plan = self.options.cache_dir / f"{name}-{key}.plan"
         if not plan.exists():
             onnx = self.options.cache_dir / "onnx" / f"{name}-{key}" / "model.onnx"
             if not onnx.exists():
                 export(onnx)
-            build_engine(trt, onnx, plan, profile, fp16=fp16)
+            build_engine(trt, onnx, plan, profile)
         return plan
 
     def run_batch(self, jobs: Sequence[Job]) -> list[GenerationResult]:
