@@ -112,7 +112,7 @@ class CompiledEngine(EagerEngine):
         # shapes start static and become dynamic at the first recompile (torch.compile's default).
         dynamic = True if cuda else None
         pipe.unet.compile(mode=mode, fullgraph=True, dynamic=dynamic)
-        pipe.vae.decoder.compile(mode=mode, dynamic=dynamic)
+        pipe.vae.decoder.compile(mode=_without_cuda_graphs(mode), dynamic=dynamic)
 
     def warm(self) -> None:
         """The first run compiles (or loads the compiled code from the cache); say which, and how long."""
@@ -143,6 +143,12 @@ class CompiledEngine(EagerEngine):
             "fxgraph_cache_hit": inductor["fxgraph_cache_hit"],
             "fxgraph_cache_miss": inductor["fxgraph_cache_miss"],
         }
+
+
+def _without_cuda_graphs(mode: str) -> str:
+    """The VAE decoder runs once an image, and SDXL's pipeline casts its weights to fp32 and back around each
+    decode (force_upcast): recorded CUDA graphs would hold stale weight addresses and be recorded again."""
+    return {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
 
 
 def _tune_inductor_for_diffusion() -> None:
