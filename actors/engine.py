@@ -345,6 +345,7 @@ class EngineActor:
             controls=controls,
             preview_every=self._previews.every,
             preview_size=self._previews.size,
+            wants_preview=lambda: self._hub.has_subscribers(task.id),
             on_progress=on_progress,
             cancel=cancel,
         )

@@ -176,7 +176,8 @@ class EagerEngine:
             for job, (begin, _) in zip(jobs, rows, strict=True):
                 if job.on_progress is None or job.cancel.is_set():
                     continue
-                preview = latent_preview(tensors["latents"][begin:], job.preview_size) if want_preview else None
+                watched = want_preview and (job.wants_preview is None or job.wants_preview())
+                preview = latent_preview(tensors["latents"][begin:], job.preview_size) if watched else None
                 job.on_progress(done, total, preview)
             return {}
 

@@ -74,6 +74,8 @@ class Job:
     controls: list[ControlJob] = field(default_factory=list)
     preview_every: int = 0
     preview_size: int = 128
+    # Asked from the worker thread before a preview is made: previews are only for someone watching.
+    wants_preview: Callable[[], bool] | None = None
     on_progress: ProgressFn | None = None
     cancel: CancelFlag = field(default_factory=CancelFlag)
 
@@ -92,6 +94,7 @@ def job_for(
     controls: list[ControlJob] | None = None,
     preview_every: int = 0,
     preview_size: int = 128,
+    wants_preview: Callable[[], bool] | None = None,
     on_progress: ProgressFn | None = None,
     cancel: CancelFlag | None = None,
 ) -> Job:
@@ -110,6 +113,7 @@ def job_for(
         controls=controls or [],
         preview_every=preview_every,
         preview_size=preview_size,
+        wants_preview=wants_preview,
         on_progress=on_progress,
         cancel=cancel or CancelFlag(),
     )
