@@ -104,6 +104,9 @@ class EagerEngine:
         self.device = device
         self.model = model
         self.pipe = load_pipeline(model, device)
+        # A batch's images are decoded one by one: the VAE in fp32 at 1024² needs gigabytes per image, and
+        # decoding is compute-bound already at one image, so batching it would only raise the peak.
+        self.pipe.vae.enable_slicing()
         self.adapters = LoraAdapters(self.pipe)
         self._controlnets: dict[str, Any] = {}
         self._depth: DepthEstimator | None = None
