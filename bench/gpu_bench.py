@@ -70,6 +70,8 @@ class Bench:
             value["section_s"] = round(time.monotonic() - started, 1)
         self.result[name] = value
         self.save()
+        # The JSON line comes at the end; meanwhile a line a section shows where a long run spends its time.
+        print(f"[gpu_bench] {name}: {json.dumps(value)[:300]}", file=sys.stderr, flush=True)
         return value
 
 

@@ -93,7 +93,9 @@ class CompiledEngine(EagerEngine):
         use_cache_dir(options.cache_dir)
         import torch._dynamo.config as dynamo
 
-        dynamo.cache_size_limit = max(dynamo.cache_size_limit, RECOMPILE_LIMIT)
+        # recompile_limit is the current name; cache_size_limit the older one, which still aliases it.
+        setting = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo, setting, max(getattr(dynamo, setting), RECOMPILE_LIMIT))
         pipe, cuda = self.pipe, device.startswith("cuda")
         self._fused = options.fuse_qkv and cuda
         if self._fused:
