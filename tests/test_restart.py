@@ -107,8 +107,8 @@ async def test_sigterm_drains_then_resumes_interrupted_work(tmp_path: Path, tiny
     await server.start()
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
         long = (
-            await client.post("/v1/generations", json={"prompt": "long", "width": 512, "height": 512, "steps": 60})
-        ).json()
+            await client.post("/v1/generations", json={"prompt": "long", "width": 384, "height": 384, "steps": 40})
+        ).json()  # seconds of work: far longer than the 0.5 s drain, short enough to finish after the restart
         waiting = (await client.post("/v1/generations", json={"prompt": "waiting", "steps": 2})).json()
         await wait_for_state(client, long["id"], {"running"})
     assert await server.terminate() == 0
