@@ -137,14 +137,14 @@ def stock(bench: Bench, model: Path) -> dict[str, Any]:
     return {"s_per_image": round(median, 3), "runs_s": times, "peak_vram_gib": _peak_gib(args.device)}
 
 
-def engine_run(bench: Bench, model: Path, backend: str, quantize: str = "none") -> dict[str, Any]:
-    from engines.loader import BackendSettings, load_engine, prepare_thread
+def _ready_engine(args: argparse.Namespace, model: Path, backend: str, quantize: str) -> tuple[Any, Any, float]:
+    """Load and warm one engine as the server would (compile or engine build included): engine, model, s."""
+    from engines.loader import BackendSettings, cpu_threads_for_serving, load_engine, prepare_thread
     from engines.models import resolve_model
     from engines.onnx_export import ShapeRange
-    from forge.engine import Job
 
-    args = bench.args
-    prepare_thread(args.device)
+    # The server's thread setup: on a CPU the thread count is part of the compiled code (and its cache key).
+    prepare_thread(args.device, cpu_threads_for_serving(0))
     info = resolve_model(str(model), Path(args.scratch), 1)
     settings = BackendSettings(
         name=backend,
@@ -155,12 +155,19 @@ def engine_run(bench: Bench, model: Path, backend: str, quantize: str = "none") 
             max_batch=16, min_side=min(512, args.size), opt_side=args.size, max_side=max(1536, args.size)
         ),
     )
-    _reset_peak(args.device)
     started = time.perf_counter()
     engine = load_engine(settings, info, args.device)
     engine.warm()
     _sync(args.device)
-    ready_s = time.perf_counter() - started
+    return engine, info, time.perf_counter() - started
+
+
+def engine_run(bench: Bench, model: Path, backend: str, quantize: str = "none") -> dict[str, Any]:
+    from forge.engine import Job
+
+    args = bench.args
+    _reset_peak(args.device)
+    engine, info, ready_s = _ready_engine(args, model, backend, quantize)
     job = Job(model=info, prompt=PROMPT, negative_prompt="", width=args.size, height=args.size, seeds=[SEED],
               steps=args.steps, guidance_scale=GUIDANCE, scheduler="euler")  # fmt: skip
     median, times, result = _timed(args.device, lambda: engine.run(job), args.repeats)
@@ -175,9 +182,23 @@ def engine_run(bench: Bench, model: Path, backend: str, quantize: str = "none") 
     }
     if backend == "compiled":
         out["compile_mode"] = args.compile_mode
-        out["quantize"] = settings.quantize
+        out["quantize"] = quantize
     engine.close()
     return out
+
+
+def warm_start(bench: Bench, backend: str) -> dict[str, Any]:
+    """A fresh process loads and warms the engine on the caches the cold run left (compiled code or built
+    TensorRT engines): what a restart costs."""
+    args = bench.args
+    command = [sys.executable, "-m", "bench.gpu_bench", "--ready-only", backend, "--scratch", args.scratch,
+               "--device", args.device, "--compile-mode", args.compile_mode, "--size", str(args.size)]  # fmt: skip
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=max(bench.left_s(), 1), check=False)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-500:])
+    ready = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"warm_ready_s": ready["ready_s"], "process_s": round(time.monotonic() - started, 1)}
 
 
 def server_run(bench: Bench, model: Path, backend: str) -> dict[str, Any]:
@@ -327,6 +348,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=0, help="the server's max_batch (0: its default)")
     parser.add_argument("--budget-s", type=float, default=540, help="sections that would not fit are skipped")
     parser.add_argument("--scratch", default=None, help="where the model, caches and logs go (default: a temp dir)")
+    parser.add_argument("--ready-only", default=None, help=argparse.SUPPRESS)  # the warm-start child process
     args = parser.parse_args()
     args.device = args.device or ("cpu" if args.tiny else "cuda:0")
     args.size = args.size or (64 if args.tiny else 1024)
@@ -349,6 +371,10 @@ def main() -> None:
         guidance=GUIDANCE,
     )
     model_dir = Path(args.scratch) / "model"
+    if args.ready_only:
+        _, _, ready_s = _ready_engine(args, model_dir, args.ready_only, "none")
+        print(json.dumps({"ready_s": round(ready_s, 1)}), flush=True)
+        return
 
     def build() -> dict[str, Any]:
         if args.tiny:
@@ -365,6 +391,8 @@ def main() -> None:
     for backend in backends:
         needs = {"eager": 30, "compiled": 240, "tensorrt": 300}.get(backend, 60)
         bench.section(backend, needs, functools.partial(engine_run, bench, model_dir, backend))
+        if backend != "eager" and "s_per_image" in (bench.result.get(backend) or {}):
+            bench.section(f"{backend}_warm", 90, functools.partial(warm_start, bench, backend))
     if args.quantize != "none" and "compiled" in backends:  # changes the numbers: its own section, no ratio target
         quantized = f"compiled_{args.quantize}"
         bench.section(quantized, 240, functools.partial(engine_run, bench, model_dir, "compiled", args.quantize))
