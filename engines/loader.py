@@ -11,6 +11,7 @@ from forge.batching import BatchPolicy
 from forge.config import Config
 from forge.engine import Engine, ModelInfo
 from forge.errors import ConfigError
+from forge.requests import MAX_IMAGES
 
 BACKENDS = ("eager", "compiled", "tensorrt")
 
@@ -59,11 +60,8 @@ class BackendSettings:
     shapes: ShapeRange = DEFAULT_SHAPES
 
 
-MAX_IMAGES_PER_REQUEST = 8
-
-
 def backend_settings(config: Config, devices: list[str]) -> BackendSettings:
-    rows = 2 * max(batch_policy(config, devices).max_images, MAX_IMAGES_PER_REQUEST)  # two rows an image (CFG)
+    rows = 2 * max(batch_policy(config, devices).max_images, MAX_IMAGES)  # two rows an image (CFG)
     return BackendSettings(
         name=config.backend,
         cache_dir=config.data_path / "engine-cache",

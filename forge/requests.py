@@ -18,6 +18,7 @@ ModelId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-
 ControlType = Literal["openpose", "depth", "canny"]
 MAX_STYLES = 8
 MAX_CONTROLS = 3
+MAX_IMAGES = 8  # images one request may ask for
 
 
 class LoraRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -119,7 +120,7 @@ class GenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     postprocess: Annotated[PostprocessRequest, Meta(description="replaces the style's post-processing")] | None = None
     width: Side | None = None
     height: Side | None = None
-    num_images: Annotated[int, Meta(ge=1, le=8, description="images from one prompt")] = 1
+    num_images: Annotated[int, Meta(ge=1, le=MAX_IMAGES, description="images from one prompt")] = 1
     steps: Annotated[int, Meta(ge=1, le=150, description="denoising steps")] | None = None
     guidance_scale: Annotated[float, Meta(ge=0, le=30, description="classifier-free guidance")] | None = None
     seed: Annotated[int, Meta(ge=0, le=MAX_SEED, description="random when absent; image k uses seed+k")] | None = None

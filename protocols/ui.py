@@ -19,7 +19,7 @@ from engines.schedulers import SAMPLERS
 from forge.auth import Authenticator, Principal
 from forge.errors import ForgeError
 from forge.events import TERMINAL_EVENTS, Progress
-from forge.requests import PALETTE_NAMES, GenerationRequest, PostprocessRequest
+from forge.requests import MAX_IMAGES, PALETTE_NAMES, GenerationRequest, PostprocessRequest
 from forge.resolve import SIZE_PRESETS, preset_size
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert
@@ -147,7 +147,7 @@ class WebUi:
                         multiselect=True,
                         label="Style (pick several to stack them)",
                     )
-                    num_images = gr.Slider(1, 8, value=1, step=1, label="Number of images")
+                    num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Number of images")
                     batch = gr.Checkbox(value=False, label="Batch: one character per line")
                 with gr.Accordion("Advanced", open=False):
                     negative = gr.Textbox(label="Negative prompt", lines=2)
