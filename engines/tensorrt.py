@@ -5,8 +5,9 @@ optimisation profile covering the configured range, and cached under the data di
 of the weights' digest, the shape range, the GPU and the TensorRT version, so a restart deserialises
 instead of building. Execution binds torch tensors' device pointers: no copies through the host.
 
-Weights are baked into an engine, so LoRAs and ControlNet (which feed the UNet extra inputs) are refused
-per task on this backend; the eager and compiled backends take them.
+Weights are baked into an engine, so requests with LoRAs or ControlNet (which feeds the UNet extra inputs)
+are refused when they arrive (forge/resolve.py); the checks here only back that up. The eager and
+compiled backends take them.
 """
 
 from __future__ import annotations
@@ -134,7 +135,6 @@ class TensorRTRunner:
     """One deserialised engine; call with named CUDA tensors, get named CUDA tensors back."""
 
     def __init__(self, trt: Any, plan_path: Path, device: str) -> None:
-        self._trt = trt
         self.device = torch.device(device)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
