@@ -204,9 +204,11 @@ class RestApi:
             case TaskState.QUEUED:
                 return [Queued(task_id=task_id, position=self.scheduler.position(record))]
             case TaskState.RUNNING:
-                progress = self.hub.latest_progress(task_id)
                 device, batch = self.scheduler.placement(task_id)
+                if not device:  # marked running but not yet handed to an engine: its `started` event is on its way
+                    return []
                 started = Started(task_id=task_id, attempt=record.attempt, device=device, batch=batch)
+                progress = self.hub.latest_progress(task_id)
                 return [started] if progress is None else [started, progress]
             case TaskState.POSTPROCESSING:
                 return [Postprocessing(task_id=task_id)]

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from httpx_ws import aconnect_ws
 
+from actors.store import Store
 from engines.eager import EagerEngine
 from engines.models import resolve_model
 from forge.engine import Job
+from forge.tasks import TaskState
 from tests.conftest import RunningServer, server_config, start_server
 from tests.helpers import generate_pixels, submit, wait_for_state
 
@@ -164,11 +166,40 @@ async def test_a_lone_task_waits_for_company_only_until_other_work_arrives(tmp_p
 async def test_two_engines_share_the_queue(tmp_path: Path, tiny_model: Path) -> None:
     config = server_config(tmp_path / "data", tiny_model, devices="cpu:0,cpu:1", cpu_threads=1)
     async for server in start_server(config):
-        requests = [{"prompt": f"hero {n}", "width": 128, "height": 128, "steps": 8} for n in range(4)]
-        tasks = [await submit(server.client, **request) for request in requests]
-        devices = set()
-        for task in tasks:
-            events = await _events(server, task)
-            devices |= {e["device"] for e in events if e["type"] == "started"}
-            assert events[-1]["type"] == "succeeded"
-        assert devices == {"cpu:0", "cpu:1"}
+        busy = await submit(server.client, prompt="long", width=512, height=512, steps=150)
+        await wait_for_state(server.client, busy["id"], {"running"})
+        # while one engine is busy, the next task goes to the other one rather than waiting
+        other = await submit(server.client, prompt="short", width=64, height=64, steps=2)
+        events = await _events(server, other)
+        assert events[-1]["type"] == "succeeded"
+        async with aconnect_ws(f"{server.ws_url}{busy['links']['events']}", server.client) as ws:
+            busy_started = json.loads(await ws.receive_text())
+        assert (await server.client.post(busy["links"]["cancel"])).status_code < 300
+        other_devices = {e["device"] for e in events if e["type"] == "started"}
+        assert {busy_started["device"], *other_devices} == {"cpu:0", "cpu:1"}
+
+
+async def test_a_watcher_arriving_while_a_task_is_handed_to_an_engine_learns_its_device(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hold the scheduler between committing `running` and handing the task to its engine.
+    handed_over = anyio.Event()
+    committed = anyio.Event()
+    transition = Store.transition
+
+    async def held_transition(self: Store, task_id: str, **kwargs: Any) -> bool:
+        moved = await transition(self, task_id, **kwargs)
+        if kwargs["to"] is TaskState.RUNNING:
+            committed.set()
+            await handed_over.wait()
+        return moved
+
+    monkeypatch.setattr(Store, "transition", held_transition)
+    task = await submit(server.client, prompt="hero", width=64, height=64, steps=2)
+    await committed.wait()
+    async with aconnect_ws(f"{server.ws_url}{task['links']['events']}", server.client) as ws:
+        with anyio.move_on_after(0.5):
+            pytest.fail(f"an event before the task reached its engine: {await ws.receive_text()}")
+        handed_over.set()
+        started = json.loads(await ws.receive_text())
+    assert started["type"] == "started" and started["device"] == "cpu" and started["batch"] == 1
