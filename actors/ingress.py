@@ -18,7 +18,6 @@ from anyio.streams.memory import MemoryObjectSendStream
 from actors.hub import EventHub
 from actors.model_catalog import ModelCatalog
 from actors.rate_limits import RateLimiter
-from actors.scheduler import Scheduler
 from actors.store import Store
 from actors.uploads import UploadStore
 from forge.auth import LOCAL, Principal
@@ -30,7 +29,7 @@ from forge.logs import request_id as forge_request_id
 from forge.messages import Cancel, SchedulerInbox, Submit
 from forge.requests import ControlRequest, GenerationRequest, GenerationSpec
 from forge.resolve import Resources, requested_controls, resolve_request
-from forge.tasks import TaskRecord, TaskState
+from forge.tasks import ACTIVE_STATES, TaskRecord, TaskState
 
 DEFAULT_OWNER = "local"
 log = logging.getLogger(__name__)
@@ -47,7 +46,6 @@ class Ingress:
         uploads: UploadStore,
         store: Store,
         hub: EventHub,
-        scheduler: Scheduler,
         scheduler_inbox: MemoryObjectSendStream[SchedulerInbox],
         limiter: RateLimiter | None = None,
     ) -> None:
@@ -58,9 +56,9 @@ class Ingress:
         self.uploads = uploads
         self._store = store
         self._hub = hub
-        self._scheduler = scheduler
         self._scheduler_inbox = scheduler_inbox
         self.accepting = True
+        self._admission = anyio.Lock()
 
     def set_limiter(self, limiter: RateLimiter) -> None:
         self._limiter = limiter
@@ -116,16 +114,13 @@ class Ingress:
             earlier = await self._replay(owner, idempotency_key, request_hash)
             if earlier is not None:
                 return earlier, True
-        if self._scheduler.statistics().queued >= self._config.max_queue:
-            raise ServiceUnavailable(
-                f"the queue is full ({self._config.max_queue} tasks); retry later", retry_after_s=30
-            )
-        if self._limiter is not None:  # replays above are free; new work counts against the plan
-            self._limiter.admit(principal, self._scheduler.in_flight(owner))
         try:
-            record = await self._store.insert(
-                owner=owner, spec=spec, idempotency_key=idempotency_key, request_hash=request_hash
-            )
+            # Counting and inserting under one lock: concurrent submissions cannot both take the last place.
+            async with self._admission:
+                await self._admit(principal)
+                record = await self._store.insert(
+                    owner=owner, spec=spec, idempotency_key=idempotency_key, request_hash=request_hash
+                )
         except sqlite3.IntegrityError:  # the same key, submitted concurrently, won the race
             earlier = await self._replay(owner, idempotency_key or "", request_hash)
             if earlier is None:
@@ -135,6 +130,16 @@ class Ingress:
         log.info("accepted task %s", record.id, extra={"task_id": record.id})
         await self._scheduler_inbox.send(Submit(task=record, request_id=request_id))
         return record, False
+
+    async def _admit(self, principal: Principal) -> None:
+        """Refuse new work while the queue is full or the owner's plan has no room (replays are free)."""
+        if await self._store.count([TaskState.QUEUED]) >= self._config.max_queue:
+            raise ServiceUnavailable(
+                f"the queue is full ({self._config.max_queue} tasks); retry later", retry_after_s=30
+            )
+        if self._limiter is not None:
+            in_flight = await self._store.count([TaskState.QUEUED, *ACTIVE_STATES], owner=principal.owner)
+            self._limiter.admit(principal, in_flight)
 
     async def _replay(self, owner: str, key: str, request_hash: str) -> TaskRecord | None:
         found = await self._store.find_idempotent(owner, key)

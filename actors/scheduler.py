@@ -126,11 +126,6 @@ class Scheduler:
 
     # -- introspection (called from other actors on the same loop) --
 
-    def in_flight(self, owner: str) -> int:
-        """The owner's tasks queued here or running."""
-        queued = sum(1 for entry in self._queue if entry.task.owner == owner)
-        return queued + sum(1 for running in self._running.values() if running.task.owner == owner)
-
     def position(self, task: TaskRecord) -> int:
         """How many queued tasks run before this one (also right for a task whose Submit is still in flight)."""
         return bisect.bisect_left(self._queue, _Entry(_key(task), task))

@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state, seq);
 CREATE INDEX IF NOT EXISTS tasks_by_owner ON tasks (owner, seq);
+CREATE INDEX IF NOT EXISTS tasks_by_owner_state ON tasks (owner, state);
 """
 _COLUMNS = (
     "id, seq, owner, spec, state, attempt, created_at, updated_at, started_at, finished_at, "
@@ -139,6 +140,18 @@ class Store:
         ) as cursor:
             row = await cursor.fetchone()
         return (_record(row), row[15]) if row else None
+
+    async def count(self, states: Iterable[TaskState], *, owner: str | None = None) -> int:
+        """How many tasks (of `owner`, or of everyone) are in one of `states`."""
+        wanted = list(states)
+        condition = f"state IN ({', '.join('?' * len(wanted))})"
+        parameters: list[str] = list(wanted)
+        if owner is not None:
+            condition += " AND owner = ?"
+            parameters.append(owner)
+        async with self._db.execute(f"SELECT COUNT(*) FROM tasks WHERE {condition}", parameters) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
 
     async def transition(
         self,

@@ -253,7 +253,6 @@ async def serve(
             uploads=uploads,
             store=store,
             hub=hub,
-            scheduler=scheduler,
             scheduler_inbox=to_scheduler,
         )
         keys = KeyStore(config.database_path)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, server_config, start_server
 from tests.helpers import submit, wait_for_state
 
 pytestmark = pytest.mark.anyio
@@ -131,3 +133,31 @@ async def test_every_scheduler_runs_and_is_recorded(server: RunningServer, sched
     view = await wait_for_state(server.client, (await submit(server.client, steps=3, scheduler=scheduler))["id"])
     assert view["state"] == "succeeded"
     assert view["request"]["scheduler"] == scheduler
+
+
+async def _post_at_once(server: RunningServer, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
+    responses = []
+
+    async def post(body: dict[str, Any]) -> None:
+        responses.append(await server.client.post("/v1/generations", json=body))
+
+    async with anyio.create_task_group() as tg:
+        for body in bodies:
+            tg.start_soon(post, body)
+    return responses
+
+
+async def test_concurrent_submissions_never_overfill_the_queue(tmp_path: Path, tiny_model: Path) -> None:
+    config = server_config(tmp_path / "data", tiny_model, max_queue=3)
+    async for server in start_server(config):
+        long = {"prompt": "long", "width": 512, "height": 512, "steps": 150}
+        blocker = await submit(server.client, **long)
+        await wait_for_state(server.client, blocker["id"], {"running"})
+        responses = await _post_at_once(server, [{**long, "prompt": f"wave {n}"} for n in range(12)])
+        assert sorted(response.status_code for response in responses) == [202] * 3 + [503] * 9
+        refused = next(response for response in responses if response.status_code == 503)
+        assert "queue is full (3 tasks)" in refused.json()["error"]["message"] and refused.headers["Retry-After"]
+        queued = (await server.client.get("/v1/generations", params={"state": "queued"})).json()["items"]
+        assert len(queued) == 3
+        for item in [*queued, blocker]:
+            await server.client.post(item["links"]["cancel"])
