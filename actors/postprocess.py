@@ -30,8 +30,8 @@ from engines.postprocess import PostprocessTools, planned_steps
 from engines.sprite_sheet import pack
 from forge import __version__
 from forge.content_filter import CONTENT_FILTERED
-from forge.engine import AssetError, ModelInfo
-from forge.events import Postprocessing, Succeeded
+from forge.engine import AssetError, CancelFlag, JobCancelled, ModelInfo
+from forge.events import AnyTaskEvent, Cancelled, Postprocessing, Succeeded
 from forge.infotext import infotext
 from forge.messages import Generated, PostprocessInbox
 from forge.model_files import ModelFiles
@@ -161,6 +161,8 @@ class Postprocessor:
         self._thread = DeviceThread("postprocess")
         self._busy = False
         self._finished_one = anyio.Event()
+        self._cancel: tuple[str, CancelFlag] | None = None
+        hub.add_tap(self._on_event)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         self._outputs.mkdir(parents=True, exist_ok=True)
@@ -185,9 +187,15 @@ class Postprocessor:
                         assert_never(msg)
 
     def _process(
-        self, task_id: str, images: list[Image], options: PostprocessRequest
+        self, task_id: str, images: list[Image], options: PostprocessRequest, cancel: CancelFlag
     ) -> tuple[list[Image], list[list[str]]]:
-        """On the post-processing thread: every step on every image, announcing each as it starts."""
+        """On the post-processing thread: every step on every image, announcing each as it starts, and
+        stopping at the next step or upscaling tile once the task is cancelled."""
+
+        def stop_if_cancelled() -> None:
+            if cancel.is_set():
+                raise JobCancelled
+
         upscaler = self._model_file(self._upscalers, "upscaler", options.upscaler) if options.upscale else None
         background = None
         if options.remove_background:
@@ -199,15 +207,25 @@ class Postprocessor:
             step = 0
 
             def announce(stage: str, index: int = index) -> None:
+                stop_if_cancelled()
                 nonlocal step
                 step += 1
                 event = Postprocessing(task_id=task_id, stage=stage, image=index, step=step, total=total)
                 anyio.from_thread.run_sync(self._hub.publish, event, token=self._thread.token)
 
-            result, lines = self._tools.apply(image, options, upscaler, background, announce)
+            result, lines = self._tools.apply(image, options, upscaler, background, announce, stop_if_cancelled)
             results.append(result)
             applied.append(lines)
         return results, applied
+
+    def _watch_cancel(self, task_id: str) -> CancelFlag:
+        """A flag the `cancelled` event of this task sets while its steps run."""
+        self._cancel = (task_id, CancelFlag())
+        return self._cancel[1]
+
+    def _on_event(self, event: AnyTaskEvent) -> None:
+        if isinstance(event, Cancelled) and self._cancel is not None and self._cancel[0] == event.task_id:
+            self._cancel[1].set("cancelled")
 
     @staticmethod
     def _model_file(files: ModelFiles, what: str, name: str | None) -> Path:
@@ -249,7 +267,9 @@ class Postprocessor:
             processed, applied = msg.images, None
             options = task.spec.postprocess
             if options is not None and planned_steps(options):
-                processed, applied = await self._thread.run_sync(self._process, task.id, msg.images, options)
+                processed, applied = await self._thread.run_sync(
+                    self._process, task.id, msg.images, options, self._watch_cancel(task.id)
+                )
             images, metadata = await self._thread.run_sync(
                 partial(
                     write_outputs,
@@ -265,6 +285,9 @@ class Postprocessor:
                     applied=applied,
                 )
             )
+        except JobCancelled:
+            log.info("cancelled during post-processing")
+            return
         except AssetError as exc:
             await fail_task(self._store, self._hub, task, [TaskState.POSTPROCESSING], exc.code, str(exc))
             return
@@ -279,6 +302,8 @@ class Postprocessor:
                 f"{type(exc).__name__}: {exc}",
             )
             return
+        finally:
+            self._cancel = None
         if await self._store.transition(
             task.id,
             attempt=task.attempt,

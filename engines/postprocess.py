@@ -20,7 +20,7 @@ from forge.engine import AssetError
 from forge.requests import PostprocessRequest
 
 StepFn = Callable[[str], None]
-"""Called before each step with its name, for progress."""
+"""Called before each step with its name, for progress; what it raises stops the work there."""
 
 
 def planned_steps(request: PostprocessRequest) -> list[str]:
@@ -109,13 +109,15 @@ class PostprocessTools:
         upscaler: Path | None,
         background: Path | None,
         on_step: StepFn,
+        before_tile: Callable[[], None] | None = None,
     ) -> tuple[Image.Image, list[str]]:
-        """The processed image and a line per applied step, for the metadata."""
+        """The processed image and a line per applied step, for the metadata. `before_tile` runs before each
+        upscaling tile, the longest step, so a cancel need not wait for a whole image."""
         applied: list[str] = []
         # 1. Super-resolution.
         if request.upscale and upscaler is not None:
             on_step("upscale")
-            image = self.upscaler(upscaler)(image, request.upscale)
+            image = self.upscaler(upscaler)(image, request.upscale, before_tile)
             applied.append(f"upscale x{request.upscale} ({upscaler.stem})")
         # 2. Background removal: RGBA from here on.
         if request.remove_background and background is not None:

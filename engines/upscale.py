@@ -3,6 +3,7 @@ whatever the image size. Alpha, when present, is resized separately (the models 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,10 @@ import torch
 from PIL import Image
 
 UPSCALER_SUFFIXES = (".pth", ".safetensors", ".pt", ".ckpt")
+
+
+def _nothing() -> None:
+    pass
 
 
 class UpscalerError(Exception):
@@ -36,12 +41,13 @@ class Upscaler:
         self.tile = tile
         self.overlap = overlap
 
-    def __call__(self, image: Image.Image, factor: int) -> Image.Image:
-        """`factor` times larger: the model's own scale, then Lanczos down to `factor` if they differ."""
+    def __call__(self, image: Image.Image, factor: int, before_tile: Callable[[], None] | None = None) -> Image.Image:
+        """`factor` times larger: the model's own scale, then Lanczos down to `factor` if they differ.
+        `before_tile` runs before each tile; what it raises ends the upscale there (a cancelled task)."""
         rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
         tensor = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(self.device)
         with torch.inference_mode():
-            output = self._tiled(tensor.half() if self.half else tensor)
+            output = self._tiled(tensor.half() if self.half else tensor, before_tile or _nothing)
         array = (output[0].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
         result = Image.fromarray(array, "RGB")
         size = (image.width * factor, image.height * factor)
@@ -51,15 +57,17 @@ class Upscaler:
             result.putalpha(image.getchannel("A").resize(size, Image.Resampling.LANCZOS))
         return result
 
-    def _tiled(self, x: torch.Tensor) -> torch.Tensor:
+    def _tiled(self, x: torch.Tensor, before_tile: Callable[[], None]) -> torch.Tensor:
         """Run tile by tile, each with `overlap` pixels of context that are cut away from its output."""
         _, channels, height, width = x.shape
         if not self.tile or (height <= self.tile and width <= self.tile):
+            before_tile()
             return self.model(x)  # type: ignore[no-any-return]
         scale, tile, pad = self.scale, self.tile, self.overlap
         output = x.new_zeros((1, channels, height * scale, width * scale))
         for top in range(0, height, tile):
             for left in range(0, width, tile):
+                before_tile()
                 bottom, right = min(top + tile, height), min(left + tile, width)
                 y0, x0 = max(top - pad, 0), max(left - pad, 0)
                 y1, x1 = min(bottom + pad, height), min(right + pad, width)

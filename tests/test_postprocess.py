@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 import pytest
 from httpx_ws import aconnect_ws
@@ -179,3 +180,39 @@ async def test_a_model_file_gone_after_acceptance_fails_the_task_by_name(
         view = await wait_for_state(running.client, task["id"])
         assert view["state"] == "failed" and view["error"]["code"] == "postprocess_model_missing"
         assert "RealESRGAN_x4plus" in view["error"]["message"]
+
+
+async def test_cancel_during_upscaling_stops_at_the_next_tile(
+    tmp_path: Path, tiny_model: Path, postprocess_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from engines.upscale import Upscaler
+
+    tiles: list[int] = []
+    second_tile, go_on = threading.Event(), threading.Event()
+    upscale = Upscaler.__call__
+
+    def counted(self: Upscaler, image: Image.Image, factor: int, before_tile: Any = None) -> Image.Image:
+        def gate() -> None:
+            tiles.append(1)
+            if len(tiles) == 2:  # hold the second tile until the test has cancelled
+                second_tile.set()
+                go_on.wait(30)
+            before_tile()
+
+        return upscale(self, image, factor, gate)
+
+    monkeypatch.setattr(Upscaler, "__call__", counted)
+    data = tmp_path / "data"
+    install_postprocess_models(data, postprocess_models)
+    async for server in start_server(server_config(data, tiny_model, upscale_tile=32)):
+        task = await submit(server.client, num_images=2, width=128, height=128, postprocess={"upscale": 2})
+        await anyio.to_thread.run_sync(second_tile.wait, 60)  # 16 tiles an image, 32 in all
+        cancelled = await server.client.post(task["links"]["cancel"])
+        assert cancelled.json()["state"] == "cancelled"
+        go_on.set()
+        after = await wait_for_state(server.client, (await submit(server.client, steps=2))["id"])
+        assert after["state"] == "succeeded"  # the post-processor is free again...
+        assert len(tiles) == 2  # ...having stopped before the tile it was held at, not 30 tiles later
+        assert not (data / "outputs" / task["id"]).exists()
