@@ -167,7 +167,7 @@ class WebUi:
                         base_model = gr.Dropdown(choices=self._ingress.catalog.ids(), value=model.id, label="Model")
                         pose = gr.Dropdown(choices=[NO_POSE, *POSE_NAMES], value=NO_POSE, label="Pose (openpose)")
                         loras = gr.Dropdown(
-                            choices=[lora.name for lora in self._ingress.resources.loras.installed()],
+                            choices=self._lora_names(),
                             value=[],
                             multiselect=True,
                             label="LoRAs",
@@ -245,6 +245,8 @@ class WebUi:
                 self.same_seed, inputs=[selected], outputs=[prompt, random_seed, seed], api_name="same_seed"
             )
             blocks.load(self.history, outputs=[history, history_ids], api_name=False)
+            # LoRA files dropped into the folder while the server runs show up on the next page load.
+            blocks.load(self.lora_choices, outputs=[loras], api_name="lora_choices")
         return blocks
 
     # -- handlers --
@@ -347,6 +349,12 @@ class WebUi:
         if not states:
             return "Nothing to cancel."
         return f"Cancelled {sum(state is TaskState.CANCELLED for state in states)} task(s)."
+
+    def _lora_names(self) -> list[str]:
+        return [lora.name for lora in self._ingress.resources.loras.installed()]
+
+    def lora_choices(self) -> Any:
+        return gr.Dropdown(choices=self._lora_names())
 
     async def history(self, request: gr.Request) -> tuple[list[tuple[str, str]], list[str]]:
         owner = self._owner(request)

@@ -14,7 +14,7 @@ from gradio_client import Client
 from PIL import Image
 
 from actors.encoding import read_parameters
-from tests.conftest import RunningServer, server_config, start_server
+from tests.conftest import RunningServer, install_loras, server_config, start_server
 from tests.helpers import wait_for_state
 
 pytestmark = pytest.mark.anyio
@@ -198,3 +198,15 @@ async def test_file_routes_serve_nothing_outside_outputs(server: RunningServer) 
             if response.status_code == 200 and any(secret in response.content for secret in secrets):
                 leaked.append(probe)
     assert leaked == [], f"files leaked through: {leaked}"
+
+
+async def test_a_lora_added_while_the_server_runs_is_offered_on_the_next_page_load(
+    server: RunningServer, client: Client, tiny_loras: dict[str, Path]
+) -> None:
+    def offered() -> list[str]:
+        update = client.predict(api_name="/lora_choices")
+        return [choice[0] if isinstance(choice, list | tuple) else choice for choice in update["choices"]]
+
+    assert await anyio.to_thread.run_sync(offered) == []
+    install_loras(server.handle.config.data_path, tiny_loras, {"ink_outline": next(iter(tiny_loras))})
+    assert await anyio.to_thread.run_sync(offered) == ["ink_outline"]
