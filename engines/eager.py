@@ -275,10 +275,11 @@ class EagerEngine:
         return sum(module_bytes(m) for m in modules)
 
     def close(self) -> None:
+        """Drop the pipeline and its extras; the model cache then collects the garbage once (or, at shutdown,
+        leaves it to the collector)."""
         del self.pipe, self.adapters
         self._controlnets.clear()
         self._depth = None
-        self._release_cached_memory()
 
     def _release_cached_memory(self) -> None:
         gc.collect()
