@@ -8,6 +8,14 @@ from forge.requests import GenerationSpec
 
 BatchKey = tuple[object, ...]
 
+# Besides the model and the LoRA set: what every row of one UNet batch must share. Named once here for the
+# scheduler's key on request specs and the engine's check on jobs (both have these fields).
+SHARED_SETTINGS = ("width", "height", "steps", "scheduler", "guidance_scale")
+
+
+def shared_settings(spec_or_job: object) -> BatchKey:
+    return tuple(getattr(spec_or_job, name) for name in SHARED_SETTINGS)
+
 
 def batch_key(spec: GenerationSpec) -> BatchKey | None:
     """Tasks with equal keys can be denoised together; None: the task always runs alone (ControlNet inputs
@@ -15,7 +23,7 @@ def batch_key(spec: GenerationSpec) -> BatchKey | None:
     if spec.control:
         return None
     loras = tuple((lora.name, lora.weight) for lora in spec.loras)
-    return (spec.model, loras, spec.width, spec.height, spec.steps, spec.scheduler, spec.guidance_scale)
+    return (spec.model, loras, *shared_settings(spec))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from forge.batching import shared_settings
+
 if TYPE_CHECKING:
     from PIL.Image import Image
 
@@ -83,7 +85,7 @@ class Job:
 def job_batch_key(job: Job) -> tuple[object, ...]:
     """Jobs with equal keys can share one UNet batch."""
     loras = tuple((lora.path, lora.weight) for lora in job.loras)
-    return (job.model.id, loras, job.width, job.height, job.steps, job.scheduler, job.guidance_scale)
+    return (job.model.id, loras, *shared_settings(job))
 
 
 def job_for(
