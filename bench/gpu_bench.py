@@ -3,8 +3,9 @@ against the whole server, in one process (the server in a child process). Prints
 keeps it in $OUT/gpu_bench.json, rewritten after every section so a run cut short still reports.
 
 - stock: diffusers' StableDiffusionXLPipeline as it ships (fp16, SDPA), the baseline for every ratio.
-- each engine (eager, compiled, tensorrt): cold load-to-ready (compile or engine build included), seconds
-  per image at 1024²/30 steps/batch 1 (median of 3), peak VRAM, max pixel difference from stock.
+- each engine (eager, compiled, compiled_regional, tensorrt): cold load-to-ready (compile or engine build
+  included), seconds per image at 1024²/30 steps/batch 1 (median of 3), peak VRAM, max pixel difference
+  from stock; for compiled engines and TensorRT, a warm start in a fresh process on the caches left behind.
 - server: `chara-forge serve` on the fastest engine that worked, started on the caches the engine runs
   left (a warm restart), then 8 concurrent clients: images/s, p50/p99 end-to-end latency.
 
@@ -37,6 +38,13 @@ TARGETS = {"batch1_ratio_max": 0.30, "images_per_s_min": 1.5, "warm_restart_s_ma
 # sums in another order (batching, fused kernels) move a few pixels by a level or two.
 PIXEL_TOLERANCE = 4
 PROMPT, SEED, GUIDANCE = "a knight in silver armour, full body", 0, 5.0
+# Engine names the bench knows: a backend, and for compiled, its compile_scope.
+ENGINES = {
+    "eager": ("eager", "full"),
+    "compiled": ("compiled", "full"),
+    "compiled_regional": ("compiled", "regional"),
+    "tensorrt": ("tensorrt", "full"),
+}
 
 
 class Bench:
@@ -137,7 +145,7 @@ def stock(bench: Bench, model: Path) -> dict[str, Any]:
     return {"s_per_image": round(median, 3), "runs_s": times, "peak_vram_gib": _peak_gib(args.device)}
 
 
-def _ready_engine(args: argparse.Namespace, model: Path, backend: str, quantize: str) -> tuple[Any, Any, float]:
+def _ready_engine(args: argparse.Namespace, model: Path, engine_name: str, quantize: str) -> tuple[Any, Any, float]:
     """Load and warm one engine as the server would (compile or engine build included): engine, model, s."""
     from engines.loader import BackendSettings, cpu_threads_for_serving, load_engine, prepare_thread
     from engines.models import resolve_model
@@ -146,8 +154,10 @@ def _ready_engine(args: argparse.Namespace, model: Path, backend: str, quantize:
     # The server's thread setup: on a CPU the thread count is part of the compiled code (and its cache key).
     prepare_thread(args.device, cpu_threads_for_serving(0))
     info = resolve_model(str(model), Path(args.scratch), 1)
+    backend, scope = ENGINES[engine_name]
     settings = BackendSettings(
         name=backend,
+        compile_scope=scope,
         cache_dir=Path(args.scratch) / "data" / "engine-cache",
         compile_mode=args.compile_mode,
         quantize=quantize,
@@ -162,12 +172,12 @@ def _ready_engine(args: argparse.Namespace, model: Path, backend: str, quantize:
     return engine, info, time.perf_counter() - started
 
 
-def engine_run(bench: Bench, model: Path, backend: str, quantize: str = "none") -> dict[str, Any]:
+def engine_run(bench: Bench, model: Path, engine_name: str, quantize: str = "none") -> dict[str, Any]:
     from forge.engine import Job
 
     args = bench.args
     _reset_peak(args.device)
-    engine, info, ready_s = _ready_engine(args, model, backend, quantize)
+    engine, info, ready_s = _ready_engine(args, model, engine_name, quantize)
     job = Job(model=info, prompt=PROMPT, negative_prompt="", width=args.size, height=args.size, seeds=[SEED],
               steps=args.steps, guidance_scale=GUIDANCE, scheduler="euler")  # fmt: skip
     median, times, result = _timed(args.device, lambda: engine.run(job), args.repeats)
@@ -180,18 +190,18 @@ def engine_run(bench: Bench, model: Path, backend: str, quantize: str = "none") 
         "peak_vram_gib": _peak_gib(args.device),
         "max_pixel_diff_vs_stock": None if reference is None else int(np.abs(image - reference).max()),
     }
-    if backend == "compiled":
+    if ENGINES[engine_name][0] == "compiled":
         out["compile_mode"] = args.compile_mode
         out["quantize"] = quantize
     engine.close()
     return out
 
 
-def warm_start(bench: Bench, backend: str) -> dict[str, Any]:
+def warm_start(bench: Bench, engine_name: str) -> dict[str, Any]:
     """A fresh process loads and warms the engine on the caches the cold run left (compiled code or built
     TensorRT engines): what a restart costs."""
     args = bench.args
-    command = [sys.executable, "-m", "bench.gpu_bench", "--ready-only", backend, "--scratch", args.scratch,
+    command = [sys.executable, "-m", "bench.gpu_bench", "--ready-only", engine_name, "--scratch", args.scratch,
                "--device", args.device, "--compile-mode", args.compile_mode, "--size", str(args.size)]  # fmt: skip
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, timeout=max(bench.left_s(), 1), check=False)
@@ -201,7 +211,7 @@ def warm_start(bench: Bench, backend: str) -> dict[str, Any]:
     return {"warm_ready_s": ready["ready_s"], "process_s": round(time.monotonic() - started, 1)}
 
 
-def server_run(bench: Bench, model: Path, backend: str) -> dict[str, Any]:
+def server_run(bench: Bench, model: Path, engine_name: str) -> dict[str, Any]:
     """The real server in its own process on the caches left by the engine runs: ready time, then load."""
     args = bench.args
     port = _free_port()
@@ -213,7 +223,8 @@ def server_run(bench: Bench, model: Path, backend: str) -> dict[str, Any]:
         "FORGE_HOST": "127.0.0.1",
         "FORGE_ENABLE_UI": "false",
         "FORGE_ENABLE_MCP": "false",
-        "FORGE_BACKEND": backend,
+        "FORGE_BACKEND": ENGINES[engine_name][0],
+        "FORGE_COMPILE_SCOPE": ENGINES[engine_name][1],
         "FORGE_COMPILE_MODE": args.compile_mode,
         "FORGE_DEVICES": args.device,
         "FORGE_LOG_LEVEL": "INFO",
@@ -240,7 +251,7 @@ def server_run(bench: Bench, model: Path, backend: str) -> dict[str, Any]:
     images = args.clients * args.per_client
     quantiles = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
     return {
-        "backend": backend,
+        "engine": engine_name,
         "warm_restart_ready_s": round(ready_s, 1),
         "clients": args.clients,
         "images": images,
@@ -335,7 +346,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tiny model (a smoke test that runs on a CPU)")
     parser.add_argument("--device", default=None, help="default: cuda:0, or cpu with --tiny")
-    parser.add_argument("--backends", default="eager,compiled,tensorrt")
+    parser.add_argument("--backends", default="eager,compiled,compiled_regional,tensorrt", help=", ".join(ENGINES))
     parser.add_argument("--compile-mode", default="auto")
     parser.add_argument(
         "--quantize", default="none", help="also run the compiled backend with torchao int8 or fp8 (reported apart)"
@@ -389,7 +400,9 @@ def main() -> None:
     bench.section("stock", 30, lambda: stock(bench, model_dir))
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     for backend in backends:
-        needs = {"eager": 30, "compiled": 240, "tensorrt": 300}.get(backend, 60)
+        if backend not in ENGINES:
+            parser.error(f"unknown engine {backend!r}; one of {', '.join(ENGINES)}")
+        needs = {"eager": 30, "compiled": 240, "compiled_regional": 120, "tensorrt": 300}[backend]
         bench.section(backend, needs, functools.partial(engine_run, bench, model_dir, backend))
         if backend != "eager" and "s_per_image" in (bench.result.get(backend) or {}):
             bench.section(f"{backend}_warm", 90, functools.partial(warm_start, bench, backend))

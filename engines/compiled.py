@@ -1,7 +1,8 @@
-"""torch.compile backend: the eager pipeline with its UNet and VAE decoder compiled in place.
+"""torch.compile backend: the eager pipeline with its UNet and VAE decoder compiled in place, whole
+(`full`) or block by block (`regional`: far shorter compiles and restarts, no CUDA graphs).
 
-On CUDA: fused QKV projections, channels_last, and CUDA graphs (mode reduce-overhead, one graph recorded
-per shape seen; max-autotune is a setting away, but compiles for many minutes). Compiled kernels,
+On CUDA: fused QKV projections, channels_last, and with `full`, CUDA graphs (mode reduce-overhead, one
+graph recorded per shape seen; max-autotune is a setting away, but compiles for many minutes). Compiled kernels,
 autotuning results and Triton binaries are kept under the data directory, so a restart on the same
 machine and software compiles from the cache. Weights may be quantised (torchao) behind `quantize`; that
 changes the numbers, so benchmarks report it apart.
@@ -13,7 +14,8 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +31,17 @@ log = logging.getLogger(__name__)
 # More shapes than the default 8 before dynamo gives up and runs eagerly: sizes x batch sizes x LoRA sets.
 RECOMPILE_LIMIT = 64
 QUANTIZATIONS = ("none", "int8", "fp8")
+# The repeated blocks regional compilation compiles: attention and feed-forward, and the ResNet blocks whose
+# group norms and activations fuse. Tracing SDXL's whole UNet with dynamic shapes took 35 s on a 2-core CPU
+# (AOTAutograd another 200 s); these blocks, 3 s (and 7 s).
+REGIONS = frozenset({"BasicTransformerBlock", "ResnetBlock2D"})
 
 
 @dataclass(frozen=True)
 class CompileOptions:
     cache_dir: Path
     mode: str = "auto"  # a torch.compile mode; auto: reduce-overhead (CUDA graphs) on CUDA, default elsewhere
+    scope: str = "full"  # full | regional (see REGIONS)
     quantize: str = "none"  # none | int8 | fp8 (linear layers, via torchao)
     fuse_qkv: bool = True
 
@@ -106,15 +113,20 @@ class CompiledEngine(EagerEngine):
             pipe.vae.to(memory_format=torch.channels_last)
         if options.quantize != "none":
             quantize_weights(pipe.unet, options.quantize)
-        mode = options.mode if options.mode != "auto" else ("reduce-overhead" if cuda else "default")
+        regional = options.scope == "regional"
+        mode = options.mode if options.mode != "auto" else ("reduce-overhead" if cuda and not regional else "default")
         # In place (nn.Module.compile): the pipeline, LoRA loading and memory accounting keep the same modules.
         # On GPUs, dynamic shapes: one graph serves every batch and image size (a batch of 3 or a portrait
         # image does not recompile in the middle of serving); CUDA graphs are still recorded per concrete
         # shape. On a CPU, where batching is off, a dynamic graph takes five times as long to compile, so
         # shapes start static and become dynamic at the first recompile (torch.compile's default).
         dynamic = True if cuda else None
-        pipe.unet.compile(mode=mode, fullgraph=True, dynamic=dynamic)
-        pipe.vae.decoder.compile(mode=_without_cuda_graphs(mode), dynamic=dynamic)
+        if regional:
+            compile_regions(pipe.unet, mode=mode, dynamic=dynamic)
+            compile_regions(pipe.vae.decoder, mode=_without_cuda_graphs(mode), dynamic=dynamic)
+        else:
+            pipe.unet.compile(mode=mode, fullgraph=True, dynamic=dynamic)
+            pipe.vae.decoder.compile(mode=_without_cuda_graphs(mode), dynamic=dynamic)
 
     def warm(self) -> None:
         """The first run compiles (or loads the compiled code from the cache); say which, and how long."""
@@ -129,12 +141,17 @@ class CompiledEngine(EagerEngine):
         )  # fmt: skip
 
     def run_batch(self, jobs: Sequence[Job]) -> list[GenerationResult]:
-        if jobs[0].loras and self._fused:
+        if not jobs[0].loras:
+            return super().run_batch(jobs)
+        if self._fused:
             # peft adapts to_q/to_k/to_v, which the fused projection bypasses: unfuse once, for good
-            # (the compiled graph's guards see the change and it recompiles).
+            # (the compiled UNet recompiles once for that, at the next job without LoRAs).
             self.pipe.unfuse_qkv_projections()
             self._fused = False
-        return super().run_batch(jobs)
+        # A UNet with LoRA adapters runs uncompiled: dynamo would recompile it for every LoRA set and every
+        # adapter weight, each time holding the device for as long as a cold compile.
+        with uncompiled(self.pipe.unet):
+            return super().run_batch(jobs)
 
     def compile_statistics(self) -> dict[str, Any]:
         """Inductor's cache hits and misses so far in this process (a warm start is all hits)."""
@@ -145,6 +162,30 @@ class CompiledEngine(EagerEngine):
             "fxgraph_cache_hit": inductor["fxgraph_cache_hit"],
             "fxgraph_cache_miss": inductor["fxgraph_cache_miss"],
         }
+
+
+@contextmanager
+def uncompiled(module: torch.nn.Module) -> Iterator[None]:
+    """Run `module` and its blocks eagerly for a while. Only this engine's own modules change, so another
+    engine's thread keeps its compiled code (unlike torch.compiler.set_stance, which is process-wide)."""
+    compiled = [(block, block._compiled_call_impl) for block in module.modules() if block._compiled_call_impl]
+    for block, _ in compiled:
+        block._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for block, call in compiled:
+            block._compiled_call_impl = call
+
+
+def compile_regions(module: torch.nn.Module, **options: Any) -> int:
+    """Regional compilation: each block in REGIONS is compiled in place. Blocks of one class share their
+    compiled code (parameters are graph inputs), so SDXL's 70 transformer blocks cost one compile per
+    width, not one each. Returns how many blocks were compiled."""
+    blocks = [block for block in module.modules() if type(block).__name__ in REGIONS]
+    for block in blocks:
+        block.compile(fullgraph=True, **options)
+    return len(blocks)
 
 
 def _without_cuda_graphs(mode: str) -> str:

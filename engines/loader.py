@@ -55,6 +55,7 @@ class BackendSettings:
     name: str = "eager"
     cache_dir: Path = Path("data/engine-cache")
     compile_mode: str = "auto"
+    compile_scope: str = "full"
     quantize: str = "none"
     fuse_qkv: bool = True
     shapes: ShapeRange = DEFAULT_SHAPES
@@ -66,6 +67,7 @@ def backend_settings(config: Config, devices: list[str]) -> BackendSettings:
         name=config.backend,
         cache_dir=config.data_path / "engine-cache",
         compile_mode=config.compile_mode,
+        compile_scope=config.compile_scope,
         quantize=config.quantize,
         fuse_qkv=config.fuse_qkv,
         shapes=ShapeRange(
@@ -134,6 +136,7 @@ def load_engine(settings: BackendSettings, model: ModelInfo, device: str) -> Eng
         options = CompileOptions(
             cache_dir=cache_dir_for(settings.cache_dir / "compiled", device),
             mode=settings.compile_mode,
+            scope=settings.compile_scope,
             quantize=settings.quantize,
             fuse_qkv=settings.fuse_qkv,
         )

@@ -84,6 +84,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # compiled: a torch.compile mode ("auto": reduce-overhead, with CUDA graphs, on GPUs; default on a CPU), weight
     # quantisation through torchao ("int8", "fp8"; changes the images slightly) and fused QKV projections.
     compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "auto"
+    # full: the whole UNet and VAE decoder as one graph each (CUDA graphs possible); regional: only their
+    # repeated blocks, compiled once per shape and shared by every copy: minutes less to compile and seconds
+    # to restart, without CUDA graphs.
+    compile_scope: Literal["full", "regional"] = "full"
     quantize: Literal["none", "int8", "fp8"] = "none"
     fuse_qkv: bool = True
     # tensorrt: the image sides (pixels) one engine covers; the batch range follows max_batch.

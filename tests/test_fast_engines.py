@@ -35,6 +35,10 @@ from tests.process import ServerProcess
 pytestmark = pytest.mark.anyio
 
 
+def _max_difference(a: object, b: object) -> int:
+    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+
+
 def test_unet_and_vae_decoder_export_to_onnx_with_dynamic_batch_and_size(tiny_model: Path, tmp_path: Path) -> None:
     import onnxruntime
     import torch
@@ -148,6 +152,52 @@ async def test_compiled_backend_matches_eager_and_restarts_from_its_compile_cach
             assert " 0 misses" in lines[-1], lines[-1]
         else:
             assert " 0 misses" not in lines[-1], lines[-1]
+
+
+def test_regional_compilation_matches_eager_and_serves_loras_without_compiling(
+    tmp_path: Path, tiny_model: Path, tiny_loras: dict[str, Path]
+) -> None:
+    """compile_scope = "regional" compiles only the repeated blocks. Its image equals eager's; a request with
+    a LoRA runs the UNet uncompiled (the same image as eager with that LoRA), so no LoRA set or weight ever
+    waits for a compile; only the first request without LoRAs after a new LoRA was loaded compiles again."""
+    import dataclasses
+    import threading
+
+    from engines.compiled import CompiledEngine, CompileOptions
+    from forge.engine import LoraWeight
+
+    model = resolve_model(str(tiny_model), tiny_model.parent, 1)
+    base = Job(model=model, prompt="a paladin", negative_prompt="", width=64, height=64, seeds=[5], steps=4,
+               guidance_scale=5.0, scheduler="euler")  # fmt: skip
+    ink = LoraWeight(name="ink-lora", path=str(tiny_loras["ink-lora"]), weight=0.8)
+    with_lora = [dataclasses.replace(base, loras=[dataclasses.replace(ink, weight=w)]) for w in (0.8, 0.3)]
+    eager = EagerEngine(model, "cpu")
+    expected = [eager.run(job).images[0] for job in (base, *with_lora)]
+    got: list[Image.Image] = []
+    compiles: list[int] = []
+
+    def serve_in_order() -> None:  # on a thread that then ends, as an engine's does
+        engine = CompiledEngine(model, "cpu", CompileOptions(cache_dir=tmp_path / "cache", scope="regional"))
+
+        def run(job: Job) -> None:
+            got.append(engine.run(job).images[0])
+            statistics = engine.compile_statistics()
+            compiles.append(statistics["fxgraph_cache_hit"] + statistics["fxgraph_cache_miss"])
+
+        for job in (base, *with_lora, base, with_lora[0], base):
+            run(job)
+
+    worker = threading.Thread(target=serve_in_order)
+    worker.start()
+    worker.join()
+    order = [0, 1, 2, 0, 1, 0]
+    for image, index in zip(got, order, strict=True):
+        assert _max_difference(image, expected[index]) <= 2
+    assert _max_difference(expected[0], expected[1]) > 2  # the LoRA does change the image
+    first, lora, other_weight, base_again, lora_again, base_last = compiles
+    assert first > 0 and lora == other_weight == first  # LoRA requests compile nothing
+    assert base_again > other_weight  # the adapters changed the blocks: the base path compiled again, once
+    assert lora_again == base_last == base_again
 
 
 def test_requests_a_tensorrt_server_cannot_serve_are_refused_naming_the_field(

@@ -24,6 +24,6 @@ def test_gpu_bench_runs_every_section_and_prints_one_json_line(tmp_path: Path) -
     assert result["eager"]["max_pixel_diff_vs_stock"] <= 2  # the engine is the stock pipeline, batched
     assert "TensorRT" in result["tensorrt"]["error"]  # not installed here: reported, not fatal
     server = result["server"]
-    assert server["backend"] == "eager" and server["images"] == 4 and server["images_per_s"] > 0
+    assert server["engine"] == "eager" and server["images"] == 4 and server["images_per_s"] > 0
     assert server["latency_p50_s"] <= server["latency_p99_s"]
     assert set(result["meets_targets"]) == {"batch1_ratio", "images_per_s", "warm_restart"}
