@@ -28,12 +28,15 @@ from forge.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# More shapes than the default 8 before dynamo gives up and runs eagerly: sizes x batch sizes x LoRA sets.
+# More graphs per compiled function than the default 8 before dynamo runs it eagerly: static sizes on a CPU,
+# the ResNet blocks' shapes under `regional`, and one more after each newly loaded LoRA (its adapters change
+# the blocks). Graphs are never required to be whole (fullgraph=False): past the limit a request then runs
+# eagerly instead of failing, which over a long life with many LoRAs can happen.
 RECOMPILE_LIMIT = 64
 QUANTIZATIONS = ("none", "int8", "fp8")
 # The repeated blocks regional compilation compiles: attention and feed-forward, and the ResNet blocks whose
 # group norms and activations fuse. Tracing SDXL's whole UNet with dynamic shapes took 35 s on a 2-core CPU
-# (AOTAutograd another 200 s); these blocks, 3 s (and 7 s).
+# (AOTAutograd another 200 s); these blocks, 7 s (and 16 s).
 REGIONS = frozenset({"BasicTransformerBlock", "ResnetBlock2D"})
 
 
@@ -125,7 +128,7 @@ class CompiledEngine(EagerEngine):
             compile_regions(pipe.unet, mode=mode, dynamic=dynamic)
             compile_regions(pipe.vae.decoder, mode=_without_cuda_graphs(mode), dynamic=dynamic)
         else:
-            pipe.unet.compile(mode=mode, fullgraph=True, dynamic=dynamic)
+            pipe.unet.compile(mode=mode, dynamic=dynamic)
             pipe.vae.decoder.compile(mode=_without_cuda_graphs(mode), dynamic=dynamic)
 
     def warm(self) -> None:
@@ -184,7 +187,7 @@ def compile_regions(module: torch.nn.Module, **options: Any) -> int:
     width, not one each. Returns how many blocks were compiled."""
     blocks = [block for block in module.modules() if type(block).__name__ in REGIONS]
     for block in blocks:
-        block.compile(fullgraph=True, **options)
+        block.compile(**options)
     return len(blocks)
 
 
