@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
 
 from engines.adapters import LoraAdapters
+from engines.cache import release_memory
 from engines.control import ControlUnavailable, DepthEstimator, prepare_control
 from engines.loading import LOADING
 from engines.preview import latent_preview
@@ -203,7 +203,7 @@ class EagerEngine:
                 **control_args,
             )
         except torch.OutOfMemoryError as exc:
-            self._release_cached_memory()
+            release_memory(self.device)
             raise OutOfMemory(str(exc)) from exc
         denoise_s = time.perf_counter() - started
         images = list(output.images)
@@ -280,8 +280,3 @@ class EagerEngine:
         del self.pipe, self.adapters
         self._controlnets.clear()
         self._depth = None
-
-    def _release_cached_memory(self) -> None:
-        gc.collect()
-        if self.device.startswith("cuda"):
-            torch.cuda.empty_cache()
