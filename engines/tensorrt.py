@@ -12,7 +12,6 @@ compiled backends take them.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from engines.digests import weights_digest
 from engines.eager import EagerEngine
 from engines.exported import route_through
 from engines.onnx_export import (
@@ -32,7 +32,6 @@ from engines.onnx_export import (
     export_unet,
     export_vae_decoder,
 )
-from engines.weights import weight_files
 from forge.engine import AssetError, GenerationResult, Job, ModelInfo
 from forge.errors import ConfigError
 
@@ -56,31 +55,6 @@ class TensorRTOptions:
     shapes: ShapeRange = DEFAULT_SHAPES
 
 
-def weights_digest(folder: Path) -> str:
-    """sha256 over the weight files, remembered beside them by name, size and mtime (hashing GBs is slow)."""
-    digest = hashlib.sha256()
-    for file in weight_files(folder):
-        stat = file.stat()
-        memo = file.with_name(f".{file.name}.sha256")
-        stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
-        if memo.exists() and memo.read_text().startswith(stamp + " "):
-            file_hash = memo.read_text().split(" ", 1)[1]
-        else:
-            file_hash = _sha256(file)
-            with contextlib.suppress(OSError):  # a read-only model folder: hash again next time
-                memo.write_text(f"{stamp} {file_hash}")
-        digest.update(f"{file.name}:{file_hash}\n".encode())
-    return digest.hexdigest()
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with file.open("rb") as stream:
-        while chunk := stream.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _weights(model: ModelInfo, component: str) -> Path:
     """What the component's engine is built from: its folder, the single checkpoint, or the hub snapshot."""
     if model.format == "single_file":
@@ -93,9 +67,9 @@ def _weights(model: ModelInfo, component: str) -> Path:
     return folder / component
 
 
-def engine_key(component: Path, shapes: ShapeRange, device: str, trt_version: str) -> str:
+def engine_key(component: Path, shapes: ShapeRange, device: str, trt_version: str, memo_dir: Path) -> str:
     parts = {
-        "weights": weights_digest(component),
+        "weights": weights_digest(component, memo_dir),
         "shapes": asdict(shapes),
         "gpu": torch.cuda.get_device_name(device),
         "capability": torch.cuda.get_device_capability(device),
@@ -218,7 +192,8 @@ class TensorRTEngine(EagerEngine):
 
     def _plan(self, trt: Any, name: str, weights: Path, export: Any, profile: Any, *, precision: str) -> Path:
         """The cached engine for this network, exported and built first when there is none."""
-        key = engine_key(weights, self.options.shapes, self.device, f"{trt.__version__}-{precision}")
+        versions = f"{trt.__version__}-{precision}"
+        key = engine_key(weights, self.options.shapes, self.device, versions, self.options.cache_dir / "digests")
         plan = self.options.cache_dir / f"{name}-{key}.plan"
         if not plan.exists():
             onnx = self.options.cache_dir / "onnx" / f"{name}-{key}" / "model.onnx"
