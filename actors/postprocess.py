@@ -190,12 +190,7 @@ class Postprocessor:
         self, task_id: str, images: list[Image], options: PostprocessRequest, cancel: CancelFlag
     ) -> tuple[list[Image], list[list[str]]]:
         """On the post-processing thread: every step on every image, announcing each as it starts, and
-        stopping at the next step or upscaling tile once the task is cancelled."""
-
-        def stop_if_cancelled() -> None:
-            if cancel.is_set():
-                raise JobCancelled
-
+        stopping within the step it is in once the task is cancelled."""
         upscaler = self._model_file(self._upscalers, "upscaler", options.upscaler) if options.upscale else None
         background = None
         if options.remove_background:
@@ -207,13 +202,13 @@ class Postprocessor:
             step = 0
 
             def announce(stage: str, index: int = index) -> None:
-                stop_if_cancelled()
+                cancel.raise_if_set()
                 nonlocal step
                 step += 1
                 event = Postprocessing(task_id=task_id, stage=stage, image=index, step=step, total=total)
                 anyio.from_thread.run_sync(self._hub.publish, event, token=self._thread.token)
 
-            result, lines = self._tools.apply(image, options, upscaler, background, announce, stop_if_cancelled)
+            result, lines = self._tools.apply(image, options, upscaler, background, announce, cancel)
             results.append(result)
             applied.append(lines)
         return results, applied

@@ -1,4 +1,8 @@
-"""Background removal with rembg, always from a local ONNX file (rembg would otherwise download one)."""
+"""Background removal with rembg, always from a local ONNX file (rembg would otherwise download one).
+
+One segmentation run is a single onnxruntime call (seconds on a CPU for the 1024² IS-Net models); a
+cancelled task ends it through onnxruntime's RunOptions.terminate instead of waiting for it.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from forge.engine import CancelFlag
 
 # Which rembg session runs each known model: U^2-Net models and the IS-Net (DIS) family differ in input
 # size and normalisation. isnet-anime is made for anime-style characters.
@@ -45,11 +51,39 @@ class BackgroundRemover:
                 os.environ.pop("U2NET_HOME", None)
             else:
                 os.environ["U2NET_HOME"] = previous
+        self._runs = _RunWithOptions(self.session.inner_session)
+        self.session.inner_session = self._runs
 
-    def __call__(self, image: Image.Image) -> Image.Image:
-        """RGBA: the character kept, the background transparent (alpha from the model's mask)."""
+    def __call__(self, image: Image.Image, cancel: CancelFlag | None = None) -> Image.Image:
+        """RGBA: the character kept, the background transparent (alpha from the model's mask). Raises
+        JobCancelled when `cancel` is set before or during the run."""
+        import onnxruntime
         from rembg import remove
 
-        result = remove(image.convert("RGB"), session=self.session, post_process_mask=True)
+        cancel = cancel or CancelFlag()
+        cancel.raise_if_set()
+        options = self._runs.options = onnxruntime.RunOptions()
+        options.log_severity_level = 4  # a terminated run is not an error to log; real failures still raise
+        try:
+            with cancel.interrupting(lambda: setattr(options, "terminate", True)):
+                result = remove(image.convert("RGB"), session=self.session, post_process_mask=True)
+        except Exception:  # onnxruntime's Fail, "Exiting due to terminate flag being set to true"
+            cancel.raise_if_set()
+            raise
         assert isinstance(result, Image.Image)
         return result.convert("RGBA")
+
+
+class _RunWithOptions:
+    """Stands in for rembg's onnxruntime session, whose `run(None, feeds)` calls it makes, adding the
+    RunOptions of the current removal."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+        self.options: Any = None
+
+    def run(self, output_names: Any, feeds: Any, run_options: Any = None) -> Any:
+        return self._session.run(output_names, feeds, run_options or self.options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)

@@ -16,7 +16,7 @@ from engines.background import BackgroundError, BackgroundRemover
 from engines.image_filter import ImageFilter
 from engines.image_ops import hex_rgb, pixel_art, resize, trim
 from engines.upscale import Upscaler, UpscalerError
-from forge.engine import AssetError
+from forge.engine import AssetError, CancelFlag
 from forge.requests import PostprocessRequest
 
 StepFn = Callable[[str], None]
@@ -109,20 +109,22 @@ class PostprocessTools:
         upscaler: Path | None,
         background: Path | None,
         on_step: StepFn,
-        before_tile: Callable[[], None] | None = None,
+        cancel: CancelFlag | None = None,
     ) -> tuple[Image.Image, list[str]]:
-        """The processed image and a line per applied step, for the metadata. `before_tile` runs before each
-        upscaling tile, the longest step, so a cancel need not wait for a whole image."""
+        """The processed image and a line per applied step, for the metadata. A set `cancel` ends the work
+        with JobCancelled inside the long steps too: at the next upscaling tile, or by interrupting the
+        segmentation model's run."""
+        cancel = cancel or CancelFlag()
         applied: list[str] = []
         # 1. Super-resolution.
         if request.upscale and upscaler is not None:
             on_step("upscale")
-            image = self.upscaler(upscaler)(image, request.upscale, before_tile)
+            image = self.upscaler(upscaler)(image, request.upscale, cancel.raise_if_set)
             applied.append(f"upscale x{request.upscale} ({upscaler.stem})")
         # 2. Background removal: RGBA from here on.
         if request.remove_background and background is not None:
             on_step("remove_background")
-            image = self.remover(request.background_model or background.stem, background)(image)
+            image = self.remover(request.background_model or background.stem, background)(image, cancel)
             applied.append(f"remove_background ({background.stem})")
         # 3. Trim to the character's box.
         if request.trim:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -27,18 +28,44 @@ class OutOfMemory(Exception):
 
 
 class CancelFlag:
-    """Set from the event loop, read by the worker thread between denoising steps."""
+    """Set from the event loop, read by the worker thread between denoising steps. Work that cannot stop
+    to look (one long native call) registers a callback to be interrupted instead."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
         self.reason = ""
 
     def set(self, reason: str) -> None:
-        self.reason = reason
-        self._event.set()
+        with self._lock:
+            self.reason = reason
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
 
     def is_set(self) -> bool:
         return self._event.is_set()
+
+    def raise_if_set(self) -> None:
+        if self._event.is_set():
+            raise JobCancelled
+
+    @contextmanager
+    def interrupting(self, callback: Callable[[], None]) -> Iterator[None]:
+        """Within the block, setting the flag calls `callback` (at once when it is set already)."""
+        with self._lock:
+            pending = not self._event.is_set()
+            if pending:
+                self._callbacks.append(callback)
+        if not pending:
+            callback()
+        try:
+            yield
+        finally:
+            with self._lock, suppress(ValueError):
+                self._callbacks.remove(callback)
 
 
 @dataclass(frozen=True, kw_only=True)

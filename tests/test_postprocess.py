@@ -216,3 +216,60 @@ async def test_cancel_during_upscaling_stops_at_the_next_tile(
         assert after["state"] == "succeeded"  # the post-processor is free again...
         assert len(tiles) == 2  # ...having stopped before the tile it was held at, not 30 tiles later
         assert not (data / "outputs" / task["id"]).exists()
+
+
+def _build_endless_segmenter(target_file: Path) -> None:
+    """A segmentation model that runs for minutes: a Loop of 300,000 matrix products in one onnxruntime call."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x_in", "eye"], ["x_out"]), helper.make_node("Identity", ["go"], ["go_on"])],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("go", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_in", TensorProto.FLOAT, None),
+        ],
+        [
+            helper.make_tensor_value_info("go_on", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_out", TensorProto.FLOAT, None),
+        ],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["input"], ["brightness"], axes=[1], keepdims=1),
+            helper.make_node("Loop", ["trips", "", "brightness"], ["mask"], body=body),
+        ],
+        "endless-mask",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, "height", "width"])],
+        [helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, "height", "width"])],
+        [
+            numpy_helper.from_array(np.eye(320, dtype=np.float32), "eye"),
+            numpy_helper.from_array(np.array(300_000, dtype=np.int64), "trips"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, target_file)
+
+
+async def test_cancel_during_background_removal_interrupts_the_model(
+    tmp_path: Path, tiny_model: Path, postprocess_models: Path
+) -> None:
+    data = tmp_path / "data"
+    install_postprocess_models(data, postprocess_models)
+    _build_endless_segmenter(data / "models" / "rembg" / "endless.onnx")
+    async for server in start_server(server_config(data, tiny_model)):
+        task = await submit(
+            server.client, steps=2, postprocess={"remove_background": True, "background_model": "endless"}
+        )
+        async with aconnect_ws(f"{server.ws_url}/v1/generations/{task['id']}/events") as ws:
+            while json.loads(await ws.receive_text()).get("stage") != "remove_background":
+                pass
+        await anyio.sleep(1)  # well inside the model's run, which takes minutes
+        cancelled = await server.client.post(task["links"]["cancel"])
+        assert cancelled.json()["state"] == "cancelled"
+        after = await wait_for_state(server.client, (await submit(server.client, steps=2))["id"])
+        assert after["state"] == "succeeded"  # the post-processor was freed, not held for minutes
+        assert not (data / "outputs" / task["id"]).exists()
