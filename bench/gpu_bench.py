@@ -1,13 +1,17 @@
 """GPU benchmark: SDXL's real architecture with random weights, stock diffusers against each engine and
-against the whole server, in one process (the server in a child process). Prints one JSON line and
+against the whole server, in one run (each engine and the server in a child process). Prints one JSON line and
 keeps it in $OUT/gpu_bench.json, rewritten after every section so a run cut short still reports.
 
 - stock: diffusers' StableDiffusionXLPipeline as it ships (fp16, SDPA), the baseline for every ratio.
-- each engine (eager, compiled, compiled_regional, tensorrt): cold load-to-ready (compile or engine build
+- each engine (eager, compiled_regional, compiled, tensorrt): cold load-to-ready (compile or engine build
   included), seconds per image at 1024²/30 steps/batch 1 (median of 3), peak VRAM, max pixel difference
   from stock; for compiled engines and TensorRT, a warm start in a fresh process on the caches left behind.
 - server: `chara-forge serve` on the fastest engine that worked, started on the caches the engine runs
   left (a warm restart), then 8 concurrent clients: images/s, p50/p99 end-to-end latency.
+
+Each engine runs in a child process of its own, stopped when it would eat into the time kept for the
+server section: a compile that runs long, or a crash inside a native library, costs its section, not the
+run. The children's logs are kept in $OUT/logs.
 
 `--tiny` runs the same sections with the tiny model (a smoke test that works on a CPU).
 """
@@ -15,10 +19,12 @@ keeps it in $OUT/gpu_bench.json, rewritten after every section so a run cut shor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -43,8 +49,8 @@ SERVER_S = 90
 # Engine names the bench knows: a backend, and for compiled, its compile_scope.
 ENGINES = {
     "eager": ("eager", "full"),
+    "compiled_regional": ("compiled", "regional"),  # before `compiled`: its compile is far shorter
     "compiled": ("compiled", "full"),
-    "compiled_regional": ("compiled", "regional"),
     "tensorrt": ("tensorrt", "full"),
 }
 
@@ -54,7 +60,6 @@ class Bench:
         self.args = args
         self.started = time.monotonic()
         self.result: dict[str, Any] = {"bench": "gpu", "tiny": args.tiny}
-        self.reference: Any = None  # stock diffusers' image, which every engine's is compared with
         self.out = Path(os.environ.get("OUT", args.scratch)) / "gpu_bench.json"
 
     def left_s(self) -> float:
@@ -79,6 +84,7 @@ class Bench:
             value = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         if isinstance(value, dict):
             value["section_s"] = round(time.monotonic() - started, 1)
+        _reset_peak(self.args.device)  # what the section left in torch's cache goes back to the GPU's other users
         self.result[name] = value
         self.save()
         # The JSON line comes at the end; meanwhile a line a section shows where a long run spends its time.
@@ -144,7 +150,7 @@ def stock(bench: Bench, model: Path) -> dict[str, Any]:
         ).images[0]
 
     median, times, image = _timed(args.device, run, args.repeats)
-    bench.reference = np.asarray(image, dtype=np.int16)
+    np.save(_reference_file(args), np.asarray(image, dtype=np.int16))
     return {"s_per_image": round(median, 3), "runs_s": times, "peak_vram_gib": _peak_gib(args.device)}
 
 
@@ -175,17 +181,21 @@ def _ready_engine(args: argparse.Namespace, model: Path, engine_name: str, quant
     return engine, info, time.perf_counter() - started
 
 
-def engine_run(bench: Bench, model: Path, engine_name: str, quantize: str = "none") -> dict[str, Any]:
+def _reference_file(args: argparse.Namespace) -> Path:
+    return Path(args.scratch) / "stock-image.npy"
+
+
+def engine_run(args: argparse.Namespace, model: Path, engine_name: str, quantize: str = "none") -> dict[str, Any]:
+    """In the engine's own process: cold start to ready, seconds per image, peak VRAM, difference from stock."""
     from forge.engine import Job
 
-    args = bench.args
     _reset_peak(args.device)
     engine, info, ready_s = _ready_engine(args, model, engine_name, quantize)
     job = Job(model=info, prompt=PROMPT, negative_prompt="", width=args.size, height=args.size, seeds=[SEED],
               steps=args.steps, guidance_scale=GUIDANCE, scheduler="euler")  # fmt: skip
     median, times, result = _timed(args.device, lambda: engine.run(job), args.repeats)
     image = np.asarray(result.images[0], dtype=np.int16)
-    reference = bench.reference
+    reference = np.load(_reference_file(args)) if _reference_file(args).exists() else None
     out: dict[str, Any] = {
         "cold_ready_s": round(ready_s, 1),
         "s_per_image": round(median, 3),
@@ -200,18 +210,41 @@ def engine_run(bench: Bench, model: Path, engine_name: str, quantize: str = "non
     return out
 
 
+def in_child(bench: Bench, name: str, child_args: list[str], keep_s: float) -> dict[str, Any]:
+    """This script again in a fresh process, in the mode `child_args` pick; its last stdout line is its result.
+    It is killed (with any compile workers it started) once it would leave less than `keep_s`."""
+    args = bench.args
+    command = [sys.executable, "-m", "bench.gpu_bench", *child_args, "--scratch", args.scratch, "--device",
+               args.device, "--compile-mode", args.compile_mode, "--size", str(args.size), "--steps",
+               str(args.steps), "--repeats", str(args.repeats), *(["--tiny"] if args.tiny else [])]  # fmt: skip
+    log = bench.out.parent / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    limit_s = max(bench.left_s() - keep_s, 30)
+    with log.open("w") as sink:
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=sink, text=True, start_new_session=True)
+        try:
+            stdout, _ = child.communicate(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
+            raise TimeoutError(f"stopped after {limit_s:.0f} s to keep time for later sections") from None
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)  # compile workers outlive their parent otherwise
+    lines = stdout.strip().splitlines()
+    if not lines:  # it died before it could say why (a crash in native code, or out of memory)
+        raise RuntimeError(f"exit {child.returncode}: {log.read_text(errors='replace')[-500:]}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
 def warm_start(bench: Bench, engine_name: str) -> dict[str, Any]:
     """A fresh process loads and warms the engine on the caches the cold run left (compiled code or built
     TensorRT engines): what a restart costs."""
-    args = bench.args
-    command = [sys.executable, "-m", "bench.gpu_bench", "--ready-only", engine_name, "--scratch", args.scratch,
-               "--device", args.device, "--compile-mode", args.compile_mode, "--size", str(args.size)]  # fmt: skip
     started = time.monotonic()
-    limit_s = max(bench.left_s() - SERVER_S, 30)
-    done = subprocess.run(command, capture_output=True, text=True, timeout=limit_s, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-500:])
-    ready = json.loads(done.stdout.strip().splitlines()[-1])
+    ready = in_child(bench, f"{engine_name}_warm", ["--ready-only", engine_name], SERVER_S)
+    if "error" in ready:
+        return ready
     return {"warm_ready_s": ready["ready_s"], "process_s": round(time.monotonic() - started, 1)}
 
 
@@ -237,7 +270,8 @@ def server_run(bench: Bench, model: Path, engine_name: str) -> dict[str, Any]:
     }
     if args.max_batch:
         env["FORGE_MAX_BATCH"] = str(args.max_batch)
-    log = Path(args.scratch) / "server.log"
+    log = bench.out.parent / "logs" / "server.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with log.open("ab") as sink:
         process = subprocess.Popen([sys.executable, "-m", "forge.cli", "serve"], env=env, stdout=sink, stderr=sink)
@@ -262,7 +296,7 @@ def server_run(bench: Bench, model: Path, engine_name: str) -> dict[str, Any]:
         "images_per_s": round(images / elapsed, 3),
         "latency_p50_s": round(quantiles[49], 3),
         "latency_p99_s": round(quantiles[98], 3),
-        "log_tail": log.read_text(errors="replace").splitlines()[-8:],
+        "log_tail": log.read_text(errors="replace").splitlines()[-4:],
     }
 
 
@@ -320,6 +354,18 @@ def _free_port() -> int:
         return port
 
 
+def _child_section(args: argparse.Namespace, model: Path) -> dict[str, Any]:
+    """What a child process reports: its section's result, or the error that ended it (the trace goes to its log)."""
+    try:
+        if args.ready_only:
+            _, _, ready_s = _ready_engine(args, model, args.ready_only, "none")
+            return {"ready_s": round(ready_s, 1)}
+        return engine_run(args, model, args.engine_only, args.quantize)
+    except Exception as exc:
+        traceback.print_exc()
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
 def summarise(bench: Bench, backends: list[str]) -> None:
     result = bench.result
     base = (result.get("stock") or {}).get("s_per_image")
@@ -350,7 +396,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tiny model (a smoke test that runs on a CPU)")
     parser.add_argument("--device", default=None, help="default: cuda:0, or cpu with --tiny")
-    parser.add_argument("--backends", default="eager,compiled,compiled_regional,tensorrt", help=", ".join(ENGINES))
+    parser.add_argument("--backends", default=",".join(ENGINES), help=", ".join(ENGINES))
     parser.add_argument("--compile-mode", default="auto")
     parser.add_argument(
         "--quantize", default="none", help="also run the compiled backend with torchao int8 or fp8 (reported apart)"
@@ -364,6 +410,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=540, help="sections that would not fit are skipped")
     parser.add_argument("--scratch", default=None, help="where the model, caches and logs go (default: a temp dir)")
     parser.add_argument("--ready-only", default=None, help=argparse.SUPPRESS)  # the warm-start child process
+    parser.add_argument("--engine-only", default=None, help=argparse.SUPPRESS)  # an engine section's child process
     args = parser.parse_args()
     args.device = args.device or ("cpu" if args.tiny else "cuda:0")
     args.size = args.size or (64 if args.tiny else 1024)
@@ -386,9 +433,8 @@ def main() -> None:
         guidance=GUIDANCE,
     )
     model_dir = Path(args.scratch) / "model"
-    if args.ready_only:
-        _, _, ready_s = _ready_engine(args, model_dir, args.ready_only, "none")
-        print(json.dumps({"ready_s": round(ready_s, 1)}), flush=True)
+    if args.ready_only or args.engine_only:
+        print(json.dumps(_child_section(args, model_dir)), flush=True)
         return
 
     def build() -> dict[str, Any]:
@@ -407,12 +453,15 @@ def main() -> None:
         if backend not in ENGINES:
             parser.error(f"unknown engine {backend!r}; one of {', '.join(ENGINES)}")
         needs = {"eager": 30, "compiled": 240, "compiled_regional": 120, "tensorrt": 300}[backend]
-        bench.section(backend, needs, functools.partial(engine_run, bench, model_dir, backend), SERVER_S)
+        engine_section = functools.partial(in_child, bench, backend, ["--engine-only", backend], SERVER_S)
+        bench.section(backend, needs, engine_section, SERVER_S)
         if backend != "eager" and "s_per_image" in (bench.result.get(backend) or {}):
             bench.section(f"{backend}_warm", 90, functools.partial(warm_start, bench, backend), SERVER_S)
     if args.quantize != "none" and "compiled" in backends:  # changes the numbers: its own section, no ratio target
         quantized = f"compiled_{args.quantize}"
-        quantized_run = functools.partial(engine_run, bench, model_dir, "compiled", args.quantize)
+        quantized_run = functools.partial(
+            in_child, bench, quantized, ["--engine-only", "compiled", "--quantize", args.quantize], SERVER_S
+        )
         bench.section(quantized, 240, quantized_run, SERVER_S)
     worked = [b for b in backends if "s_per_image" in (bench.result.get(b) or {})]
     fastest = min(worked, key=lambda b: bench.result[b]["s_per_image"]) if worked else "eager"

@@ -23,6 +23,7 @@ def test_gpu_bench_runs_every_section_and_prints_one_json_line(tmp_path: Path) -
     assert result["stock"]["s_per_image"] > 0
     assert result["eager"]["max_pixel_diff_vs_stock"] <= 2  # the engine is the stock pipeline, batched
     assert "TensorRT" in result["tensorrt"]["error"]  # not installed here: reported, not fatal
+    assert "TensorRT" in (tmp_path / "out" / "logs" / "tensorrt.log").read_text()  # each engine's own log
     server = result["server"]
     assert server["engine"] == "eager" and server["images"] == 4 and server["images_per_s"] > 0
     assert server["latency_p50_s"] <= server["latency_p99_s"]
