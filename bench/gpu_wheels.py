@@ -25,6 +25,9 @@ PACKAGES = [
     "python-multipart",
     "importlib-metadata",
 ]
+# Not installed here (the `fast` extra): torchao for `--quantize int8|fp8`. 0.18's kernels are built for
+# torch 2.11 and newer, the GPU image's torch.
+PINNED = {"torchao": "0.18.0"}
 PYTHON = "3.12"  # the GPU image's Python
 PLATFORMS = ["manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64"]
 
@@ -32,7 +35,7 @@ PLATFORMS = ["manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x8
 def main() -> None:
     target = Path(__file__).with_name("wheels")
     target.mkdir(exist_ok=True)
-    pins = [f"{name}=={version(name)}" for name in PACKAGES]
+    pins = [f"{name}=={version(name)}" for name in PACKAGES] + [f"{name}=={pin}" for name, pin in PINNED.items()]
     platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
     command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
                "--python-version", PYTHON, *platforms, "-d", str(target), *pins]  # fmt: skip
