@@ -25,6 +25,7 @@ def test_gpu_bench_runs_every_section_and_prints_one_json_line(tmp_path: Path) -
     assert "TensorRT" in result["tensorrt"]["error"]  # not installed here: reported, not fatal
     assert "TensorRT" in (tmp_path / "out" / "logs" / "tensorrt.log").read_text()  # each engine's own log
     server = result["server"]
-    assert server["engine"] == "eager" and server["images"] == 4 and server["images_per_s"] > 0
+    assert server["engine"] == "eager" and server["images"] == 4 and server["failed"] == 0
+    assert server["images_per_s"] > 0
     assert server["latency_p50_s"] <= server["latency_p99_s"]
     assert set(result["meets_targets"]) == {"batch1_ratio", "images_per_s", "warm_restart"}
