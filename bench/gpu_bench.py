@@ -46,13 +46,26 @@ PIXEL_TOLERANCE = 4
 PROMPT, SEED, GUIDANCE = "a knight in silver armour, full body", 0, 5.0
 # The whole-server section measures two of the three targets: engine sections leave it this much time.
 SERVER_S = 90
-# Engine names the bench knows: a backend, and for compiled, its compile_scope.
+# Engine names the bench knows: a backend, and for compiled, its compile_scope; with the seconds a cold
+# start may take. A compiled engine's name may end in +int8 or +fp8 (torchao weight quantisation), which
+# changes the images, so its ratio is reported apart from the others'.
 ENGINES = {
-    "eager": ("eager", "full"),
-    "compiled_regional": ("compiled", "regional"),  # before `compiled`: its compile is far shorter
-    "compiled": ("compiled", "full"),
-    "tensorrt": ("tensorrt", "full"),
+    "eager": ("eager", "full", 30),
+    "compiled_regional": ("compiled", "regional", 120),  # before `compiled`: its compile is far shorter
+    "compiled": ("compiled", "full", 240),
+    "tensorrt": ("tensorrt", "full", 300),
 }
+QUANTIZATIONS = ("int8", "fp8")
+
+
+def engine_settings(name: str) -> tuple[str, str, str]:
+    """An engine name's backend, compile scope and quantisation; ValueError for a name the bench does not know."""
+    base, _, quantize = name.partition("+")
+    if base not in ENGINES or (quantize and (quantize not in QUANTIZATIONS or ENGINES[base][0] != "compiled")):
+        known = ", ".join(ENGINES)
+        raise ValueError(f"unknown engine {name!r}: one of {known}, a compiled one with +int8 or +fp8")
+    backend, scope, _ = ENGINES[base]
+    return backend, scope, quantize or "none"
 
 
 class Bench:
@@ -154,7 +167,7 @@ def stock(bench: Bench, model: Path) -> dict[str, Any]:
     return {"s_per_image": round(median, 3), "runs_s": times, "peak_vram_gib": _peak_gib(args.device)}
 
 
-def _ready_engine(args: argparse.Namespace, model: Path, engine_name: str, quantize: str) -> tuple[Any, Any, float]:
+def _ready_engine(args: argparse.Namespace, model: Path, engine_name: str) -> tuple[Any, Any, float]:
     """Load and warm one engine as the server would (compile or engine build included): engine, model, s."""
     from engines.loader import BackendSettings, cpu_threads_for_serving, load_engine, prepare_thread
     from engines.models import resolve_model
@@ -163,7 +176,7 @@ def _ready_engine(args: argparse.Namespace, model: Path, engine_name: str, quant
     # The server's thread setup: on a CPU the thread count is part of the compiled code (and its cache key).
     prepare_thread(args.device, cpu_threads_for_serving(0))
     info = resolve_model(str(model), Path(args.scratch), 1)
-    backend, scope = ENGINES[engine_name]
+    backend, scope, quantize = engine_settings(engine_name)
     settings = BackendSettings(
         name=backend,
         compile_scope=scope,
@@ -185,12 +198,12 @@ def _reference_file(args: argparse.Namespace) -> Path:
     return Path(args.scratch) / "stock-image.npy"
 
 
-def engine_run(args: argparse.Namespace, model: Path, engine_name: str, quantize: str = "none") -> dict[str, Any]:
+def engine_run(args: argparse.Namespace, model: Path, engine_name: str) -> dict[str, Any]:
     """In the engine's own process: cold start to ready, seconds per image, peak VRAM, difference from stock."""
     from forge.engine import Job
 
     _reset_peak(args.device)
-    engine, info, ready_s = _ready_engine(args, model, engine_name, quantize)
+    engine, info, ready_s = _ready_engine(args, model, engine_name)
     job = Job(model=info, prompt=PROMPT, negative_prompt="", width=args.size, height=args.size, seeds=[SEED],
               steps=args.steps, guidance_scale=GUIDANCE, scheduler="euler")  # fmt: skip
     median, times, result = _timed(args.device, lambda: engine.run(job), args.repeats)
@@ -203,9 +216,9 @@ def engine_run(args: argparse.Namespace, model: Path, engine_name: str, quantize
         "peak_vram_gib": _peak_gib(args.device),
         "max_pixel_diff_vs_stock": None if reference is None else int(np.abs(image - reference).max()),
     }
-    if ENGINES[engine_name][0] == "compiled":
-        out["compile_mode"] = args.compile_mode
-        out["quantize"] = quantize
+    backend, scope, quantize = engine_settings(engine_name)
+    if backend == "compiled":
+        out.update(compile_mode=args.compile_mode, compile_scope=scope, quantize=quantize)
     engine.close()
     return out
 
@@ -251,6 +264,7 @@ def warm_start(bench: Bench, engine_name: str) -> dict[str, Any]:
 def server_run(bench: Bench, model: Path, engine_name: str) -> dict[str, Any]:
     """The real server in its own process on the caches left by the engine runs: ready time, then load."""
     args = bench.args
+    backend, scope, quantize = engine_settings(engine_name)
     port = _free_port()
     env = {
         **os.environ,
@@ -260,8 +274,9 @@ def server_run(bench: Bench, model: Path, engine_name: str) -> dict[str, Any]:
         "FORGE_HOST": "127.0.0.1",
         "FORGE_ENABLE_UI": "false",
         "FORGE_ENABLE_MCP": "false",
-        "FORGE_BACKEND": ENGINES[engine_name][0],
-        "FORGE_COMPILE_SCOPE": ENGINES[engine_name][1],
+        "FORGE_BACKEND": backend,
+        "FORGE_COMPILE_SCOPE": scope,
+        "FORGE_QUANTIZE": quantize,
         "FORGE_COMPILE_MODE": args.compile_mode,
         "FORGE_DEVICES": args.device,
         "FORGE_LOG_LEVEL": "INFO",
@@ -331,6 +346,7 @@ def _load(base: str, args: argparse.Namespace, deadline: float) -> tuple[list[fl
                     time.sleep(0.02)
                 if view["state"] != "succeeded":
                     failures.append(str(view.get("error")))
+                    continue
                 latencies.append(time.perf_counter() - started)
 
     started = time.perf_counter()
@@ -369,9 +385,9 @@ def _child_section(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     """What a child process reports: its section's result, or the error that ended it (the trace goes to its log)."""
     try:
         if args.ready_only:
-            _, _, ready_s = _ready_engine(args, model, args.ready_only, "none")
+            _, _, ready_s = _ready_engine(args, model, args.ready_only)
             return {"ready_s": round(ready_s, 1)}
-        return engine_run(args, model, args.engine_only, args.quantize)
+        return engine_run(args, model, args.engine_only)
     except Exception as exc:
         traceback.print_exc()
         return {"error": f"{type(exc).__name__}: {exc}"[:500]}
@@ -393,10 +409,12 @@ def summarise(bench: Bench, backends: list[str]) -> None:
         if isinstance(section, dict) and section.get("max_pixel_diff_vs_stock") is not None
     }
     server = result.get("server") or {}
-    best = min(ratios.values()) if ratios else None
+    exact = [ratio for name, ratio in ratios.items() if engine_settings(name)[2] == "none"]
+    quantized = [ratio for name, ratio in ratios.items() if engine_settings(name)[2] != "none"]
     result["targets"] = TARGETS
     result["meets_targets"] = {
-        "batch1_ratio": best is not None and best <= TARGETS["batch1_ratio_max"],
+        "batch1_ratio": bool(exact) and min(exact) <= TARGETS["batch1_ratio_max"],
+        "batch1_ratio_quantized": bool(quantized) and min(quantized) <= TARGETS["batch1_ratio_max"],
         "images_per_s": server.get("images_per_s", 0) >= TARGETS["images_per_s_min"] and not server.get("failed"),
         "warm_restart": server.get("warm_restart_ready_s", 1e9) < TARGETS["warm_restart_s_max"],
     }
@@ -407,11 +425,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tiny model (a smoke test that runs on a CPU)")
     parser.add_argument("--device", default=None, help="default: cuda:0, or cpu with --tiny")
-    parser.add_argument("--backends", default=",".join(ENGINES), help=", ".join(ENGINES))
-    parser.add_argument("--compile-mode", default="auto")
     parser.add_argument(
-        "--quantize", default="none", help="also run the compiled backend with torchao int8 or fp8 (reported apart)"
+        "--backends", default=",".join(ENGINES), help=f"in order: {', '.join(ENGINES)}; e.g. compiled+fp8 (torchao)"
     )
+    parser.add_argument("--compile-mode", default="auto")
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
@@ -443,6 +460,12 @@ def main() -> None:
         steps=args.steps,
         guidance=GUIDANCE,
     )
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for backend in backends:
+        try:
+            engine_settings(backend)
+        except ValueError as exc:
+            parser.error(str(exc))
     model_dir = Path(args.scratch) / "model"
     if args.ready_only or args.engine_only:
         print(json.dumps(_child_section(args, model_dir)), flush=True)
@@ -459,21 +482,11 @@ def main() -> None:
 
     bench.section("model", 0, build)
     bench.section("stock", 30, lambda: stock(bench, model_dir))
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     for backend in backends:
-        if backend not in ENGINES:
-            parser.error(f"unknown engine {backend!r}; one of {', '.join(ENGINES)}")
-        needs = {"eager": 30, "compiled": 240, "compiled_regional": 120, "tensorrt": 300}[backend]
         engine_section = functools.partial(in_child, bench, backend, ["--engine-only", backend], SERVER_S)
-        bench.section(backend, needs, engine_section, SERVER_S)
+        bench.section(backend, ENGINES[backend.partition("+")[0]][2], engine_section, SERVER_S)
         if backend != "eager" and "s_per_image" in (bench.result.get(backend) or {}):
             bench.section(f"{backend}_warm", 90, functools.partial(warm_start, bench, backend), SERVER_S)
-    if args.quantize != "none" and "compiled" in backends:  # changes the numbers: its own section, no ratio target
-        quantized = f"compiled_{args.quantize}"
-        quantized_run = functools.partial(
-            in_child, bench, quantized, ["--engine-only", "compiled", "--quantize", args.quantize], SERVER_S
-        )
-        bench.section(quantized, 240, quantized_run, SERVER_S)
     worked = [b for b in backends if "s_per_image" in (bench.result.get(b) or {})]
     fastest = min(worked, key=lambda b: bench.result[b]["s_per_image"]) if worked else "eager"
     bench.section("server", SERVER_S, lambda: server_run(bench, model_dir, fastest))

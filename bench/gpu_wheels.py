@@ -25,7 +25,7 @@ PACKAGES = [
     "python-multipart",
     "importlib-metadata",
 ]
-# Not installed here (the `fast` extra): torchao for `--quantize int8|fp8`. 0.18's kernels are built for
+# Not installed here (the `fast` extra): torchao, for engines such as compiled+fp8. 0.18's kernels are built for
 # torch 2.11 and newer, the GPU image's torch.
 PINNED = {"torchao": "0.18.0"}
 PYTHON = "3.12"  # the GPU image's Python
