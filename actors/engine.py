@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, assert_never
 
 import anyio
@@ -98,7 +100,10 @@ class EngineActor:
         inbox: MemoryObjectReceiveStream[EngineInbox],
         scheduler: MemoryObjectSendStream[SchedulerInbox],
         postprocess: MemoryObjectSendStream[PostprocessInbox],
+        on_model_loaded: Callable[[str, str, float], None] | None = None,
     ) -> None:
+        """`on_model_loaded(device, model id, seconds)` hears of each model loaded and warmed (on the device
+        thread)."""
         self.device = device
         self.ready = False
         self._backend = backend
@@ -107,7 +112,11 @@ class EngineActor:
         self._loras = loras
         self._uploads = uploads
         self._cache = ModelCache(
-            device, memory_budget, catalog.default.id, lambda model: load_engine(backend, model, device)
+            device,
+            memory_budget,
+            catalog.default.id,
+            lambda model: load_engine(backend, model, device),
+            None if on_model_loaded is None else partial(on_model_loaded, device),
         )
         self._previews = previews
         self._store = store

@@ -16,6 +16,8 @@ from forge.events import AnyTaskEvent, Cancelled, Failed, Postprocessing, Starte
 from forge.tasks import TaskRecord
 
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
+# Loading a model: seconds from the cache, up to half an hour for a cold compile or TensorRT build.
+LOAD_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
 
@@ -61,6 +63,13 @@ class Metrics:
         self.engine_busy = Counter(
             "chara_forge_engine_busy_seconds", "Time each engine spent on tasks", ["device"], registry=r
         )
+        self.model_load = Histogram(
+            "chara_forge_model_load_seconds",
+            "Loading and warming a model on a device, compiling or building its engines included",
+            ["device", "model"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
         self.rejections = Counter(
             "chara_forge_rejections",
             "Requests refused, by error code (rate_limited and content_filtered among them)",
@@ -94,6 +103,9 @@ class Metrics:
     def track(self, task: TaskRecord) -> None:
         styles = "+".join(task.spec.styles) or "none"
         self._tracked.setdefault(task.id, _Tracked(styles, task.created_at, task.spec.num_images))
+
+    def model_loaded(self, device: str, model_id: str, seconds: float) -> None:
+        self.model_load.labels(device, model_id).observe(seconds)
 
     def rejected(self, code: str) -> None:
         self.rejections.labels(code).inc()

@@ -243,6 +243,7 @@ async def serve(
                 inbox=receive,
                 scheduler=to_scheduler,
                 postprocess=to_postprocess,
+                on_model_loaded=metrics.model_loaded,
             )
             for device, (_, receive) in engine_channels.items()
         ]

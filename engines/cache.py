@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import gc
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,8 @@ from engines.weights import weight_files
 from forge.engine import Engine, ModelInfo
 
 Loader = Callable[[ModelInfo], Engine]
+LoadedFn = Callable[[str, float], None]
+"""Told each model that finished loading and warming, with the seconds it took."""
 
 
 def estimate_bytes(model: ModelInfo) -> int:
@@ -45,11 +48,14 @@ def release_memory(device: str) -> None:
 
 
 class ModelCache:
-    def __init__(self, device: str, budget_bytes: int, pinned: str, load: Loader) -> None:
+    def __init__(
+        self, device: str, budget_bytes: int, pinned: str, load: Loader, on_loaded: LoadedFn | None = None
+    ) -> None:
         self.device = device
         self.budget_bytes = budget_bytes
         self.pinned = pinned
         self._load = load
+        self._on_loaded = on_loaded
         self._engines: OrderedDict[str, Engine] = OrderedDict()
         self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()  # `loaded()` is read from the event loop while the device thread works
@@ -62,6 +68,7 @@ class ModelCache:
                 self._engines.move_to_end(model.id)
             return engine
         self._make_room(estimate_bytes(model), keep=model.id)
+        started = time.perf_counter()
         engine = self._load(model)
         try:
             engine.warm()
@@ -69,6 +76,8 @@ class ModelCache:
             engine.close()
             release_memory(self.device)
             raise
+        if self._on_loaded is not None:
+            self._on_loaded(model.id, time.perf_counter() - started)
         size = engine.memory_bytes()
         with self._lock:
             self._engines[model.id] = engine

@@ -45,4 +45,8 @@ async def test_metrics_follow_generations(server: RunningServer) -> None:
     assert after[("chara_forge_rejections_total", (("code", "invalid_request"),))] >= 1
     assert after[("chara_forge_engine_busy_seconds_total", (("device", "cpu"),))] > 0
     assert 0 < after[("chara_forge_engine_busy_ratio", (("device", "cpu"),))] <= 1
+    # The default model, loaded and warmed once at startup; generations do not load it again.
+    loads = {labels: value for (name, labels), value in after.items() if name == "chara_forge_model_load_seconds_count"}
+    assert list(loads.values()) == [1] and dict(next(iter(loads)))["device"] == "cpu"
+    assert after[("chara_forge_model_load_seconds_sum", next(iter(loads)))] > 0
     print(f"/metrics after 3 generations: {len(after)} samples")
