@@ -15,6 +15,7 @@ from engines.cache import release_memory
 from engines.control import ControlUnavailable, DepthEstimator, prepare_control
 from engines.loading import LOADING
 from engines.preview import latent_preview
+from engines.row_guidance import RowGuidedSDXLPipeline, RowScales, can_mix_scales
 from engines.schedulers import make_scheduler
 from engines.weights import damaged_file
 from forge.engine import (
@@ -134,11 +135,15 @@ class EagerEngine:
     def run_batch(self, jobs: Sequence[Job]) -> list[GenerationResult]:
         first = jobs[0]
         if any(job_batch_key(job) != job_batch_key(first) for job in jobs):
-            raise ValueError("jobs in one batch must share model, LoRAs, size, steps, sampler and guidance")
+            raise ValueError("jobs in one batch must share model, LoRAs, size, steps, sampler and guided-ness")
         if len(jobs) > 1 and first.controls:
             raise ValueError("jobs with ControlNet control run alone")
         if all(job.cancel.is_set() for job in jobs):
             raise JobCancelled
+        scales = [job.guidance_scale for job in jobs for _ in job.seeds]
+        mixed_scales = first.guidance_scale > 1 and len(set(scales)) > 1
+        if mixed_scales and not can_mix_scales(self.pipe):
+            return self._run_by_scale(jobs)
         # 1. LoRAs: loaded once per pipeline, switched by adapter weights (the batch shares one set).
         try:
             self.adapters.activate(first.loras)
@@ -162,6 +167,9 @@ class EagerEngine:
                 "control_guidance_start": [c.start for c in first.controls],
                 "control_guidance_end": [c.end for c in first.controls],
             }
+        elif mixed_scales:  # CFG is element-wise: one UNet pass serves rows with different scales
+            pipe = RowGuidedSDXLPipeline(**components)
+            pipe.row_scales = RowScales(scales)
         else:
             pipe = StableDiffusionXLPipeline(**components)
         pipe.set_progress_bar_config(disable=True)
@@ -208,6 +216,21 @@ class EagerEngine:
         denoise_s = time.perf_counter() - started
         images = list(output.images)
         return [GenerationResult(images=images[begin:end], denoise_s=denoise_s) for begin, end in rows]
+
+    def _run_by_scale(self, jobs: Sequence[Job]) -> list[GenerationResult]:
+        """For a UNet that embeds one guidance scale per batch: a batch for each scale, results in job order.
+        A part whose jobs were all cancelled gives them no images (their flags end them as cancelled)."""
+        results: dict[int, GenerationResult] = {}
+        for scale in dict.fromkeys(job.guidance_scale for job in jobs):
+            indices = [index for index, job in enumerate(jobs) if job.guidance_scale == scale]
+            try:
+                part = self.run_batch([jobs[index] for index in indices])
+            except JobCancelled:
+                part = [GenerationResult(images=[], denoise_s=0.0) for _ in indices]
+            results.update(zip(indices, part, strict=True))
+        if all(job.cancel.is_set() for job in jobs):
+            raise JobCancelled
+        return [results[index] for index in range(len(jobs))]
 
     def _encode_prompts(self, pipe: Any, jobs: Sequence[Job]) -> dict[str, Any]:
         """Prompt and pooled embeddings for every row, exactly as the pipeline encodes one job's prompt."""

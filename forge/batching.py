@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from forge.requests import GenerationSpec
 
 BatchKey = tuple[object, ...]
 
 # Besides the model and the LoRA set: what every row of one UNet batch must share. Named once here for the
-# scheduler's key on request specs and the engine's check on jobs (both have these fields).
-SHARED_SETTINGS = ("width", "height", "steps", "scheduler", "guidance_scale")
+# scheduler's key on request specs and the engine's check on jobs (both have these fields). Guidance scales
+# may differ, since classifier-free guidance is element-wise, but each row either has guidance (scale > 1)
+# or has none: that decides whether the batch runs the unconditional half at all.
+SHARED_SETTINGS = ("width", "height", "steps", "scheduler")
 
 
-def shared_settings(spec_or_job: object) -> BatchKey:
-    return tuple(getattr(spec_or_job, name) for name in SHARED_SETTINGS)
+def shared_settings(spec_or_job: Any) -> BatchKey:
+    return (*(getattr(spec_or_job, name) for name in SHARED_SETTINGS), spec_or_job.guidance_scale > 1)
 
 
 def batch_key(spec: GenerationSpec) -> BatchKey | None:

@@ -35,11 +35,12 @@ async def test_a_batch_gives_each_job_the_images_it_gets_alone(tiny_model: Path,
     model = resolve_model(str(tiny_model), tiny_model.parent, 1)
     engine = EagerEngine(model, "cpu")
 
-    def job(prompt: str, seeds: list[int], negative: str = "") -> Job:
+    def job(prompt: str, seeds: list[int], guidance: float, negative: str = "") -> Job:
         return Job(model=model, prompt=prompt, negative_prompt=negative, width=64, height=64, seeds=seeds, steps=4,
-                   guidance_scale=5.0, scheduler=sampler)  # fmt: skip
+                   guidance_scale=guidance, scheduler=sampler)  # fmt: skip
 
-    jobs = [job("a knight", [1, 2]), job("a wizard", [7], "blurry"), job("an elf archer", [3])]
+    # Each with its own guidance scale too: classifier-free guidance is applied row by row.
+    jobs = [job("a knight", [1, 2], 5.0), job("a wizard", [7], 7.5, "blurry"), job("an elf archer", [3], 3.0)]
     together = engine.run_batch(jobs)
     assert [len(result.images) for result in together] == [2, 1, 1]
     for one, result in zip(jobs, together, strict=True):
@@ -49,6 +50,33 @@ async def test_a_batch_gives_each_job_the_images_it_gets_alone(tiny_model: Path,
     # and the rows are really each job's own: different prompts and seeds give different images
     assert _max_difference(together[0].images[0], together[1].images[0]) > 20
     assert _max_difference(together[0].images[0], together[0].images[1]) > 20
+    # and each row's scale is its own: the elf at the knight's scale is another image
+    elf_at_5 = engine.run(job("an elf archer", [3], 5.0)).images[0]
+    assert _max_difference(elf_at_5, together[2].images[0]) > 2 * PIXEL_TOLERANCE
+
+
+def test_a_unet_that_embeds_its_guidance_gets_a_batch_per_scale(tiny_model: Path) -> None:
+    """Guidance-distilled UNets (LCM) take one scale for the whole batch as an input, so rows cannot differ."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    model = resolve_model(str(tiny_model), tiny_model.parent, 1)
+    engine = EagerEngine(model, "cpu")
+    torch.manual_seed(0)
+    config = {**engine.pipe.unet.config, "time_cond_proj_dim": 32}
+    engine.pipe.unet = UNet2DConditionModel.from_config(config)
+    with torch.no_grad():  # a random embedding of the scale barely moves the image; make it count
+        engine.pipe.unet.time_embedding.cond_proj.weight.mul_(100)
+
+    def job(prompt: str, seed: int, guidance: float) -> Job:
+        return Job(model=model, prompt=prompt, negative_prompt="", width=64, height=64, seeds=[seed], steps=3,
+                   guidance_scale=guidance, scheduler="euler")  # fmt: skip
+
+    jobs = [job("a knight", 1, 8.0), job("a wizard", 2, 2.0), job("a bard", 3, 8.0)]
+    together = engine.run_batch(jobs)
+    for one, result in zip(jobs, together, strict=True):
+        assert _max_difference(engine.run(one).images[0], result.images[0]) <= PIXEL_TOLERANCE
+    assert _max_difference(engine.run(job("a wizard", 2, 8.0)).images[0], together[1].images[0]) > 5
 
 
 @pytest.fixture
@@ -90,14 +118,15 @@ async def test_compatible_requests_share_a_batch_and_keep_their_own_images(batch
     common = {"width": 64, "height": 64, "steps": 6, "guidance_scale": 5.0}
     requests = [
         {"prompt": "a knight", "seed": 11, "num_images": 2, **common},
-        {"prompt": "a wizard", "negative_prompt": "blurry", "seed": 22, **common},
+        {"prompt": "a wizard", "negative_prompt": "blurry", "seed": 22, **{**common, "guidance_scale": 7.5}},
         {"prompt": "a dwarf", "seed": 33, **{**common, "steps": 5}},  # not compatible: runs apart
         {"prompt": "an elf", "seed": 44, **common},
+        {"prompt": "a bard", "seed": 55, **{**common, "guidance_scale": 1.0}},  # no guidance at all: apart
     ]
     events = await _run_while_busy(server, requests)
 
     started = [next(e for e in task_events if e["type"] == "started") for task_events in events]
-    assert [s["batch"] for s in started] == [3, 3, 1, 3]
+    assert [s["batch"] for s in started] == [3, 3, 1, 3, 1]
     for index, task_events in enumerate(events):
         steps = [e["step"] for e in task_events if e["type"] == "progress"]
         assert task_events[-1]["type"] == "succeeded"
