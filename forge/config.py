@@ -94,8 +94,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     tensorrt_min_side: Annotated[int, Meta(ge=64, le=4096, multiple_of=64)] = 512
     tensorrt_opt_side: Annotated[int, Meta(ge=64, le=4096, multiple_of=64)] = 1024
     tensorrt_max_side: Annotated[int, Meta(ge=64, le=4096, multiple_of=64)] = 1536
-    # Dynamic batching: tasks that share model, LoRAs, size, steps, sampler and guidance are denoised as one
-    # UNet batch of up to `max_batch` images (0: 8 on GPUs, 1 (off) on a CPU, where batches gain nothing).
+    # Dynamic batching: tasks that share model, LoRAs, size, steps and sampler (guidance scales may differ)
+    # are denoised as one UNet batch of up to `max_batch` images (0: 8 on GPUs, 1 (off) on a CPU, where
+    # batches gain nothing).
     # A part-filled batch waits at most `batch_wait_ms` for company, and only while nothing else is queued.
     max_batch: Annotated[int, Meta(ge=0, le=64)] = 0
     batch_wait_ms: Annotated[float, Meta(ge=0, le=10_000)] = 20.0
