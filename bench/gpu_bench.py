@@ -440,6 +440,12 @@ def main() -> None:
     parser.add_argument("--ready-only", default=None, help=argparse.SUPPRESS)  # the warm-start child process
     parser.add_argument("--engine-only", default=None, help=argparse.SUPPRESS)  # an engine section's child process
     args = parser.parse_args()
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for backend in backends:
+        try:
+            engine_settings(backend)
+        except ValueError as exc:
+            parser.error(str(exc))
     args.device = args.device or ("cpu" if args.tiny else "cuda:0")
     args.size = args.size or (64 if args.tiny else 1024)
     args.steps = args.steps or (4 if args.tiny else 30)
@@ -460,12 +466,6 @@ def main() -> None:
         steps=args.steps,
         guidance=GUIDANCE,
     )
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    for backend in backends:
-        try:
-            engine_settings(backend)
-        except ValueError as exc:
-            parser.error(str(exc))
     model_dir = Path(args.scratch) / "model"
     if args.ready_only or args.engine_only:
         print(json.dumps(_child_section(args, model_dir)), flush=True)
