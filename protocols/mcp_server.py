@@ -33,7 +33,7 @@ from forge import __version__
 from forge.auth import Authenticator, Principal, Unauthorized
 from forge.errors import ForgeError, InvalidRequest, NotFound
 from forge.events import TERMINAL_EVENTS, AnyTaskEvent, Progress
-from forge.requests import MAX_IMAGES, GenerationRequest
+from forge.requests import MAX_IMAGES, MAX_SEED, GenerationRequest
 from forge.resolve import preset_size
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert
@@ -136,7 +136,7 @@ class McpAdapter:
                 Field(description="'square', 'portrait', 'landscape', or WIDTHxHEIGHT in pixels (multiples of 8)"),
             ] = None,
             num_images: Annotated[int, Field(ge=1, le=MAX_IMAGES, description="how many variations")] = 1,
-            seed: Annotated[int | None, Field(ge=0, le=2**32 - 1, description="same seed, same image")] = None,
+            seed: Annotated[int | None, Field(ge=0, le=MAX_SEED, description="same seed, same image")] = None,
             negative_prompt: Annotated[str, Field(description="what to avoid")] = "",
             wait: Annotated[bool, Field(description="wait for the images (else return the task id)")] = True,
         ) -> list[TextContent | ImageContent | ResourceLink] | CallToolResult:
