@@ -39,6 +39,12 @@ def _row_ranges(jobs: Sequence[Job]) -> list[tuple[int, int]]:
     return ranges
 
 
+def _stop_if_all_cancelled(jobs: Sequence[Job]) -> None:
+    """A batch goes on while any of its jobs is wanted; a job cancelled alone just loses its images."""
+    if all(job.cancel.is_set() for job in jobs):
+        raise JobCancelled
+
+
 def dtype_for(device: str) -> torch.dtype:
     return torch.float16 if device.startswith("cuda") else torch.float32
 
@@ -138,8 +144,7 @@ class EagerEngine:
             raise ValueError("jobs in one batch must share model, LoRAs, size, steps, sampler and guided-ness")
         if len(jobs) > 1 and first.controls:
             raise ValueError("jobs with ControlNet control run alone")
-        if all(job.cancel.is_set() for job in jobs):
-            raise JobCancelled
+        _stop_if_all_cancelled(jobs)
         scales = [job.guidance_scale for job in jobs for _ in job.seeds]
         mixed_scales = first.guidance_scale > 1 and len(set(scales)) > 1
         if mixed_scales and not can_mix_scales(self.pipe):
@@ -180,8 +185,7 @@ class EagerEngine:
 
         # 5. Per-step callback: cancel flags, each job's progress and an occasional latent preview.
         def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            if all(job.cancel.is_set() for job in jobs):
-                raise JobCancelled
+            _stop_if_all_cancelled(jobs)
             done, total = step + 1, pipeline.num_timesteps
             want_preview = first.preview_every and done % first.preview_every == 0 and done < total
             for job, (begin, _) in zip(jobs, rows, strict=True):
@@ -228,8 +232,7 @@ class EagerEngine:
             except JobCancelled:
                 part = [GenerationResult(images=[], denoise_s=0.0) for _ in indices]
             results.update(zip(indices, part, strict=True))
-        if all(job.cancel.is_set() for job in jobs):
-            raise JobCancelled
+        _stop_if_all_cancelled(jobs)
         return [results[index] for index in range(len(jobs))]
 
     def _encode_prompts(self, pipe: Any, jobs: Sequence[Job]) -> dict[str, Any]:
