@@ -109,12 +109,11 @@ class PostprocessTools:
         upscaler: Path | None,
         background: Path | None,
         on_step: StepFn,
-        cancel: CancelFlag | None = None,
+        cancel: CancelFlag,
     ) -> tuple[Image.Image, list[str]]:
-        """The processed image and a line per applied step, for the metadata. A set `cancel` ends the work
+        """The processed image and a line per applied step, for the metadata. Setting `cancel` ends the work
         with JobCancelled inside the long steps too: at the next upscaling tile, or by interrupting the
         segmentation model's run."""
-        cancel = cancel or CancelFlag()
         applied: list[str] = []
         # 1. Super-resolution.
         if request.upscale and upscaler is not None:
