@@ -1,5 +1,7 @@
 """torch.compile backend: the eager pipeline with its UNet and VAE decoder compiled in place, whole
-(`full`) or block by block (`regional`: far shorter compiles and restarts, no CUDA graphs).
+(`full`) or block by block (`regional`: far shorter compiles and restarts, no CUDA graphs), or with the UNet
+compiled ahead of time (`aot`, engines/aot.py: a restart loads it without tracing or compiling) and the VAE
+decoder regionally.
 
 On CUDA: fused QKV projections, channels_last, and with `full`, CUDA graphs (mode reduce-overhead, one
 graph recorded per shape seen; max-autotune is a setting away, but compiles for many minutes). Compiled kernels,
@@ -22,6 +24,8 @@ from typing import Any
 
 import torch
 
+from engines import aot
+from engines.aot import AotReport
 from engines.eager import EagerEngine
 from forge.engine import GenerationResult, Job, ModelInfo
 from forge.errors import ConfigError
@@ -44,9 +48,10 @@ REGIONS = frozenset({"BasicTransformerBlock", "ResnetBlock2D"})
 class CompileOptions:
     cache_dir: Path
     mode: str = "auto"  # a torch.compile mode; auto: reduce-overhead (CUDA graphs) on CUDA, default elsewhere
-    scope: str = "full"  # full | regional (see REGIONS)
+    scope: str = "full"  # full | regional (see REGIONS) | aot (engines/aot.py)
     quantize: str = "none"  # none | int8 | fp8 (linear layers, via torchao)
     fuse_qkv: bool = True
+    max_rows: int = 16  # the most UNet rows (two an image with guidance) one batch has: `aot` exports for these
 
 
 def cache_dir_for(root: Path, device: str) -> Path:
@@ -67,12 +72,15 @@ def use_cache_dir(path: Path) -> None:
     inductor.autotune_local_cache = True
 
 
-def check_quantization(quantize: str) -> None:
+def check_quantization(quantize: str, scope: str = "full") -> None:
     """At start: a quantisation that cannot run here stops the server with the reason."""
     if quantize not in QUANTIZATIONS:
         raise ConfigError(f"quantize must be one of {', '.join(QUANTIZATIONS)}", field="quantize")
     if quantize == "none":
         return
+    if scope == "aot":
+        # torchao's quantised weights are tensor subclasses, which the exported package cannot read in place.
+        raise ConfigError("quantize needs compile_scope 'full' or 'regional', not 'aot'", field="quantize")
     try:
         import torchao  # noqa: F401
     except ImportError as exc:
@@ -116,7 +124,7 @@ class CompiledEngine(EagerEngine):
             pipe.vae.to(memory_format=torch.channels_last)
         if options.quantize != "none":
             quantize_weights(pipe.unet, options.quantize)
-        regional = options.scope == "regional"
+        regional = options.scope in ("regional", "aot")
         mode = options.mode if options.mode != "auto" else ("reduce-overhead" if cuda and not regional else "default")
         # In place (nn.Module.compile): the pipeline, LoRA loading and memory accounting keep the same modules.
         # On GPUs, dynamic shapes: one graph serves every batch and image size (a batch of 3 or a portrait
@@ -124,7 +132,12 @@ class CompiledEngine(EagerEngine):
         # shape. On a CPU, where batching is off, a dynamic graph takes five times as long to compile, so
         # shapes start static and become dynamic at the first recompile (torch.compile's default).
         dynamic = True if cuda else None
-        if regional:
+        self.aot: AotReport | None = None
+        if options.scope == "aot":
+            self.aot = aot.install(pipe.unet, options.cache_dir, options.max_rows)
+            log.info("%s on %s: %s", model.id, device, self.aot)
+            compile_regions(pipe.vae.decoder, mode=_without_cuda_graphs(mode), dynamic=dynamic)
+        elif regional:
             compile_regions(pipe.unet, mode=mode, dynamic=dynamic)
             compile_regions(pipe.vae.decoder, mode=_without_cuda_graphs(mode), dynamic=dynamic)
         else:

@@ -86,7 +86,7 @@ def check_backend(settings: BackendSettings) -> None:
     if settings.name == "compiled":
         from engines.compiled import check_quantization
 
-        check_quantization(settings.quantize)
+        check_quantization(settings.quantize, settings.compile_scope)
     elif settings.quantize != "none":
         raise ConfigError("quantize applies to the compiled backend only", field="quantize")
     if settings.name == "tensorrt":
@@ -139,6 +139,7 @@ def load_engine(settings: BackendSettings, model: ModelInfo, device: str) -> Eng
             scope=settings.compile_scope,
             quantize=settings.quantize,
             fuse_qkv=settings.fuse_qkv,
+            max_rows=settings.shapes.max_batch,
         )
         return CompiledEngine(model, device, options)
     if settings.name == "tensorrt":

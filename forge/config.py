@@ -86,8 +86,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "auto"
     # full: the whole UNet and VAE decoder as one graph each (CUDA graphs possible); regional: only their
     # repeated blocks, compiled once per shape and shared by every copy: minutes less to compile and seconds
-    # to restart, without CUDA graphs.
-    compile_scope: Literal["full", "regional"] = "full"
+    # to restart, without CUDA graphs; aot: the UNet compiled ahead of time (AOTInductor) into a package under
+    # the data directory that later starts load in under a second, and the VAE decoder regionally.
+    compile_scope: Literal["full", "regional", "aot"] = "full"
     quantize: Literal["none", "int8", "fp8"] = "none"
     fuse_qkv: bool = True
     # tensorrt: the image sides (pixels) one engine covers; the batch range follows max_batch.

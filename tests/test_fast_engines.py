@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import shutil
 from pathlib import Path
 
 import anyio
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from actors.supervisor import serve
+from engines.compiled import cache_dir_for
 from engines.eager import EagerEngine
 from engines.exported import Runner, route_through
 from engines.models import resolve_model
@@ -28,11 +30,38 @@ from engines.onnx_export import (
 )
 from forge.engine import Job
 from forge.errors import ConfigError
+from forge.requests import MAX_IMAGES
 from tests.conftest import server_config
 from tests.helpers import submit, wait_for_state
 from tests.process import ServerProcess
 
 pytestmark = pytest.mark.anyio
+
+
+AOT_SERVER = {"backend": "compiled", "compile_scope": "aot", "cpu_threads": "1", "enable_ui": "false",
+              "enable_mcp": "false"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def aot_server_data(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    """A data directory after a first start of an `aot` server, which built the tiny UNet's package (about a
+    minute on a CPU) and compiled its VAE decoder. Tests copy it and start from there, as a restart would."""
+    data = tmp_path_factory.mktemp("aot") / "data"
+    log = data.parent / "server.log"
+
+    async def first_start() -> None:
+        server = ServerProcess(data, tiny_model, log, **AOT_SERVER)
+        await server.start(ready_timeout_s=400)
+        assert await server.terminate() == 0
+
+    anyio.run(first_start)
+    assert "UNet ahead-of-time package built" in log.read_text()
+    return data
+
+
+def _aot_package(data: Path) -> Path:
+    (package,) = (cache_dir_for(data / "engine-cache" / "compiled", "cpu") / "aot").glob("*.pt2")
+    return package
 
 
 def _max_difference(a: object, b: object) -> int:
@@ -117,41 +146,74 @@ async def test_quantising_without_torchao_stops_the_start_with_a_clear_error(tmp
     assert raised.value.field == "quantize" and "torchao" in raised.value.message
 
 
-async def test_compiled_backend_matches_eager_and_restarts_from_its_compile_cache(
-    tmp_path: Path, tiny_model: Path
-) -> None:
-    """A real server process on the compiled backend: its image equals eager's within a pixel level, and a
-    restart on the same data directory compiles nothing (every compiled graph comes from the cache)."""
-    request = {"prompt": "a paladin", "seed": 5, "width": 64, "height": 64, "steps": 4, "guidance_scale": 5.0}
+def test_quantising_an_ahead_of_time_unet_is_refused_at_start_naming_the_field() -> None:
+    from engines.loader import BackendSettings, check_backend
+
+    with pytest.raises(ConfigError) as raised:
+        check_backend(BackendSettings(name="compiled", compile_scope="aot", quantize="fp8"))
+    assert raised.value.field == "quantize" and "aot" in raised.value.message
+
+
+async def _serve_once(server: ServerProcess, generation: dict[str, object]) -> np.ndarray:
+    """Start, make one image, stop cleanly; the image as an array."""
+    import httpx
+
+    await server.start(ready_timeout_s=400)
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            view = await wait_for_state(client, (await submit(client, **generation))["id"], timeout_s=300)
+            assert view["state"] == "succeeded", view["error"]
+            png = (await client.get(view["images"][0]["url"])).content
+    finally:
+        assert await server.terminate() == 0
+    with Image.open(io.BytesIO(png)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def _paladin(tiny_model: Path) -> tuple[dict[str, object], Image.Image]:
+    """A generation request, and eager's image for it."""
     model = resolve_model(str(tiny_model), tiny_model.parent, 1)
     eager = EagerEngine(model, "cpu").run(
         Job(model=model, prompt="a paladin", negative_prompt="", width=64, height=64, seeds=[5], steps=4,
             guidance_scale=5.0, scheduler="euler")
     ).images[0]  # fmt: skip
+    return {"prompt": "a paladin", "seed": 5, "width": 64, "height": 64, "steps": 4, "guidance_scale": 5.0}, eager
 
+
+def _compile_reports(log: Path) -> list[str]:
+    lines = [line for line in log.read_text().splitlines() if "compile cache" in line]
+    assert lines, "the engine reports how it compiled"
+    return lines
+
+
+async def test_compiled_backend_matches_eager_and_restarts_from_its_compile_cache(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """A real server process on the compiled backend: its image equals eager's within a pixel level, and a
+    restart on the same data directory compiles nothing (every compiled graph comes from the cache)."""
+    generation, eager = _paladin(tiny_model)
     data, log = tmp_path / "data", tmp_path / "server.log"
     settings = {"backend": "compiled", "cpu_threads": "1", "enable_ui": "false", "enable_mcp": "false"}
     for start in ("cold", "warm"):
-        server = ServerProcess(data, tiny_model, log, **settings)
-        await server.start(ready_timeout_s=400)
-        try:
-            import httpx
+        compiled = await _serve_once(ServerProcess(data, tiny_model, log, **settings), generation)
+        assert _max_difference(compiled, eager) <= 2, start
+        report = _compile_reports(log)[-1]
+        assert (" 0 misses" in report) == (start == "warm"), report
 
-            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
-                view = await wait_for_state(client, (await submit(client, **request))["id"], timeout_s=300)
-                assert view["state"] == "succeeded", view["error"]
-                png = (await client.get(view["images"][0]["url"])).content
-        finally:
-            assert await server.terminate() == 0
-        with Image.open(io.BytesIO(png)) as image:
-            compiled = np.asarray(image.convert("RGB"), dtype=np.int16)
-        assert int(np.abs(compiled - np.asarray(eager, dtype=np.int16)).max()) <= 2, start
-        lines = [line for line in log.read_text().splitlines() if "compile cache" in line]
-        assert lines, "the engine reports how it compiled"
-        if start == "warm":
-            assert " 0 misses" in lines[-1], lines[-1]
-        else:
-            assert " 0 misses" not in lines[-1], lines[-1]
+
+async def test_a_restart_of_an_ahead_of_time_server_loads_its_unet_and_compiles_nothing(
+    tmp_path: Path, tiny_model: Path, aot_server_data: Path
+) -> None:
+    """compile_scope = "aot": after the first start built the UNet's package, a restart loads it (no export,
+    no compile) and finds the VAE decoder's graphs in the cache; its image equals eager's."""
+    generation, eager = _paladin(tiny_model)
+    data, log = tmp_path / "data", tmp_path / "server.log"
+    shutil.copytree(aot_server_data, data)
+    compiled = await _serve_once(ServerProcess(data, tiny_model, log, **AOT_SERVER), generation)
+    assert _max_difference(compiled, eager) <= 2
+    assert "UNet ahead-of-time package loaded" in log.read_text()
+    assert "ahead-of-time package built" not in log.read_text()
+    assert " 0 misses" in _compile_reports(log)[-1]
 
 
 def test_regional_compilation_matches_eager_and_serves_loras_without_compiling(
@@ -198,6 +260,60 @@ def test_regional_compilation_matches_eager_and_serves_loras_without_compiling(
     assert first > 0 and lora == other_weight == first  # LoRA requests compile nothing
     assert base_again > other_weight  # the adapters changed the blocks: the base path compiled again, once
     assert lora_again == base_last == base_again
+
+
+def test_ahead_of_time_unet_matches_eager_and_serves_what_it_was_not_compiled_for(
+    tmp_path: Path, tiny_model: Path, tiny_loras: dict[str, Path], aot_server_data: Path
+) -> None:
+    """compile_scope = "aot": an engine finds the UNet's package in its cache and loads it instead of building.
+    Its images equal eager's, batched too. A LoRA request and a size the package does not take run the module
+    (eager's images), and the plain request after them is the package's again. A second engine on the same
+    cache (a restart, or another device) does the same with the same package."""
+    import dataclasses
+    import threading
+
+    from engines.aot import AotUNet
+    from engines.compiled import CompiledEngine, CompileOptions
+    from forge.engine import LoraWeight
+
+    model = resolve_model(str(tiny_model), tiny_model.parent, 1)
+    base = Job(model=model, prompt="a paladin", negative_prompt="", width=64, height=64, seeds=[5], steps=4,
+               guidance_scale=5.0, scheduler="euler")  # fmt: skip
+    pair = [dataclasses.replace(base, prompt="a knight", seeds=[1, 2]), dataclasses.replace(base, seeds=[3])]
+    lora = dataclasses.replace(base, loras=[LoraWeight(name="ink-lora", path=str(tiny_loras["ink-lora"]), weight=0.8)])
+    odd = dataclasses.replace(base, width=72)  # a latent side of 9: the export takes multiples of 2 here
+    eager = EagerEngine(model, "cpu")
+    expected = [eager.run(job).images for job in (base, lora, odd)] + [r.images for r in eager.run_batch(pair)]
+    options = CompileOptions(cache_dir=tmp_path / "cache", scope="aot", max_rows=2 * MAX_IMAGES)
+    package = _aot_package(aot_server_data)
+    (options.cache_dir / "aot").mkdir(parents=True)
+    shutil.copy(package, options.cache_dir / "aot")
+    runs: list[tuple[CompiledEngine, list[list[Image.Image]], list[int]]] = []
+
+    def start_and_serve() -> None:  # on a thread that then ends, as an engine's does
+        engine = CompiledEngine(model, "cpu", options)
+        package = engine.pipe.unet._compiled_call_impl
+        assert isinstance(package, AotUNet)
+        images, calls = [], []
+        for job in (base, lora, odd, base):
+            images.append(engine.run(job).images)
+            calls.append(package.package_calls)
+        images.extend(result.images for result in engine.run_batch(pair))
+        calls.append(package.package_calls)
+        runs.append((engine, images, calls))
+
+    for _ in ("cold", "warm"):
+        worker = threading.Thread(target=start_and_serve)
+        worker.start()
+        worker.join()
+    assert [engine.aot.built for engine, _, _ in runs if engine.aot] == [False, False]
+    for _, images, calls in runs:
+        for got, want in zip(images, [*expected[:3], expected[0], *expected[3:]], strict=True):
+            assert max(_max_difference(a, b) for a, b in zip(got, want, strict=True)) <= 2
+        steps = base.steps
+        assert calls == [steps, steps, steps, 2 * steps, 3 * steps]  # LoRA and odd size: the module ran
+    assert _max_difference(expected[0][0], expected[1][0]) > 2  # the LoRA does change the image
+    assert list((options.cache_dir / "aot").iterdir()) == [options.cache_dir / "aot" / package.name]
 
 
 def test_requests_a_tensorrt_server_cannot_serve_are_refused_naming_the_field(
