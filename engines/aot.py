@@ -77,9 +77,9 @@ def install(unet: torch.nn.Module, cache_dir: Path, max_rows: int) -> AotReport:
     return AotReport(path, built, time.perf_counter() - started)
 
 
-def export_and_compile(unet: torch.nn.Module, path: Path, max_rows: int) -> None:
-    """Minutes for SDXL on a GPU, once per machine; written under a temporary name, then renamed, so a start
-    that is stopped halfway leaves nothing a later start would trust."""
+def export_unet(unet: torch.nn.Module, max_rows: int) -> torch.export.ExportedProgram:
+    """The UNet's plain call as a graph over any rows up to `max_rows`, latent sides that are multiples of
+    its size factor, and prompts up to MAX_TOKENS tokens."""
     from torch.export import Dim
 
     factor = _size_factor(unet)
@@ -90,7 +90,13 @@ def export_and_compile(unet: torch.nn.Module, path: Path, max_rows: int) -> None
     dynamic = (latent, {0: rows}, {0: rows, 1: tokens}, {0: rows}, {0: rows})
     example = unet_example(unet, 2, 8 * factor * 4)
     with torch.inference_mode(False), torch.no_grad():
-        program = torch.export.export(UNetForExport(unet).eval(), example, dynamic_shapes=dynamic)
+        return torch.export.export(UNetForExport(unet).eval(), example, dynamic_shapes=dynamic)
+
+
+def export_and_compile(unet: torch.nn.Module, path: Path, max_rows: int) -> None:
+    """Minutes for SDXL on a GPU, once per machine; written under a temporary name, then renamed, so a start
+    that is stopped halfway leaves nothing a later start would trust."""
+    program = export_unet(unet, max_rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.stem}.{os.getpid()}-{threading.get_ident()}.partial.pt2")
     import torch._inductor.config as inductor
