@@ -32,8 +32,8 @@ def test_gpu_bench_runs_every_section_and_prints_one_json_line(tmp_path: Path) -
 
 
 def test_gpu_bench_refuses_an_engine_it_does_not_know_before_spending_any_time(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "bench.gpu_bench", "--tiny", "--backends", "eager,tensorrt+fp8",
+    command = [sys.executable, "-m", "bench.gpu_bench", "--tiny", "--backends", "eager,compiled_aot+fp8",
                "--scratch", str(tmp_path / "scratch")]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 2 and "tensorrt+fp8" in done.stderr and "+int8 or +fp8" in done.stderr
+    assert done.returncode == 2 and "compiled_aot+fp8" in done.stderr and "+int8 or +fp8" in done.stderr
     assert not (tmp_path / "scratch" / "model").exists()
