@@ -46,7 +46,7 @@ class AotReport:
         return f"UNet ahead-of-time package {verb} in {self.seconds:.1f} s ({self.path.name})"
 
 
-def package_path(cache_dir: Path, unet: Any, max_rows: int) -> Path:
+def package_path(cache_dir: Path, unet: Any, max_rows: int, autotune: bool = False) -> Path:
     """The package's name follows everything it was compiled for: the architecture and the tensors it reads
     (names, shapes, dtypes, so fused or unfused projections too), the device, and the rows it takes. The
     cache directory is already one per torch build and kind of device."""
@@ -58,20 +58,21 @@ def package_path(cache_dir: Path, unet: Any, max_rows: int) -> Path:
         "tensors": tensors,
         "device": _device_of(unet).type,
         "max_rows": max_rows,
+        "autotune": autotune,
     }
     digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return cache_dir / "aot" / f"unet-{digest}.pt2"
 
 
-def install(unet: torch.nn.Module, cache_dir: Path, max_rows: int) -> AotReport:
+def install(unet: torch.nn.Module, cache_dir: Path, max_rows: int, autotune: bool = False) -> AotReport:
     """Build the package if this machine has none for this UNet, load it, and make it the UNet's compiled
     call: `unet(...)` then runs it (nn.Module calls `_compiled_call_impl` when set), while
     `engines.compiled.uncompiled` still switches back to the module for a while."""
-    path = package_path(cache_dir, unet, max_rows)
+    path = package_path(cache_dir, unet, max_rows, autotune)
     started = time.perf_counter()
     built = not path.exists()
     if built:
-        export_and_compile(unet, path, max_rows)
+        export_and_compile(unet, path, max_rows, autotune)
     runner = load(path, unet)
     unet._compiled_call_impl = AotUNet(unet, runner, max_rows)
     return AotReport(path, built, time.perf_counter() - started)
@@ -93,9 +94,10 @@ def export_unet(unet: torch.nn.Module, max_rows: int) -> torch.export.ExportedPr
         return torch.export.export(UNetForExport(unet).eval(), example, dynamic_shapes=dynamic)
 
 
-def export_and_compile(unet: torch.nn.Module, path: Path, max_rows: int) -> None:
-    """Minutes for SDXL on a GPU, once per machine; written under a temporary name, then renamed, so a start
-    that is stopped halfway leaves nothing a later start would trust."""
+def export_and_compile(unet: torch.nn.Module, path: Path, max_rows: int, autotune: bool = False) -> None:
+    """Minutes for SDXL on a GPU (with autotune, inductor's max_autotune, far longer), once per machine.
+    Written under a temporary name, then renamed, so a start stopped halfway leaves nothing a later start
+    would trust."""
     program = export_unet(unet, max_rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.stem}.{os.getpid()}-{threading.get_ident()}.partial.pt2")
@@ -106,7 +108,9 @@ def export_and_compile(unet: torch.nn.Module, path: Path, max_rows: int) -> None
     # graphs would then miss the cache at the next start): it gets a copy to write into.
     with inductor.patch({"aot_inductor.metadata": dict(inductor.aot_inductor.metadata)}):
         torch._inductor.aoti_compile_and_package(
-            program, package_path=str(partial), inductor_configs={"aot_inductor.package_constants_in_so": False}
+            program,
+            package_path=str(partial),
+            inductor_configs={"aot_inductor.package_constants_in_so": False, "max_autotune": autotune},
         )
     os.replace(partial, path)
 

@@ -134,7 +134,8 @@ class CompiledEngine(EagerEngine):
         dynamic = True if cuda else None
         self.aot: AotReport | None = None
         if options.scope == "aot":
-            self.aot = aot.install(pipe.unet, options.cache_dir, options.max_rows)
+            autotune = options.mode.startswith("max-autotune")
+            self.aot = aot.install(pipe.unet, options.cache_dir, options.max_rows, autotune)
             log.info("%s on %s: %s", model.id, device, self.aot)
             compile_regions(pipe.vae.decoder, mode=_without_cuda_graphs(mode), dynamic=dynamic)
         elif regional:
