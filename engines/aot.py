@@ -27,9 +27,12 @@ from engines.onnx_export import UNetForExport, unet_example
 log = logging.getLogger(__name__)
 
 # Bump when what is exported changes (inputs, dynamic dimensions, inductor settings): old packages are skipped.
-_FORMAT = "1"
+_FORMAT = "2"
 MAX_LATENT_SIDE = 4096 // 8  # requests take sides up to 4096 pixels
 MAX_TOKENS = 77 * 8
+# Latent sides start at two size factors (64 px for SDXL): at one, the innermost blocks see 1×1 maps, which
+# export would otherwise specialise on.
+MIN_SIDE_FACTORS = 2
 # The plain call a diffusers pipeline makes; a call with anything else (ControlNet residuals, a timestep
 # condition, attention kwargs) runs the module eagerly.
 _EXPORTED_KWARGS = frozenset({"encoder_hidden_states", "added_cond_kwargs", "return_dict"})
@@ -86,7 +89,8 @@ def export_unet(unet: torch.nn.Module, max_rows: int) -> torch.export.ExportedPr
     factor = _size_factor(unet)
     rows = Dim("rows", min=1, max=max_rows)
     most = MAX_LATENT_SIDE // factor
-    latent = {0: rows, 2: factor * Dim("latent_h", min=1, max=most), 3: factor * Dim("latent_w", min=1, max=most)}
+    side = {"min": MIN_SIDE_FACTORS, "max": most}
+    latent = {0: rows, 2: factor * Dim("latent_h", **side), 3: factor * Dim("latent_w", **side)}
     tokens = Dim("tokens", min=1, max=MAX_TOKENS)
     dynamic = (latent, {0: rows}, {0: rows, 1: tokens}, {0: rows}, {0: rows})
     example = unet_example(unet, 2, 8 * factor * 4)
@@ -160,6 +164,7 @@ class AotUNet:
             rows <= self._max_rows
             and height % self._factor == 0
             and width % self._factor == 0
+            and MIN_SIDE_FACTORS * self._factor <= min(height, width)
             and max(height, width) <= MAX_LATENT_SIDE
             and hidden.shape[1] <= MAX_TOKENS
             and all(t.dtype == dtype and t.device == sample.device for t in (sample, hidden, *added.values()))

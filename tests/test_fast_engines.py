@@ -281,9 +281,11 @@ def test_ahead_of_time_unet_matches_eager_and_serves_what_it_was_not_compiled_fo
                guidance_scale=5.0, scheduler="euler")  # fmt: skip
     pair = [dataclasses.replace(base, prompt="a knight", seeds=[1, 2]), dataclasses.replace(base, seeds=[3])]
     lora = dataclasses.replace(base, loras=[LoraWeight(name="ink-lora", path=str(tiny_loras["ink-lora"]), weight=0.8)])
-    odd = dataclasses.replace(base, width=72)  # a latent side of 9: the export takes multiples of 2 here
+    # Latent sides of 9 and 2: the export takes multiples of 2 from 4 (the tiny UNet's size factor is 2).
+    odd, small = dataclasses.replace(base, width=72), dataclasses.replace(base, width=16)
     eager = EagerEngine(model, "cpu")
-    expected = [eager.run(job).images for job in (base, lora, odd)] + [r.images for r in eager.run_batch(pair)]
+    alone = [eager.run(job).images for job in (base, lora, odd, small)]
+    expected = [*alone, alone[0], *(result.images for result in eager.run_batch(pair))]
     options = CompileOptions(cache_dir=tmp_path / "cache", scope="aot", max_rows=2 * MAX_IMAGES)
     package = _aot_package(aot_server_data)
     (options.cache_dir / "aot").mkdir(parents=True)
@@ -295,7 +297,7 @@ def test_ahead_of_time_unet_matches_eager_and_serves_what_it_was_not_compiled_fo
         package = engine.pipe.unet._compiled_call_impl
         assert isinstance(package, AotUNet)
         images, calls = [], []
-        for job in (base, lora, odd, base):
+        for job in (base, lora, odd, small, base):
             images.append(engine.run(job).images)
             calls.append(package.package_calls)
         images.extend(result.images for result in engine.run_batch(pair))
@@ -308,10 +310,10 @@ def test_ahead_of_time_unet_matches_eager_and_serves_what_it_was_not_compiled_fo
         worker.join()
     assert [engine.aot.built for engine, _, _ in runs if engine.aot] == [False, False]
     for _, images, calls in runs:
-        for got, want in zip(images, [*expected[:3], expected[0], *expected[3:]], strict=True):
+        for got, want in zip(images, expected, strict=True):
             assert max(_max_difference(a, b) for a, b in zip(got, want, strict=True)) <= 2
         steps = base.steps
-        assert calls == [steps, steps, steps, 2 * steps, 3 * steps]  # LoRA and odd size: the module ran
+        assert calls == [steps, steps, steps, steps, 2 * steps, 3 * steps]  # LoRA and sizes: the module ran
     assert _max_difference(expected[0][0], expected[1][0]) > 2  # the LoRA does change the image
     assert list((options.cache_dir / "aot").iterdir()) == [options.cache_dir / "aot" / package.name]
 
