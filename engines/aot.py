@@ -51,8 +51,8 @@ class AotReport:
 
 def package_path(cache_dir: Path, unet: Any, max_rows: int, autotune: bool = False) -> Path:
     """The package's name follows everything it was compiled for: the architecture and the tensors it reads
-    (names, shapes, dtypes, so fused or unfused projections too), the device, and the rows it takes. The
-    cache directory is already one per torch build and kind of device."""
+    (names, shapes, strides, dtypes, so fused or unfused projections too), the device, the rows it takes and
+    whether it was autotuned. The cache directory is already one per torch build and kind of device."""
     constants = _constants(UNetForExport(unet)).items()
     tensors = [(name, list(t.shape), list(t.stride()), str(t.dtype)) for name, t in constants]
     described = {
@@ -73,10 +73,16 @@ def install(unet: torch.nn.Module, cache_dir: Path, max_rows: int, autotune: boo
     `engines.compiled.uncompiled` still switches back to the module for a while."""
     path = package_path(cache_dir, unet, max_rows, autotune)
     started = time.perf_counter()
-    built = not path.exists()
-    if built:
+    runner, built = None, False
+    if path.exists():
+        try:
+            runner = load(path, unet)
+        except Exception as exc:  # damaged, or written by a torch that reports the same version
+            log.warning("%s could not be loaded (%s); building it again", path, exc)
+            path.unlink()
+    if runner is None:
         export_and_compile(unet, path, max_rows, autotune)
-    runner = load(path, unet)
+        runner, built = load(path, unet), True
     unet._compiled_call_impl = AotUNet(unet, runner, max_rows)
     return AotReport(path, built, time.perf_counter() - started)
 

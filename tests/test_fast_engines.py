@@ -318,6 +318,40 @@ def test_ahead_of_time_unet_matches_eager_and_serves_what_it_was_not_compiled_fo
     assert list((options.cache_dir / "aot").iterdir()) == [options.cache_dir / "aot" / package.name]
 
 
+def test_a_damaged_ahead_of_time_package_is_built_again_instead_of_failing_the_start(
+    tmp_path: Path, tiny_model: Path, aot_server_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A package cut short (as a full disk leaves it) is replaced by a new build, and the UNet then runs it.
+    The build itself is the server fixture's (a minute here): its package stands in for the new one."""
+    import torch
+
+    from engines import aot
+
+    model = resolve_model(str(tiny_model), tiny_model.parent, 1)
+    unet = EagerEngine(model, "cpu").pipe.unet
+    good = _aot_package(aot_server_data)
+    path = aot.package_path(tmp_path / "cache", unet, 2 * MAX_IMAGES)
+    assert path.name == good.name  # the server and an engine here name the same UNet's package alike
+    path.parent.mkdir(parents=True)
+    path.write_bytes(good.read_bytes()[:4096])
+    builds: list[Path] = []
+
+    def build(unet: object, target: Path, max_rows: int, autotune: bool = False) -> None:
+        builds.append(target)
+        shutil.copy(good, target)
+
+    monkeypatch.setattr(aot, "export_and_compile", build)
+    report = aot.install(unet, tmp_path / "cache", 2 * MAX_IMAGES)
+    assert report.built and builds == [path]
+    sample, timestep, hidden, text_embeds, time_ids = unet_example(unet, 2, 64)
+    added = {"text_embeds": text_embeds, "time_ids": time_ids}
+    with torch.no_grad():
+        got = unet(sample, timestep, hidden, added_cond_kwargs=added).sample
+        want = unet._call_impl(sample, timestep, hidden, added_cond_kwargs=added).sample
+    assert unet._compiled_call_impl.package_calls == 1
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_requests_a_tensorrt_server_cannot_serve_are_refused_naming_the_field(
     tmp_path: Path, tiny_model: Path, tiny_loras: dict[str, Path]
 ) -> None:
