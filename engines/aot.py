@@ -134,7 +134,7 @@ def load(path: Path, unet: torch.nn.Module) -> Any:
     wanted = runner.get_constant_fqns()
     missing = [name for name in wanted if name not in constants]
     if missing:
-        raise RuntimeError(f"{path} expects tensors the UNet does not have, e.g. {missing[:3]}; delete it to rebuild")
+        raise RuntimeError(f"{path} expects tensors the UNet does not have, e.g. {missing[:3]}")
     runner.load_constants({name: constants[name] for name in wanted}, check_full_update=True, user_managed=True)
     return runner
 
