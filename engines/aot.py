@@ -36,6 +36,7 @@ MIN_SIDE_FACTORS = 2
 # The plain call a diffusers pipeline makes; a call with anything else (ControlNet residuals, a timestep
 # condition, attention kwargs) runs the module eagerly.
 _EXPORTED_KWARGS = frozenset({"encoder_hidden_states", "added_cond_kwargs", "return_dict"})
+_BUILDING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -74,15 +75,16 @@ def install(unet: torch.nn.Module, cache_dir: Path, max_rows: int, autotune: boo
     path = package_path(cache_dir, unet, max_rows, autotune)
     started = time.perf_counter()
     runner, built = None, False
-    if path.exists():
-        try:
-            runner = load(path, unet)
-        except Exception as exc:  # damaged, or written by a torch that reports the same version
-            log.warning("%s could not be loaded (%s); building it again", path, exc)
-            path.unlink()
-    if runner is None:
-        export_and_compile(unet, path, max_rows, autotune)
-        runner, built = load(path, unet), True
+    with _BUILDING:  # engines on several GPUs starting together: one builds, the others then load its package
+        if path.exists():
+            try:
+                runner = load(path, unet)
+            except Exception as exc:  # damaged, or written by a torch that reports the same version
+                log.warning("%s could not be loaded (%s); building it again", path, exc)
+                path.unlink()
+        if runner is None:
+            export_and_compile(unet, path, max_rows, autotune)
+            runner, built = load(path, unet), True
     unet._compiled_call_impl = AotUNet(unet, runner, max_rows)
     return AotReport(path, built, time.perf_counter() - started)
 

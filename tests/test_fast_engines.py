@@ -352,6 +352,43 @@ def test_a_damaged_ahead_of_time_package_is_built_again_instead_of_failing_the_s
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_engines_starting_together_build_one_ahead_of_time_package(
+    tmp_path: Path, tiny_model: Path, aot_server_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two devices' engines starting at once with no package: one builds it, the other loads that build.
+    (The build is the server fixture's package, copied in slowly, as a build takes a while.)"""
+    import threading
+    import time
+
+    import torch
+
+    from engines import aot
+
+    model = resolve_model(str(tiny_model), tiny_model.parent, 1)
+    unets = [EagerEngine(model, "cpu").pipe.unet for _ in range(2)]
+    builds: list[Path] = []
+
+    def build(unet: object, target: Path, max_rows: int, autotune: bool = False) -> None:
+        builds.append(target)
+        time.sleep(0.5)
+        shutil.copy(_aot_package(aot_server_data), target.parent / "partial")
+        (target.parent / "partial").rename(target)
+
+    monkeypatch.setattr(aot, "export_and_compile", build)
+    (tmp_path / "cache" / "aot").mkdir(parents=True)
+    reports: list[aot.AotReport] = []
+
+    def start(unet: torch.nn.Module) -> None:
+        reports.append(aot.install(unet, tmp_path / "cache", 2 * MAX_IMAGES))
+
+    threads = [threading.Thread(target=start, args=(unet,)) for unet in unets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(builds) == 1 and sorted(report.built for report in reports) == [False, True]
+
+
 def test_requests_a_tensorrt_server_cannot_serve_are_refused_naming_the_field(
     tmp_path: Path, tiny_model: Path, tiny_loras: dict[str, Path]
 ) -> None:
