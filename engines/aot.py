@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from engines.onnx_export import UNetForExport, unet_example
+from engines.onnx_export import UNetForExport, unet_call_inputs, unet_example
 
 log = logging.getLogger(__name__)
 
@@ -179,11 +179,9 @@ class AotUNet:
         )
         if not fits:
             return None
-        timesteps = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32).reshape(-1).expand(rows)
         # The package reads its inputs with the strides of the export's (contiguous) examples: a broadcast
         # timestep or a sliced batch would be read wrongly, not refused.
-        inputs = (sample, timesteps, hidden, added["text_embeds"], added["time_ids"])
-        return tuple(tensor.contiguous() for tensor in inputs)
+        return tuple(tensor.contiguous() for tensor in unet_call_inputs(sample, timestep, hidden, added))
 
 
 def _size_factor(unet: torch.nn.Module) -> int:

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from engines.onnx_export import UNET_INPUTS, unet_call_inputs
+
 Runner = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
@@ -31,17 +33,8 @@ def route_through(pipe: Any, unet: Runner, vae_decoder: Runner) -> None:
     """From now on, `pipe`'s UNet calls and VAE decodes go to the runners."""
 
     def unet_forward(sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, **kwargs: Any) -> Any:
-        added = kwargs["added_cond_kwargs"]
-        rows = sample.shape[0]
-        timesteps = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32).reshape(-1).expand(rows)
-        inputs = {
-            "sample": sample,
-            "timestep": timesteps,
-            "encoder_hidden_states": encoder_hidden_states,
-            "text_embeds": added["text_embeds"],
-            "time_ids": added["time_ids"],
-        }
-        out = unet(inputs)["noise_pred"].to(sample.dtype)
+        values = unet_call_inputs(sample, timestep, encoder_hidden_states, kwargs["added_cond_kwargs"])
+        out = unet(dict(zip(UNET_INPUTS, values, strict=True)))["noise_pred"].to(sample.dtype)
         return _Output(out) if kwargs.get("return_dict", True) else (out,)
 
     def vae_decode(latent: torch.Tensor, return_dict: bool = True, **_: Any) -> Any:

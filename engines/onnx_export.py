@@ -64,6 +64,17 @@ class ShapeRange:
 DEFAULT_SHAPES = ShapeRange()
 
 
+def unet_call_inputs(
+    sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, added_cond_kwargs: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
+    """A diffusers pipeline's UNet call as UNET_INPUTS, in order. Its timestep (a number or a 0-d tensor)
+    becomes one float32 a row, broadcast (stride 0): runners that read raw memory make it contiguous."""
+    rows = sample.shape[0]
+    timesteps = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32).reshape(-1).expand(rows)
+    added = added_cond_kwargs
+    return sample, timesteps, encoder_hidden_states, added["text_embeds"], added["time_ids"]
+
+
 def unet_example(unet: Any, batch: int, side: int) -> tuple[torch.Tensor, ...]:
     """Inputs of the shapes the UNet takes for `batch` rows of `side`² images."""
     config = unet.config
