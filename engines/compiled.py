@@ -137,12 +137,13 @@ class CompiledEngine(EagerEngine):
             autotune = options.mode.startswith("max-autotune")
             self.aot = aot.install(pipe.unet, options.cache_dir, options.max_rows, autotune)
             log.info("%s on %s: %s", model.id, device, self.aot)
-            compile_regions(pipe.vae.decoder, mode=_without_cuda_graphs(mode), dynamic=dynamic)
         elif regional:
             compile_regions(pipe.unet, mode=mode, dynamic=dynamic)
-            compile_regions(pipe.vae.decoder, mode=_without_cuda_graphs(mode), dynamic=dynamic)
         else:
             pipe.unet.compile(mode=mode, dynamic=dynamic)
+        if regional:
+            compile_regions(pipe.vae.decoder, mode=_without_cuda_graphs(mode), dynamic=dynamic)
+        else:
             pipe.vae.decoder.compile(mode=_without_cuda_graphs(mode), dynamic=dynamic)
 
     def warm(self) -> None:
