@@ -294,17 +294,17 @@ def test_ahead_of_time_unet_matches_eager_and_serves_what_it_was_not_compiled_fo
 
     def start_and_serve() -> None:  # on a thread that then ends, as an engine's does
         engine = CompiledEngine(model, "cpu", options)
-        package = engine.pipe.unet._compiled_call_impl
-        assert isinstance(package, AotUNet)
+        unet_call = engine.pipe.unet._compiled_call_impl
+        assert isinstance(unet_call, AotUNet)
         images, calls = [], []
         for job in (base, lora, odd, small, base):
             images.append(engine.run(job).images)
-            calls.append(package.package_calls)
+            calls.append(unet_call.package_calls)
         images.extend(result.images for result in engine.run_batch(pair))
-        calls.append(package.package_calls)
+        calls.append(unet_call.package_calls)
         runs.append((engine, images, calls))
 
-    for _ in ("cold", "warm"):
+    for _ in range(2):  # a start, then a restart on the same cache
         worker = threading.Thread(target=start_and_serve)
         worker.start()
         worker.join()
