@@ -266,15 +266,15 @@ def test_ahead_of_time_unet_matches_eager_and_serves_what_it_was_not_compiled_fo
     tmp_path: Path, tiny_model: Path, tiny_loras: dict[str, Path], aot_server_data: Path
 ) -> None:
     """compile_scope = "aot": an engine finds the UNet's package in its cache and loads it instead of building.
-    Its images equal eager's, batched too. A LoRA request and a size the package does not take run the module
-    (eager's images), and the plain request after them is the package's again. A second engine on the same
-    cache (a restart, or another device) does the same with the same package."""
+    Its images equal eager's, batched too. A LoRA request, a ControlNet request and sizes the package does not
+    take run the module (eager's images), and the plain request after them is the package's again. A second
+    engine on the same cache (a restart, or another device) does the same with the same package."""
     import dataclasses
     import threading
 
     from engines.aot import AotUNet
     from engines.compiled import CompiledEngine, CompileOptions
-    from forge.engine import LoraWeight
+    from forge.engine import ControlJob, LoraWeight
 
     model = resolve_model(str(tiny_model), tiny_model.parent, 1)
     base = Job(model=model, prompt="a paladin", negative_prompt="", width=64, height=64, seeds=[5], steps=4,
@@ -283,8 +283,10 @@ def test_ahead_of_time_unet_matches_eager_and_serves_what_it_was_not_compiled_fo
     lora = dataclasses.replace(base, loras=[LoraWeight(name="ink-lora", path=str(tiny_loras["ink-lora"]), weight=0.8)])
     # Latent sides of 9 and 2: the export takes multiples of 2 from 4 (the tiny UNet's size factor is 2).
     odd, small = dataclasses.replace(base, width=72), dataclasses.replace(base, width=16)
+    pose = ControlJob(type="openpose", image=None, pose="run", preprocess=False, strength=1, start=0, end=1)
+    posed = dataclasses.replace(base, controls=[pose])  # the UNet call carries the ControlNet's residuals
     eager = EagerEngine(model, "cpu")
-    alone = [eager.run(job).images for job in (base, lora, odd, small)]
+    alone = [eager.run(job).images for job in (base, lora, odd, small, posed)]
     expected = [*alone, alone[0], *(result.images for result in eager.run_batch(pair))]
     options = CompileOptions(cache_dir=tmp_path / "cache", scope="aot", max_rows=2 * MAX_IMAGES)
     package = _aot_package(aot_server_data)
@@ -297,7 +299,7 @@ def test_ahead_of_time_unet_matches_eager_and_serves_what_it_was_not_compiled_fo
         unet_call = engine.pipe.unet._compiled_call_impl
         assert isinstance(unet_call, AotUNet)
         images, calls = [], []
-        for job in (base, lora, odd, small, base):
+        for job in (base, lora, odd, small, posed, base):
             images.append(engine.run(job).images)
             calls.append(unet_call.package_calls)
         images.extend(result.images for result in engine.run_batch(pair))
@@ -313,8 +315,8 @@ def test_ahead_of_time_unet_matches_eager_and_serves_what_it_was_not_compiled_fo
         for got, want in zip(images, expected, strict=True):
             assert max(_max_difference(a, b) for a, b in zip(got, want, strict=True)) <= 2
         steps = base.steps
-        assert calls == [steps, steps, steps, steps, 2 * steps, 3 * steps]  # LoRA and sizes: the module ran
-    assert _max_difference(expected[0][0], expected[1][0]) > 2  # the LoRA does change the image
+        assert calls == [steps] * 5 + [2 * steps, 3 * steps]  # LoRA, sizes, ControlNet: the module ran
+    assert min(_max_difference(expected[0][0], expected[i][0]) for i in (1, 4)) > 2  # LoRA and pose tell
     assert list((options.cache_dir / "aot").iterdir()) == [options.cache_dir / "aot" / package.name]
 
 
