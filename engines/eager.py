@@ -15,7 +15,7 @@ from engines.cache import release_memory
 from engines.control import ControlUnavailable, DepthEstimator, prepare_control
 from engines.loading import LOADING
 from engines.preview import latent_preview
-from engines.row_guidance import RowGuidedSDXLPipeline, RowScales, can_mix_scales
+from engines.row_guidance import RowGuidedSDXLPipeline, RowScales, guides_only_by_cfg
 from engines.schedulers import make_scheduler
 from engines.weights import damaged_file
 from forge.engine import (
@@ -147,7 +147,7 @@ class EagerEngine:
         _stop_if_all_cancelled(jobs)
         scales = [job.guidance_scale for job in jobs for _ in job.seeds]
         mixed_scales = first.guidance_scale > 1 and len(set(scales)) > 1
-        if mixed_scales and not can_mix_scales(self.pipe):
+        if mixed_scales and not guides_only_by_cfg(self.pipe):
             return self._run_by_scale(jobs)
         # 1. LoRAs: loaded once per pipeline, switched by adapter weights (the batch shares one set).
         try:
@@ -237,7 +237,7 @@ class EagerEngine:
 
     def _encode_prompts(self, pipe: Any, jobs: Sequence[Job]) -> dict[str, Any]:
         """Prompt and pooled embeddings for every row, exactly as the pipeline encodes one job's prompt."""
-        guided = jobs[0].guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+        guided = jobs[0].guidance_scale > 1 and guides_only_by_cfg(pipe)
         parts = [
             pipe.encode_prompt(
                 prompt=job.prompt,

@@ -38,7 +38,8 @@ class RowGuidedSDXLPipeline(StableDiffusionXLPipeline):  # type: ignore[misc]  #
         return self.row_scales if self.row_scales is not None else self._guidance_scale
 
 
-def can_mix_scales(pipe: Any) -> bool:
-    """Whether this model's UNet takes guidance only through CFG. Guidance-distilled UNets (LCM) embed one
-    scale for the whole batch as a UNet input, so their rows cannot differ."""
+def guides_only_by_cfg(pipe: Any) -> bool:
+    """Whether this model's UNet takes guidance only through CFG, so rows may have scales of their own.
+    Guidance-distilled UNets (LCM) embed one scale for the whole batch as a UNet input instead, and run no
+    unconditional half."""
     return pipe.unet.config.time_cond_proj_dim is None
