@@ -15,6 +15,7 @@ _FIELD_IN_MESSAGE = (
     (re.compile(r"unknown field `([^`]+)`"), "unknown_field"),
     (re.compile(r"missing required field `([^`]+)`"), "required"),
 )
+_FLOAT_FOR_INT = "got `float`"
 _RULES = (
     ("of length >=", "min_length"),
     ("of length <=", "max_length"),
@@ -53,6 +54,8 @@ def decode_json(body: bytes, type_: type[T]) -> T:
     try:
         return msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
+        if _FLOAT_FOR_INT in str(exc):
+            return convert(msgspec.json.decode(body), type_)
         raise invalid_request(exc) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets bad UTF-8 in strings through raw
         raise InvalidRequest(f"malformed JSON: {exc}", field="body", rule="json") from None
@@ -65,4 +68,21 @@ def convert(value: Any, type_: type[T], *, prefix: str = "", strict: bool = True
     try:
         return msgspec.convert(value, type_, strict=strict)
     except msgspec.ValidationError as exc:
+        if _FLOAT_FOR_INT not in str(exc):
+            raise invalid_request(exc, prefix) from None
+    try:
+        return msgspec.convert(_whole_floats_as_ints(value), type_, strict=strict)
+    except msgspec.ValidationError as exc:
         raise invalid_request(exc, prefix) from None
+
+
+def _whole_floats_as_ints(value: Any) -> Any:
+    """JSON has one number type: 28.0 is a valid JSON Schema integer, and many clients (Python's json, tool
+    calls of language models) write whole numbers that way. Fractions still fail as before."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_whole_floats_as_ints(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _whole_floats_as_ints(item) for key, item in value.items()}
+    return value

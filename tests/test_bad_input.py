@@ -110,6 +110,17 @@ async def test_unknown_route_and_method_are_json(server: RunningServer) -> None:
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
 
 
+async def test_whole_numbers_written_as_floats_are_accepted(server: RunningServer) -> None:
+    """JSON has one number type: 3.0 is a JSON Schema integer, and Python's json or a model's tool call may
+    write it so. Fractions are still refused (CASES: steps fractional)."""
+    task = await submit(server.client, steps=3.0, width=64.0, seed=7.0, guidance_scale=4)
+    assert (task["request"]["steps"], task["request"]["width"], task["seeds"]) == (3, 64, [7])
+    assert task["request"]["guidance_scale"] == 4.0
+    await wait_for_state(server.client, task["id"])
+    sheet = await server.client.post("/v1/sprite-sheets", json={"tasks": [task["id"]], "columns": 2.0})
+    assert sheet.status_code == 201, sheet.text
+
+
 async def test_image_index_out_of_range(server: RunningServer) -> None:
     task = await submit(server.client, steps=1)
     await wait_for_state(server.client, task["id"])
