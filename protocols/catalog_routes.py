@@ -56,6 +56,33 @@ class PoseView(msgspec.Struct, frozen=True, kw_only=True):
     image: str
 
 
+class StyleList(msgspec.Struct, frozen=True):
+    items: list[StyleView]
+
+
+class LoraList(msgspec.Struct, frozen=True, kw_only=True):
+    items: list[LoraInfo]
+    directory: Annotated[str, Meta(description="where LoRA files are looked for")]
+
+
+class PoseList(msgspec.Struct, frozen=True):
+    items: list[PoseView]
+
+
+class ModelList(msgspec.Struct, frozen=True):
+    items: list[ModelStatus]
+
+
+class PostprocessCatalog(msgspec.Struct, frozen=True, kw_only=True):
+    upscalers: list[str]
+    upscalers_dir: str
+    default_upscaler: str
+    background_models: list[str]
+    background_models_dir: str
+    default_background_model: str
+    palettes: Annotated[dict[str, list[str]], Meta(description="name: colours as #rrggbb")]
+
+
 class UploadView(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     width: int
@@ -126,18 +153,17 @@ class CatalogRoutes:
         )
 
     async def styles(self, request: Request) -> Response:
-        views = [self.style_view(style) for style in self.ingress.resources.styles.all()]
-        return JSONResponse({"items": views})
+        return JSONResponse(StyleList([self.style_view(style) for style in self.ingress.resources.styles.all()]))
 
     async def loras(self, request: Request) -> Response:
         found: list[LoraInfo] = await anyio.to_thread.run_sync(self.ingress.resources.loras.installed)
-        return JSONResponse({"items": found, "directory": str(self.ingress.resources.loras.directory)})
+        return JSONResponse(LoraList(items=found, directory=str(self.ingress.resources.loras.directory)))
 
     async def poses(self, request: Request) -> Response:
         views = [
             PoseView(name=name, description=DESCRIPTIONS[name], image=f"/v1/poses/{name}.png") for name in POSE_NAMES
         ]
-        return JSONResponse({"items": views})
+        return JSONResponse(PoseList(views))
 
     async def pose_image(self, request: Request) -> Response:
         name = request.path_params["name"]
@@ -156,23 +182,23 @@ class CatalogRoutes:
         """Installed upscalers and background models, and the named pixel-art palettes."""
         resources = self.ingress.resources
 
-        def listing() -> dict[str, Any]:
-            return {
-                "upscalers": resources.upscalers.names(),
-                "upscalers_dir": str(resources.upscalers.directory),
-                "default_upscaler": resources.default_upscaler,
-                "background_models": resources.background_models.names(),
-                "background_models_dir": str(resources.background_models.directory),
-                "default_background_model": resources.default_background_model,
-                "palettes": {name: [f"#{c}" for c in colours] for name, colours in PALETTES.items()},
-            }
+        def listing() -> PostprocessCatalog:
+            return PostprocessCatalog(
+                upscalers=resources.upscalers.names(),
+                upscalers_dir=str(resources.upscalers.directory),
+                default_upscaler=resources.default_upscaler,
+                background_models=resources.background_models.names(),
+                background_models_dir=str(resources.background_models.directory),
+                default_background_model=resources.default_background_model,
+                palettes={name: [f"#{c}" for c in colours] for name, colours in PALETTES.items()},
+            )
 
         return JSONResponse(await anyio.to_thread.run_sync(listing))
 
     # -- models --
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"items": self.ingress.catalog.statuses()})
+        return JSONResponse(ModelList(self.ingress.catalog.statuses()))
 
     def _status(self, model_id: str) -> ModelStatus:
         status = self.ingress.catalog.status(model_id)

@@ -1,108 +1,365 @@
-"""The OpenAPI document, generated from the same msgspec types that validate requests."""
+"""The OpenAPI document, generated from the same msgspec types that validate requests and shape responses.
+It is built from the app's own routes: a route without an entry here, or an entry without a route, stops the
+server at start, so the document cannot fall behind the API."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 
+from actors.model_catalog import ModelStatus
 from forge import __version__
 from forge.events import AnyTaskEvent
 from forge.requests import GenerationRequest
-from protocols.views import API, ErrorBody, TaskList, TaskView
+from protocols.catalog_routes import (
+    LoraList,
+    ModelList,
+    PoseList,
+    PoseQuery,
+    PostprocessCatalog,
+    StyleList,
+    UploadView,
+)
+from protocols.sprite_sheets import SHEETS, SheetRequest, SheetView
+from protocols.views import (
+    API,
+    ErrorBody,
+    HealthView,
+    InfoView,
+    ListQuery,
+    ReadinessView,
+    TaskList,
+    TaskView,
+)
 
 _REF = "#/components/schemas/{name}"
+_SCHEMAS: list[Any] = [
+    GenerationRequest,
+    TaskView,
+    TaskList,
+    ErrorBody,
+    AnyTaskEvent,
+    InfoView,
+    ReadinessView,
+    HealthView,
+    StyleList,
+    LoraList,
+    PoseList,
+    ModelList,
+    ModelStatus,
+    PostprocessCatalog,
+    UploadView,
+    SheetRequest,
+    SheetView,
+]
+_QUERIES: list[Any] = [ListQuery, PoseQuery]  # their fields become query parameters, not schemas
+_IMAGE_TYPES = ("image/png", "image/webp", "image/jpeg")
+# Bearer or nothing: a token is needed only when the server runs with auth on.
+_BEARER_OR_NONE: list[dict[str, list[str]]] = [{"bearer": []}, {}]
 
 
 def _json(name: str) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": {"$ref": _REF.format(name=name)}}}}
 
 
+def _ok(description: str, name: str) -> dict[str, Any]:
+    return {"description": description, **_json(name)}
+
+
 def _error(description: str) -> dict[str, Any]:
     return {"description": description, **_json("ErrorBody")}
 
 
-def openapi_spec() -> dict[str, Any]:
-    (_, *_), components = msgspec.json.schema_components(
-        [GenerationRequest, TaskView, TaskList, ErrorBody, AnyTaskEvent], ref_template=_REF
-    )
-    task_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
-    task = {"description": "the generation", **_json("TaskView")}
-    paths: dict[str, Any] = {
-        API: {
-            "post": {
+def _binary(*types: str) -> dict[str, Any]:
+    return {"content": {kind: {"schema": {"type": "string", "format": "binary"}} for kind in types}}
+
+
+def _path(name: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": schema or {"type": "string"}}
+
+
+def _authenticated(operation: dict[str, Any]) -> dict[str, Any]:
+    """An operation that reads who is asking: with auth on, it needs a bearer token (else 401)."""
+    responses = {**operation["responses"], "401": _error("auth is on and no valid bearer token was sent")}
+    return {**operation, "security": _BEARER_OR_NONE, "responses": responses}
+
+
+def _admin(operation: dict[str, Any]) -> dict[str, Any]:
+    responses = {
+        **operation["responses"],
+        "401": _error("no admin key or token was sent"),
+        "403": _error("not an admin (with auth off and no FORGE_ADMIN_KEY: not a local client)"),
+    }
+    return {**operation, "security": _BEARER_OR_NONE, "responses": responses}
+
+
+def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str], dict[str, Any]]:
+    task_id = _path("id")
+    task = _ok("the generation", "TaskView")
+    unknown = _error("no such generation (or not yours)")
+    model_id = _path("id", {"type": "string", "description": "a model id from GET /v1/models"})
+    sheet_kind = _path("kind", {"type": "string", "enum": ["png", "json"]})
+    return {
+        ("post", API): _authenticated(
+            {
                 "summary": "Queue a generation",
                 "description": "Answers 202 once the task is durably queued. Send an Idempotency-Key header to "
                 "make retries safe: the same key returns the same task.",
                 "parameters": [
-                    {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "maxLength": 255}}
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                    },
+                    {"name": "X-Request-Id", "in": "header", "schema": {"type": "string"}},
                 ],
                 "requestBody": {"required": True, **_json("GenerationRequest")},
                 "responses": {
                     "202": {"description": "queued", **_json("TaskView")},
+                    "403": _error("the caller's plan is unknown"),
+                    "409": _error("the model failed to load; an admin may load it again"),
                     "413": _error("body too large"),
-                    "422": _error("invalid field"),
-                    "503": _error("shutting down or queue full"),
+                    "422": _error("invalid field (named in error.field)"),
+                    "429": _error("over the plan's rate or concurrency limit (see Retry-After)"),
+                    "503": _error("shutting down or queue full (see Retry-After)"),
                 },
-            },
-            "get": {
+            }
+        ),
+        ("get", API): _authenticated(
+            {
                 "summary": "List generations, newest first",
-                "parameters": [
-                    {"name": "state", "in": "query", "schema": {"type": "string"}},
-                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
-                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
-                ],
-                "responses": {"200": {"description": "a page", **_json("TaskList")}, "422": _error("bad query")},
-            },
-        },
-        API + "/{id}": {
-            "get": {
+                "parameters": queries["ListQuery"],
+                "responses": {"200": _ok("a page", "TaskList"), "422": _error("bad query parameter")},
+            }
+        ),
+        ("get", API + "/{id}"): _authenticated(
+            {
                 "summary": "State, queue position, progress, timings and image links",
                 "parameters": [task_id],
-                "responses": {"200": task, "404": _error("unknown id")},
+                "responses": {"200": task, "404": unknown},
             }
-        },
-        API + "/{id}/cancel": {
-            "post": {
+        ),
+        ("post", API + "/{id}/cancel"): _authenticated(
+            {
                 "summary": "Cancel exactly this generation, queued or running",
                 "parameters": [task_id],
-                "responses": {"200": task, "202": task, "404": _error("unknown id"), "409": _error("already finished")},
+                "responses": {
+                    "200": task,
+                    "202": task,
+                    "404": unknown,
+                    "409": _error("already finished"),
+                },
             }
-        },
-        API + "/{id}/images/{index}": {
-            "get": {
+        ),
+        ("get", API + "/{id}/images/{index}"): _authenticated(
+            {
                 "summary": "Download one image",
-                "parameters": [
-                    task_id,
-                    {"name": "index", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}},
-                ],
-                "responses": {"200": {"description": "the image (PNG, WebP or JPEG)"}, "404": _error("no such image")},
+                "parameters": [task_id, _path("index", {"type": "integer", "minimum": 0})],
+                "responses": {
+                    "200": {"description": "the image", **_binary(*_IMAGE_TYPES)},
+                    "404": _error("no such image"),
+                },
             }
-        },
-        API + "/{id}/events": {
-            "get": {
+        ),
+        ("get", API + "/{id}/events"): _authenticated(
+            {
                 "summary": "WebSocket: the current state first, then queued/started/progress/... events",
-                "description": "Each message is one JSON object of the TaskEvent union, tagged by `type`.",
+                "description": "Each message is one JSON object of the TaskEvent union, tagged by `type`. An "
+                "unknown id gets an error message, then close code 4404; a refused token, 4401 or 4403.",
                 "parameters": [task_id],
-                "responses": {"101": {"description": "switching to WebSocket"}},
+                "responses": {
+                    "101": {"description": "switching to WebSocket"},
+                    "426": _error("a plain GET: this endpoint speaks WebSocket only"),
+                },
             }
+        ),
+        ("get", API + "/{id}/sprite-sheet.{kind}"): _authenticated(
+            {
+                "summary": "A generation's sprite sheet (postprocess.sprite_sheet): the atlas image or its JSON",
+                "parameters": [task_id, sheet_kind],
+                "responses": {
+                    "200": {"description": "the sheet", **_binary("image/png", "application/json")},
+                    "404": _error("no such generation, or it has no sprite sheet"),
+                },
+            }
+        ),
+        ("post", SHEETS): _authenticated(
+            {
+                "summary": "Pack every image of finished generations, in order, into one sprite sheet",
+                "requestBody": {"required": True, **_json("SheetRequest")},
+                "responses": {
+                    "201": _ok("the sheet's links and frame names", "SheetView"),
+                    "404": _error("a generation is unknown"),
+                    "409": _error("a generation has not succeeded"),
+                    "413": _error("body too large"),
+                    "422": _error("invalid field"),
+                },
+            }
+        ),
+        ("get", SHEETS + "/{id}.{kind}"): _authenticated(
+            {
+                "summary": "A packed sprite sheet: the atlas image or its JSON",
+                "parameters": [_path("id"), sheet_kind],
+                "responses": {
+                    "200": {"description": "the sheet", **_binary("image/png", "application/json")},
+                    "404": _error("no such sheet"),
+                },
+            }
+        ),
+        ("post", "/v1/uploads"): _authenticated(
+            {
+                "summary": "Upload a control image; its id goes in control.image",
+                "requestBody": {"required": True, **_binary(*_IMAGE_TYPES)},
+                "responses": {
+                    "201": _ok("stored", "UploadView"),
+                    "413": _error("body too large"),
+                    "422": _error("not an image, or too large in pixels"),
+                },
+            }
+        ),
+        ("get", "/v1/styles"): {
+            "summary": "Styles, with whether what each needs (LoRAs, ControlNet, upscaler) is installed",
+            "responses": {"200": _ok("the styles", "StyleList")},
         },
-        "/v1/info": {"get": {"summary": "Model, limits and samplers", "responses": {"200": {"description": "info"}}}},
-        "/healthz": {"get": {"summary": "The process is up", "responses": {"200": {"description": "ok"}}}},
-        "/readyz": {
-            "get": {
-                "summary": "Every engine is loaded and warm",
-                "responses": {"200": {"description": "ready"}, "503": {"description": "not yet"}},
+        ("get", "/v1/loras"): {
+            "summary": "LoRA files installed for requests' `loras`",
+            "responses": {"200": _ok("the LoRAs", "LoraList")},
+        },
+        ("get", "/v1/poses"): {
+            "summary": "Pose templates for openpose control (control.pose)",
+            "responses": {"200": _ok("the poses", "PoseList")},
+        },
+        ("get", "/v1/poses/{name}.png"): {
+            "summary": "A pose template drawn as an OpenPose skeleton",
+            "parameters": [_path("name"), *queries["PoseQuery"]],
+            "responses": {
+                "200": {"description": "the skeleton", **_binary("image/png")},
+                "404": _error("no such pose"),
+                "422": _error("bad size"),
+            },
+        },
+        ("get", "/v1/postprocess"): {
+            "summary": "Installed upscalers and background models, and the pixel-art palettes",
+            "responses": {"200": _ok("what post-processing can use", "PostprocessCatalog")},
+        },
+        ("get", "/v1/models"): {
+            "summary": "Models in the catalog, and where each is loaded",
+            "responses": {"200": _ok("the models", "ModelList")},
+        },
+        ("get", "/v1/models/{id}"): {
+            "summary": "One model's state",
+            "parameters": [model_id],
+            "responses": {"200": _ok("the model", "ModelStatus"), "404": _error("no such model")},
+        },
+        ("post", "/v1/models/{id}/load"): _admin(
+            {
+                "summary": "Load a model on every engine (admin)",
+                "parameters": [model_id],
+                "responses": {
+                    "200": _ok("loaded", "ModelStatus"),
+                    "404": _error("no such model"),
+                    "409": _error("its weights failed to load"),
+                },
             }
+        ),
+        ("post", "/v1/models/{id}/unload"): _admin(
+            {
+                "summary": "Unload a model from every engine (admin)",
+                "parameters": [model_id],
+                "responses": {
+                    "200": _ok("unloaded", "ModelStatus"),
+                    "404": _error("no such model"),
+                    "409": _error("the default model stays loaded"),
+                },
+            }
+        ),
+        ("get", "/v1/info"): {
+            "summary": "Version, model limits, samplers and engines",
+            "responses": {"200": _ok("info", "InfoView")},
+        },
+        ("get", "/healthz"): {
+            "summary": "The process is up",
+            "responses": {"200": _ok("ok", "HealthView")},
+        },
+        ("get", "/readyz"): {
+            "summary": "Every engine is loaded and warm, and new work is accepted",
+            "responses": {
+                "200": _ok("ready", "ReadinessView"),
+                "503": _ok("not yet, or shutting down", "ReadinessView"),
+            },
+        },
+        ("get", "/metrics"): {
+            "summary": "Prometheus metrics",
+            "responses": {"200": {"description": "text exposition format", "content": {"text/plain": {}}}},
+        },
+        ("get", "/openapi.json"): {
+            "summary": "This document",
+            "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}},
+        },
+        ("get", "/docs"): {
+            "summary": "This document as a page",
+            "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}},
         },
     }
+
+
+def served_operations(routes: Iterable[BaseRoute]) -> set[tuple[str, str]]:
+    """(method, path) for each operation the routes serve, in OpenAPI's path syntax ({index:int} → {index}).
+    A WebSocket route counts as the GET that opens it."""
+    served = set()
+    for route in routes:
+        path = re.sub(r"\{(\w+):\w+\}", r"{\1}", getattr(route, "path", ""))
+        if isinstance(route, WebSocketRoute):
+            served.add(("get", path))
+        elif isinstance(route, Route):
+            served |= {(method.lower(), path) for method in route.methods or () if method != "HEAD"}
+    return served
+
+
+def _query_parameters(schemas: dict[str, Any], struct: str) -> list[dict[str, Any]]:
+    """A query struct's fields as parameters, with the constraints its decoder enforces."""
+    schema = schemas.pop(struct)
+    required = set(schema.get("required", ()))
+    return [
+        {"name": name, "in": "query", "required": name in required, "schema": field}
+        for name, field in schema["properties"].items()
+    ]
+
+
+def openapi_spec(routes: Iterable[BaseRoute]) -> dict[str, Any]:
+    (_, *_), schemas = msgspec.json.schema_components([*_SCHEMAS, *_QUERIES], ref_template=_REF)
+    queries = {struct.__name__: _query_parameters(schemas, struct.__name__) for struct in _QUERIES}
+    operations = _operations(queries)
+    served = served_operations(routes)
+    if served != set(operations):
+        raise RuntimeError(
+            f"the API document and the routes disagree: undocumented {sorted(served - set(operations))}, "
+            f"documented but not served {sorted(set(operations) - served)}"
+        )
+    paths: dict[str, dict[str, Any]] = {}
+    for (method, path), operation in operations.items():
+        paths.setdefault(path, {})[method] = operation
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "Chara Forge",
             "version": __version__,
-            "description": "Game-character images from text with SDXL.",
+            "description": "Game-character images from text with SDXL. Errors are JSON: "
+            "{error: {code, message, field, rule}}, where field names what to fix.",
         },
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "an API key or a JWT; needed only when the server runs with auth on",
+                }
+            },
+        },
     }

@@ -6,11 +6,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import anyio
 import msgspec
-from msgspec import Meta
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -41,17 +40,32 @@ from protocols.http_io import JSONResponse, read_body
 from protocols.identity import principal_of, visible_owner
 from protocols.openapi import openapi_spec
 from protocols.sprite_sheets import SpriteSheetRoutes
-from protocols.views import API, ErrorBody, ErrorView, TaskList, TaskView, error_view, image_url, live_task_view
+from protocols.views import (
+    API,
+    ErrorBody,
+    ErrorView,
+    HealthView,
+    InfoView,
+    ListQuery,
+    ModelSummary,
+    ReadinessView,
+    TaskList,
+    TaskView,
+    error_view,
+    image_url,
+    live_task_view,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY = 255
 
 
-class ListQuery(msgspec.Struct, forbid_unknown_fields=True):
-    state: TaskState | None = None
-    limit: Annotated[int, Meta(ge=1, le=100)] = 20
-    cursor: Annotated[str, Meta(pattern=r"^[0-9]{1,18}$")] | None = None
+class UpgradeRequired(ForgeError):
+    """A plain HTTP request to a WebSocket endpoint (Starlette alone would answer 404, as if it did not exist)."""
+
+    code = "upgrade_required"
+    status = 426
 
 
 @dataclass(frozen=True)
@@ -71,14 +85,13 @@ class RestApi:
         return {engine.device: engine.ready for engine in self.engines}
 
     def app(self) -> Starlette:
-        spec = openapi_spec()
         routes = [
-            Route(API, self.create, methods=["POST"]),
-            Route(API, self.list_generations, methods=["GET"]),
+            Route(API, self.generations, methods=["GET", "POST"]),
             Route(API + "/{id}", self.get, methods=["GET"]),
             Route(API + "/{id}/cancel", self.cancel, methods=["POST"]),
             Route(API + "/{id}/images/{index:int}", self.image, methods=["GET"]),
             WebSocketRoute(API + "/{id}/events", self.events),
+            Route(API + "/{id}/events", self.events_without_upgrade, methods=["GET"]),
             *CatalogRoutes(self.ingress, self.engines, self.admin_key, self.auth).routes(),
             *SpriteSheetRoutes(self.ingress, self.outputs, self.auth).routes(),
             Route("/v1/info", self.info, methods=["GET"]),
@@ -88,6 +101,7 @@ class RestApi:
             Route("/openapi.json", lambda _: JSONResponse(spec), methods=["GET"]),
             Route("/docs", lambda _: HTMLResponse(docs_page(spec)), methods=["GET"]),
         ]
+        spec = openapi_spec(routes)
         handlers: dict[Any, Any] = {
             ForgeError: self._forge_error,
             HTTPException: self._http_error,
@@ -96,6 +110,10 @@ class RestApi:
         return Starlette(routes=routes, exception_handlers=handlers)
 
     # -- generations --
+
+    async def generations(self, request: Request) -> Response:
+        """One route for both methods, so a 405 lists both in its Allow header."""
+        return await (self.create(request) if request.method == "POST" else self.list_generations(request))
 
     async def create(self, request: Request) -> Response:
         body = await read_body(request, self.max_body_bytes)
@@ -190,6 +208,11 @@ class RestApi:
                 tg.cancel_scope.cancel()
         await websocket.close()
 
+    async def events_without_upgrade(self, request: Request) -> Response:
+        raise UpgradeRequired(
+            f"{request.url.path} is a WebSocket: connect with ws:// (or wss://), not a plain GET", field="Upgrade"
+        )
+
     @staticmethod
     async def _cancel_on_disconnect(websocket: WebSocket, scope: anyio.CancelScope) -> None:
         try:
@@ -235,36 +258,36 @@ class RestApi:
 
     async def info(self, request: Request) -> Response:
         model = self.ingress.model
+        summary = ModelSummary(
+            name=model.name,
+            is_tiny=model.is_tiny,
+            default_size=model.default_size,
+            min_size=model.min_size,
+            max_size=model.max_size,
+            default_steps=model.default_steps,
+            default_guidance=model.default_guidance,
+        )
         return JSONResponse(
-            {
-                "version": __version__,
-                "model": {
-                    "name": model.name,
-                    "is_tiny": model.is_tiny,
-                    "default_size": model.default_size,
-                    "min_size": model.min_size,
-                    "max_size": model.max_size,
-                    "default_steps": model.default_steps,
-                    "default_guidance": model.default_guidance,
-                },
-                "schedulers": list(SAMPLERS),
-                "output_formats": ["png", "webp", "jpeg"],
-                "engines": self.engine_readiness(),
-            }
+            InfoView(
+                version=__version__,
+                model=summary,
+                schedulers=list(SAMPLERS),
+                output_formats=["png", "webp", "jpeg"],
+                engines=self.engine_readiness(),
+            )
         )
 
     async def prometheus(self, request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        return JSONResponse(HealthView("ok"))
 
     async def readyz(self, request: Request) -> Response:
         engines = self.engine_readiness()
         ready = bool(engines) and all(engines.values()) and self.ingress.accepting
-        return JSONResponse(
-            {"ready": ready, "accepting": self.ingress.accepting, "engines": engines}, status_code=200 if ready else 503
-        )
+        view = ReadinessView(ready=ready, accepting=self.ingress.accepting, engines=engines)
+        return JSONResponse(view, status_code=200 if ready else 503)
 
     # -- helpers --
 
@@ -277,6 +300,8 @@ class RestApi:
         headers = {}
         if isinstance(exc, ServiceUnavailable | RateLimited):
             headers["Retry-After"] = str(exc.retry_after_s)
+        if isinstance(exc, UpgradeRequired):
+            headers["Upgrade"] = "websocket"
         return JSONResponse(error_view(exc), status_code=exc.status, headers=headers)
 
     async def _http_error(self, request: Request, exc: Exception) -> Response:

@@ -83,6 +83,45 @@ class TaskList(msgspec.Struct, frozen=True, kw_only=True):
     next_cursor: str | None
 
 
+class ListQuery(msgspec.Struct, forbid_unknown_fields=True):
+    state: TaskState | None = None
+    limit: Annotated[int, Meta(ge=1, le=100)] = 20
+    cursor: (
+        Annotated[
+            str, Meta(pattern=r"^[0-9]{1,18}$", description="next_cursor of the page before, for the page after it")
+        ]
+        | None
+    ) = None
+
+
+class ModelSummary(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    is_tiny: bool
+    default_size: int
+    min_size: int
+    max_size: int
+    default_steps: int
+    default_guidance: float
+
+
+class InfoView(msgspec.Struct, frozen=True, kw_only=True):
+    version: str
+    model: ModelSummary
+    schedulers: list[str]
+    output_formats: list[str]
+    engines: Annotated[dict[str, bool], Meta(description="device: loaded and warm")]
+
+
+class ReadinessView(msgspec.Struct, frozen=True, kw_only=True):
+    ready: bool
+    accepting: Annotated[bool, Meta(description="false while shutting down")]
+    engines: dict[str, bool]
+
+
+class HealthView(msgspec.Struct, frozen=True):
+    status: str
+
+
 def error_view(exc: ForgeError) -> ErrorBody:
     return ErrorBody(ErrorView(code=exc.code, message=exc.message, field=exc.field, rule=exc.rule))
 

@@ -108,6 +108,15 @@ async def test_unknown_route_and_method_are_json(server: RunningServer) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     wrong = await server.client.delete("/v1/generations")
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+    assert set(wrong.headers["Allow"].split(", ")) >= {"GET", "POST"}
+
+
+async def test_a_plain_get_of_the_websocket_says_to_upgrade(server: RunningServer) -> None:
+    task = await submit(server.client, steps=1)
+    response = await server.client.get(task["links"]["events"])
+    assert response.status_code == 426 and response.headers["Upgrade"] == "websocket"
+    error = response.json()["error"]
+    assert error["code"] == "upgrade_required" and error["field"] == "Upgrade" and "ws://" in error["message"]
 
 
 async def test_whole_numbers_written_as_floats_are_accepted(server: RunningServer) -> None:
