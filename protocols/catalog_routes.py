@@ -153,19 +153,23 @@ class CatalogRoutes:
         )
 
     async def styles(self, request: Request) -> Response:
+        await principal_of(request, self.auth)
         return JSONResponse(StyleList([self.style_view(style) for style in self.ingress.resources.styles.all()]))
 
     async def loras(self, request: Request) -> Response:
+        await principal_of(request, self.auth)
         found: list[LoraInfo] = await anyio.to_thread.run_sync(self.ingress.resources.loras.installed)
         return JSONResponse(LoraList(items=found, directory=str(self.ingress.resources.loras.directory)))
 
     async def poses(self, request: Request) -> Response:
+        await principal_of(request, self.auth)
         views = [
             PoseView(name=name, description=DESCRIPTIONS[name], image=f"/v1/poses/{name}.png") for name in POSE_NAMES
         ]
         return JSONResponse(PoseList(views))
 
     async def pose_image(self, request: Request) -> Response:
+        await principal_of(request, self.auth)
         name = request.path_params["name"]
         if name not in POSE_NAMES:
             raise NotFound(f"no pose template {name!r}; known: {', '.join(POSE_NAMES)}", field="name")
@@ -180,6 +184,7 @@ class CatalogRoutes:
 
     async def postprocess(self, request: Request) -> Response:
         """Installed upscalers and background models, and the named pixel-art palettes."""
+        await principal_of(request, self.auth)
         resources = self.ingress.resources
 
         def listing() -> PostprocessCatalog:
@@ -198,6 +203,7 @@ class CatalogRoutes:
     # -- models --
 
     async def models(self, request: Request) -> Response:
+        await principal_of(request, self.auth)
         return JSONResponse(ModelList(self.ingress.catalog.statuses()))
 
     def _status(self, model_id: str) -> ModelStatus:
@@ -207,6 +213,7 @@ class CatalogRoutes:
         return status
 
     async def model(self, request: Request) -> Response:
+        await principal_of(request, self.auth)
         return JSONResponse(self._status(request.path_params["id"]))
 
     async def load_model(self, request: Request) -> Response:

@@ -221,40 +221,54 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
                 },
             }
         ),
-        ("get", "/v1/styles"): {
-            "summary": "Styles, with whether what each needs (LoRAs, ControlNet, upscaler) is installed",
-            "responses": {"200": _ok("the styles", "StyleList")},
-        },
-        ("get", "/v1/loras"): {
-            "summary": "LoRA files installed for requests' `loras`",
-            "responses": {"200": _ok("the LoRAs", "LoraList")},
-        },
-        ("get", "/v1/poses"): {
-            "summary": "Pose templates for openpose control (control.pose)",
-            "responses": {"200": _ok("the poses", "PoseList")},
-        },
-        ("get", "/v1/poses/{name}.png"): {
-            "summary": "A pose template drawn as an OpenPose skeleton",
-            "parameters": [_path("name"), *queries["PoseQuery"]],
-            "responses": {
-                "200": {"description": "the skeleton", **_binary("image/png")},
-                "404": _error("no such pose"),
-                "422": _error("bad size"),
-            },
-        },
-        ("get", "/v1/postprocess"): {
-            "summary": "Installed upscalers and background models, and the pixel-art palettes",
-            "responses": {"200": _ok("what post-processing can use", "PostprocessCatalog")},
-        },
-        ("get", "/v1/models"): {
-            "summary": "Models in the catalog, and where each is loaded",
-            "responses": {"200": _ok("the models", "ModelList")},
-        },
-        ("get", "/v1/models/{id}"): {
-            "summary": "One model's state",
-            "parameters": [model_id],
-            "responses": {"200": _ok("the model", "ModelStatus"), "404": _error("no such model")},
-        },
+        ("get", "/v1/styles"): _authenticated(
+            {
+                "summary": "Styles, with whether what each needs (LoRAs, ControlNet, upscaler) is installed",
+                "responses": {"200": _ok("the styles", "StyleList")},
+            }
+        ),
+        ("get", "/v1/loras"): _authenticated(
+            {
+                "summary": "LoRA files installed for requests' `loras`",
+                "responses": {"200": _ok("the LoRAs", "LoraList")},
+            }
+        ),
+        ("get", "/v1/poses"): _authenticated(
+            {
+                "summary": "Pose templates for openpose control (control.pose)",
+                "responses": {"200": _ok("the poses", "PoseList")},
+            }
+        ),
+        ("get", "/v1/poses/{name}.png"): _authenticated(
+            {
+                "summary": "A pose template drawn as an OpenPose skeleton",
+                "parameters": [_path("name"), *queries["PoseQuery"]],
+                "responses": {
+                    "200": {"description": "the skeleton", **_binary("image/png")},
+                    "404": _error("no such pose"),
+                    "422": _error("bad size"),
+                },
+            }
+        ),
+        ("get", "/v1/postprocess"): _authenticated(
+            {
+                "summary": "Installed upscalers and background models, and the pixel-art palettes",
+                "responses": {"200": _ok("what post-processing can use", "PostprocessCatalog")},
+            }
+        ),
+        ("get", "/v1/models"): _authenticated(
+            {
+                "summary": "Models in the catalog, and where each is loaded",
+                "responses": {"200": _ok("the models", "ModelList")},
+            }
+        ),
+        ("get", "/v1/models/{id}"): _authenticated(
+            {
+                "summary": "One model's state",
+                "parameters": [model_id],
+                "responses": {"200": _ok("the model", "ModelStatus"), "404": _error("no such model")},
+            }
+        ),
         ("post", "/v1/models/{id}/load"): _admin(
             {
                 "summary": "Load a model on every engine (admin)",
@@ -277,10 +291,12 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
                 },
             }
         ),
-        ("get", "/v1/info"): {
-            "summary": "Version, model limits, samplers and engines",
-            "responses": {"200": _ok("info", "InfoView")},
-        },
+        ("get", "/v1/info"): _authenticated(
+            {
+                "summary": "Version, model limits, samplers and engines",
+                "responses": {"200": _ok("info", "InfoView")},
+            }
+        ),
         ("get", "/healthz"): {
             "summary": "The process is up",
             "responses": {"200": _ok("ok", "HealthView")},

@@ -257,6 +257,7 @@ class RestApi:
     # -- service --
 
     async def info(self, request: Request) -> Response:
+        await principal_of(request, self.auth)
         model = self.ingress.model
         summary = ModelSummary(
             name=model.name,

@@ -110,6 +110,26 @@ async def test_tokens_and_keys(secure: tuple[RunningServer, Keys]) -> None:
     assert (await server.client.get("/v1/generations", headers=keys.headers("bob"))).status_code == 200
 
 
+async def test_with_auth_on_only_probes_metrics_and_api_docs_answer_strangers(
+    secure: tuple[RunningServer, Keys],
+) -> None:
+    """The catalog shows where LoRAs, upscalers and models lie on the server's disk: callers only."""
+    server, keys = secure
+    document = (await server.client.get("/openapi.json")).json()
+    guarded = sorted(
+        path.replace("{name}", "standing").replace("{id}", "tiny-sdxl")
+        for path, methods in document["paths"].items()
+        if "get" in methods and "401" in methods["get"]["responses"] and "{id}/" not in path
+    )
+    assert {"/v1/info", "/v1/styles", "/v1/loras", "/v1/poses", "/v1/models", "/v1/postprocess"} <= set(guarded)
+    for path in guarded:
+        stranger = await server.client.get(path)
+        assert stranger.status_code == 401 and stranger.json()["error"]["field"] == "Authorization", path
+        assert (await server.client.get(path, headers=keys.headers("bob"))).status_code in (200, 404), path
+    for path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"):
+        assert (await server.client.get(path)).status_code == 200, path
+
+
 async def test_an_rsa_key_server_refuses_hmac_tokens_made_with_its_public_key(tmp_path: Path, tiny_model: Path) -> None:
     private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     public_pem = private.public_key().public_bytes(
