@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -200,6 +201,9 @@ class TensorRTEngine(EagerEngine):
             if not onnx.exists():
                 export(onnx)
             build_engine(trt, onnx, plan, profile)
+            # The export is the weights once more (5 GB for SDXL's UNet) and no later start reads it: the
+            # same key finds the engine, and another key (weights, sizes, versions) exports anew.
+            shutil.rmtree(onnx.parent)
         return plan
 
     def run_batch(self, jobs: Sequence[Job]) -> list[GenerationResult]:
