@@ -7,7 +7,8 @@ keeps it in $OUT/gpu_bench.json, rewritten after every section so a run cut shor
   engine build included), seconds per image at 1024²/30 steps/batch 1 (median of 3), peak VRAM, max pixel difference
   from stock; for compiled engines and TensorRT, a warm start in a fresh process on the caches left behind.
 - server: `chara-forge serve` on the fastest engine that worked, started on the caches the engine runs
-  left (a warm restart), then 8 concurrent clients: images/s, p50/p99 end-to-end latency.
+  left (a warm restart), then 8 concurrent clients: images/s, p50/p99 end-to-end latency, and the most
+  device memory its process held (CUDA context and allocator cache included).
 
 Each engine runs in a child process of its own, stopped when it would eat into the time kept for the
 server section: a compile that runs long, or a crash inside a native library, costs its section, not the
@@ -30,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -123,6 +125,42 @@ def _reset_peak(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+
+
+class DeviceMemoryWatch:
+    """The most device memory in use while a server ran, less what was in use before it started: all its
+    process holds (CUDA context and allocator cache too), sampled every 0.2 s. None off CUDA."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.peak_bytes: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> DeviceMemoryWatch:
+        if self.device.startswith("cuda"):
+            baseline, self.peak_bytes = self._used(), 0
+            self._thread = threading.Thread(target=self._sample, args=(baseline,), daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def peak_gib(self) -> float | None:
+        return None if self.peak_bytes is None else round(self.peak_bytes / 2**30, 2)
+
+    def _sample(self, baseline: int) -> None:
+        while not self._stop.wait(0.2):
+            self.peak_bytes = max(self.peak_bytes or 0, self._used() - baseline)
+
+    def _used(self) -> int:
+        import torch
+
+        free, total = torch.cuda.mem_get_info(self.device)
+        return int(total - free)
 
 
 def _sync(device: str) -> None:
@@ -291,19 +329,21 @@ def server_run(bench: Bench, model: Path, engine_name: str) -> dict[str, Any]:
     log = bench.out.parent / "logs" / "server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    with log.open("ab") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "forge.cli", "serve"], env=env, stdout=sink, stderr=sink)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        with httpx.Client(base_url=base, timeout=60) as client:
-            ready_s = _wait_ready(client, process, max(bench.left_s() - 60, 30)) - started
-        latencies, failures, elapsed = _load(base, args, deadline=time.monotonic() + max(bench.left_s(), 30))
-    finally:
-        process.terminate()
+    with DeviceMemoryWatch(args.device) as memory:
+        with log.open("ab") as sink:
+            command = [sys.executable, "-m", "forge.cli", "serve"]
+            process = subprocess.Popen(command, env=env, stdout=sink, stderr=sink)
         try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+            base = f"http://127.0.0.1:{port}"
+            with httpx.Client(base_url=base, timeout=60) as client:
+                ready_s = _wait_ready(client, process, max(bench.left_s() - 60, 30)) - started
+            latencies, failures, elapsed = _load(base, args, deadline=time.monotonic() + max(bench.left_s(), 30))
+        finally:
+            process.terminate()
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
     images = len(latencies)  # successes only: failures (listed) do not count towards throughput
     quantiles = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
     return {
@@ -314,6 +354,7 @@ def server_run(bench: Bench, model: Path, engine_name: str) -> dict[str, Any]:
         "images_per_s": round(images / elapsed, 3),
         "latency_p50_s": round(quantiles[49], 3),
         "latency_p99_s": round(quantiles[98], 3),
+        "peak_vram_gib": memory.peak_gib(),  # the whole process: context and allocator cache included
         "failures": failures[:5],
         "failed": len(failures),
         "log_tail": log.read_text(errors="replace").splitlines()[-4:],
