@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+from engines.cache_files import mark_used
 from engines.onnx_export import UNetForExport, unet_call_inputs, unet_example
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def install(unet: torch.nn.Module, cache_dir: Path, max_rows: int, autotune: boo
             export_and_compile(unet, path, max_rows, autotune)
             runner, built = load(path, unet), True
     unet._compiled_call_impl = AotUNet(unet, runner, max_rows)
+    mark_used(path)
     return AotReport(path, built, time.perf_counter() - started)
 
 

@@ -26,6 +26,7 @@ import torch
 
 from engines import aot
 from engines.aot import AotReport
+from engines.cache_files import mark_used
 from engines.eager import EagerEngine
 from forge.engine import GenerationResult, Job, ModelInfo
 from forge.errors import ConfigError
@@ -109,6 +110,7 @@ class CompiledEngine(EagerEngine):
         super().__init__(model, device)
         self.options = options
         use_cache_dir(options.cache_dir)
+        mark_used(options.cache_dir)
         import torch._dynamo.config as dynamo
 
         # recompile_limit is the current name; cache_size_limit the older one, which still aliases it.

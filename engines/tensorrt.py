@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from engines.cache_files import mark_used
 from engines.digests import weights_digest
 from engines.eager import EagerEngine
 from engines.exported import route_through
@@ -204,6 +205,7 @@ class TensorRTEngine(EagerEngine):
             # The export is the weights once more (5 GB for SDXL's UNet) and no later start reads it: the
             # same key finds the engine, and another key (weights, sizes, versions) exports anew.
             shutil.rmtree(onnx.parent)
+        mark_used(plan)
         return plan
 
     def run_batch(self, jobs: Sequence[Job]) -> list[GenerationResult]:

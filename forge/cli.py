@@ -154,6 +154,25 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from engines.cache_files import entries, prune
+
+    root = _config(args, data_dir=args.data_dir).data_path / "engine-cache"
+    if args.action == "list":
+        listed, verb = entries(root), "in the engine cache"
+    else:
+        listed = prune(root, args.unused_days * 86400, dry_run=args.dry_run)
+        verb = "would be freed" if args.dry_run else "freed"
+    for entry in listed:
+        used = datetime.fromtimestamp(entry.last_used).strftime("%Y-%m-%d %H:%M")
+        print(f"{entry.size_bytes / 1e6:10.1f} MB  {used}  {entry.kind:17}  {entry.path}")
+    total = sum(entry.size_bytes for entry in listed)
+    print(f"{total / 1e9:.2f} GB {verb} ({len(listed)} parts, {root})", file=sys.stderr)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chara-forge", description=__doc__)
     parser.add_argument("--config", type=Path, help="TOML config file (default: ./chara-forge.toml if present)")
@@ -195,6 +214,15 @@ def _parser() -> argparse.ArgumentParser:
     revoke = actions.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("id")
     keys.set_defaults(func=cmd_keys)
+
+    cache = sub.add_parser("cache", help="what the engine cache holds (compiled code, TensorRT engines); prune it")
+    cache.add_argument("--data-dir")
+    steps = cache.add_subparsers(dest="action", required=True)
+    steps.add_parser("list", help="each part with its size and last use, least recent first")
+    pruning = steps.add_parser("prune", help="remove the parts no start has used for a while")
+    pruning.add_argument("--unused-days", type=float, default=30, help="unused for this long (default: 30)")
+    pruning.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")
+    cache.set_defaults(func=cmd_cache)
     return parser
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
 import shutil
+import time
 from pathlib import Path
 
 import anyio
@@ -14,6 +16,7 @@ import pytest
 from PIL import Image
 
 from actors.supervisor import serve
+from engines.cache_files import entries, prune
 from engines.compiled import cache_dir_for
 from engines.eager import EagerEngine
 from engines.exported import Runner, route_through
@@ -28,6 +31,7 @@ from engines.onnx_export import (
     unet_example,
     vae_example,
 )
+from forge.cli import main
 from forge.engine import Job
 from forge.errors import ConfigError
 from forge.requests import MAX_IMAGES
@@ -209,11 +213,56 @@ async def test_a_restart_of_an_ahead_of_time_server_loads_its_unet_and_compiles_
     generation, eager = _paladin(tiny_model)
     data, log = tmp_path / "data", tmp_path / "server.log"
     shutil.copytree(aot_server_data, data)
+    cache = data / "engine-cache"
+    _age(cache, days=90)
+    started = time.time()
     compiled = await _serve_once(ServerProcess(data, tiny_model, log, **AOT_SERVER), generation)
     assert _max_difference(compiled, eager) <= 2
     assert "UNet ahead-of-time package loaded" in log.read_text()
     assert "ahead-of-time package built" not in log.read_text()
     assert " 0 misses" in _compile_reports(log)[-1]
+    # The start marked what it used, so pruning what has gone unused for a month keeps all of it.
+    assert {entry.kind for entry in entries(cache)} == {"aot package", "compile cache"}
+    assert all(entry.last_used >= started - 1 for entry in entries(cache))
+    assert prune(cache, unused_for_s=30 * 86400) == []
+
+
+def test_pruning_the_engine_cache_removes_only_what_went_unused(
+    tmp_path: Path, aot_server_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`chara-forge cache prune`: a torch upgrade's leftover compile cache, a TensorRT engine of a model no
+    longer served and what stopped builds left go; what a start used within the period stays."""
+    data = tmp_path / "data"
+    shutil.copytree(aot_server_data, data)
+    cache = data / "engine-cache"
+    (current,) = (cache / "compiled").iterdir()
+    upgraded_from = cache / "compiled" / "torch-2.0.0-x86_64"
+    shutil.copytree(current, upgraded_from)
+    tensorrt = cache / "tensorrt"
+    (tensorrt / "onnx" / "unet-0badc0de").mkdir(parents=True)
+    (tensorrt / "onnx" / "unet-0badc0de" / "model.onnx").write_bytes(b"\0" * 4096)
+    (tensorrt / "unet-0ldm0de1.plan").write_bytes(b"\0" * 8192)
+    (tensorrt / "vae-decoder-5topped.plan.partial").write_bytes(b"\0" * 1024)
+    _age(upgraded_from, days=90)
+    _age(tensorrt, days=45)
+    old = {upgraded_from, tensorrt / "onnx" / "unet-0badc0de", tensorrt / "unet-0ldm0de1.plan",
+           tensorrt / "vae-decoder-5topped.plan.partial"}  # fmt: skip
+
+    assert main(["cache", "--data-dir", str(data), "list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(str(path) in listed for path in [*old, current]) and "tensorrt engine" in listed
+    assert main(["cache", "--data-dir", str(data), "prune", "--unused-days", "30", "--dry-run"]) == 0
+    assert "would be freed" in capsys.readouterr().err and all(path.exists() for path in old)
+    assert main(["cache", "--data-dir", str(data), "prune", "--unused-days", "30"]) == 0
+    assert not any(path.exists() for path in old)
+    assert {entry.path for entry in entries(cache)} == {current, *(current / "aot").glob("*.pt2")}
+
+
+def _age(root: Path, days: float) -> None:
+    """Make `root` and everything under it look last used `days` ago."""
+    then = time.time() - days * 86400
+    for path in [root, *root.rglob("*")]:
+        os.utime(path, (then, then))
 
 
 def test_regional_compilation_matches_eager_and_serves_loras_without_compiling(
