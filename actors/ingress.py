@@ -152,6 +152,11 @@ class Ingress:
             )
         return record
 
+    @property
+    def storage_full(self) -> bool:
+        """Accepted work is waiting for disk space to be recorded."""
+        return self._store.disk.full
+
     async def get(self, task_id: str, *, owner: str | None = DEFAULT_OWNER) -> TaskRecord:
         """The task if `owner` may see it (None: any owner, for admins); another owner's is not found."""
         record = await self._store.get(task_id)

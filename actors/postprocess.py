@@ -265,20 +265,22 @@ class Postprocessor:
                 processed, applied = await self._thread.run_sync(
                     self._process, task.id, msg.images, options, self._watch_cancel(task.id)
                 )
-            images, metadata = await self._thread.run_sync(
-                partial(
-                    write_outputs,
-                    self._outputs,
-                    task_id=task.id,
-                    spec=task.spec,
-                    images=processed,
-                    model=msg.model,
-                    device=msg.device,
-                    attempt=task.attempt,
-                    denoise_s=msg.denoise_s,
-                    created_at=task.created_at,
-                    applied=applied,
-                )
+            write = partial(
+                write_outputs,
+                self._outputs,
+                task_id=task.id,
+                spec=task.spec,
+                images=processed,
+                model=msg.model,
+                device=msg.device,
+                attempt=task.attempt,
+                denoise_s=msg.denoise_s,
+                created_at=task.created_at,
+                applied=applied,
+            )
+            # Made images are accepted work too: on a full disk they wait here, in memory, for space.
+            images, metadata = await self._store.disk.write(
+                f"the images of task {task.id}", lambda: self._thread.run_sync(write)
             )
         except JobCancelled:
             log.info("cancelled during post-processing")

@@ -6,6 +6,7 @@ actor that lost a race with cancel, changes nothing and reports False.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
@@ -17,6 +18,7 @@ import aiosqlite
 import anyio
 import msgspec
 
+from actors.disk_space import DiskSpace, StorageFull, is_disk_full
 from forge.requests import GenerationSpec
 from forge.tasks import ACTIVE_STATES, TaskRecord, TaskState
 
@@ -82,6 +84,7 @@ def _record(row: aiosqlite.Row) -> TaskRecord:
 class Store:
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
+        self.disk = DiskSpace()  # transitions wait out a full disk; inserts are refused
 
     @classmethod
     @asynccontextmanager
@@ -111,20 +114,25 @@ class Store:
         """Commit a new `queued` task. Raises sqlite3.IntegrityError if the idempotency key is taken."""
         now = time.time()
         task_id = uuid.uuid4().hex
-        await self._db.execute(
-            "INSERT INTO tasks (id, owner, idempotency_key, request_hash, spec, state, attempt, created_at, "
-            "updated_at) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)",
-            (
-                task_id,
-                owner,
-                idempotency_key,
-                request_hash,
-                msgspec.json.encode(spec).decode(),
-                TaskState.QUEUED,
-                now,
-                now,
-            ),
-        )
+        try:
+            await self._db.execute(
+                "INSERT INTO tasks (id, owner, idempotency_key, request_hash, spec, state, attempt, created_at, "
+                "updated_at) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)",
+                (
+                    task_id,
+                    owner,
+                    idempotency_key,
+                    request_hash,
+                    msgspec.json.encode(spec).decode(),
+                    TaskState.QUEUED,
+                    now,
+                    now,
+                ),
+            )
+        except sqlite3.OperationalError as exc:
+            if is_disk_full(exc):
+                raise StorageFull() from exc
+            raise
         record = await self.get(task_id)
         assert record is not None
         return record
@@ -173,11 +181,16 @@ class Store:
             fields.setdefault("finished_at", now)
         sources = list(from_states)
         assignments = "".join(f", {name} = ?" for name in fields)
-        cursor = await self._db.execute(
-            f"UPDATE tasks SET state = ?, updated_at = ?{assignments} WHERE id = ? AND attempt = ? "
-            f"AND state IN ({', '.join('?' * len(sources))})",
-            (to, now, *fields.values(), task_id, attempt, *sources),
-        )
+
+        async def update() -> aiosqlite.Cursor:
+            return await self._db.execute(
+                f"UPDATE tasks SET state = ?, updated_at = ?{assignments} WHERE id = ? AND attempt = ? "
+                f"AND state IN ({', '.join('?' * len(sources))})",
+                (to, now, *fields.values(), task_id, attempt, *sources),
+            )
+
+        # An accepted task's next state must not be lost: on a full disk it waits, on its actor, for space.
+        cursor = await self.disk.write(f"task {task_id} becoming {to}", update)
         return cursor.rowcount == 1
 
     async def list(
@@ -206,6 +219,9 @@ class Store:
 
     async def recover(self, max_attempts: int) -> Recovery:
         """At start: tasks that were mid-flight when the process died run again, up to `max_attempts`."""
+        return await self.disk.write("the recovery of interrupted tasks", lambda: self._recover(max_attempts))
+
+    async def _recover(self, max_attempts: int) -> Recovery:
         active = [state.value for state in ACTIVE_STATES]
         marks = ", ".join("?" * len(active))
         now = time.time()

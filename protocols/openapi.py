@@ -125,7 +125,7 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
                     "413": _error("body too large"),
                     "422": _error("invalid field (named in error.field)"),
                     "429": _error("over the plan's rate or concurrency limit (see Retry-After)"),
-                    "503": _error("shutting down or queue full (see Retry-After)"),
+                    "503": _error("shutting down, queue full, or the server's disk full (see Retry-After)"),
                 },
             }
         ),
@@ -193,6 +193,7 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
                 "requestBody": {"required": True, **_json("SheetRequest")},
                 "responses": {
                     "201": _ok("the sheet's links and frame names", "SheetView"),
+                    "503": _error("the server's disk is full"),
                     "404": _error("a generation is unknown"),
                     "409": _error("a generation has not succeeded"),
                     "413": _error("body too large"),
@@ -216,6 +217,7 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
                 "requestBody": {"required": True, **_binary(*_IMAGE_TYPES)},
                 "responses": {
                     "201": _ok("stored", "UploadView"),
+                    "503": _error("the server's disk is full"),
                     "413": _error("body too large"),
                     "422": _error("not an image, or too large in pixels"),
                 },
@@ -305,7 +307,7 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
             "summary": "Every engine is loaded and warm, and new work is accepted",
             "responses": {
                 "200": _ok("ready", "ReadinessView"),
-                "503": _ok("not yet, or shutting down", "ReadinessView"),
+                "503": _ok("not yet, shutting down, or work waiting for disk space", "ReadinessView"),
             },
         },
         ("get", "/metrics"): {

@@ -18,6 +18,7 @@ from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from actors.disk_space import StorageFull, is_disk_full
 from actors.encoding import CONTENT_TYPES
 from actors.engine import EngineActor
 from actors.hub import EventHub
@@ -285,9 +286,9 @@ class RestApi:
         return JSONResponse(HealthView("ok"))
 
     async def readyz(self, request: Request) -> Response:
-        engines = self.engine_readiness()
-        ready = bool(engines) and all(engines.values()) and self.ingress.accepting
-        view = ReadinessView(ready=ready, accepting=self.ingress.accepting, engines=engines)
+        engines, full = self.engine_readiness(), self.ingress.storage_full
+        ready = bool(engines) and all(engines.values()) and self.ingress.accepting and not full
+        view = ReadinessView(ready=ready, accepting=self.ingress.accepting, engines=engines, storage_full=full)
         return JSONResponse(view, status_code=200 if ready else 503)
 
     # -- helpers --
@@ -313,6 +314,8 @@ class RestApi:
         )
 
     async def _unexpected_error(self, request: Request, exc: Exception) -> Response:
+        if is_disk_full(exc):  # an upload or a sprite sheet that could not be written
+            return await self._forge_error(request, StorageFull())
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse(
             ErrorBody(ErrorView(code="internal_error", message="internal error; see server log")), status_code=500

@@ -116,6 +116,7 @@ class ReadinessView(msgspec.Struct, frozen=True, kw_only=True):
     ready: bool
     accepting: Annotated[bool, Meta(description="false while shutting down")]
     engines: dict[str, bool]
+    storage_full: Annotated[bool, Meta(description="accepted work is waiting for disk space to be recorded")]
 
 
 class HealthView(msgspec.Struct, frozen=True):
