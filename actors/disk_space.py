@@ -50,6 +50,10 @@ class DiskSpace:
     def full(self) -> bool:
         return self._waiting > 0
 
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
     async def write(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
         """`attempt()`, tried again (with growing pauses) for as long as the disk is full."""
         delay, since, reported = FIRST_RETRY_S, 0.0, 0.0

@@ -85,11 +85,17 @@ class Metrics:
         queue_depth: Callable[[], float],
         running: Callable[[], float],
         devices: list[str],
+        writes_waiting_for_space: Callable[[], float],
     ) -> None:
         """Gauges computed when scraped."""
         r = self.registry
         Gauge("chara_forge_queue_depth", "Tasks waiting", registry=r).set_function(queue_depth)
         Gauge("chara_forge_running", "Tasks on an engine", registry=r).set_function(running)
+        Gauge(
+            "chara_forge_writes_waiting_for_disk_space",
+            "Writes of accepted work (task states, images) held in memory until the full disk has room",
+            registry=r,
+        ).set_function(writes_waiting_for_space)
         ratio = Gauge("chara_forge_engine_busy_ratio", "Busy time over uptime, per engine", ["device"], registry=r)
         memory = Gauge("chara_forge_gpu_memory_bytes", "GPU memory allocated by PyTorch", ["device"], registry=r)
         for device in devices:

@@ -206,7 +206,12 @@ async def serve(
             batching=batch_policy(config, devices),
             holds_model=catalog.holds,
         )
-        metrics.watch(lambda: scheduler.statistics().queued, lambda: scheduler.statistics().running, devices)
+        metrics.watch(
+            lambda: scheduler.statistics().queued,
+            lambda: scheduler.statistics().running,
+            devices,
+            lambda: store.disk.waiting,
+        )
         postprocessor = Postprocessor(
             store=store,
             hub=hub,

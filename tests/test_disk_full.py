@@ -65,6 +65,7 @@ async def test_a_full_disk_pauses_accepted_work_and_loses_none_of_it(small_disk:
         assert refused.json()["error"]["code"] == "storage_full"
         waiting = (await client.get(f"/v1/generations/{accepted['id']}")).json()
         assert waiting["state"] in {"running", "postprocessing"} and waiting["error"] is None
+        assert "chara_forge_writes_waiting_for_disk_space 1.0" in (await client.get("/metrics")).text
 
         filler.unlink()
         done = await wait_for_state(client, accepted["id"], timeout_s=60)
@@ -73,5 +74,6 @@ async def test_a_full_disk_pauses_accepted_work_and_loses_none_of_it(small_disk:
         assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
         ready = await client.get("/readyz")
         assert ready.status_code == 200 and not ready.json()["storage_full"]
+        assert "chara_forge_writes_waiting_for_disk_space 0.0" in (await client.get("/metrics")).text
         after = await submit(client, steps=2)
         assert (await wait_for_state(client, after["id"]))["state"] == "succeeded"
