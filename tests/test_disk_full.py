@@ -4,6 +4,7 @@ work with 503 `storage_full`, holds what it accepted in memory, and records it o
 from __future__ import annotations
 
 import errno
+import io
 import os
 import subprocess
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from PIL import Image
 
 from tests.conftest import server_config, start_server
 from tests.helpers import submit, wait_for_state
@@ -63,6 +65,10 @@ async def test_a_full_disk_pauses_accepted_work_and_loses_none_of_it(small_disk:
         refused = await client.post("/v1/generations", json={"prompt": "a bard"})
         assert refused.status_code == 503 and refused.headers["Retry-After"]
         assert refused.json()["error"]["code"] == "storage_full"
+        png = io.BytesIO()
+        Image.new("RGB", (256, 256), "red").save(png, format="PNG")
+        upload = await client.post("/v1/uploads", content=png.getvalue(), headers={"Content-Type": "image/png"})
+        assert upload.status_code == 503 and upload.json()["error"]["code"] == "storage_full"
         waiting = (await client.get(f"/v1/generations/{accepted['id']}")).json()
         assert waiting["state"] in {"running", "postprocessing"} and waiting["error"] is None
         assert "chara_forge_writes_waiting_for_disk_space 1.0" in (await client.get("/metrics")).text
