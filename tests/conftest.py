@@ -27,7 +27,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
 
+# The web UI and MCP adapters, for the tests that use them: building Gradio's app and the MCP server at every
+# start took about a second, and most tests speak REST only.
+ADAPTERS = {"enable_ui": True, "enable_mcp": True}
+
+
 def server_config(data_dir: Path, model: Path, **overrides: object) -> Config:
+    """REST only unless the overrides include ADAPTERS."""
     settings: dict[str, object] = {
         "data_dir": str(data_dir),
         "model": str(model),
@@ -37,6 +43,8 @@ def server_config(data_dir: Path, model: Path, **overrides: object) -> Config:
         "host": "127.0.0.1",
         "preview_every": 1,
         "drain_seconds": 5,
+        "enable_ui": False,
+        "enable_mcp": False,
     }
     settings.update(overrides)
     return load_config(None, environ={}, overrides=settings)
@@ -69,9 +77,11 @@ async def start_server(config: Config) -> AsyncIterator[RunningServer]:
 
 
 @pytest.fixture
-async def server(tmp_path: Path, tiny_model: Path) -> AsyncIterator[RunningServer]:
-    """A real server (hypercorn on 127.0.0.1, real SQLite file, tiny model on the CPU) in this event loop."""
-    async for running in start_server(server_config(tmp_path / "data", tiny_model)):
+async def server(tmp_path: Path, tiny_model: Path, request: pytest.FixtureRequest) -> AsyncIterator[RunningServer]:
+    """A real server (hypercorn on 127.0.0.1, real SQLite file, tiny model on the CPU) in this event loop;
+    with its web UI and MCP server too for tests marked `adapters`."""
+    adapters = ADAPTERS if request.node.get_closest_marker("adapters") else {}
+    async for running in start_server(server_config(tmp_path / "data", tiny_model, **adapters)):
         yield running
 
 

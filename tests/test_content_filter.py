@@ -41,6 +41,7 @@ def test_phrases_match_as_whole_words() -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.adapters
 async def test_blocked_prompts_never_reach_the_engine(server: RunningServer) -> None:
     client = server.client
     response = await client.post("/v1/generations", json={"prompt": "a n.u.d.e elf archer"})

@@ -22,7 +22,7 @@ from actors.encoding import read_parameters
 from tests.conftest import RunningServer
 from tests.helpers import wait_for_state
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.adapters]
 
 TRANSPORTS = ["streamable-http", "sse"]
 

@@ -27,10 +27,10 @@ from actors.supervisor import check_exposure
 from forge.cli import main
 from forge.config import load_config
 from forge.errors import ConfigError
-from tests.conftest import RunningServer, server_config, start_server
+from tests.conftest import ADAPTERS, RunningServer, server_config, start_server
 from tests.helpers import wait_for_state
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.adapters]
 
 SECRET = "a-test-secret-of-enough-length-for-hs256!"
 ISSUER = "https://id.example"
@@ -58,7 +58,7 @@ class Keys:
 async def secure(tmp_path: Path, tiny_model: Path) -> AsyncIterator[tuple[RunningServer, Keys]]:
     data = tmp_path / "data"
     keys = Keys(KeyStore(data / "forge.sqlite3"))
-    config = server_config(data, tiny_model, auth=True, jwt_secret=SECRET, jwt_issuer=ISSUER, plans=PLANS)
+    config = server_config(data, tiny_model, auth=True, jwt_secret=SECRET, jwt_issuer=ISSUER, plans=PLANS, **ADAPTERS)
     async for running in start_server(config):
         yield running, keys
 

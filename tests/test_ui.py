@@ -14,10 +14,10 @@ from gradio_client import Client
 from PIL import Image
 
 from actors.encoding import read_parameters
-from tests.conftest import RunningServer, install_loras, server_config, start_server
+from tests.conftest import ADAPTERS, RunningServer, install_loras, server_config, start_server
 from tests.helpers import wait_for_state
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.adapters]
 
 # the generate endpoint's inputs, in order
 DEFAULTS: dict[str, Any] = {
@@ -107,7 +107,7 @@ async def test_bad_input_is_a_clear_message_not_a_traceback(server: RunningServe
 
 
 async def test_full_queue_is_reported(tmp_path: Path, tiny_model: Path) -> None:
-    config = server_config(tmp_path / "data", tiny_model, max_queue=1)
+    config = server_config(tmp_path / "data", tiny_model, max_queue=1, **ADAPTERS)
     async for server in start_server(config):
         long = {"prompt": "long", "width": 512, "height": 512, "steps": 150}
         running = (await server.client.post("/v1/generations", json=long)).json()

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import RunningServer
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.adapters]
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Chromium's own network chatter is refused on a closed network; these flags keep it quiet.
