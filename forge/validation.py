@@ -55,7 +55,7 @@ def decode_json(body: bytes, type_: type[T]) -> T:
         return msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
         if _FLOAT_FOR_INT in str(exc):
-            return convert(msgspec.json.decode(body), type_)
+            return convert(_whole_floats_as_ints(msgspec.json.decode(body)), type_)
         raise invalid_request(exc) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets bad UTF-8 in strings through raw
         raise InvalidRequest(f"malformed JSON: {exc}", field="body", rule="json") from None
