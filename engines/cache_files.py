@@ -40,8 +40,9 @@ def entries(root: Path) -> list[CacheEntry]:
     for build in _children(root / "compiled"):
         if not build.is_dir():
             continue
-        packages = [p for p in _children(build / "aot") if p.suffix == ".pt2" and not _partial(p)]
-        partial = [p for p in _children(build / "aot") if _partial(p)]
+        aot = _children(build / "aot")
+        partial = [p for p in aot if _partial(p)]
+        packages = [p for p in aot if p.suffix == ".pt2" and p not in partial]
         found += [_entry(p, "aot package") for p in packages] + [_entry(p, "unfinished build") for p in partial]
         rest = _size(build) - sum(p.stat().st_size for p in packages + partial)
         last = max([build.stat().st_mtime, *(p.stat().st_mtime for p in packages)])
