@@ -27,6 +27,7 @@ from forge.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
 from forge.events import TERMINAL_EVENTS
 from forge.logs import request_id as forge_request_id
 from forge.messages import Cancel, SchedulerInbox, Submit
+from forge.nodes import node_of
 from forge.requests import ControlRequest, GenerationRequest, GenerationSpec
 from forge.resolve import Resources, requested_controls, resolve_request
 from forge.tasks import ACTIVE_STATES, TaskRecord, TaskState
@@ -161,8 +162,16 @@ class Ingress:
         """The task if `owner` may see it (None: any owner, for admins); another owner's is not found."""
         record = await self._store.get(task_id)
         if record is None or (owner is not None and record.owner != owner):
-            raise NotFound(f"no generation with id {task_id!r}", field="id")
+            raise NotFound(self._not_here(task_id), field="id")
         return record
+
+    def _not_here(self, task_id: str) -> str:
+        node = node_of(task_id)
+        if node is None or node == self._config.node_id:
+            return f"no generation with id {task_id!r}"
+        where = self._config.peers.get(node)
+        at = f" at {where}" if where else ", which is not among this server's peers"
+        return f"no generation with id {task_id!r} here: it was made by server {node!r}{at}"
 
     async def cancel(self, task_id: str, *, owner: str | None = DEFAULT_OWNER) -> TaskRecord:
         """Cancel exactly this task, queued or running; waits briefly for the engine to stop it."""

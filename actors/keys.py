@@ -9,8 +9,10 @@ import secrets
 import sqlite3
 import time
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
+from msgspec import Meta
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -33,6 +35,16 @@ class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
     scopes: list[str]
     created_at: float
     revoked_at: float | None = None
+
+
+class KeyRecord(ApiKey, frozen=True, kw_only=True):
+    """A key as stored, for copying keys to another server: the secret's hash, never the secret."""
+
+    secret_hash: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+
+
+class KeyExport(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    keys: list[KeyRecord]
 
 
 def _hash(secret: str) -> str:
@@ -66,13 +78,56 @@ class KeyStore:
         return key, f"{PREFIX}{key_id}_{secret}"
 
     def list(self) -> list[ApiKey]:
+        return list(self.export().keys)
+
+    def export(self) -> KeyExport:
         with self._connect() as db:
             rows = db.execute(
-                "SELECT id, owner, plan, scopes, created_at, revoked_at FROM api_keys ORDER BY created_at"
+                "SELECT id, owner, plan, scopes, created_at, revoked_at, secret_hash FROM api_keys ORDER BY created_at"
             ).fetchall()
-        return [
-            ApiKey(id=r[0], owner=r[1], plan=r[2], scopes=r[3].split(), created_at=r[4], revoked_at=r[5]) for r in rows
-        ]
+        return KeyExport(
+            keys=[
+                KeyRecord(
+                    id=r[0],
+                    owner=r[1],
+                    plan=r[2],
+                    scopes=r[3].split(),
+                    created_at=r[4],
+                    revoked_at=r[5],
+                    secret_hash=r[6],
+                )
+                for r in rows
+            ]
+        )
+
+    def import_keys(self, exported: KeyExport) -> tuple[int, int]:
+        """Add the keys this store lacks and take over revocations (a revoked key stays revoked); returns
+        (added, revoked). A key id that exists here with another secret is refused, and nothing changes."""
+        added = revoked = 0
+        with self._connect() as db:
+            for key in exported.keys:
+                row = db.execute("SELECT secret_hash, revoked_at FROM api_keys WHERE id = ?", (key.id,)).fetchone()
+                if row is None:
+                    db.execute(
+                        "INSERT INTO api_keys (id, secret_hash, owner, plan, scopes, created_at, revoked_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            key.id,
+                            key.secret_hash,
+                            key.owner,
+                            key.plan,
+                            " ".join(key.scopes),
+                            key.created_at,
+                            key.revoked_at,
+                        ),
+                    )
+                    added += 1
+                elif not hmac.compare_digest(row[0], key.secret_hash):
+                    raise ValueError(f"key {key.id} exists here with another secret")
+                elif key.revoked_at is not None and row[1] is None:
+                    db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (key.revoked_at, key.id))
+                    revoked += 1
+        return added, revoked
 
     def revoke(self, key_id: str) -> bool:
         with self._connect() as db:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sqlite3
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,6 +18,7 @@ import anyio
 import msgspec
 
 from actors.disk_space import DiskSpace, StorageFull, is_disk_full
+from forge.nodes import new_id
 from forge.requests import GenerationSpec
 from forge.tasks import ACTIVE_STATES, TaskRecord, TaskState
 
@@ -82,13 +82,14 @@ def _record(row: aiosqlite.Row) -> TaskRecord:
 
 
 class Store:
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: aiosqlite.Connection, node_id: str = "") -> None:
         self._db = db
+        self.node_id = node_id  # starts every task id (see forge/nodes.py)
         self.disk = DiskSpace()  # transitions wait out a full disk; inserts are refused
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, path: Path) -> AsyncIterator[Store]:
+    async def open(cls, path: Path, *, node_id: str = "") -> AsyncIterator[Store]:
         path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: every statement commits on its own unless wrapped in BEGIN ... COMMIT.
         db = await aiosqlite.connect(path, isolation_level=None)
@@ -98,7 +99,7 @@ class Store:
             await db.execute("PRAGMA busy_timeout=5000")
             await db.executescript(SCHEMA)
             await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            yield cls(db)
+            yield cls(db, node_id)
         finally:
             with anyio.CancelScope(shield=True):  # even on a forced stop: let the SQLite thread finish
                 await db.close()
@@ -113,7 +114,7 @@ class Store:
     ) -> TaskRecord:
         """Commit a new `queued` task. Raises sqlite3.IntegrityError if the idempotency key is taken."""
         now = time.time()
-        task_id = uuid.uuid4().hex
+        task_id = new_id(self.node_id)
         try:
             await self._db.execute(
                 "INSERT INTO tasks (id, owner, idempotency_key, request_hash, spec, state, attempt, created_at, "

@@ -51,6 +51,7 @@ from forge.resolve import BackendLimits, Resources
 from forge.styles import BUILTIN_STYLES_DIR, StyleRegistry
 from protocols.http_server import HttpServer
 from protocols.identity import is_loopback
+from protocols.peers import Peers
 from protocols.rest import RestApi
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ async def serve(
         log.warning("LoRAs not installed (styles using them are refused): %s", ", ".join(still_missing))
     uploads = UploadStore(config.uploads_path, config.max_upload_bytes)
 
-    async with Store.open(config.database_path) as store:
+    async with Store.open(config.database_path, node_id=config.node_id) as store:
         recovery = await store.recover(config.max_attempts)
         if recovery.retried or recovery.failed:
             log.warning(
@@ -275,6 +276,7 @@ async def serve(
             ws_allowed_origins=frozenset(filter(None, (o.strip() for o in config.ws_allowed_origins.split(",")))),
             max_body_bytes=config.max_body_bytes,
             admin_key=config.admin_key,
+            peers=Peers(node_id=config.node_id, urls=config.peers),
         )
         http = HttpServer(rest.app(), config.host, config.api_port)
         servers = [http]

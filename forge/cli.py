@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import anyio
+import msgspec
 
 from forge.config import Config, load_config
 from forge.errors import ConfigError, ForgeError
@@ -133,7 +134,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from actors.keys import KeyStore
+    from actors.keys import KeyExport, KeyStore
 
     config = _config(args, data_dir=args.data_dir)
     store = KeyStore(config.database_path)
@@ -148,6 +149,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
         for key in store.list():
             state = "revoked" if key.revoked_at else "active"
             print(f"{key.id}  {key.owner:20}  {key.plan:10}  {' '.join(key.scopes):20}  {state}")
+    elif args.action == "export":
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(store.export()).decode()) + "\n")
+    elif args.action == "import":
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+        try:
+            added, revoked = store.import_keys(msgspec.json.decode(text, type=KeyExport))
+        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+            raise ConfigError(f"cannot import keys from {args.file}: {exc}", field="file") from None
+        print(f"{added} key(s) added, {revoked} revoked")
     elif not store.revoke(args.id):
         print(f"no active key {args.id}", file=sys.stderr)
         return 1
@@ -213,6 +223,11 @@ def _parser() -> argparse.ArgumentParser:
     actions.add_parser("list", help="every key, without its secret")
     revoke = actions.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("id")
+    actions.add_parser("export", help="every key as JSON, with its secret's hash (not the secret), for `import`")
+    importing = actions.add_parser(
+        "import", help="add the keys of another server's `export` and take over its revocations"
+    )
+    importing.add_argument("file", help="an export's JSON file, or - for standard input")
     keys.set_defaults(func=cmd_keys)
 
     cache = sub.add_parser("cache", help="what the engine cache holds (compiled code, TensorRT engines); prune it")

@@ -13,10 +13,13 @@ from msgspec import Meta
 
 from forge.auth import DEFAULT_PLANS, Plan
 from forge.errors import ConfigError
+from forge.nodes import NODE_ID_PATTERN
 
 Backend = Literal["eager", "compiled", "tensorrt"]
 
 Port = Annotated[int, Meta(ge=0, le=65535)]
+NodeId = Annotated[str, Meta(pattern=NODE_ID_PATTERN)]
+PeerUrl = Annotated[str, Meta(pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$")]
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -115,9 +118,19 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     preview_every: Annotated[int, Meta(ge=0)] = 2  # steps between latent previews; 0 turns them off
     preview_size: Annotated[int, Meta(ge=16, le=512)] = 128
     drain_seconds: Annotated[float, Meta(ge=0)] = 30.0
+    # Several servers behind one address: each gets its own `node_id`, which starts every task id it makes
+    # ("gpu-a-3f2c…"), and `peers` lists them all (node id -> base URL; the same table may go to every server).
+    # A request naming another server's task is forwarded there, so any server answers for every task.
+    # In FORGE_PEERS: "id=url,id=url".
+    node_id: NodeId | Literal[""] = ""
+    peers: dict[NodeId, PeerUrl] = {}
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # "json": one JSON object a line, with task_id and request_id on every line about a task.
     log_format: Literal["console", "json"] = "console"
+
+    def __post_init__(self) -> None:
+        if self.peers and not self.node_id:
+            raise ValueError("peers need this server's own node_id")
 
     @property
     def data_path(self) -> Path:
@@ -167,7 +180,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, object]:
     return overrides
 
 
-MAPPING_KEYS = {"models"}
+MAPPING_KEYS = {"models", "peers"}
 
 
 def _parse_mapping(name: str, value: str) -> dict[str, str]:

@@ -88,6 +88,12 @@ def _authenticated(operation: dict[str, Any]) -> dict[str, Any]:
     return {**operation, "security": _BEARER_OR_NONE, "responses": responses}
 
 
+def _relayed(operation: dict[str, Any]) -> dict[str, Any]:
+    """An operation on an id, which another server may hold (see `peers`): this server relays it there."""
+    responses = {**operation["responses"], "502": _error("the server that made this id (see peers) did not answer")}
+    return {**operation, "responses": responses}
+
+
 def _admin(operation: dict[str, Any]) -> dict[str, Any]:
     responses = {
         **operation["responses"],
@@ -136,40 +142,47 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
                 "responses": {"200": _ok("a page", "TaskList"), "422": _error("bad query parameter")},
             }
         ),
-        ("get", API + "/{id}"): _authenticated(
-            {
-                "summary": "State, queue position, progress, timings and image links",
-                "parameters": [task_id],
-                "responses": {"200": task, "404": unknown},
-            }
+        ("get", API + "/{id}"): _relayed(
+            _authenticated(
+                {
+                    "summary": "State, queue position, progress, timings and image links",
+                    "parameters": [task_id],
+                    "responses": {"200": task, "404": unknown},
+                }
+            )
         ),
-        ("post", API + "/{id}/cancel"): _authenticated(
-            {
-                "summary": "Cancel exactly this generation, queued or running",
-                "parameters": [task_id],
-                "responses": {
-                    "200": task,
-                    "202": task,
-                    "404": unknown,
-                    "409": _error("already finished"),
-                },
-            }
+        ("post", API + "/{id}/cancel"): _relayed(
+            _authenticated(
+                {
+                    "summary": "Cancel exactly this generation, queued or running",
+                    "parameters": [task_id],
+                    "responses": {
+                        "200": task,
+                        "202": task,
+                        "404": unknown,
+                        "409": _error("already finished"),
+                    },
+                }
+            )
         ),
-        ("get", API + "/{id}/images/{index}"): _authenticated(
-            {
-                "summary": "Download one image",
-                "parameters": [task_id, _path("index", {"type": "integer", "minimum": 0})],
-                "responses": {
-                    "200": {"description": "the image", **_binary(*_IMAGE_TYPES)},
-                    "404": _error("no such image"),
-                },
-            }
+        ("get", API + "/{id}/images/{index}"): _relayed(
+            _authenticated(
+                {
+                    "summary": "Download one image",
+                    "parameters": [task_id, _path("index", {"type": "integer", "minimum": 0})],
+                    "responses": {
+                        "200": {"description": "the image", **_binary(*_IMAGE_TYPES)},
+                        "404": _error("no such image"),
+                    },
+                }
+            )
         ),
         ("get", API + "/{id}/events"): _authenticated(
             {
                 "summary": "WebSocket: the current state first, then queued/started/progress/... events",
                 "description": "Each message is one JSON object of the TaskEvent union, tagged by `type`. An "
-                "unknown id gets an error message, then close code 4404; a refused token, 4401 or 4403.",
+                "unknown id gets an error message, then close code 4404; a refused token, 4401 or 4403. The events of "
+                "another server's task (see peers) are relayed from it; 4502 when it does not answer.",
                 "parameters": [task_id],
                 "responses": {
                     "101": {"description": "switching to WebSocket"},
@@ -177,39 +190,45 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
                 },
             }
         ),
-        ("get", API + "/{id}/sprite-sheet.{kind}"): _authenticated(
-            {
-                "summary": "A generation's sprite sheet (postprocess.sprite_sheet): the atlas image or its JSON",
-                "parameters": [task_id, sheet_kind],
-                "responses": {
-                    "200": {"description": "the sheet", **_binary("image/png", "application/json")},
-                    "404": _error("no such generation, or it has no sprite sheet"),
-                },
-            }
+        ("get", API + "/{id}/sprite-sheet.{kind}"): _relayed(
+            _authenticated(
+                {
+                    "summary": "A generation's sprite sheet (postprocess.sprite_sheet): the atlas image or its JSON",
+                    "parameters": [task_id, sheet_kind],
+                    "responses": {
+                        "200": {"description": "the sheet", **_binary("image/png", "application/json")},
+                        "404": _error("no such generation, or it has no sprite sheet"),
+                    },
+                }
+            )
         ),
-        ("post", SHEETS): _authenticated(
-            {
-                "summary": "Pack every image of finished generations, in order, into one sprite sheet",
-                "requestBody": {"required": True, **_json("SheetRequest")},
-                "responses": {
-                    "201": _ok("the sheet's links and frame names", "SheetView"),
-                    "503": _error("the server's disk is full"),
-                    "404": _error("a generation is unknown"),
-                    "409": _error("a generation has not succeeded"),
-                    "413": _error("body too large"),
-                    "422": _error("invalid field"),
-                },
-            }
+        ("post", SHEETS): _relayed(
+            _authenticated(
+                {
+                    "summary": "Pack every image of finished generations, in order, into one sprite sheet",
+                    "requestBody": {"required": True, **_json("SheetRequest")},
+                    "responses": {
+                        "201": _ok("the sheet's links and frame names", "SheetView"),
+                        "503": _error("the server's disk is full"),
+                        "404": _error("a generation is unknown"),
+                        "409": _error("a generation has not succeeded"),
+                        "413": _error("body too large"),
+                        "422": _error("invalid field"),
+                    },
+                }
+            )
         ),
-        ("get", SHEETS + "/{id}.{kind}"): _authenticated(
-            {
-                "summary": "A packed sprite sheet: the atlas image or its JSON",
-                "parameters": [_path("id"), sheet_kind],
-                "responses": {
-                    "200": {"description": "the sheet", **_binary("image/png", "application/json")},
-                    "404": _error("no such sheet"),
-                },
-            }
+        ("get", SHEETS + "/{id}.{kind}"): _relayed(
+            _authenticated(
+                {
+                    "summary": "A packed sprite sheet: the atlas image or its JSON",
+                    "parameters": [_path("id"), sheet_kind],
+                    "responses": {
+                        "200": {"description": "the sheet", **_binary("image/png", "application/json")},
+                        "404": _error("no such sheet"),
+                    },
+                }
+            )
         ),
         ("post", "/v1/uploads"): _authenticated(
             {

@@ -13,6 +13,7 @@ import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -40,6 +41,7 @@ from protocols.docs import docs_page
 from protocols.http_io import JSONResponse, read_body
 from protocols.identity import principal_of, visible_owner
 from protocols.openapi import openapi_spec
+from protocols.peers import NO_PEERS, PeerRouting, Peers
 from protocols.sprite_sheets import SpriteSheetRoutes
 from protocols.views import (
     API,
@@ -81,6 +83,7 @@ class RestApi:
     auth: Authenticator
     admin_key: str = ""
     ws_allowed_origins: frozenset[str] = frozenset()
+    peers: Peers = NO_PEERS
 
     def engine_readiness(self) -> dict[str, bool]:
         return {engine.device: engine.ready for engine in self.engines}
@@ -94,7 +97,7 @@ class RestApi:
             WebSocketRoute(API + "/{id}/events", self.events),
             Route(API + "/{id}/events", self.events_without_upgrade, methods=["GET"]),
             *CatalogRoutes(self.ingress, self.engines, self.admin_key, self.auth).routes(),
-            *SpriteSheetRoutes(self.ingress, self.outputs, self.auth).routes(),
+            *SpriteSheetRoutes(self.ingress, self.outputs, self.auth, self.peers).routes(),
             Route("/v1/info", self.info, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/metrics", self.prometheus, methods=["GET"]),
@@ -108,7 +111,9 @@ class RestApi:
             HTTPException: self._http_error,
             Exception: self._unexpected_error,
         }
-        return Starlette(routes=routes, exception_handlers=handlers)
+        return Starlette(
+            routes=routes, exception_handlers=handlers, middleware=[Middleware(PeerRouting, peers=self.peers)]
+        )
 
     # -- generations --
 

@@ -23,11 +23,13 @@ from actors.ingress import Ingress
 from actors.postprocess import SPRITE_SHEET_ATLAS, SPRITE_SHEET_IMAGE
 from engines.sprite_sheet import pack
 from forge.auth import Authenticator
-from forge.errors import Conflict, NotFound
+from forge.errors import Conflict, InvalidRequest, NotFound
+from forge.nodes import TASK_ID, TASK_ID_PATTERN, new_id
 from forge.tasks import TaskState
 from forge.validation import decode_json
 from protocols.http_io import JSONResponse, read_body
 from protocols.identity import principal_of, visible_owner
+from protocols.peers import PeerResponse, Peers
 from protocols.views import API
 
 SHEETS = "/v1/sprite-sheets"
@@ -35,7 +37,7 @@ MAX_BODY = 64 * 1024
 
 
 class SheetRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    tasks: Annotated[list[Annotated[str, Meta(pattern=r"^[0-9a-f]{32}$")]], Meta(min_length=1, max_length=64)]
+    tasks: Annotated[list[Annotated[str, Meta(pattern=TASK_ID_PATTERN)]], Meta(min_length=1, max_length=64)]
     columns: Annotated[int, Meta(ge=1, le=64)] | None = None
     padding: Annotated[int, Meta(ge=0, le=64)] = 2
 
@@ -52,6 +54,7 @@ class SpriteSheetRoutes:
     ingress: Ingress
     outputs: Path
     auth: Authenticator
+    peers: Peers
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -72,14 +75,22 @@ class SpriteSheetRoutes:
     async def create(self, request: Request) -> Response:
         """Pack every image of the given finished tasks, in order, into one atlas."""
         owner = visible_owner(await principal_of(request, self.auth))
-        sheet = decode_json(await read_body(request, MAX_BODY), SheetRequest)
+        body = await read_body(request, MAX_BODY)
+        sheet = decode_json(body, SheetRequest)
+        holders = {self.peers.url_for(task_id) for task_id in sheet.tasks}  # None: this server
+        if len(holders) > 1:
+            raise InvalidRequest(
+                "a sheet packs the generations of one server; these were made by several", field="tasks", rule="server"
+            )
+        if (holder := holders.pop()) is not None:
+            return PeerResponse(holder, self.peers.node_id, body)
         frames: list[tuple[str, Path]] = []
         for index, task_id in enumerate(sheet.tasks):
             record = await self.ingress.get(task_id, owner=owner)
             if record.state is not TaskState.SUCCEEDED:
                 raise Conflict(f"generation {task_id} is {record.state}, not succeeded", field=f"tasks[{index}]")
             frames += [(f"{task_id}/{i}", self.outputs / path) for i, path in enumerate(record.images)]
-        sheet_id = hashlib.sha256(msgspec.json.encode([owner, sheet])).hexdigest()[:32]
+        sheet_id = new_id(self.peers.node_id, hashlib.sha256(msgspec.json.encode([owner, sheet])).hexdigest()[:32])
         await anyio.to_thread.run_sync(self._write, sheet_id, frames, sheet)
         view = SheetView(
             id=sheet_id,
@@ -105,6 +116,6 @@ class SpriteSheetRoutes:
         await principal_of(request, self.auth)
         sheet_id, kind = request.path_params["id"], request.path_params["kind"]
         path = self.outputs / "sprite-sheets" / f"{sheet_id}.{kind}"
-        if kind not in ("png", "json") or not sheet_id.isalnum() or not path.is_file():
+        if kind not in ("png", "json") or not TASK_ID.match(sheet_id) or not path.is_file():
             raise NotFound(f"no sprite sheet {sheet_id}.{kind}", field="id")
         return FileResponse(path, media_type="image/png" if kind == "png" else "application/json")
