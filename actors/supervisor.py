@@ -179,7 +179,7 @@ async def serve(
     announce_model(model)
     if still_missing:
         log.warning("LoRAs not installed (styles using them are refused): %s", ", ".join(still_missing))
-    uploads = UploadStore(config.uploads_path, config.max_upload_bytes)
+    uploads = UploadStore(config.uploads_path, config.max_upload_bytes, config.node_id)
 
     async with Store.open(config.database_path, node_id=config.node_id) as store:
         recovery = await store.recover(config.max_attempts)

@@ -14,16 +14,19 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from forge.errors import InvalidRequest, PayloadTooLarge
+from forge.nodes import NODE_ID, new_id
 
-UPLOAD_ID = re.compile(r"^up_[0-9a-f]{32}$")
+UPLOAD_PREFIX = "up_"
+UPLOAD_ID = re.compile(rf"^{UPLOAD_PREFIX}(?:{NODE_ID}-)?[0-9a-f]{{32}}$")  # names its server, as task ids do
 MAX_SIDE = 4096
 _DATA_URL = re.compile(r"^data:image/[a-z.+-]+;base64,", re.IGNORECASE)
 
 
 class UploadStore:
-    def __init__(self, directory: Path, max_bytes: int) -> None:
+    def __init__(self, directory: Path, max_bytes: int, node_id: str = "") -> None:
         self.directory = directory
         self.max_bytes = max_bytes
+        self.node_id = node_id
 
     def path(self, upload_id: str) -> Path | None:
         if not UPLOAD_ID.match(upload_id):
@@ -43,7 +46,7 @@ class UploadStore:
                 rgb = image.convert("RGB")
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as exc:
             raise InvalidRequest(f"not a readable image: {exc}", field=field, rule="image") from None
-        upload_id = "up_" + hashlib.sha256(data).hexdigest()[:32]
+        upload_id = UPLOAD_PREFIX + new_id(self.node_id, hashlib.sha256(data).hexdigest()[:32])
         target = self.directory / f"{upload_id}.png"
         if not target.exists():
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -64,6 +67,6 @@ class UploadStore:
             data = base64.b64decode(_DATA_URL.sub("", text.strip()), validate=True)
         except (binascii.Error, ValueError):
             raise InvalidRequest(
-                "expected an upload id (up_...) or a base64-encoded image", field=field, rule="image"
+                f"expected an upload id ({UPLOAD_PREFIX}...) or a base64-encoded image", field=field, rule="image"
             ) from None
         return self.save(data, field=field)[0]

@@ -110,30 +110,32 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
     model_id = _path("id", {"type": "string", "description": "a model id from GET /v1/models"})
     sheet_kind = _path("kind", {"type": "string", "enum": ["png", "json"]})
     return {
-        ("post", API): _authenticated(
-            {
-                "summary": "Queue a generation",
-                "description": "Answers 202 once the task is durably queued. Send an Idempotency-Key header to "
-                "make retries safe: the same key returns the same task.",
-                "parameters": [
-                    {
-                        "name": "Idempotency-Key",
-                        "in": "header",
-                        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+        ("post", API): _relayed(
+            _authenticated(
+                {
+                    "summary": "Queue a generation",
+                    "description": "Answers 202 once the task is durably queued. Send an Idempotency-Key header to "
+                    "make retries safe: the same key returns the same task.",
+                    "parameters": [
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                        },
+                        {"name": "X-Request-Id", "in": "header", "schema": {"type": "string"}},
+                    ],
+                    "requestBody": {"required": True, **_json("GenerationRequest")},
+                    "responses": {
+                        "202": {"description": "queued", **_json("TaskView")},
+                        "403": _error("the caller's plan is unknown"),
+                        "409": _error("the model failed to load; an admin may load it again"),
+                        "413": _error("body too large"),
+                        "422": _error("invalid field (named in error.field)"),
+                        "429": _error("over the plan's rate or concurrency limit (see Retry-After)"),
+                        "503": _error("shutting down, queue full, or the server's disk full (see Retry-After)"),
                     },
-                    {"name": "X-Request-Id", "in": "header", "schema": {"type": "string"}},
-                ],
-                "requestBody": {"required": True, **_json("GenerationRequest")},
-                "responses": {
-                    "202": {"description": "queued", **_json("TaskView")},
-                    "403": _error("the caller's plan is unknown"),
-                    "409": _error("the model failed to load; an admin may load it again"),
-                    "413": _error("body too large"),
-                    "422": _error("invalid field (named in error.field)"),
-                    "429": _error("over the plan's rate or concurrency limit (see Retry-After)"),
-                    "503": _error("shutting down, queue full, or the server's disk full (see Retry-After)"),
-                },
-            }
+                }
+            )
         ),
         ("get", API): _authenticated(
             {

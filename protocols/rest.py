@@ -27,6 +27,7 @@ from actors.ingress import Ingress
 from actors.metrics import Metrics
 from actors.rate_limits import RateLimited
 from actors.scheduler import Scheduler
+from actors.uploads import UPLOAD_ID, UPLOAD_PREFIX
 from engines.schedulers import SAMPLERS
 from forge import __version__
 from forge.auth import Authenticator
@@ -34,6 +35,7 @@ from forge.errors import Forbidden, ForgeError, InvalidRequest, NotFound, Servic
 from forge.events import TERMINAL_EVENTS, AnyTaskEvent, Cancelled, Failed, Postprocessing, Queued, Started, Succeeded
 from forge.logs import request_id as forge_request_id
 from forge.requests import GenerationRequest
+from forge.resolve import requested_controls
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert, decode_json
 from protocols.catalog_routes import CatalogRoutes
@@ -41,7 +43,7 @@ from protocols.docs import docs_page
 from protocols.http_io import JSONResponse, read_body
 from protocols.identity import principal_of, visible_owner
 from protocols.openapi import openapi_spec
-from protocols.peers import NO_PEERS, PeerRouting, Peers
+from protocols.peers import NO_PEERS, PeerResponse, PeerRouting, Peers
 from protocols.sprite_sheets import SpriteSheetRoutes
 from protocols.views import (
     API,
@@ -124,6 +126,8 @@ class RestApi:
     async def create(self, request: Request) -> Response:
         body = await read_body(request, self.max_body_bytes)
         generation = decode_json(body, GenerationRequest)
+        if (holder := self._upload_holder(generation)) is not None:
+            return PeerResponse(holder, self.peers.node_id, body)
         key = request.headers.get("idempotency-key")
         if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
             raise InvalidRequest(
@@ -297,6 +301,18 @@ class RestApi:
         return JSONResponse(view, status_code=200 if ready else 503)
 
     # -- helpers --
+
+    def _upload_holder(self, generation: GenerationRequest) -> str | None:
+        """The other server that holds the uploads this request names, which must then make the task."""
+        images = [control.image for _, control in requested_controls(generation) if control.image is not None]
+        holders = {self.peers.url_for(image.removeprefix(UPLOAD_PREFIX)) for image in images if UPLOAD_ID.match(image)}
+        if len(holders) > 1:  # None stands for this server
+            raise InvalidRequest(
+                "control images uploaded to different servers cannot guide one task; send them inline",
+                field="control",
+                rule="server",
+            )
+        return holders.pop() if holders else None
 
     def _view(self, record: TaskRecord) -> TaskView:
         return live_task_view(record, self.scheduler, self.hub)

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import anyio
 import httpx
+import numpy as np
+from PIL import Image, ImageDraw
 
 FINAL_STATES = {"succeeded", "failed", "cancelled", "filtered"}
 
@@ -29,13 +32,25 @@ async def wait_for_state(
 
 async def generate_pixels(client: httpx.AsyncClient, **fields: Any) -> tuple[dict[str, Any], Any]:
     """Generate, wait for success, and return the task view and image 0's pixels (a numpy array)."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
     view = await wait_for_state(client, (await submit(client, **fields))["id"])
     assert view["state"] == "succeeded", view["error"]
     response = await client.get(view["images"][0]["url"])
     with Image.open(io.BytesIO(response.content)) as image:
         return view, np.asarray(image.convert("RGB"))
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def square_image(size: int = 64, box: tuple[int, int, int, int] = (16, 16, 47, 47)) -> Image.Image:
+    image = Image.new("RGB", (size, size), "black")
+    ImageDraw.Draw(image).rectangle(box, fill="white")
+    return image
+
+
+def gradient_image(size: int = 64, horizontal: bool = True) -> Image.Image:
+    ramp = np.tile(np.linspace(0, 255, size, dtype=np.uint8), (size, 1))
+    return Image.fromarray(ramp if horizontal else ramp.T).convert("RGB")

@@ -4,42 +4,24 @@ once, uploads and inline images, and the errors for what cannot work."""
 from __future__ import annotations
 
 import base64
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from engines.control import DepthEstimator, canny_edges, prepare_control
 from engines.models import resolve_model
 from engines.poses import render_pose
 from forge.engine import ControlJob
 from tests.conftest import RunningServer
-from tests.helpers import generate_pixels
+from tests.helpers import generate_pixels, gradient_image, png_bytes, square_image
 
 pytestmark = pytest.mark.anyio
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _square(size: int = 64, box: tuple[int, int, int, int] = (16, 16, 47, 47)) -> Image.Image:
-    image = Image.new("RGB", (size, size), "black")
-    ImageDraw.Draw(image).rectangle(box, fill="white")
-    return image
-
-
-def _gradient(size: int = 64, horizontal: bool = True) -> Image.Image:
-    ramp = np.tile(np.linspace(0, 255, size, dtype=np.uint8), (size, 1))
-    return Image.fromarray(ramp if horizontal else ramp.T).convert("RGB")
-
-
 def test_canny_edges_trace_the_outline_of_a_shape() -> None:
-    edges = np.asarray(canny_edges(_square()))[..., 0] > 0
+    edges = np.asarray(canny_edges(square_image()))[..., 0] > 0
     assert edges.shape == (64, 64)
     assert edges[16:48, 15:17].any() and edges[15:17, 16:48].any()  # the left and top sides
     assert not edges[22:42, 22:42].any() and not edges[:10].any()  # nothing inside or far outside
@@ -48,14 +30,14 @@ def test_canny_edges_trace_the_outline_of_a_shape() -> None:
 def test_tiny_depth_model_gives_a_normalised_map_at_the_image_size(tiny_model: Path) -> None:
     model = resolve_model(str(tiny_model), tiny_model.parent, 1)
     assert model.depth_model is not None
-    depth = np.asarray(DepthEstimator(model.depth_model, "cpu")(_square(80)))
+    depth = np.asarray(DepthEstimator(model.depth_model, "cpu")(square_image(80)))
     assert depth.shape == (80, 80, 3) and (depth[..., 0] == depth[..., 2]).all()
     assert depth.min() == 0 and depth.max() == 255
 
 
 def test_control_images_are_prepared_at_the_output_size(tmp_path: Path) -> None:
     path = tmp_path / "square.png"
-    _square(32).save(path)
+    square_image(32).save(path)
     edges = prepare_control(ControlJob(type="canny", image=str(path), pose=None, preprocess=True, strength=1,
                                        start=0, end=1), 96, 64, None)  # fmt: skip
     pose = prepare_control(ControlJob(type="openpose", image=None, pose="run", preprocess=False, strength=1,
@@ -65,7 +47,7 @@ def test_control_images_are_prepared_at_the_output_size(tmp_path: Path) -> None:
 
 
 async def _upload(server: RunningServer, image: Image.Image) -> str:
-    response = await server.client.post("/v1/uploads", content=_png(image), headers={"content-type": "image/png"})
+    response = await server.client.post("/v1/uploads", content=png_bytes(image), headers={"content-type": "image/png"})
     assert response.status_code == 201, response.text
     assert response.json()["width"] == image.width
     upload_id: str = response.json()["id"]
@@ -75,8 +57,9 @@ async def _upload(server: RunningServer, image: Image.Image) -> str:
 async def test_each_control_type_changes_the_image_and_follows_its_input(server: RunningServer) -> None:
     client = server.client
     _, plain = await generate_pixels(client, seed=3)
-    square, square_moved = await _upload(server, _square()), await _upload(server, _square(box=(4, 30, 30, 60)))
-    ramp, ramp_turned = await _upload(server, _gradient()), await _upload(server, _gradient(horizontal=False))
+    square = await _upload(server, square_image())
+    square_moved = await _upload(server, square_image(box=(4, 30, 30, 60)))
+    ramp, ramp_turned = await _upload(server, gradient_image()), await _upload(server, gradient_image(horizontal=False))
     cases = {
         "canny": (square, square_moved),
         "depth": (ramp, ramp_turned),
@@ -106,7 +89,7 @@ async def _default_model_bytes(server: RunningServer) -> int:
 
 async def test_inline_base64_images_and_several_controlnets_at_once(server: RunningServer) -> None:
     before = await _default_model_bytes(server)
-    inline = base64.b64encode(_png(_gradient())).decode()
+    inline = base64.b64encode(png_bytes(gradient_image())).decode()
     control = [
         {"type": "openpose", "pose": "attack", "strength": 0.9, "end": 0.8},
         {"type": "depth", "image": f"data:image/png;base64,{inline}", "strength": 0.5},
@@ -125,7 +108,7 @@ async def test_inline_base64_images_and_several_controlnets_at_once(server: Runn
 
 
 async def test_depth_estimated_from_an_ordinary_image(server: RunningServer) -> None:
-    photo = await _upload(server, _square())
+    photo = await _upload(server, square_image())
     view, estimated = await generate_pixels(server.client, seed=2, control={"type": "depth", "image": photo,
                                                                             "preprocess": True})  # fmt: skip
     _, given = await generate_pixels(server.client, seed=2, control={"type": "depth", "image": photo})
@@ -171,5 +154,5 @@ async def test_upload_errors(server: RunningServer) -> None:
     not_image = await server.client.post("/v1/uploads", content=b"hello", headers={"content-type": "image/png"})
     assert not_image.status_code == 422 and not_image.json()["error"]["rule"] == "image"
     huge = Image.new("RGB", (5000, 8), "white")
-    too_wide = await server.client.post("/v1/uploads", content=_png(huge))
+    too_wide = await server.client.post("/v1/uploads", content=png_bytes(huge))
     assert too_wide.status_code == 422 and too_wide.json()["error"]["rule"] == "range"

@@ -21,7 +21,7 @@ from forge.config import load_config
 from forge.errors import ConfigError
 from forge.nodes import node_of
 from tests.conftest import RunningServer, server_config, start_server
-from tests.helpers import submit, wait_for_state
+from tests.helpers import gradient_image, png_bytes, square_image, submit, wait_for_state
 from tests.test_store import SPEC
 
 pytestmark = pytest.mark.anyio
@@ -92,6 +92,19 @@ async def test_any_server_answers_for_the_tasks_of_every_other(tmp_path: Path, t
         made_on_b = await wait_for_state(b.client, (await submit(b.client))["id"])
         mixed = await b.client.post("/v1/sprite-sheets", json={"tasks": [made_on_a["id"], made_on_b["id"]]})
         assert mixed.status_code == 422 and mixed.json()["error"]["field"] == "tasks"
+
+        # A generation guided by an image uploaded to A is made by A, whichever server it is sent to.
+        png = {"content-type": "image/png"}
+        upload = await a.client.post("/v1/uploads", content=png_bytes(square_image()), headers=png)
+        assert upload.json()["id"].startswith("up_box-a-")
+        canny = {"type": "canny", "image": upload.json()["id"]}
+        guided = await b.client.post("/v1/generations", json={"prompt": "a knight", "control": canny})
+        assert guided.status_code == 202 and guided.json()["id"].startswith("box-a-")
+        assert (await wait_for_state(b.client, guided.json()["id"]))["state"] == "succeeded"
+        on_b = await b.client.post("/v1/uploads", content=png_bytes(gradient_image()), headers=png)
+        both = [canny, {"type": "depth", "image": on_b.json()["id"]}]
+        split = await b.client.post("/v1/generations", json={"prompt": "a knight", "control": both})
+        assert split.status_code == 422 and split.json()["error"]["field"] == "control"
 
         # Each server lists the tasks it made.
         listed = (await b.client.get("/v1/generations", params={"limit": 100})).json()["items"]
