@@ -276,6 +276,7 @@ async def serve(
             ws_allowed_origins=frozenset(filter(None, (o.strip() for o in config.ws_allowed_origins.split(",")))),
             max_body_bytes=config.max_body_bytes,
             admin_key=config.admin_key,
+            metrics_token=config.metrics_token,
             peers=Peers(node_id=config.node_id, urls=config.peers),
         )
         http = HttpServer(rest.app(), config.host, config.api_port)

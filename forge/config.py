@@ -62,6 +62,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     jwt_public_key_file: str = ""  # RS*/ES*/PS*; set one of the two
     jwt_issuer: str = ""
     jwt_audience: str = "chara-forge"
+    # Bearer token /metrics asks for (Prometheus' `authorization` setting); empty: /metrics answers anyone, as
+    # scrape endpoints usually do. It shows model, style and device names and error counts, never prompts.
+    metrics_token: str = ""
     # Browser Origins allowed to open the WebSocket (comma-separated); clients that send none are fine.
     ws_allowed_origins: str = ""
     plans: dict[str, Plan] = msgspec.field(default_factory=lambda: dict(DEFAULT_PLANS))

@@ -3,7 +3,6 @@ and uploaded control images."""
 
 from __future__ import annotations
 
-import hmac
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,14 +20,14 @@ from actors.ingress import Ingress
 from actors.model_catalog import ModelStatus
 from engines.palettes import PALETTES
 from engines.poses import DESCRIPTIONS, POSE_NAMES, render_pose
-from forge.auth import Authenticator, Unauthorized
+from forge.auth import Authenticator
 from forge.engine import ModelLoadError
 from forge.errors import Conflict, Forbidden, ModelUnavailable, NotFound
 from forge.loras import LoraInfo
 from forge.styles import Style, StyleDefaults
 from forge.validation import convert
 from protocols.http_io import JSONResponse, read_body
-from protocols.identity import is_loopback, principal_of, require_admin
+from protocols.identity import is_loopback, principal_of, require_admin, require_shared_secret
 
 
 class StyleLoraView(msgspec.Struct, frozen=True, kw_only=True):
@@ -249,11 +248,7 @@ class CatalogRoutes:
             if client is None or not is_loopback(client):
                 raise Forbidden("admin endpoints answer only local clients unless FORGE_ADMIN_KEY is set")
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise Unauthorized("admin endpoints need Authorization: Bearer <admin key>", field="Authorization")
-        if not hmac.compare_digest(token.encode(), self.admin_key.encode()):
-            raise Forbidden("wrong admin key", field="Authorization")
+        require_shared_secret(request, self.admin_key, "admin key")
 
     # -- uploads --
 

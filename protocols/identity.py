@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from ipaddress import ip_address
 
 import anyio
@@ -10,7 +11,7 @@ from starlette.requests import HTTPConnection
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from forge.auth import Authenticator, Principal
+from forge.auth import Authenticator, Principal, Unauthorized
 from forge.errors import Forbidden, ForgeError
 
 
@@ -37,6 +38,15 @@ def is_loopback(host: str) -> bool:
 def visible_owner(principal: Principal) -> str | None:
     """Whose tasks the caller may see: their own, or everyone's for an admin."""
     return None if principal.is_admin else principal.owner
+
+
+def require_shared_secret(connection: HTTPConnection, secret: str, name: str) -> None:
+    """`Authorization: Bearer <secret>`, compared in constant time: 401 without a token, 403 with another."""
+    scheme, _, token = connection.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized(f"{connection.url.path} needs Authorization: Bearer <{name}>", field="Authorization")
+    if not hmac.compare_digest(token.encode(), secret.encode()):
+        raise Forbidden(f"wrong {name}", field="Authorization")
 
 
 def require_admin(principal: Principal) -> None:

@@ -333,7 +333,14 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
         },
         ("get", "/metrics"): {
             "summary": "Prometheus metrics",
-            "responses": {"200": {"description": "text exposition format", "content": {"text/plain": {}}}},
+            "description": "Open to anyone unless the server sets metrics_token, which a scrape then sends as its "
+            "bearer token (API keys and JWTs do not count here).",
+            "security": _BEARER_OR_NONE,
+            "responses": {
+                "200": {"description": "text exposition format", "content": {"text/plain": {}}},
+                "401": _error("metrics_token is set and no bearer token was sent"),
+                "403": _error("not the metrics token"),
+            },
         },
         ("get", "/openapi.json"): {
             "summary": "This document",

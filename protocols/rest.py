@@ -41,7 +41,7 @@ from forge.validation import convert, decode_json
 from protocols.catalog_routes import CatalogRoutes
 from protocols.docs import docs_page
 from protocols.http_io import JSONResponse, read_body
-from protocols.identity import principal_of, visible_owner
+from protocols.identity import principal_of, require_shared_secret, visible_owner
 from protocols.openapi import openapi_spec
 from protocols.peers import NO_PEERS, PeerResponse, PeerRouting, Peers
 from protocols.sprite_sheets import SpriteSheetRoutes
@@ -84,6 +84,7 @@ class RestApi:
     max_body_bytes: int
     auth: Authenticator
     admin_key: str = ""
+    metrics_token: str = ""
     ws_allowed_origins: frozenset[str] = frozenset()
     peers: Peers = NO_PEERS
 
@@ -289,6 +290,8 @@ class RestApi:
         )
 
     async def prometheus(self, request: Request) -> Response:
+        if self.metrics_token:
+            require_shared_secret(request, self.metrics_token, "metrics token")
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(self, request: Request) -> Response:

@@ -33,6 +33,7 @@ from tests.helpers import wait_for_state
 pytestmark = [pytest.mark.anyio, pytest.mark.adapters]
 
 SECRET = "a-test-secret-of-enough-length-for-hs256!"
+METRICS_TOKEN = "a-scraper-token"
 ISSUER = "https://id.example"
 PLANS = {
     "free": {"requests": 3, "window_s": 3600, "max_queued": 0},
@@ -58,7 +59,16 @@ class Keys:
 async def secure(tmp_path: Path, tiny_model: Path) -> AsyncIterator[tuple[RunningServer, Keys]]:
     data = tmp_path / "data"
     keys = Keys(KeyStore(data / "forge.sqlite3"))
-    config = server_config(data, tiny_model, auth=True, jwt_secret=SECRET, jwt_issuer=ISSUER, plans=PLANS, **ADAPTERS)
+    config = server_config(
+        data,
+        tiny_model,
+        auth=True,
+        jwt_secret=SECRET,
+        jwt_issuer=ISSUER,
+        plans=PLANS,
+        metrics_token=METRICS_TOKEN,
+        **ADAPTERS,
+    )
     async for running in start_server(config):
         yield running, keys
 
@@ -110,13 +120,12 @@ async def test_tokens_and_keys(secure: tuple[RunningServer, Keys]) -> None:
     assert (await server.client.get("/v1/generations", headers=keys.headers("bob"))).status_code == 200
 
 
-async def test_with_auth_on_only_probes_metrics_and_api_docs_answer_strangers(
-    secure: tuple[RunningServer, Keys],
-) -> None:
-    """The catalog shows where LoRAs, upscalers and models lie on the server's disk: callers only."""
+async def test_with_auth_on_only_probes_and_api_docs_answer_strangers(secure: tuple[RunningServer, Keys]) -> None:
+    """The catalog shows where LoRAs, upscalers and models lie on the server's disk: callers only. /metrics
+    asks for its own token."""
     server, keys = secure
     document = (await server.client.get("/openapi.json")).json()
-    open_paths = {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"}
+    open_paths = {"/healthz", "/readyz", "/openapi.json", "/docs"}
     # The document lists every route (the server will not start otherwise), so no route is open unnoticed.
     unguarded = {
         path
@@ -127,7 +136,7 @@ async def test_with_auth_on_only_probes_metrics_and_api_docs_answer_strangers(
     guarded = sorted(
         path.replace("{name}", "standing").replace("{id}", "tiny-sdxl")
         for path, methods in document["paths"].items()
-        if "get" in methods and "401" in methods["get"]["responses"] and "{id}/" not in path
+        if "get" in methods and "401" in methods["get"]["responses"] and "{id}/" not in path and path != "/metrics"
     )
     assert {"/v1/info", "/v1/styles", "/v1/loras", "/v1/poses", "/v1/models", "/v1/postprocess"} <= set(guarded)
     for path in guarded:
@@ -136,6 +145,11 @@ async def test_with_auth_on_only_probes_metrics_and_api_docs_answer_strangers(
         assert (await server.client.get(path, headers=keys.headers("bob"))).status_code in (200, 404), path
     for path in open_paths:
         assert (await server.client.get(path)).status_code == 200, path
+    scrapes = [
+        (await server.client.get("/metrics", headers=headers)).status_code
+        for headers in ({}, keys.headers("root"), {"Authorization": f"Bearer {METRICS_TOKEN}"})
+    ]
+    assert scrapes == [401, 403, 200]  # a caller's key, even an admin's, is not the scraper's token
 
 
 async def test_an_rsa_key_server_refuses_hmac_tokens_made_with_its_public_key(tmp_path: Path, tiny_model: Path) -> None:
@@ -281,7 +295,8 @@ async def test_rate_limits_are_exact_and_shared_across_interfaces(secure: tuple[
     print(f"rate limit 3/h, 5 tries: REST accepted {codes.count(202)}, MCP accepted {sum(mcp_results)}, "
           f"UI accepted {ui_accepted}, REST+MCP accepted {shared.count(202)}")  # fmt: skip
     assert sum(mcp_results) == 3 and shared.count(202) == 3 and ui_accepted == 3
-    assert 'chara_forge_rejections_total{code="rate_limited"}' in (await client.get("/metrics")).text
+    scrape = await client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert 'chara_forge_rejections_total{code="rate_limited"}' in scrape.text
 
 
 def _ui_inputs(prompt: str) -> list[Any]:
