@@ -195,5 +195,6 @@ class Ingress:
         state: TaskState | None = None,
         limit: int = 20,
         before_seq: int | None = None,
+        before_id: str | None = None,
     ) -> list[TaskRecord]:
-        return await self._store.list(owner=owner, state=state, limit=limit, before_seq=before_seq)
+        return await self._store.list(owner=owner, state=state, limit=limit, before_seq=before_seq, before_id=before_id)

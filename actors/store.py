@@ -201,10 +201,16 @@ class Store:
         state: TaskState | None = None,
         limit: int = 20,
         before_seq: int | None = None,
+        before_id: str | None = None,
     ) -> list[TaskRecord]:
-        """Newest first; pass the last seen `seq` as `before_seq` for the next page."""
+        """Newest first; for the next page pass the last seen `seq` as `before_seq`, or its id as `before_id`."""
         clauses, args = [], []
-        for clause, value in (("owner = ?", owner), ("state = ?", state), ("seq < ?", before_seq)):
+        for clause, value in (
+            ("owner = ?", owner),
+            ("state = ?", state),
+            ("seq < ?", before_seq),
+            ("seq < (SELECT seq FROM tasks WHERE id = ?)", before_id),
+        ):
             if value is not None:
                 clauses.append(clause)
                 args.append(value)

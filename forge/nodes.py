@@ -15,6 +15,7 @@ NODE_ID_PATTERN = rf"^{NODE_ID}$"
 TASK_ID_PATTERN = rf"^(?:{NODE_ID}-)?[0-9a-f]{{32}}$"
 _HEX_LENGTH = 32
 TASK_ID = re.compile(TASK_ID_PATTERN)
+BARE_TASK_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 def new_id(node: str, hex_digits: str | None = None) -> str:

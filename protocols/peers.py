@@ -38,7 +38,7 @@ _ROUTED = re.compile(rf"^(?:{API}/(?P<task>[^/]+)(?:/.*)?|/v1/sprite-sheets/(?P<
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 _NOT_RELAYED_UP = _HOP_BY_HOP | {b"host", b"content-length"}
 _NOT_RELAYED_DOWN = _HOP_BY_HOP | {b"date", b"server"}
-_TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=60.0, pool=5.0)  # a cancel may wait 10 s for the engine
+PEER_TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=60.0, pool=5.0)  # a cancel may wait 10 s for the engine
 _MAX_WS_MESSAGE = 1 << 20
 # Close codes a WebSocket reports but may not send (RFC 6455 §7.4.1).
 _UNSENDABLE_CLOSE_CODES = {1005, 1006, 1015}
@@ -54,12 +54,15 @@ class Peers:
     node_id: str
     urls: Mapping[str, str]
 
+    @property
+    def others(self) -> dict[str, str]:
+        """The other servers' base URLs, by node id."""
+        return {node: url.rstrip("/") for node, url in self.urls.items() if node != self.node_id}
+
     def url_for(self, some_id: str) -> str | None:
         """The base URL of the other server that made `some_id`, if it is one of the peers."""
         node = node_of(some_id)
-        if node is None or node == self.node_id or node not in self.urls:
-            return None
-        return self.urls[node].rstrip("/")
+        return None if node is None else self.others.get(node)
 
 
 NO_PEERS = Peers(node_id="", urls={})
@@ -82,7 +85,7 @@ class PeerRouting:
             await PeerResponse(target, self.peers.node_id)(scope, receive, send)
 
     def _target(self, scope: Scope) -> str | None:
-        if scope["type"] not in ("http", "websocket") or _forwarded(scope):
+        if scope["type"] not in ("http", "websocket") or is_relayed(scope):
             return None
         match = _ROUTED.match(scope["path"])
         some_id = match and (match["task"] or match["sheet"])
@@ -102,11 +105,11 @@ class PeerResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = self._body if self._body is not None else _body_chunks(receive)
         url = self._base_url + _path_and_query(scope)
-        headers = [*_end_to_end(scope), (FORWARDED_FROM.encode(), self._node_id.encode())]
+        headers = relay_headers(scope, self._node_id)
         started = False
         try:
             async with (
-                httpx.AsyncClient(timeout=_TIMEOUT) as client,
+                httpx.AsyncClient(timeout=PEER_TIMEOUT) as client,
                 client.stream(scope["method"], url, headers=headers, content=body) as upstream,
             ):
                 relayed = [(k, v) for k, v in upstream.headers.raw if k.lower() not in _NOT_RELAYED_DOWN]
@@ -125,13 +128,11 @@ class PeerResponse(Response):
 
 async def _relay_websocket(websocket: WebSocket, base_url: str, node_id: str) -> None:
     url = re.sub(r"^http", "ws", base_url) + _path_and_query(websocket.scope)
-    headers = httpx.Headers(
-        [*_end_to_end(websocket.scope, websocket=True), (FORWARDED_FROM.encode(), node_id.encode())]
-    )
+    headers = httpx.Headers(relay_headers(websocket.scope, node_id, websocket=True))
     close_code = 1000
     try:
         async with (
-            httpx.AsyncClient(timeout=_TIMEOUT) as client,
+            httpx.AsyncClient(timeout=PEER_TIMEOUT) as client,
             aconnect_ws(url, client, headers=headers, max_message_size_bytes=_MAX_WS_MESSAGE) as upstream,
         ):
             await websocket.accept()
@@ -166,24 +167,26 @@ def _unreachable(base_url: str, exc: Exception) -> PeerUnreachable:
     return PeerUnreachable(f"the server that holds this ({base_url}) did not answer: {exc}", field="id")
 
 
-def _forwarded(scope: Scope) -> bool:
-    return any(name.lower() == FORWARDED_FROM.encode() for name, _ in scope["headers"])
-
-
 def _path_and_query(scope: Scope) -> str:
     path: bytes = scope.get("raw_path") or scope["path"].encode()
     query: bytes = scope.get("query_string", b"")
     return (path + (b"?" + query if query else b"")).decode("latin-1")
 
 
-def _end_to_end(scope: Scope, *, websocket: bool = False) -> list[tuple[bytes, bytes]]:
-    """The request's own headers; for a WebSocket, only those that say who asks (httpx-ws makes the handshake)."""
+def relay_headers(scope: Scope, node_id: str, *, websocket: bool = False) -> list[tuple[bytes, bytes]]:
+    """The request's own headers, marked as relayed by `node_id`; for a WebSocket, only those that say who
+    asks (httpx-ws makes the handshake)."""
     kept = (b"authorization", b"origin", b"x-request-id", b"user-agent")
-    return [
+    own = [
         (name, value)
         for name, value in scope["headers"]
         if name.lower() not in _NOT_RELAYED_UP and (not websocket or name.lower() in kept)
     ]
+    return [*own, (FORWARDED_FROM.encode(), node_id.encode())]
+
+
+def is_relayed(scope: Scope) -> bool:
+    return any(name.lower() == FORWARDED_FROM.encode() for name, _ in scope["headers"])
 
 
 async def _body_chunks(receive: Receive) -> AsyncIterator[bytes]:

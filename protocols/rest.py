@@ -40,10 +40,11 @@ from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert, decode_json
 from protocols.catalog_routes import CatalogRoutes
 from protocols.docs import docs_page
+from protocols.fleet_list import cursor_positions, fleet_page
 from protocols.http_io import JSONResponse, read_body
 from protocols.identity import principal_of, require_shared_secret, visible_owner
 from protocols.openapi import openapi_spec
-from protocols.peers import NO_PEERS, PeerResponse, PeerRouting, Peers
+from protocols.peers import NO_PEERS, PeerResponse, PeerRouting, Peers, is_relayed
 from protocols.sprite_sheets import SpriteSheetRoutes
 from protocols.views import (
     API,
@@ -157,12 +158,27 @@ class RestApi:
         return JSONResponse(self._view(record), status_code=200 if record.state.is_terminal else 202)
 
     async def list_generations(self, request: Request) -> Response:
+        """Newest first. With peers, the tasks of every server (see protocols/fleet_list.py)."""
         query = convert(dict(request.query_params), ListQuery, strict=False)
-        before = int(query.cursor) if query.cursor else None
         owner = visible_owner(await principal_of(request, self.auth))
-        records = await self.ingress.list(owner=owner, state=query.state, limit=query.limit, before_seq=before)
-        cursor = str(records[-1].seq) if len(records) == query.limit else None
-        return JSONResponse(TaskList(items=[self._view(r) for r in records], next_cursor=cursor))
+
+        async def records(before_seq: int | None = None, before_id: str | None = None) -> list[TaskRecord]:
+            return await self.ingress.list(
+                owner=owner, state=query.state, limit=query.limit, before_seq=before_seq, before_id=before_id
+            )
+
+        async def views_after(task_id: str | None) -> list[TaskView]:
+            return [self._view(record) for record in await records(before_id=task_id)]
+
+        if self.peers.others and not is_relayed(request.scope):
+            return JSONResponse(await fleet_page(query, views_after, self.peers, request.scope))
+        if query.cursor is None or query.cursor.isdigit():
+            found = await records(before_seq=int(query.cursor) if query.cursor else None)
+        else:  # a fleet's cursor, of which this server lists its own part
+            positions = cursor_positions(query.cursor, [self.peers.node_id])
+            found = await records(before_id=positions[self.peers.node_id]) if positions else []
+        cursor = str(found[-1].seq) if len(found) == query.limit else None
+        return JSONResponse(TaskList(items=[self._view(record) for record in found], next_cursor=cursor))
 
     async def image(self, request: Request) -> Response:
         owner = visible_owner(await principal_of(request, self.auth))

@@ -14,6 +14,7 @@ from actors.hub import EventHub
 from actors.scheduler import Scheduler
 from forge.errors import ForgeError
 from forge.events import Progress
+from forge.nodes import NODE_ID
 from forge.requests import GenerationSpec
 from forge.tasks import TaskRecord, TaskState
 
@@ -81,6 +82,15 @@ class TaskView(msgspec.Struct, frozen=True, kw_only=True):
 class TaskList(msgspec.Struct, frozen=True, kw_only=True):
     items: list[TaskView]
     next_cursor: str | None
+    unreachable: Annotated[
+        list[str], Meta(description="servers (see peers) whose tasks this page lacks because they did not answer")
+    ] = []
+
+
+# One server's position, or "_"-joined positions of several servers (see protocols/fleet_list.py): a task id,
+# or a server's name alone.
+_POSITION = rf"(?:{NODE_ID}-)?[0-9a-f]{{32}}|{NODE_ID}"
+_CURSOR = rf"^(?:[0-9]{{1,18}}|(?:{_POSITION})(?:_(?:{_POSITION}))*)$"
 
 
 class ListQuery(msgspec.Struct, forbid_unknown_fields=True):
@@ -88,7 +98,12 @@ class ListQuery(msgspec.Struct, forbid_unknown_fields=True):
     limit: Annotated[int, Meta(ge=1, le=100)] = 20
     cursor: (
         Annotated[
-            str, Meta(pattern=r"^[0-9]{1,18}$", description="next_cursor of the page before, for the page after it")
+            str,
+            Meta(
+                pattern=_CURSOR,
+                max_length=64 * 70,
+                description="next_cursor of the page before, for the page after it",
+            ),
         ]
         | None
     ) = None

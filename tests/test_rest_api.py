@@ -59,6 +59,8 @@ async def test_list_is_newest_first_with_cursor_and_state_filter(server: Running
     rest = (await server.client.get(f"/v1/generations?limit=10&cursor={page['next_cursor']}")).json()
     assert [item["id"] for item in rest["items"]] == [t["id"] for t in reversed(tasks[:3])]
     assert rest["next_cursor"] is None
+    older = (await server.client.get(f"/v1/generations?limit=10&cursor={tasks[2]['id']}")).json()  # a task id
+    assert [item["id"] for item in older["items"]] == [tasks[1]["id"], tasks[0]["id"]]
     succeeded = (await server.client.get("/v1/generations?state=succeeded&limit=100")).json()["items"]
     assert len(succeeded) == 5
     assert (await server.client.get("/v1/generations?state=queued")).json()["items"] == []

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from httpx_ws import WebSocketDisconnect, aconnect_ws
 from PIL import Image
@@ -27,6 +28,7 @@ from tests.test_store import SPEC
 pytestmark = pytest.mark.anyio
 
 SILENT_PEER = "box-c"  # listed among the peers, but nothing listens at its address
+ONE_SERVER = {"X-Forge-Forwarded-From": "box-test"}  # as relayed: the answering server speaks for itself alone
 
 
 def _free_port() -> int:
@@ -47,6 +49,18 @@ async def _servers(root: Path, model: Path, **settings: Any) -> AsyncIterator[tu
             config = server_config(root / node, model, node_id=node, peers=peers, api_port=ports[node], **settings)
             running.append(await stack.enter_async_context(contextlib.asynccontextmanager(start_server)(config)))
         yield running[0], running[1]
+
+
+async def _walk(client: httpx.AsyncClient, headers: dict[str, str] | None = None, **query: Any) -> list[Any]:
+    """Every page of GET /v1/generations, following next_cursor."""
+    items, cursor = [], None
+    while True:
+        params = {**query, **({"cursor": cursor} if cursor else {})}
+        page = (await client.get("/v1/generations", params=params, headers=headers)).json()
+        assert page["unreachable"] == ([] if headers else [SILENT_PEER])
+        items += page["items"]
+        if (cursor := page["next_cursor"]) is None:
+            return items
 
 
 def _pixels(png: bytes) -> bytes:
@@ -106,9 +120,14 @@ async def test_any_server_answers_for_the_tasks_of_every_other(tmp_path: Path, t
         split = await b.client.post("/v1/generations", json={"prompt": "a knight", "control": both})
         assert split.status_code == 422 and split.json()["error"]["field"] == "control"
 
-        # Each server lists the tasks it made.
-        listed = (await b.client.get("/v1/generations", params={"limit": 100})).json()["items"]
-        assert listed and all(item["id"].startswith("box-b-") for item in listed)
+        # Either server lists every task, newest first, page by page; the silent box-c is named on each page.
+        walks = [await _walk(server.client, limit=3) for server in (a, b)]
+        alone = [await _walk(server.client, limit=100, headers=ONE_SERVER) for server in (a, b)]
+        made = sorted(alone[0] + alone[1], key=lambda item: (item["created_at"], item["id"]), reverse=True)
+        assert [item["id"] for item in walks[0]] == [item["id"] for item in walks[1]] == [item["id"] for item in made]
+        assert {item["id"][:5] for item in made} == {"box-a", "box-b"} and len(made) == 7
+        succeeded = await _walk(b.client, limit=2, state="succeeded")
+        assert [item["id"] for item in succeeded] == [item["id"] for item in made if item["state"] == "succeeded"]
 
 
 async def test_ids_of_unknown_or_silent_servers_get_clear_errors(tmp_path: Path, tiny_model: Path) -> None:
