@@ -2,7 +2,7 @@
 each shows only what the caller may see), merged newest first.
 
 The cursor holds where each server's list goes on, joined by "_": the id of the last task shown from it, or
-the server's name alone when none of its tasks has been shown yet. A server missing from the cursor has
+`<server>.newest` while none of its tasks has been shown yet. A server missing from the cursor has
 nothing more to show. Ids never contain "_", and each names its server. A server that does not answer is
 named in the page's `unreachable`, and its part of the list is asked for again with the next page, if
 there is one.
@@ -24,6 +24,7 @@ from protocols.views import API, ListQuery, TaskList, TaskView
 
 log = logging.getLogger(__name__)
 
+FROM_NEWEST = ".newest"
 # One server's page: newest first, after the task with this id (None: from its newest).
 LocalPage = Callable[[str | None], Awaitable[list[TaskView]]]
 
@@ -32,12 +33,17 @@ def cursor_positions(cursor: str, servers: list[str]) -> dict[str, str | None]:
     """Where each listed server goes on: after a task id, or None for its newest. Unknown servers are skipped."""
     positions: dict[str, str | None] = {}
     for token in cursor.split("_"):
-        node = node_of(token) if not BARE_TASK_ID.match(token) else ""  # a bare id: a server without a node id
+        if token.endswith(FROM_NEWEST):
+            node, after = token.removesuffix(FROM_NEWEST), None
+        else:
+            node, after = ("" if BARE_TASK_ID.match(token) else node_of(token) or ""), token  # "": no node id
         if node in servers:
-            positions[node] = token
-        elif token in servers:
-            positions[token] = None
+            positions[node] = after
     return positions
+
+
+def _place(node: str, after: str | None) -> str:
+    return after or node + FROM_NEWEST
 
 
 async def fleet_page(query: ListQuery, here: LocalPage, peers: Peers, scope: Scope) -> TaskList:
@@ -69,9 +75,9 @@ async def fleet_page(query: ListQuery, here: LocalPage, peers: Peers, scope: Sco
     for node, views in pages.items():
         from_here = [view for view, source in shown if source == node]
         if len(from_here) < len(views) or len(views) == query.limit:  # it may have more
-            goes_on.append(from_here[-1].id if from_here else (positions[node] or node))
+            goes_on.append(_place(node, from_here[-1].id if from_here else positions[node]))
     if goes_on:  # the silent ones are asked again with the next page; a last page does not wait for them
-        goes_on += [positions[node] or node for node in silent]
+        goes_on += [_place(node, positions[node]) for node in silent]
     return TaskList(items=[view for view, _ in shown], next_cursor="_".join(goes_on) or None, unreachable=silent)
 
 

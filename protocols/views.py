@@ -88,8 +88,8 @@ class TaskList(msgspec.Struct, frozen=True, kw_only=True):
 
 
 # One server's position, or "_"-joined positions of several servers (see protocols/fleet_list.py): a task id,
-# or a server's name alone.
-_POSITION = rf"(?:{NODE_ID}-)?[0-9a-f]{{32}}|{NODE_ID}"
+# or `<server>.newest`.
+_POSITION = rf"(?:{NODE_ID}-)?[0-9a-f]{{32}}|{NODE_ID}\.newest"
 _CURSOR = rf"^(?:[0-9]{{1,18}}|(?:{_POSITION})(?:_(?:{_POSITION}))*)$"
 
 
