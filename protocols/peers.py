@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import anyio
 import httpx
@@ -24,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketState
 from starlette.websockets import WebSocketDisconnect as ClientDisconnect
 
-from forge.errors import ForgeError
+from forge.errors import ForgeError, InvalidRequest
 from forge.nodes import node_of
 from protocols.views import API, error_view
 
@@ -54,7 +55,7 @@ class Peers:
     node_id: str
     urls: Mapping[str, str]
 
-    @property
+    @cached_property
     def others(self) -> dict[str, str]:
         """The other servers' base URLs, by node id."""
         return {node: url.rstrip("/") for node, url in self.urls.items() if node != self.node_id}
@@ -63,6 +64,14 @@ class Peers:
         """The base URL of the other server that made `some_id`, if it is one of the peers."""
         node = node_of(some_id)
         return None if node is None else self.others.get(node)
+
+    def holder(self, ids: Iterable[str], *, field: str, several: str) -> str | None:
+        """The base URL of the other server that made every one of `ids`; None when this server did (or they
+        name no peer). Ids of several servers are a 422 on `field`, with the message `several`."""
+        holders = {self.url_for(some_id) for some_id in ids}  # None stands for this server
+        if len(holders) > 1:
+            raise InvalidRequest(several, field=field, rule="server")
+        return holders.pop() if holders else None
 
 
 NO_PEERS = Peers(node_id="", urls={})

@@ -324,14 +324,11 @@ class RestApi:
     def _upload_holder(self, generation: GenerationRequest) -> str | None:
         """The other server that holds the uploads this request names, which must then make the task."""
         images = [control.image for _, control in requested_controls(generation) if control.image is not None]
-        holders = {self.peers.url_for(image.removeprefix(UPLOAD_PREFIX)) for image in images if UPLOAD_ID.match(image)}
-        if len(holders) > 1:  # None stands for this server
-            raise InvalidRequest(
-                "control images uploaded to different servers cannot guide one task; send them inline",
-                field="control",
-                rule="server",
-            )
-        return holders.pop() if holders else None
+        return self.peers.holder(
+            (image.removeprefix(UPLOAD_PREFIX) for image in images if UPLOAD_ID.match(image)),
+            field="control",
+            several="control images uploaded to different servers cannot guide one task; send them inline",
+        )
 
     def _view(self, record: TaskRecord) -> TaskView:
         return live_task_view(record, self.scheduler, self.hub)

@@ -23,7 +23,7 @@ from actors.ingress import Ingress
 from actors.postprocess import SPRITE_SHEET_ATLAS, SPRITE_SHEET_IMAGE
 from engines.sprite_sheet import pack
 from forge.auth import Authenticator
-from forge.errors import Conflict, InvalidRequest, NotFound
+from forge.errors import Conflict, NotFound
 from forge.nodes import TASK_ID, TASK_ID_PATTERN, new_id
 from forge.tasks import TaskState
 from forge.validation import decode_json
@@ -77,12 +77,8 @@ class SpriteSheetRoutes:
         owner = visible_owner(await principal_of(request, self.auth))
         body = await read_body(request, MAX_BODY)
         sheet = decode_json(body, SheetRequest)
-        holders = {self.peers.url_for(task_id) for task_id in sheet.tasks}  # None: this server
-        if len(holders) > 1:
-            raise InvalidRequest(
-                "a sheet packs the generations of one server; these were made by several", field="tasks", rule="server"
-            )
-        if (holder := holders.pop()) is not None:
+        several = "a sheet packs the generations of one server; these were made by several"
+        if (holder := self.peers.holder(sheet.tasks, field="tasks", several=several)) is not None:
             return PeerResponse(holder, self.peers.node_id, body)
         frames: list[tuple[str, Path]] = []
         for index, task_id in enumerate(sheet.tasks):
