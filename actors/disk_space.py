@@ -41,10 +41,13 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 class DiskSpace:
-    """Which writes are waiting for space now (one server shares one)."""
+    """Which writes are waiting for space now (one server shares one). The same wait serves a store that is
+    out of reach for a while (Redis): `waits_on` says which errors are worth waiting out, `reason` names them."""
 
-    def __init__(self) -> None:
+    def __init__(self, waits_on: Callable[[BaseException], bool] = is_disk_full, reason: str = "disk full") -> None:
         self._waiting = 0
+        self._waits_on = waits_on
+        self._reason = reason
 
     @property
     def full(self) -> bool:
@@ -62,23 +65,23 @@ class DiskSpace:
             while True:
                 try:
                     result = await attempt()
-                except (sqlite3.OperationalError, OSError) as exc:
-                    if not is_disk_full(exc):
+                except Exception as exc:
+                    if not self._waits_on(exc):
                         raise
                     now = time.monotonic()
                     if not waiting:
                         since = reported = now
                         waiting = True
                         self._waiting += 1
-                        log.error("disk full: %s waits until space is freed (%s)", what, exc)
+                        log.error("%s: %s waits (%s)", self._reason, what, exc)
                     elif now - reported >= REPORT_EVERY_S:
                         reported = now
-                        log.error("disk full: %s still waiting after %.0f s", what, now - since)
+                        log.error("%s: %s still waiting after %.0f s", self._reason, what, now - since)
                     await anyio.sleep(delay)
                     delay = min(delay * 2, MOST_RETRY_S)
                     continue
                 if waiting:
-                    log.warning("space freed: %s written after %.0f s", what, time.monotonic() - since)
+                    log.warning("%s no more: %s written after %.0f s", self._reason, what, time.monotonic() - since)
                 return result
         finally:
             if waiting:

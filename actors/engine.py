@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, assert_never
 
 import anyio
@@ -17,11 +18,11 @@ from anyio.from_thread import BlockingPortal
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from actors.device_thread import DeviceThread
-from actors.hub import EventHub
+from actors.hub import Events
 from actors.latest_value import LatestValue
 from actors.lifecycle import cancel_task, fail_task
 from actors.model_catalog import ModelCatalog
-from actors.store import Store
+from actors.store import TaskStore
 from actors.uploads import UploadStore
 from engines.cache import ModelCache
 from engines.loader import BackendSettings, load_engine, prepare_thread
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHUTDOWN = "shutdown"
+CLAIM_LOST = "claim lost"  # the fleet's reaper gave the task to a newer attempt: this run's result is void
 PROGRESS_FLUSH_S = 1.0
 
 
@@ -95,8 +97,8 @@ class EngineActor:
         memory_budget: int,
         cpu_threads: int,
         previews: PreviewSettings,
-        store: Store,
-        hub: EventHub,
+        store: TaskStore,
+        hub: Events,
         inbox: MemoryObjectReceiveStream[EngineInbox],
         scheduler: MemoryObjectSendStream[SchedulerInbox],
         postprocess: MemoryObjectSendStream[PostprocessInbox],
@@ -216,7 +218,8 @@ class EngineActor:
             if model is None:
                 raise ModelLoadError(task.spec.model, f"model {task.spec.model!r} is no longer configured")
             progress = LatestValue(portal, self._hub.publish)
-            return _Run(assignment, model, self._job(task, assignment.cancel, progress, model), progress)
+            uploads = await anyio.to_thread.run_sync(self._upload_paths, task)  # may fetch them from the store
+            return _Run(assignment, model, self._job(task, assignment.cancel, progress, model, uploads), progress)
         except (ModelLoadError, AssetError) as exc:
             await self._end(assignment, exc)
             return None
@@ -265,6 +268,14 @@ class EngineActor:
     ) -> None:
         """Hand a task's images on, or end it by what went wrong."""
         task, cancel = assignment.task, assignment.cancel
+        if cancel.reason == CLAIM_LOST:
+            log.warning(
+                "engine %s: task %s attempt %d was given to a newer attempt; dropped",
+                self.device,
+                task.id,
+                task.attempt,
+            )
+            return
         if isinstance(outcome, GenerationResult) and cancel.is_set() and cancel.reason != SHUTDOWN:
             outcome = JobCancelled()  # cancelled while the rest of its batch went on
         match outcome:
@@ -309,7 +320,17 @@ class EngineActor:
             task.id, attempt=task.attempt, from_states=[TaskState.RUNNING], to=TaskState.QUEUED
         )
 
-    def _job(self, task: TaskRecord, cancel: CancelFlag, progress: LatestValue[AnyTaskEvent], model: ModelInfo) -> Job:
+    def _upload_paths(self, task: TaskRecord) -> dict[str, Path | None]:
+        return {c.image: self._uploads.path(c.image) for c in task.spec.control if c.image is not None}
+
+    def _job(
+        self,
+        task: TaskRecord,
+        cancel: CancelFlag,
+        progress: LatestValue[AnyTaskEvent],
+        model: ModelInfo,
+        uploads: dict[str, Path | None],
+    ) -> Job:
         """The engine's job: names resolved to files now (a LoRA or upload may have gone since the request)."""
         spec = task.spec
         loras = []
@@ -322,7 +343,7 @@ class EngineActor:
         for control in spec.control:
             image = None
             if control.image is not None:
-                upload = self._uploads.path(control.image)
+                upload = uploads.get(control.image)
                 if upload is None:
                     raise AssetError("control_invalid", f"the upload {control.image} is gone")
                 image = str(upload)

@@ -1,9 +1,11 @@
-"""Fan-out of task events to subscribers (WebSockets, MCP progress, UI), with the latest progress kept."""
+"""Fan-out of task events to subscribers (WebSockets, MCP progress, UI), with the latest progress kept: the
+hub of one box. A fleet's hub (`actors/redis_events.py`) has the same interface over per-task Redis streams."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -11,6 +13,26 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from forge.events import TERMINAL_EVENTS, AnyTaskEvent, Progress
 
 SUBSCRIBER_BUFFER = 64
+
+
+class Events(Protocol):
+    """What actors and adapters use of a hub, the one-box `EventHub` or the fleet's `RedisEventHub`."""
+
+    def add_tap(self, fn: Callable[[AnyTaskEvent], None]) -> None: ...
+
+    def subscribe(self, task_id: str) -> AbstractAsyncContextManager[MemoryObjectReceiveStream[AnyTaskEvent]]: ...
+
+    def publish(self, event: AnyTaskEvent) -> None: ...
+
+    def recorded(self, event: AnyTaskEvent) -> None: ...
+
+    def latest_progress(self, task_id: str) -> Progress | None: ...
+
+    def forget_progress(self, task_id: str) -> None: ...
+
+    def has_subscribers(self, task_id: str) -> bool: ...
+
+    def statistics(self) -> dict[str, int]: ...
 
 
 class EventHub:
@@ -23,8 +45,9 @@ class EventHub:
         """`fn` sees every event of every task (metrics); it must not block."""
         self._taps.append(fn)
 
-    @contextmanager
-    def subscribe(self, task_id: str) -> Iterator[MemoryObjectReceiveStream[AnyTaskEvent]]:
+    @asynccontextmanager
+    async def subscribe(self, task_id: str) -> AsyncIterator[MemoryObjectReceiveStream[AnyTaskEvent]]:
+        """Every event of the task from now on; read the task's state after entering, so nothing is missed."""
         send, receive = anyio.create_memory_object_stream[AnyTaskEvent](SUBSCRIBER_BUFFER)
         self._subscribers.setdefault(task_id, set()).add(send)
         try:
@@ -55,6 +78,10 @@ class EventHub:
                     send.close()
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass
+
+    def recorded(self, event: AnyTaskEvent) -> None:
+        """An event the store recorded with its transition (it keeps none on one box: publish it here)."""
+        self.publish(event)
 
     def latest_progress(self, task_id: str) -> Progress | None:
         return self._progress.get(task_id)

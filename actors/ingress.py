@@ -1,40 +1,71 @@
 """Ingress: validates a request against the model and config, persists it, then hands it to the scheduler.
 
-A task exists, and may be acknowledged to the client, only once its `queued` row is committed.
+A task exists, and may be acknowledged to the client, only once the store has committed it (with its queue
+entry, in a fleet). Adapters reach tasks, models and files only through ingress and the store.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import sqlite3
+from dataclasses import dataclass
 from functools import partial
+from typing import Protocol
 
 import anyio
 import msgspec
 import structlog
 from anyio.streams.memory import MemoryObjectSendStream
 
-from actors.hub import EventHub
-from actors.model_catalog import ModelCatalog
-from actors.rate_limits import RateLimiter
-from actors.store import Store
+from actors.hub import Events
+from actors.model_catalog import ModelCatalog, ModelStatus
+from actors.store import Admission, IdempotencyConflict, TaskStore
 from actors.uploads import UploadStore
 from forge.auth import LOCAL, Principal
 from forge.config import Config
 from forge.engine import ModelInfo
-from forge.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
-from forge.events import TERMINAL_EVENTS
+from forge.errors import Conflict, Forbidden, InvalidRequest, NotFound, ServiceUnavailable
+from forge.events import TERMINAL_EVENTS, Progress
 from forge.logs import request_id as forge_request_id
-from forge.messages import Cancel, SchedulerInbox, Submit
-from forge.nodes import node_of
+from forge.messages import SchedulerInbox, Submit
 from forge.requests import ControlRequest, GenerationRequest, GenerationSpec
 from forge.resolve import Resources, requested_controls, resolve_request
-from forge.tasks import ACTIVE_STATES, TaskRecord, TaskState
+from forge.tasks import TaskRecord, TaskState
 
 DEFAULT_OWNER = "local"
 log = logging.getLogger(__name__)
 CANCEL_WAIT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Live:
+    """What a task's row does not say: where it stands in the queue, how far it is, where it runs."""
+
+    position: int | None = None
+    progress: Progress | None = None
+    device: str = ""
+    batch: int = 0
+    worker: str = ""
+
+
+class LiveState(Protocol):
+    async def live(self, task: TaskRecord) -> Live: ...
+
+
+class Canceller(Protocol):
+    async def cancel(self, task: TaskRecord) -> None:
+        """Ask for the task's end: a queued one ends now; a running one at its engine's next step."""
+        ...
+
+
+class ModelControl(Protocol):
+    """The models every engine (of this box, or of the fleet's workers) holds, and loading or unloading them."""
+
+    async def statuses(self) -> list[ModelStatus]: ...
+
+    async def load(self, model: ModelInfo) -> None: ...
+
+    async def unload(self, model_id: str) -> None: ...
 
 
 class Ingress:
@@ -45,13 +76,18 @@ class Ingress:
         catalog: ModelCatalog,
         resources: Resources,
         uploads: UploadStore,
-        store: Store,
-        hub: EventHub,
-        scheduler_inbox: MemoryObjectSendStream[SchedulerInbox],
-        limiter: RateLimiter | None = None,
+        store: TaskStore,
+        hub: Events,
+        live: LiveState,
+        canceller: Canceller,
+        models: ModelControl,
+        scheduler_inbox: MemoryObjectSendStream[SchedulerInbox] | None = None,
     ) -> None:
-        self._limiter = limiter
+        """`scheduler_inbox`: this box's scheduler, which keeps the queue (None in a fleet: the store does)."""
         self._config = config
+        self._live = live
+        self._canceller = canceller
+        self.models = models
         self.catalog = catalog
         self.resources = resources
         self.uploads = uploads
@@ -59,10 +95,6 @@ class Ingress:
         self._hub = hub
         self._scheduler_inbox = scheduler_inbox
         self.accepting = True
-        self._admission = anyio.Lock()
-
-    def set_limiter(self, limiter: RateLimiter) -> None:
-        self._limiter = limiter
 
     def close(self) -> None:
         """Stop taking new work (shutdown); everything already accepted stays in the store."""
@@ -111,36 +143,35 @@ class Ingress:
             raise ServiceUnavailable("the server is shutting down; retry shortly")
         request_hash = hashlib.sha256(msgspec.json.encode(request)).hexdigest()
         spec = self.resolve(await self._store_inline_images(request))
-        if idempotency_key is not None:
+        if idempotency_key is not None:  # a replay is free: it passes no limit
             earlier = await self._replay(owner, idempotency_key, request_hash)
             if earlier is not None:
                 return earlier, True
         try:
-            # Counting and inserting under one lock: concurrent submissions cannot both take the last place.
-            async with self._admission:
-                await self._admit(principal)
-                record = await self._store.insert(
-                    owner=owner, spec=spec, idempotency_key=idempotency_key, request_hash=request_hash
-                )
-        except sqlite3.IntegrityError:  # the same key, submitted concurrently, won the race
+            record = await self._store.insert(
+                owner=owner,
+                spec=spec,
+                admission=self._admission(principal),
+                idempotency_key=idempotency_key,
+                request_hash=request_hash,
+            )
+        except IdempotencyConflict as taken:  # the same key, submitted concurrently, won the race
             earlier = await self._replay(owner, idempotency_key or "", request_hash)
             if earlier is None:
-                raise
+                raise ServiceUnavailable(f"task {taken.task_id} is being recorded; retry") from None
             return earlier, True
         request_id = str(structlog.contextvars.get_contextvars().get("request_id", ""))
         log.info("accepted task %s", record.id, extra={"task_id": record.id})
-        await self._scheduler_inbox.send(Submit(task=record, request_id=request_id))
+        if self._scheduler_inbox is not None:
+            await self._scheduler_inbox.send(Submit(task=record, request_id=request_id))
         return record, False
 
-    async def _admit(self, principal: Principal) -> None:
-        """Refuse new work while the queue is full or the owner's plan has no room (replays are free)."""
-        if await self._store.count([TaskState.QUEUED]) >= self._config.max_queue:
-            raise ServiceUnavailable(
-                f"the queue is full ({self._config.max_queue} tasks); retry later", retry_after_s=30
-            )
-        if self._limiter is not None:
-            in_flight = await self._store.count([TaskState.QUEUED, *ACTIVE_STATES], owner=principal.owner)
-            self._limiter.admit(principal, in_flight)
+    def _admission(self, principal: Principal) -> Admission:
+        """Refuse new work while the queue is full or the owner's plan has no room."""
+        plan = self._config.plans.get(principal.plan)
+        if plan is None:
+            raise Forbidden(f"unknown plan {principal.plan!r}", field="plan")
+        return Admission(max_queue=self._config.max_queue, plan_name=principal.plan, plan=plan)
 
     async def _replay(self, owner: str, key: str, request_hash: str) -> TaskRecord | None:
         found = await self._store.find_idempotent(owner, key)
@@ -162,31 +193,39 @@ class Ingress:
         """The task if `owner` may see it (None: any owner, for admins); another owner's is not found."""
         record = await self._store.get(task_id)
         if record is None or (owner is not None and record.owner != owner):
-            raise NotFound(self._not_here(task_id), field="id")
+            raise NotFound(f"no generation with id {task_id!r}", field="id")
         return record
 
-    def _not_here(self, task_id: str) -> str:
-        node = node_of(task_id)
-        if node is None or node == self._config.node_id:
-            return f"no generation with id {task_id!r}"
-        where = self._config.peers.get(node)
-        at = f" at {where}" if where else ", which is not among this server's peers"
-        return f"no generation with id {task_id!r} here: it was made by server {node!r}{at}"
-
     async def cancel(self, task_id: str, *, owner: str | None = DEFAULT_OWNER) -> TaskRecord:
-        """Cancel exactly this task, queued or running; waits briefly for the engine to stop it."""
+        """Cancel exactly this task, queued or running (on any worker); waits briefly for it to stop."""
         record = await self.get(task_id, owner=owner)
         if record.state is TaskState.CANCELLED:
             return record
         if record.state.is_terminal:
             raise Conflict(f"generation {task_id} already ended as {record.state}", field="id", rule="state")
-        with self._hub.subscribe(task_id) as events:
-            await self._scheduler_inbox.send(Cancel(task_id=task_id))
+        async with self._hub.subscribe(task_id) as events:
+            await self._canceller.cancel(record)
             with anyio.move_on_after(CANCEL_WAIT_S):
-                async for event in events:
-                    if isinstance(event, TERMINAL_EVENTS):
-                        break
+                current = await self.get(task_id, owner=owner)
+                if not current.state.is_terminal:
+                    async for event in events:
+                        if isinstance(event, TERMINAL_EVENTS):
+                            break
         return await self.get(task_id, owner=owner)
+
+    async def live(self, record: TaskRecord) -> Live:
+        return await self._live.live(record)
+
+    # -- models --
+
+    async def model_statuses(self) -> list[ModelStatus]:
+        return await self.models.statuses()
+
+    async def model_status(self, model_id: str) -> ModelStatus:
+        status = next((s for s in await self.models.statuses() if s.id == model_id), None)
+        if status is None:
+            raise NotFound(f"no model {model_id!r}", field="id")
+        return status
 
     async def list(
         self,

@@ -1,5 +1,6 @@
-"""API keys, kept hashed in the server's SQLite database. Synchronous (sqlite3): the CLI uses it
-directly, the server from a worker thread. A key is shown once, when it is made."""
+"""API keys, kept hashed in the store: SQLite on one box, Redis for a fleet (so a key made once works on every
+node). Synchronous: the CLI uses it directly, the server from a worker thread. A key is shown once, when it
+is made."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import secrets
 import sqlite3
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Protocol
 
 import msgspec
-from msgspec import Meta
+import redis
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -37,14 +38,10 @@ class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
     revoked_at: float | None = None
 
 
-class KeyRecord(ApiKey, frozen=True, kw_only=True):
-    """A key as stored, for copying keys to another server: the secret's hash, never the secret."""
+class StoredKey(ApiKey, frozen=True, kw_only=True):
+    """A key as stored: with its secret's hash, never the secret."""
 
-    secret_hash: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
-
-
-class KeyExport(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    keys: list[KeyRecord]
+    secret_hash: str
 
 
 def _hash(secret: str) -> str:
@@ -52,7 +49,66 @@ def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+class KeyBackend(Protocol):
+    def add(self, key: StoredKey) -> None: ...
+
+    def find(self, key_id: str) -> StoredKey | None: ...
+
+    def all(self) -> list[StoredKey]: ...
+
+    def mark_revoked(self, key_id: str, at: float) -> bool: ...
+
+
 class KeyStore:
+    def __init__(self, backend: KeyBackend) -> None:
+        self.backend = backend
+
+    def create(self, owner: str, plan: str, scopes: list[str]) -> tuple[ApiKey, str]:
+        key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+        stored = StoredKey(
+            id=key_id,
+            owner=owner,
+            plan=plan,
+            scopes=sorted(set(scopes)),
+            created_at=time.time(),
+            secret_hash=_hash(secret),
+        )
+        self.backend.add(stored)
+        return _public(stored), f"{PREFIX}{key_id}_{secret}"
+
+    def list(self) -> list[ApiKey]:
+        return [_public(key) for key in sorted(self.backend.all(), key=lambda key: key.created_at)]
+
+    def revoke(self, key_id: str) -> bool:
+        return self.backend.mark_revoked(key_id, time.time())
+
+    def verify(self, token: str) -> ApiKey | None:
+        """The key a token stands for, if it exists, matches and is not revoked."""
+        if not token.startswith(PREFIX):
+            return None
+        key_id, _, secret = token[len(PREFIX) :].partition("_")
+        stored = self.backend.find(key_id)
+        if (
+            stored is None
+            or stored.revoked_at is not None
+            or not hmac.compare_digest(stored.secret_hash, _hash(secret))
+        ):
+            return None
+        return _public(stored)
+
+
+def _public(key: StoredKey) -> ApiKey:
+    return ApiKey(
+        id=key.id,
+        owner=key.owner,
+        plan=key.plan,
+        scopes=key.scopes,
+        created_at=key.created_at,
+        revoked_at=key.revoked_at,
+    )
+
+
+class SqliteKeys:
     def __init__(self, database: Path) -> None:
         self.database = database
         self._schema_ready = False
@@ -67,84 +123,70 @@ class KeyStore:
             self._schema_ready = True
         return connection
 
-    def create(self, owner: str, plan: str, scopes: list[str]) -> tuple[ApiKey, str]:
-        key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
-        key = ApiKey(id=key_id, owner=owner, plan=plan, scopes=sorted(set(scopes)), created_at=time.time())
+    def add(self, key: StoredKey) -> None:
         with self._connect() as db:
             db.execute(
-                "INSERT INTO api_keys (id, secret_hash, owner, plan, scopes, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (key.id, _hash(secret), owner, plan, " ".join(key.scopes), key.created_at),
+                "INSERT INTO api_keys (id, secret_hash, owner, plan, scopes, created_at, revoked_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key.id, key.secret_hash, key.owner, key.plan, " ".join(key.scopes), key.created_at, key.revoked_at),
             )
-        return key, f"{PREFIX}{key_id}_{secret}"
 
-    def list(self) -> list[ApiKey]:
-        return list(self.export().keys)
-
-    def export(self) -> KeyExport:
+    def _rows(self, where: str = "", args: tuple[str, ...] = ()) -> list[StoredKey]:
         with self._connect() as db:
             rows = db.execute(
-                "SELECT id, owner, plan, scopes, created_at, revoked_at, secret_hash FROM api_keys ORDER BY created_at"
+                f"SELECT id, owner, plan, scopes, created_at, revoked_at, secret_hash FROM api_keys {where}", args
             ).fetchall()
-        return KeyExport(
-            keys=[
-                KeyRecord(
-                    id=r[0],
-                    owner=r[1],
-                    plan=r[2],
-                    scopes=r[3].split(),
-                    created_at=r[4],
-                    revoked_at=r[5],
-                    secret_hash=r[6],
-                )
-                for r in rows
-            ]
-        )
-
-    def import_keys(self, exported: KeyExport) -> tuple[int, int]:
-        """Add the keys this store lacks and take over revocations (a revoked key stays revoked); returns
-        (added, revoked). A key id that exists here with another secret is refused, and nothing changes."""
-        added = revoked = 0
-        with self._connect() as db:
-            for key in exported.keys:
-                row = db.execute("SELECT secret_hash, revoked_at FROM api_keys WHERE id = ?", (key.id,)).fetchone()
-                if row is None:
-                    db.execute(
-                        "INSERT INTO api_keys (id, secret_hash, owner, plan, scopes, created_at, revoked_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            key.id,
-                            key.secret_hash,
-                            key.owner,
-                            key.plan,
-                            " ".join(key.scopes),
-                            key.created_at,
-                            key.revoked_at,
-                        ),
-                    )
-                    added += 1
-                elif not hmac.compare_digest(row[0], key.secret_hash):
-                    raise ValueError(f"key {key.id} exists here with another secret")
-                elif key.revoked_at is not None and row[1] is None:
-                    db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (key.revoked_at, key.id))
-                    revoked += 1
-        return added, revoked
-
-    def revoke(self, key_id: str) -> bool:
-        with self._connect() as db:
-            done = db.execute(
-                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (time.time(), key_id)
+        return [
+            StoredKey(
+                id=r[0], owner=r[1], plan=r[2], scopes=r[3].split(), created_at=r[4], revoked_at=r[5], secret_hash=r[6]
             )
+            for r in rows
+        ]
+
+    def find(self, key_id: str) -> StoredKey | None:
+        found = self._rows("WHERE id = ?", (key_id,))
+        return found[0] if found else None
+
+    def all(self) -> list[StoredKey]:
+        return self._rows()
+
+    def mark_revoked(self, key_id: str, at: float) -> bool:
+        with self._connect() as db:
+            done = db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (at, key_id))
             return done.rowcount == 1
 
-    def verify(self, token: str) -> ApiKey | None:
-        """The key a token stands for, if it exists, matches and is not revoked."""
-        if not token.startswith(PREFIX):
-            return None
-        key_id, _, secret = token[len(PREFIX) :].partition("_")
-        with self._connect() as db:
-            row = db.execute(
-                "SELECT secret_hash, owner, plan, scopes, created_at, revoked_at FROM api_keys WHERE id = ?", (key_id,)
-            ).fetchone()
-        if row is None or row[5] is not None or not hmac.compare_digest(row[0], _hash(secret)):
-            return None
-        return ApiKey(id=key_id, owner=row[1], plan=row[2], scopes=row[3].split(), created_at=row[4])
+
+class RedisKeys:
+    """Each key a JSON string under `forge:key:<id>`, listed in the set `forge:keys`."""
+
+    _REVOKE = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+local key = cjson.decode(raw)
+if key['revoked_at'] ~= nil and key['revoked_at'] ~= cjson.null then return 0 end
+key['revoked_at'] = tonumber(ARGV[1])
+redis.call('SET', KEYS[1], cjson.encode(key))
+return 1
+"""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._revoke = client.register_script(self._REVOKE)
+
+    def add(self, key: StoredKey) -> None:
+        with self._client.pipeline() as pipe:
+            pipe.set(f"forge:key:{key.id}", msgspec.json.encode(key), nx=True)
+            pipe.sadd("forge:keys", key.id)
+            pipe.execute()
+
+    def find(self, key_id: str) -> StoredKey | None:
+        raw = self._client.get(f"forge:key:{key_id}")
+        return msgspec.json.decode(raw, type=StoredKey) if raw else None  # type: ignore[arg-type]
+
+    def all(self) -> list[StoredKey]:
+        ids = sorted(member.decode() for member in self._client.smembers("forge:keys"))  # type: ignore[union-attr]
+        raws = self._client.mget([f"forge:key:{key_id}" for key_id in ids]) if ids else []
+        return [msgspec.json.decode(raw, type=StoredKey) for raw in raws if raw]  # type: ignore[union-attr]
+
+    def mark_revoked(self, key_id: str, at: float) -> bool:
+        return bool(self._revoke(keys=[f"forge:key:{key_id}"], args=[at]))

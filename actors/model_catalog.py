@@ -91,6 +91,15 @@ class ModelCatalog:
             del self._loading[device]
         self._errors[model_id] = message
 
+    def loaded_on(self, device: str) -> dict[str, int]:
+        return dict(self._loaded.get(device, {}))
+
+    def loading_devices(self) -> dict[str, str]:
+        return dict(self._loading)
+
+    def errors(self) -> dict[str, str]:
+        return dict(self._errors)
+
     def holds(self, device: str, model_id: str) -> bool:
         return model_id in self._loaded.get(device, {})
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -21,10 +20,11 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from PIL.Image import Image
 
 from actors.device_thread import DeviceThread
-from actors.encoding import EXTENSIONS, encode_image, write_atomically
-from actors.hub import EventHub
+from actors.encoding import EXTENSIONS, encode_image
+from actors.files import Files
+from actors.hub import Events
 from actors.lifecycle import fail_task
-from actors.store import Store
+from actors.store import TaskStore
 from engines.image_ops import hex_rgb
 from engines.postprocess import PostprocessTools, planned_steps
 from engines.sprite_sheet import pack
@@ -76,8 +76,13 @@ class ResultMetadata(msgspec.Struct, frozen=True, kw_only=True):
     version: str = __version__
 
 
+def attempt_folder(task_id: str, attempt: int) -> str:
+    """Where an attempt's files go: a retry writes beside the first, never over a result that may still win."""
+    return task_id if attempt <= 1 else f"{task_id}/attempt-{attempt}"
+
+
 def write_outputs(
-    outputs: Path,
+    files: Files,
     *,
     task_id: str,
     spec: GenerationSpec,
@@ -89,14 +94,15 @@ def write_outputs(
     created_at: float,
     applied: list[list[str]] | None = None,
 ) -> tuple[list[str], str]:
-    """Encode and write every image, the sprite sheet if asked for, and metadata.json; returns paths
-    relative to `outputs`."""
+    """Encode and write every image, the sprite sheet if asked for, and metadata.json; returns their names
+    (the images', then metadata.json's; the sprite sheet lies beside metadata.json)."""
+    folder = attempt_folder(task_id, attempt)
     options = spec.postprocess or PostprocessRequest()
     entries = []
     for index, (image, seed) in enumerate(zip(images, spec.seeds, strict=True)):
         steps = applied[index] if applied else []
         parameters = infotext(spec, seed, model.name, postprocess=steps)
-        name = f"{task_id}/{index}.{EXTENSIONS[spec.output_format]}"
+        name = f"{folder}/{index}.{EXTENSIONS[spec.output_format]}"
         encoded = encode_image(
             image,
             spec.output_format,
@@ -105,7 +111,7 @@ def write_outputs(
             lossless=options.lossless,
             matte=hex_rgb(options.matte),
         )
-        write_atomically(outputs / name, encoded)
+        files.write(name, encoded)
         entries.append(
             ImageMetadata(
                 file=name, seed=seed, width=image.width, height=image.height, parameters=parameters, postprocess=steps
@@ -117,9 +123,9 @@ def write_outputs(
         atlas, document = pack(frames, SPRITE_SHEET_IMAGE, options.sprite_sheet.columns, options.sprite_sheet.padding)
         buffer = io.BytesIO()
         atlas.save(buffer, format="PNG")
-        write_atomically(outputs / task_id / SPRITE_SHEET_IMAGE, buffer.getvalue())
-        write_atomically(outputs / task_id / SPRITE_SHEET_ATLAS, json.dumps(document, indent=1).encode())
-        sheet = SpriteSheetFiles(image=f"{task_id}/{SPRITE_SHEET_IMAGE}", atlas=f"{task_id}/{SPRITE_SHEET_ATLAS}")
+        sheet = SpriteSheetFiles(image=f"{folder}/{SPRITE_SHEET_IMAGE}", atlas=f"{folder}/{SPRITE_SHEET_ATLAS}")
+        files.write(sheet.image, buffer.getvalue())
+        files.write(sheet.atlas, json.dumps(document, indent=1).encode())
     metadata = ResultMetadata(
         id=task_id,
         model=model.name,
@@ -133,19 +139,25 @@ def write_outputs(
         finished_at=time.time(),
         sprite_sheet=sheet,
     )
-    metadata_name = f"{task_id}/metadata.json"
-    write_atomically(outputs / metadata_name, msgspec.json.format(msgspec.json.encode(metadata)))
+    metadata_name = f"{folder}/metadata.json"
+    files.write(metadata_name, msgspec.json.format(msgspec.json.encode(metadata)))
     return [entry.file for entry in entries], metadata_name
+
+
+def written_files(images: list[str], metadata: str) -> list[str]:
+    """Every file `write_outputs` may have written for these names."""
+    folder = metadata.rsplit("/", 1)[0]
+    return [*images, metadata, f"{folder}/{SPRITE_SHEET_IMAGE}", f"{folder}/{SPRITE_SHEET_ATLAS}"]
 
 
 class Postprocessor:
     def __init__(
         self,
         *,
-        store: Store,
-        hub: EventHub,
+        store: TaskStore,
+        hub: Events,
         inbox: MemoryObjectReceiveStream[PostprocessInbox],
-        outputs: Path,
+        results: Files,
         tools: PostprocessTools,
         upscalers: ModelFiles,
         background_models: ModelFiles,
@@ -153,7 +165,7 @@ class Postprocessor:
         self._store = store
         self._hub = hub
         self._inbox = inbox
-        self._outputs = outputs
+        self._results = results
         self._tools = tools
         self._upscalers = upscalers
         self._background_models = background_models
@@ -165,7 +177,6 @@ class Postprocessor:
         hub.add_tap(self._on_event)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        self._outputs.mkdir(parents=True, exist_ok=True)
         task_status.started()
         try:
             await self._serve()
@@ -241,11 +252,12 @@ class Postprocessor:
 
     async def _finish_bound(self, msg: Generated) -> None:
         task = msg.task
+        entered = Postprocessing(task_id=task.id)
         if not await self._store.transition(
-            task.id, attempt=task.attempt, from_states=[TaskState.RUNNING], to=TaskState.POSTPROCESSING
+            task.id, attempt=task.attempt, from_states=[TaskState.RUNNING], to=TaskState.POSTPROCESSING, event=entered
         ):
             return  # cancelled, or superseded by a newer attempt
-        self._hub.publish(Postprocessing(task_id=task.id))
+        self._hub.recorded(entered)
         try:
             unsafe = await self._thread.run_sync(self._tools.screen, msg.images)
             if unsafe is not None:
@@ -267,7 +279,7 @@ class Postprocessor:
                 )
             write = partial(
                 write_outputs,
-                self._outputs,
+                self._results,
                 task_id=task.id,
                 spec=task.spec,
                 images=processed,
@@ -301,14 +313,16 @@ class Postprocessor:
             return
         finally:
             self._cancel = None
+        succeeded = Succeeded(task_id=task.id, images=images)
         if await self._store.transition(
             task.id,
             attempt=task.attempt,
             from_states=[TaskState.POSTPROCESSING],
             to=TaskState.SUCCEEDED,
+            event=succeeded,
             images=images,
             metadata_path=metadata,
         ):
-            self._hub.publish(Succeeded(task_id=task.id, images=images))
-        else:  # cancelled while its files were being written
-            await anyio.to_thread.run_sync(shutil.rmtree, self._outputs / task.id, True)
+            self._hub.recorded(succeeded)
+        else:  # cancelled, or taken over by a newer attempt, while its files were being written
+            await anyio.to_thread.run_sync(self._results.remove, written_files(images, metadata))

@@ -1,5 +1,6 @@
 """Per-plan limits, shared by every interface because every submission passes through ingress: requests
-per sliding window, and tasks queued or running at once, per owner."""
+per sliding window, and tasks queued or running at once, per owner. This is the one-box counter (SQLite
+store); the Redis store counts the same in Redis, inside its submit script."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import math
 import time
 from collections import deque
 
-from forge.auth import Plan, Principal
-from forge.errors import Forbidden, ForgeError
+from forge.auth import Plan
+from forge.errors import ForgeError
 
 
 class RateLimited(ForgeError):
@@ -20,29 +21,31 @@ class RateLimited(ForgeError):
         self.retry_after_s = retry_after_s
 
 
+def too_many_requests(plan_name: str, plan: Plan, retry_after_s: float) -> RateLimited:
+    return RateLimited(
+        f"plan {plan_name!r} allows {plan.requests} generations per {plan.window_s:g} s",
+        retry_after_s=max(math.ceil(retry_after_s), 1),
+    )
+
+
+def too_many_in_flight(plan_name: str, plan: Plan) -> RateLimited:
+    return RateLimited(
+        f"plan {plan_name!r} allows {plan.max_queued} generations queued or running at once", retry_after_s=5
+    )
+
+
 class RateLimiter:
-    def __init__(self, plans: dict[str, Plan]) -> None:
-        self._plans = plans
+    def __init__(self) -> None:
         self._accepted: dict[str, deque[float]] = {}
 
-    def admit(self, principal: Principal, in_flight: int) -> None:
-        """Count one submission for the principal's owner, or refuse it (429 with when to retry)."""
-        plan = self._plans.get(principal.plan)
-        if plan is None:
-            raise Forbidden(f"unknown plan {principal.plan!r}", field="plan")
+    def admit(self, owner: str, plan_name: str, plan: Plan, in_flight: int) -> None:
+        """Count one submission for `owner`, or refuse it (429 with when to retry)."""
         now = time.monotonic()
-        accepted = self._accepted.setdefault(principal.owner, deque())
+        accepted = self._accepted.setdefault(owner, deque())
         while accepted and accepted[0] <= now - plan.window_s:
             accepted.popleft()
         if plan.requests and len(accepted) >= plan.requests:
-            wait = math.ceil(accepted[0] + plan.window_s - now)
-            raise RateLimited(
-                f"plan {principal.plan!r} allows {plan.requests} generations per {plan.window_s:g} s",
-                retry_after_s=max(wait, 1),
-            )
+            raise too_many_requests(plan_name, plan, accepted[0] + plan.window_s - now)
         if plan.max_queued and in_flight >= plan.max_queued:
-            raise RateLimited(
-                f"plan {principal.plan!r} allows {plan.max_queued} generations queued or running at once",
-                retry_after_s=5,
-            )
+            raise too_many_in_flight(plan_name, plan)
         accepted.append(now)

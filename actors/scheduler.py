@@ -1,5 +1,9 @@
-"""The scheduler: owns the queue, groups compatible tasks into batches, hands batches to idle engines
-(preferring one that holds the model), and cancels exactly the task named."""
+"""The scheduler: hands batches of compatible tasks to idle engines and cancels exactly the task named.
+
+On one box it owns the queue (in memory, rebuilt from the store at start), groups compatible tasks into
+batches and prefers an engine that holds the model. In a fleet the queue is the store's (`RedisStore`): an
+idle engine claims its next batch from it, offering the models it holds, and is woken by `Wake`.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +11,23 @@ import bisect
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import assert_never
+from typing import Protocol, assert_never
 
 import anyio
 import structlog
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from actors.hub import EventHub
+from actors.hub import Events
 from actors.lifecycle import cancel_task
-from actors.store import Store
+from actors.store import TaskStore
 from forge.batching import NO_BATCHING, BatchPolicy, batch_key
 from forge.engine import CancelFlag
+from forge.errors import ForgeError
 from forge.events import Queued, Started
-from forge.messages import Assignment, Cancel, Dispatch, EngineIdle, EngineReady, SchedulerInbox, Submit
+from forge.messages import Assignment, Cancel, Dispatch, EngineIdle, EngineReady, SchedulerInbox, Submit, Wake
 from forge.tasks import TaskRecord, TaskState
 
 log = logging.getLogger(__name__)
@@ -56,18 +61,39 @@ class SchedulerStatistics:
     dispatching: bool
 
 
+class FleetQueue(Protocol):
+    """The store's queue, for a fleet's worker (see `RedisStore.claim`)."""
+
+    async def claim(
+        self, worker: str, device: str, max_images: int, holds: Sequence[str], affinity_s: float
+    ) -> list[str]: ...
+
+    async def get(self, task_id: str) -> TaskRecord | None: ...
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    queue: FleetQueue
+    worker: str
+    models_held: Callable[[str], Sequence[str]]  # device -> the models it holds
+    affinity_s: float = 10.0
+    poll_s: float = 1.0  # wakes come by pub/sub, which may drop one: look again this often anyway
+
+
 class Scheduler:
     def __init__(
         self,
-        store: Store,
-        hub: EventHub,
+        store: TaskStore,
+        hub: Events,
         inbox: MemoryObjectReceiveStream[SchedulerInbox],
         engines: dict[str, MemoryObjectSendStream[Dispatch]],
         on_enqueue: Callable[[TaskRecord], None] | None = None,
         *,
         batching: BatchPolicy = NO_BATCHING,
         holds_model: Callable[[str, str], bool] = lambda device, model_id: False,
+        fleet: FleetSettings | None = None,
     ) -> None:
+        self._fleet = fleet
         self._on_enqueue = on_enqueue
         self._batching = batching
         self._holds_model = holds_model
@@ -96,6 +122,8 @@ class Scheduler:
             while True:
                 msg: SchedulerInbox | None = None
                 wait = math.inf if self._window_closes is None else self._window_closes - time.monotonic()
+                if self._fleet is not None and self._idle:
+                    wait = min(wait, self._fleet.poll_s)
                 with anyio.move_on_after(max(wait, 0)):  # a batch window closing is the only timed event
                     try:
                         msg = await self._inbox.receive()
@@ -113,6 +141,8 @@ class Scheduler:
                 self._enqueue(task)
             case Cancel(task_id=task_id):
                 await self._cancel(task_id)
+            case Wake():
+                pass  # new work in the fleet's queue: dispatch looks
             case EngineReady(device=device):
                 self._ready.add(device)
                 self._idle.append(device)
@@ -164,6 +194,15 @@ class Scheduler:
         for running in self._running.values():
             running.cancel.set(reason)
 
+    def interrupt(self, task_id: str, reason: str) -> None:
+        """Stop one running task at its next step, for `reason` (e.g. its claim was lost to the reaper)."""
+        if (running := self._running.get(task_id)) is not None:
+            running.cancel.set(reason)
+
+    def running_tasks(self) -> list[tuple[TaskRecord, str]]:
+        """Each task an engine runs now, with its device."""
+        return [(running.task, running.device) for running in self._running.values()]
+
     # -- internals --
 
     def _enqueue(self, task: TaskRecord) -> None:
@@ -189,6 +228,9 @@ class Scheduler:
                 await cancel_task(self._store, self._hub, record, [TaskState.POSTPROCESSING])
 
     async def _dispatch(self) -> None:
+        if self._fleet is not None:
+            await self._claim(self._fleet)
+            return
         self._window_closes = None
         dispatched = False
         while self._dispatching and self._queue and self._idle:
@@ -223,6 +265,34 @@ class Scheduler:
             self._window_closes = closes
             return None
         return batch
+
+    async def _claim(self, fleet: FleetSettings) -> None:
+        """Each idle engine claims its next batch from the fleet's queue, until the queue has none."""
+        while self._dispatching and self._idle:
+            device = self._idle[0]
+            try:
+                ids = await fleet.queue.claim(
+                    fleet.worker, device, self._batching.max_images, fleet.models_held(device), fleet.affinity_s
+                )
+                records = [await fleet.queue.get(task_id) for task_id in ids]
+            except ForgeError as exc:  # the store is out of reach: look again at the next wake or poll
+                log.warning("cannot claim work: %s", exc)
+                return
+            if not ids:
+                return
+            self._idle.pop(0)
+            assignments = [
+                Assignment(task=record, cancel=CancelFlag(), request_id="") for record in records if record is not None
+            ]
+            for assignment in assignments:
+                task = assignment.task
+                self._running[task.id] = _Running(device, task, assignment.cancel, len(assignments))
+                self._hub.recorded(
+                    Started(task_id=task.id, attempt=task.attempt, device=device, batch=len(ids), worker=fleet.worker)
+                )
+                with structlog.contextvars.bound_contextvars(task_id=task.id):
+                    log.info("claimed on %s (attempt %d, batch of %d)", device, task.attempt, len(ids))
+            await self._engines[device].send(Dispatch(batch=assignments))
 
     async def _start(self, batch: list[_Entry]) -> bool:
         """Mark the batch's tasks running and send them to an idle engine; False when none could start."""

@@ -1,57 +1,25 @@
-"""The store: task rows in SQLite (WAL), the single source of truth for every task's state.
+"""The store: where every task's row, the queue's order and the admission counters live. One interface, two
+backends: SQLite (one box, `actors/sqlite_store.py`) and Redis (a fleet, `actors/redis_store.py`). Actors talk
+to `TaskStore` and never know which one they have; `tests/test_store.py` runs the same contract on both.
 
-Every transition is a compare-and-set on (state, attempt): a write from an older attempt, or from an
-actor that lost a race with cancel, changes nothing and reports False.
+Every transition is a compare-and-set on (state, attempt): a write from an older attempt, or from an actor
+that lost a race with cancel, changes nothing and reports False.
 """
 
 from __future__ import annotations
 
-import sqlite3
-import time
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-import aiosqlite
-import anyio
 import msgspec
 
-from actors.disk_space import DiskSpace, StorageFull, is_disk_full
-from forge.nodes import new_id
+from actors.disk_space import DiskSpace
+from forge.auth import Plan
+from forge.events import AnyTaskEvent
 from forge.requests import GenerationSpec
-from forge.tasks import ACTIVE_STATES, TaskRecord, TaskState
+from forge.tasks import TaskRecord, TaskState
 
-SCHEMA_VERSION = 1
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS tasks (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    owner TEXT NOT NULL,
-    idempotency_key TEXT,
-    request_hash TEXT,
-    spec TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    error_code TEXT,
-    error_message TEXT,
-    images TEXT NOT NULL DEFAULT '[]',
-    metadata_path TEXT,
-    UNIQUE (owner, idempotency_key)
-);
-CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state, seq);
-CREATE INDEX IF NOT EXISTS tasks_by_owner ON tasks (owner, seq);
-CREATE INDEX IF NOT EXISTS tasks_by_owner_state ON tasks (owner, state);
-"""
-_COLUMNS = (
-    "id, seq, owner, spec, state, attempt, created_at, updated_at, started_at, finished_at, "
-    "error_code, error_message, images, metadata_path, idempotency_key"
-)
-_UPDATABLE = {"started_at", "finished_at", "error_code", "error_message", "images", "metadata_path"}
 WORKER_LOST = "worker_lost"
 
 
@@ -61,106 +29,44 @@ class Recovery(msgspec.Struct, frozen=True):
     failed: int
 
 
-def _record(row: aiosqlite.Row) -> TaskRecord:
-    return TaskRecord(
-        id=row[0],
-        seq=row[1],
-        owner=row[2],
-        spec=msgspec.json.decode(row[3], type=GenerationSpec),
-        state=TaskState(row[4]),
-        attempt=row[5],
-        created_at=row[6],
-        updated_at=row[7],
-        started_at=row[8],
-        finished_at=row[9],
-        error_code=row[10],
-        error_message=row[11],
-        images=msgspec.json.decode(row[12], type=list[str]),
-        metadata_path=row[13],
-        idempotency_key=row[14],
-    )
+class IdempotencyConflict(Exception):
+    """The same owner's Idempotency-Key already names a task (`task_id`), made from `request_hash`."""
+
+    def __init__(self, task_id: str, request_hash: str | None) -> None:
+        super().__init__(task_id)
+        self.task_id = task_id
+        self.request_hash = request_hash
 
 
-class Store:
-    def __init__(self, db: aiosqlite.Connection, node_id: str = "") -> None:
-        self._db = db
-        self.node_id = node_id  # starts every task id (see forge/nodes.py)
-        self.disk = DiskSpace()  # transitions wait out a full disk; inserts are refused
+@dataclass(frozen=True)
+class Admission:
+    """What a submission must fit, checked in the same atomic step as the insert: the queue's length, and
+    the owner's plan (submissions per window, tasks queued or running at once). `plan` None: no limits."""
 
-    @classmethod
-    @asynccontextmanager
-    async def open(cls, path: Path, *, node_id: str = "") -> AsyncIterator[Store]:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: every statement commits on its own unless wrapped in BEGIN ... COMMIT.
-        db = await aiosqlite.connect(path, isolation_level=None)
-        try:
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute("PRAGMA synchronous=NORMAL")  # in WAL mode: survives a killed process
-            await db.execute("PRAGMA busy_timeout=5000")
-            await db.executescript(SCHEMA)
-            await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            yield cls(db, node_id)
-        finally:
-            with anyio.CancelScope(shield=True):  # even on a forced stop: let the SQLite thread finish
-                await db.close()
+    max_queue: int
+    plan_name: str = ""
+    plan: Plan | None = None
+
+
+class TaskStore(Protocol):
+    disk: DiskSpace  # transitions wait out a full disk (SQLite); Redis writes wait out an outage the same way
 
     async def insert(
         self,
         *,
         owner: str,
         spec: GenerationSpec,
+        admission: Admission,
         idempotency_key: str | None = None,
         request_hash: str | None = None,
     ) -> TaskRecord:
-        """Commit a new `queued` task. Raises sqlite3.IntegrityError if the idempotency key is taken."""
-        now = time.time()
-        task_id = new_id(self.node_id)
-        try:
-            await self._db.execute(
-                "INSERT INTO tasks (id, owner, idempotency_key, request_hash, spec, state, attempt, created_at, "
-                "updated_at) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)",
-                (
-                    task_id,
-                    owner,
-                    idempotency_key,
-                    request_hash,
-                    msgspec.json.encode(spec).decode(),
-                    TaskState.QUEUED,
-                    now,
-                    now,
-                ),
-            )
-        except sqlite3.OperationalError as exc:
-            if is_disk_full(exc):
-                raise StorageFull() from exc
-            raise
-        record = await self.get(task_id)
-        assert record is not None
-        return record
+        """Commit a new `queued` task (and its queue entry) if it is admitted. Raises IdempotencyConflict when
+        the key is taken, RateLimited or ServiceUnavailable when it does not fit."""
+        ...
 
-    async def get(self, task_id: str) -> TaskRecord | None:
-        async with self._db.execute(f"SELECT {_COLUMNS} FROM tasks WHERE id = ?", (task_id,)) as cursor:
-            row = await cursor.fetchone()
-        return _record(row) if row else None
+    async def get(self, task_id: str) -> TaskRecord | None: ...
 
-    async def find_idempotent(self, owner: str, key: str) -> tuple[TaskRecord, str | None] | None:
-        async with self._db.execute(
-            f"SELECT {_COLUMNS}, request_hash FROM tasks WHERE owner = ? AND idempotency_key = ?", (owner, key)
-        ) as cursor:
-            row = await cursor.fetchone()
-        return (_record(row), row[15]) if row else None
-
-    async def count(self, states: Iterable[TaskState], *, owner: str | None = None) -> int:
-        """How many tasks (of `owner`, or of everyone) are in one of `states`."""
-        wanted = list(states)
-        condition = f"state IN ({', '.join('?' * len(wanted))})"
-        parameters: list[str] = list(wanted)
-        if owner is not None:
-            condition += " AND owner = ?"
-            parameters.append(owner)
-        async with self._db.execute(f"SELECT COUNT(*) FROM tasks WHERE {condition}", parameters) as cursor:
-            row = await cursor.fetchone()
-        return int(row[0]) if row else 0
+    async def find_idempotent(self, owner: str, key: str) -> tuple[TaskRecord, str | None] | None: ...
 
     async def transition(
         self,
@@ -169,30 +75,12 @@ class Store:
         attempt: int,
         from_states: Iterable[TaskState],
         to: TaskState,
+        event: AnyTaskEvent | None = None,
         **fields: Any,
     ) -> bool:
-        """Move a task to `to` only if it is still in one of `from_states` at `attempt`."""
-        unknown = set(fields) - _UPDATABLE
-        if unknown:
-            raise ValueError(f"not updatable: {sorted(unknown)}")
-        if "images" in fields:
-            fields["images"] = msgspec.json.encode(fields["images"]).decode()
-        now = time.time()
-        if to.is_terminal:
-            fields.setdefault("finished_at", now)
-        sources = list(from_states)
-        assignments = "".join(f", {name} = ?" for name in fields)
-
-        async def update() -> aiosqlite.Cursor:
-            return await self._db.execute(
-                f"UPDATE tasks SET state = ?, updated_at = ?{assignments} WHERE id = ? AND attempt = ? "
-                f"AND state IN ({', '.join('?' * len(sources))})",
-                (to, now, *fields.values(), task_id, attempt, *sources),
-            )
-
-        # An accepted task's next state must not be lost: on a full disk it waits, on its actor, for space.
-        cursor = await self.disk.write(f"task {task_id} becoming {to}", update)
-        return cursor.rowcount == 1
+        """Move a task to `to` only if it is still in one of `from_states` at `attempt`. `event` is recorded in
+        the same step where the backend keeps events (Redis); to QUEUED puts the task back in the queue."""
+        ...
 
     async def list(
         self,
@@ -204,60 +92,11 @@ class Store:
         before_id: str | None = None,
     ) -> list[TaskRecord]:
         """Newest first; for the next page pass the last seen `seq` as `before_seq`, or its id as `before_id`."""
-        clauses, args = [], []
-        for clause, value in (
-            ("owner = ?", owner),
-            ("state = ?", state),
-            ("seq < ?", before_seq),
-            ("seq < (SELECT seq FROM tasks WHERE id = ?)", before_id),
-        ):
-            if value is not None:
-                clauses.append(clause)
-                args.append(value)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        async with self._db.execute(
-            f"SELECT {_COLUMNS} FROM tasks {where} ORDER BY seq DESC LIMIT ?", (*args, limit)
-        ) as cursor:
-            return [_record(row) for row in await cursor.fetchall()]
+        ...
 
-    async def count_by_state(self) -> dict[TaskState, int]:
-        async with self._db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state") as cursor:
-            return {TaskState(state): count for state, count in await cursor.fetchall()}
+    async def count_by_state(self) -> dict[TaskState, int]: ...
 
     async def recover(self, max_attempts: int) -> Recovery:
-        """At start: tasks that were mid-flight when the process died run again, up to `max_attempts`."""
-        return await self.disk.write("the recovery of interrupted tasks", lambda: self._recover(max_attempts))
-
-    async def _recover(self, max_attempts: int) -> Recovery:
-        active = [state.value for state in ACTIVE_STATES]
-        marks = ", ".join("?" * len(active))
-        now = time.time()
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
-            failed = await self._db.execute(
-                f"UPDATE tasks SET state = ?, error_code = ?, error_message = ?, finished_at = ?, updated_at = ? "
-                f"WHERE state IN ({marks}) AND attempt >= ?",
-                (
-                    TaskState.FAILED,
-                    WORKER_LOST,
-                    f"the worker stopped during each of {max_attempts} attempts",
-                    now,
-                    now,
-                    *active,
-                    max_attempts,
-                ),
-            )
-            retried = await self._db.execute(
-                f"UPDATE tasks SET state = ?, attempt = attempt + 1, started_at = NULL, updated_at = ? "
-                f"WHERE state IN ({marks})",
-                (TaskState.QUEUED, now, *active),
-            )
-            await self._db.execute("COMMIT")
-        except BaseException:
-            await self._db.execute("ROLLBACK")
-            raise
-        async with self._db.execute(
-            f"SELECT {_COLUMNS} FROM tasks WHERE state = ? ORDER BY seq", (TaskState.QUEUED,)
-        ) as cursor:
-            queued = [_record(row) for row in await cursor.fetchall()]
-        return Recovery(requeued=queued, retried=retried.rowcount, failed=failed.rowcount)
+        """At start: tasks that were mid-flight when this box died run again, up to `max_attempts` (SQLite; a
+        fleet's reaper does this continuously)."""
+        ...

@@ -15,17 +15,20 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskStatus
 
+from actors.backends import node_name, open_backends
+from actors.box import BoxCanceller, BoxLive, BoxModels
 from actors.device_thread import DeviceThread
 from actors.engine import SHUTDOWN, EngineActor, PreviewSettings
-from actors.hub import EventHub
+from actors.fleet import FleetCanceller, FleetLive, FleetModels, FleetWorker, Reaper, StoreHealth
+from actors.hub import EventHub, Events
 from actors.ingress import Ingress
 from actors.keys import KeyStore
 from actors.metrics import Metrics
 from actors.model_catalog import ModelCatalog
 from actors.postprocess import Postprocessor
-from actors.rate_limits import RateLimiter
-from actors.scheduler import Scheduler
-from actors.store import Store
+from actors.redis_events import RedisEventHub
+from actors.scheduler import FleetSettings, Scheduler
+from actors.store import TaskStore
 from actors.uploads import UploadStore
 from engines.background import MODEL_SUFFIX as BACKGROUND_SUFFIX
 from engines.loader import (
@@ -40,6 +43,7 @@ from engines.models import resolve_models
 from engines.postprocess import ImageFilterSettings, PostprocessTools
 from engines.upscale import UPSCALER_SUFFIXES
 from forge.auth import ADMIN_SCOPE, Authenticator, JwtSettings, KeyRecord, Principal
+from forge.batching import NO_BATCHING
 from forge.config import Config
 from forge.content_filter import DEFAULT_BLOCKED_TERMS, PromptFilter
 from forge.engine import ModelInfo
@@ -51,8 +55,7 @@ from forge.resolve import BackendLimits, Resources
 from forge.styles import BUILTIN_STYLES_DIR, StyleRegistry
 from protocols.http_server import HttpServer
 from protocols.identity import is_loopback
-from protocols.peers import Peers
-from protocols.rest import RestApi
+from protocols.rest import Readiness, RestApi
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +78,8 @@ class ServerHandle:
     ui_port: int | None
     ingress: Ingress
     scheduler: Scheduler
-    hub: EventHub
-    store: Store
+    hub: Events
+    store: TaskStore
     metrics: Metrics
 
 
@@ -165,11 +168,13 @@ async def serve(
 ) -> None:
     check_exposure(config)
     resources = load_resources(config)  # style files are checked here, before any model loads
+    runs_engines = config.role != "api"
     setup = DeviceThread("model-setup")  # may build the tiny model with torch: a thread that then ends
     try:
-        devices = await setup.run_sync(visible_devices, config.devices)
-        backend = backend_settings(config, devices)
-        check_backend(backend)
+        devices = await setup.run_sync(visible_devices, config.devices) if runs_engines else []
+        backend = backend_settings(config, devices) if runs_engines else None
+        if backend is not None:
+            check_backend(backend)
         models = await setup.run_sync(resolve_models, config)
         still_missing = await setup.run_sync(fetch_hub_loras, resources.loras, config.hub_timeout_s)
     finally:
@@ -179,9 +184,11 @@ async def serve(
     announce_model(model)
     if still_missing:
         log.warning("LoRAs not installed (styles using them are refused): %s", ", ".join(still_missing))
-    uploads = UploadStore(config.uploads_path, config.max_upload_bytes, config.node_id)
+    name = node_name(config)
 
-    async with Store.open(config.database_path, node_id=config.node_id) as store:
+    async with open_backends(config) as backends:
+        store, fleet_store = backends.store, backends.redis
+        uploads = UploadStore(backends.uploads, config.max_upload_bytes)
         recovery = await store.recover(config.max_attempts)
         if recovery.retried or recovery.failed:
             log.warning(
@@ -189,9 +196,9 @@ async def serve(
                 recovery.retried,
                 recovery.failed,
             )
-        hub = EventHub()
+        hub: Events = EventHub() if fleet_store is None else RedisEventHub(fleet_store)
         to_scheduler, scheduler_inbox = anyio.create_memory_object_stream[SchedulerInbox](math.inf)
-        to_postprocess, postprocess_inbox = anyio.create_memory_object_stream[PostprocessInbox](2 * len(devices))
+        to_postprocess, postprocess_inbox = anyio.create_memory_object_stream[PostprocessInbox](2 * len(devices) or 1)
         engine_channels = {device: anyio.create_memory_object_stream[EngineInbox](1) for device in devices}
         channels = [to_scheduler, scheduler_inbox, to_postprocess, postprocess_inbox]
         channels += [end for pair in engine_channels.values() for end in pair]
@@ -204,8 +211,13 @@ async def serve(
             scheduler_inbox,
             {d: send for d, (send, _) in engine_channels.items()},
             on_enqueue=metrics.track,
-            batching=batch_policy(config, devices),
+            batching=batch_policy(config, devices) if devices else NO_BATCHING,
             holds_model=catalog.holds,
+            fleet=None
+            if fleet_store is None
+            else FleetSettings(
+                queue=fleet_store, worker=name, models_held=lambda device: list(catalog.loaded_on(device))
+            ),
         )
         metrics.watch(
             lambda: scheduler.statistics().queued,
@@ -217,11 +229,11 @@ async def serve(
             store=store,
             hub=hub,
             inbox=postprocess_inbox,
-            outputs=config.outputs_path,
+            results=backends.results,
             tools=PostprocessTools(
                 config.upscalers_path,
                 config.background_models_path,
-                devices[0],
+                devices[0] if devices else "cpu",
                 config.upscale_tile,
                 image_filter=ImageFilterSettings(
                     source=config.image_filter_model,
@@ -252,6 +264,7 @@ async def serve(
                 on_model_loaded=metrics.model_loaded,
             )
             for device, (_, receive) in engine_channels.items()
+            if backend is not None
         ]
         ingress = Ingress(
             config=config,
@@ -260,29 +273,40 @@ async def serve(
             uploads=uploads,
             store=store,
             hub=hub,
-            scheduler_inbox=to_scheduler,
+            live=BoxLive(scheduler, hub) if fleet_store is None else FleetLive(fleet_store),
+            canceller=BoxCanceller(to_scheduler) if fleet_store is None else FleetCanceller(fleet_store),
+            models=BoxModels(catalog, engines) if fleet_store is None else FleetModels(fleet_store, catalog),
+            scheduler_inbox=to_scheduler if fleet_store is None else None,
         )
-        keys = KeyStore(config.database_path)
-        auth = authenticator(config, keys)
-        ingress.set_limiter(RateLimiter(config.plans))
+        auth = authenticator(config, backends.keys)
+
+        def readiness() -> Readiness:
+            reachable = fleet_store is None or fleet_store.reachable
+            return Readiness(
+                engines={engine.device: engine.ready for engine in engines},
+                needs_engines=runs_engines,
+                accepting=ingress.accepting,
+                storage_full=ingress.storage_full,
+                store_reachable=reachable,
+            )
+
         rest = RestApi(
             ingress=ingress,
-            scheduler=scheduler,
             hub=hub,
-            outputs=config.outputs_path,
-            engines=engines,
+            results=backends.results,
+            readiness=readiness,
             metrics=metrics,
             auth=auth,
             ws_allowed_origins=frozenset(filter(None, (o.strip() for o in config.ws_allowed_origins.split(",")))),
             max_body_bytes=config.max_body_bytes,
             admin_key=config.admin_key,
             metrics_token=config.metrics_token,
-            peers=Peers(node_id=config.node_id, urls=config.peers),
         )
-        http = HttpServer(rest.app(), config.host, config.api_port)
+        serves_clients = config.role != "worker"
+        http = HttpServer(rest.app() if serves_clients else rest.probes_app(), config.host, config.api_port)
         servers = [http]
         mcp_http: HttpServer | None = None
-        if config.enable_mcp:  # imported only when on: the REST path runs without the MCP package
+        if config.enable_mcp and serves_clients:  # imported only when on: the REST path runs without the MCP package
             try:
                 from protocols.mcp_server import McpAdapter, transport_security
             except ImportError as exc:
@@ -292,7 +316,7 @@ async def serve(
                     field="enable_mcp",
                 ) from exc
 
-            mcp = McpAdapter(ingress=ingress, scheduler=scheduler, hub=hub, outputs=config.outputs_path, auth=auth)
+            mcp = McpAdapter(ingress=ingress, hub=hub, results=backends.results, auth=auth)
             security = transport_security(config.mcp_allowed_hosts, config.mcp_allowed_origins)
             mcp_http = HttpServer(
                 mcp.app(security), config.host, config.mcp_port, graceful_timeout_s=STREAM_SERVER_GRACE_S
@@ -300,7 +324,7 @@ async def serve(
             servers.append(mcp_http)
 
         ui_http: HttpServer | None = None
-        if config.enable_ui:
+        if config.enable_ui and serves_clients:
             try:
                 from protocols.ui import WebUi
             except ImportError as exc:
@@ -308,17 +332,42 @@ async def serve(
                     f"the web UI needs the 'ui' extra ({exc}); install chara-forge[ui] or set FORGE_ENABLE_UI=false",
                     field="enable_ui",
                 ) from exc
-            ui = WebUi(ingress=ingress, hub=hub, outputs=config.outputs_path, data_dir=config.data_path, auth=auth)
+            ui = WebUi(ingress=ingress, hub=hub, results=backends.results, data_dir=config.data_path, auth=auth)
             ui_http = HttpServer(ui.app(), config.host, config.ui_port, graceful_timeout_s=STREAM_SERVER_GRACE_S)
             servers.append(ui_http)
 
         async with AsyncExitStack() as stack, anyio.create_task_group() as tg:
             for channel in channels:
                 stack.push_async_callback(channel.aclose)
-            await tg.start(postprocessor.run)
-            await tg.start(scheduler.run, recovery.requeued)
+            if isinstance(hub, RedisEventHub):
+                await tg.start(hub.run)
+            if fleet_store is not None:
+                await tg.start(StoreHealth(fleet_store).run)
+                await tg.start(Reaper(fleet_store, config.claim_timeout_s, config.max_attempts).run)
+            if runs_engines:
+                await tg.start(postprocessor.run)
+                await tg.start(scheduler.run, recovery.requeued)
+                if fleet_store is not None:
+                    worker = FleetWorker(
+                        name=name,
+                        store=fleet_store,
+                        hub=hub,
+                        scheduler=scheduler,
+                        scheduler_inbox=to_scheduler,
+                        catalog=catalog,
+                        engines=engines,
+                        claim_timeout_s=config.claim_timeout_s,
+                    )
+                    tg.start_soon(worker.run)
             api_port = await tg.start(http.run)
-            log.info("REST API on http://%s:%d (docs at /docs)", config.host, api_port)
+            log.info(
+                "%s on http://%s:%d (role %s, node %s)",
+                "REST API" if serves_clients else "probes",
+                config.host,
+                api_port,
+                config.role,
+                name,
+            )
             mcp_port = None
             if mcp_http is not None:
                 mcp_port = await tg.start(mcp_http.run)

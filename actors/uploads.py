@@ -1,4 +1,5 @@
-"""Uploaded control images: checked by decoding them, stored once as PNG under a content-derived id."""
+"""Uploaded control images: checked by decoding them, stored once as PNG under a content-derived id, in the
+store's files (a directory, or Redis for a fleet). Blocking: call off the event loop."""
 
 from __future__ import annotations
 
@@ -6,33 +7,29 @@ import base64
 import binascii
 import hashlib
 import io
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from actors.files import Files
 from forge.errors import InvalidRequest, PayloadTooLarge
-from forge.nodes import NODE_ID, new_id
+from forge.ids import new_id
 
 UPLOAD_PREFIX = "up_"
-UPLOAD_ID = re.compile(rf"^{UPLOAD_PREFIX}(?:{NODE_ID}-)?[0-9a-f]{{32}}$")  # names its server, as task ids do
+UPLOAD_ID = re.compile(rf"^{UPLOAD_PREFIX}[0-9a-f]{{32}}$")
 MAX_SIDE = 4096
 _DATA_URL = re.compile(r"^data:image/[a-z.+-]+;base64,", re.IGNORECASE)
 
 
 class UploadStore:
-    def __init__(self, directory: Path, max_bytes: int, node_id: str = "") -> None:
-        self.directory = directory
+    def __init__(self, files: Files, max_bytes: int) -> None:
+        self.files = files
         self.max_bytes = max_bytes
-        self.node_id = node_id
 
     def path(self, upload_id: str) -> Path | None:
-        if not UPLOAD_ID.match(upload_id):
-            return None
-        path = self.directory / f"{upload_id}.png"
-        return path if path.is_file() else None
+        """The upload as a file on this machine (fetched from the store if need be), or None if unknown."""
+        return self.files.local_path(f"{upload_id}.png") if UPLOAD_ID.match(upload_id) else None
 
     def save(self, data: bytes, *, field: str = "body") -> tuple[str, int, int]:
         """Store an image (PNG, JPEG, WebP, ...); returns (id, width, height). Blocking: call off the loop."""
@@ -46,13 +43,10 @@ class UploadStore:
                 rgb = image.convert("RGB")
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as exc:
             raise InvalidRequest(f"not a readable image: {exc}", field=field, rule="image") from None
-        upload_id = UPLOAD_PREFIX + new_id(self.node_id, hashlib.sha256(data).hexdigest()[:32])
-        target = self.directory / f"{upload_id}.png"
-        if not target.exists():
-            self.directory.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".partial", delete=False) as tmp:
-                rgb.save(tmp, format="PNG")
-            os.replace(tmp.name, target)
+        upload_id = UPLOAD_PREFIX + new_id(hashlib.sha256(data).hexdigest()[:32])
+        buffer = io.BytesIO()
+        rgb.save(buffer, format="PNG")
+        self.files.write(f"{upload_id}.png", buffer.getvalue())
         return upload_id, rgb.width, rgb.height
 
     def save_inline(self, text: str, *, field: str) -> str:

@@ -11,7 +11,6 @@ import uuid
 from pathlib import Path
 
 import anyio
-import msgspec
 
 from forge.config import Config, load_config
 from forge.errors import ConfigError, ForgeError
@@ -70,6 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from actors.files import DirectoryFiles
     from actors.postprocess import write_outputs
     from actors.supervisor import load_resources
     from engines.loader import backend_settings, load_engine, prepare_thread, visible_devices
@@ -118,7 +118,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     bar.close()
     task_id = uuid.uuid4().hex
     images, _ = write_outputs(
-        Path(args.output),
+        DirectoryFiles(Path(args.output)),
         task_id=task_id,
         spec=spec,
         images=result.images,
@@ -134,10 +134,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from actors.keys import KeyExport, KeyStore
+    from actors.backends import key_store
 
     config = _config(args, data_dir=args.data_dir)
-    store = KeyStore(config.database_path)
+    store = key_store(config)
     if args.action == "create":
         if args.plan not in config.plans:
             raise ConfigError(f"unknown plan {args.plan!r}; plans: {', '.join(config.plans)}", field="plan")
@@ -149,15 +149,6 @@ def cmd_keys(args: argparse.Namespace) -> int:
         for key in store.list():
             state = "revoked" if key.revoked_at else "active"
             print(f"{key.id}  {key.owner:20}  {key.plan:10}  {' '.join(key.scopes):20}  {state}")
-    elif args.action == "export":
-        sys.stdout.write(msgspec.json.format(msgspec.json.encode(store.export()).decode()) + "\n")
-    elif args.action == "import":
-        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
-        try:
-            added, revoked = store.import_keys(msgspec.json.decode(text, type=KeyExport))
-        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
-            raise ConfigError(f"cannot import keys from {args.file}: {exc}", field="file") from None
-        print(f"{added} key(s) added, {revoked} revoked")
     elif not store.revoke(args.id):
         print(f"no active key {args.id}", file=sys.stderr)
         return 1
@@ -223,11 +214,6 @@ def _parser() -> argparse.ArgumentParser:
     actions.add_parser("list", help="every key, without its secret")
     revoke = actions.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("id")
-    actions.add_parser("export", help="every key as JSON, with its secret's hash (not the secret), for `import`")
-    importing = actions.add_parser(
-        "import", help="add the keys of another server's `export` and take over its revocations"
-    )
-    importing.add_argument("file", help="an export's JSON file, or - for standard input")
     keys.set_defaults(func=cmd_keys)
 
     cache = sub.add_parser("cache", help="what the engine cache holds (compiled code, TensorRT engines); prune it")

@@ -13,13 +13,10 @@ from msgspec import Meta
 
 from forge.auth import DEFAULT_PLANS, Plan
 from forge.errors import ConfigError
-from forge.nodes import NODE_ID_PATTERN
 
 Backend = Literal["eager", "compiled", "tensorrt"]
 
 Port = Annotated[int, Meta(ge=0, le=65535)]
-NodeId = Annotated[str, Meta(pattern=NODE_ID_PATTERN)]
-PeerUrl = Annotated[str, Meta(pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$")]
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -121,19 +118,38 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     preview_every: Annotated[int, Meta(ge=0)] = 2  # steps between latent previews; 0 turns them off
     preview_size: Annotated[int, Meta(ge=16, le=512)] = 128
     drain_seconds: Annotated[float, Meta(ge=0)] = 30.0
-    # Several servers behind one address: each gets its own `node_id`, which starts every task id it makes
-    # ("gpu-a-3f2c…"), and `peers` lists them all (node id -> base URL; the same table may go to every server).
-    # A request naming another server's task is forwarded there, so any server answers for every task.
-    # In FORGE_PEERS: "id=url,id=url".
-    node_id: NodeId | Literal[""] = ""
-    peers: dict[NodeId, PeerUrl] = {}
+    # Where tasks, the queue, events, keys, limits, uploads and results live: "sqlite" (one box, files under
+    # data_dir) or a Redis URL (redis://[user:password@]host:port/db, rediss:// for TLS) that a fleet shares.
+    store: Annotated[str, Meta(pattern=r"^(sqlite|rediss?://\S+)$")] = "sqlite"
+    # all: every actor in this process (one box); api: ingress and the protocol adapters, no engine; worker:
+    # engines and the post-processor, serving only /healthz, /readyz and /metrics. api and worker need Redis.
+    role: Literal["all", "api", "worker"] = "all"
+    # This process's name in the fleet (a worker's consumer name, shown in /v1/models); empty: host-pid.
+    node_name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{0,64}$")] = ""
+    # A claimed task whose worker has sent no heartbeat (it beats only while its engine makes progress) for
+    # this long is queued again with attempt+1, by whichever node's reaper sees it first.
+    claim_timeout_s: Annotated[float, Meta(ge=1, le=3600)] = 30.0
+    # Redis store: how long finished tasks' images and metadata are kept in Redis (0: forever), unless
+    # results_dir names a directory every node shares, which then holds them (and is never pruned).
+    result_ttl_s: Annotated[int, Meta(ge=0)] = 7 * 86400
+    results_dir: str = ""
+    # Refuse to start (instead of warning) when Redis could lose accepted work (appendonly off, or a
+    # maxmemory-policy that evicts).
+    redis_require_durable: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # "json": one JSON object a line, with task_id and request_id on every line about a task.
     log_format: Literal["console", "json"] = "console"
 
     def __post_init__(self) -> None:
-        if self.peers and not self.node_id:
-            raise ValueError("peers need this server's own node_id")
+        if self.role != "all" and self.store == "sqlite":
+            raise ValueError(
+                f"role {self.role!r} needs a shared store: set store (FORGE_STORE) to a redis:// URL, "
+                "or role (FORGE_ROLE) to 'all' for one box"
+            )
+
+    @property
+    def uses_redis(self) -> bool:
+        return self.store != "sqlite"
 
     @property
     def data_path(self) -> Path:
@@ -141,7 +157,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 
     @property
     def outputs_path(self) -> Path:
-        return self.data_path / "outputs"
+        return Path(self.results_dir).expanduser() if self.results_dir else self.data_path / "outputs"
 
     @property
     def database_path(self) -> Path:
@@ -183,7 +199,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, object]:
     return overrides
 
 
-MAPPING_KEYS = {"models", "peers"}
+MAPPING_KEYS = {"models"}
 
 
 def _parse_mapping(name: str, value: str) -> dict[str, str]:

@@ -61,3 +61,9 @@ class ModelUnavailable(ForgeError):
 class Forbidden(ForgeError):
     code = "forbidden"
     status = 403
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """The shared store (Redis) does not answer: nothing was accepted; the client may retry."""
+
+    code = "store_unavailable"

@@ -17,6 +17,7 @@ class Started(TaskEvent, tag="started", frozen=True):
     attempt: int
     device: str
     batch: int = 1  # tasks denoised together in this run (dynamic batching), this one included
+    worker: str = ""  # the node that runs it (a fleet's worker; empty on one box)
 
 
 class Progress(TaskEvent, tag="progress", frozen=True):

@@ -40,7 +40,11 @@ class EngineIdle(Msg, frozen=True):
     task_ids: list[str]
 
 
-SchedulerInbox = Submit | Cancel | EngineReady | EngineIdle
+class Wake(Msg, frozen=True):
+    """Fleet -> scheduler: the shared queue may have work (an idle engine should try to claim it)."""
+
+
+SchedulerInbox = Submit | Cancel | EngineReady | EngineIdle | Wake
 
 
 class Assignment(msgspec.Struct, frozen=True, kw_only=True):

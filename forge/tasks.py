@@ -45,3 +45,4 @@ class TaskRecord(msgspec.Struct, frozen=True, kw_only=True):
     images: list[str] = []
     metadata_path: str | None = None
     idempotency_key: str | None = None
+    worker: str = ""  # the fleet node that claimed it last (Redis store)

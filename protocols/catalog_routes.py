@@ -4,7 +4,6 @@ and uploaded control images."""
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -15,14 +14,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from actors.engine import EngineActor
 from actors.ingress import Ingress
 from actors.model_catalog import ModelStatus
 from engines.palettes import PALETTES
 from engines.poses import DESCRIPTIONS, POSE_NAMES, render_pose
 from forge.auth import Authenticator
-from forge.engine import ModelLoadError
-from forge.errors import Conflict, Forbidden, ModelUnavailable, NotFound
+from forge.errors import Forbidden, NotFound
 from forge.loras import LoraInfo
 from forge.styles import Style, StyleDefaults
 from forge.validation import convert
@@ -96,7 +93,6 @@ class PoseQuery(msgspec.Struct, forbid_unknown_fields=True):
 @dataclass(frozen=True)
 class CatalogRoutes:
     ingress: Ingress
-    engines: Sequence[EngineActor]
     admin_key: str
     auth: Authenticator
 
@@ -203,40 +199,28 @@ class CatalogRoutes:
 
     async def models(self, request: Request) -> Response:
         await principal_of(request, self.auth)
-        return JSONResponse(ModelList(self.ingress.catalog.statuses()))
-
-    def _status(self, model_id: str) -> ModelStatus:
-        status = self.ingress.catalog.status(model_id)
-        if status is None:
-            raise NotFound(f"no model {model_id!r}", field="id")
-        return status
+        return JSONResponse(ModelList(await self.ingress.model_statuses()))
 
     async def model(self, request: Request) -> Response:
         await principal_of(request, self.auth)
-        return JSONResponse(self._status(request.path_params["id"]))
+        return JSONResponse(await self.ingress.model_status(request.path_params["id"]))
 
     async def load_model(self, request: Request) -> Response:
+        """Every engine (every worker's, in a fleet) loads the model; answers once they hold it."""
         await self._require_admin(request)
         model_id = request.path_params["id"]
-        self._status(model_id)
+        await self.ingress.model_status(model_id)
         model = self.ingress.catalog.find(model_id)
         assert model is not None
-        for engine in self.engines:
-            try:
-                await engine.load_model(model)
-            except ModelLoadError as exc:
-                raise ModelUnavailable(str(exc), field="id", rule="load_failed") from None
-        return JSONResponse(self._status(model_id))
+        await self.ingress.models.load(model)
+        return JSONResponse(await self.ingress.model_status(model_id))
 
     async def unload_model(self, request: Request) -> Response:
         await self._require_admin(request)
         model_id = request.path_params["id"]
-        status = self._status(model_id)
-        if status.default:
-            raise Conflict(f"{model_id} is the default model and stays loaded", field="id", rule="pinned")
-        for engine in self.engines:
-            await engine.unload_model(model_id)
-        return JSONResponse(self._status(model_id))
+        await self.ingress.model_status(model_id)
+        await self.ingress.models.unload(model_id)
+        return JSONResponse(await self.ingress.model_status(model_id))
 
     async def _require_admin(self, request: Request) -> None:
         """With auth on: the admin scope. Otherwise: the admin key when one is set, else a local client."""

@@ -1,6 +1,6 @@
 """MCP adapter: tools and resources for AI assistants, over streamable HTTP (/mcp) and SSE (/sse).
 
-Same ingress, scheduler and store as REST: a generation started here is visible there, and errors carry the
+Same ingress and store as REST: a generation started here is visible there, and errors carry the
 same codes and field names, as a JSON object in the tool error's text.
 """
 
@@ -11,7 +11,6 @@ import io
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
@@ -26,9 +25,9 @@ from PIL import Image
 from pydantic import Field
 from starlette.applications import Starlette
 
-from actors.hub import EventHub
+from actors.files import Files
+from actors.hub import Events
 from actors.ingress import Ingress
-from actors.scheduler import Scheduler
 from forge import __version__
 from forge.auth import Authenticator, Principal, Unauthorized
 from forge.errors import ForgeError, InvalidRequest, NotFound
@@ -38,7 +37,7 @@ from forge.resolve import preset_size
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert
 from protocols.identity import RequireBearer, visible_owner
-from protocols.views import error_view, live_task_view
+from protocols.views import error_view, task_view
 
 THUMBNAIL_SIDE = 256  # image content stays small; the full-size file is a resource link
 IMAGE_URI = "chara-forge://generations/{task_id}/images/{index}"
@@ -74,14 +73,11 @@ def _error_result(text: str) -> CallToolResult:
 
 
 class McpAdapter:
-    def __init__(
-        self, *, ingress: Ingress, scheduler: Scheduler, hub: EventHub, outputs: Path, auth: Authenticator
-    ) -> None:
+    def __init__(self, *, ingress: Ingress, hub: Events, results: Files, auth: Authenticator) -> None:
         self._auth = auth
         self._ingress = ingress
-        self._scheduler = scheduler
         self._hub = hub
-        self._outputs = outputs
+        self._results = results
         self.server = MCPServer(name="chara-forge", version=__version__, instructions=INSTRUCTIONS)
         self._register()
 
@@ -156,8 +152,8 @@ class McpAdapter:
                 request = convert(fields, GenerationRequest)
                 record, _ = await self._ingress.submit(request, principal=await self._principal(ctx))
                 if not wait:
-                    return [self._summary(record)]
-                with self._hub.subscribe(record.id) as events:  # then read the state: no event is missed
+                    return [await self._summary(record)]
+                async with self._hub.subscribe(record.id) as events:  # then read the state: no event is missed
                     record = await self._follow(record, events, ctx)
             except ForgeError as exc:
                 return _error(exc)
@@ -165,7 +161,8 @@ class McpAdapter:
                 code = record.error_code or str(record.state)
                 message = record.error_message or f"the generation ended {record.state}"
                 return _error_result(json.dumps({"code": code, "message": message, "id": record.id}))
-            return [self._summary(record), *self._images(record)]
+            images = await anyio.to_thread.run_sync(self._images, record)
+            return [await self._summary(record), *images]
 
         @server.tool(
             structured_output=False, description="State, progress, seeds and image links of a generation, by task id."
@@ -173,7 +170,7 @@ class McpAdapter:
         async def get_generation(id: Annotated[str, Field(description="the task id")], ctx: Context) -> CallToolResult:
             try:
                 owner = visible_owner(await self._principal(ctx))
-                return CallToolResult(content=[self._summary(await self._ingress.get(id, owner=owner))])
+                return CallToolResult(content=[await self._summary(await self._ingress.get(id, owner=owner))])
             except ForgeError as exc:
                 return _error(exc)
 
@@ -183,7 +180,7 @@ class McpAdapter:
         ) -> CallToolResult:
             try:
                 owner = visible_owner(await self._principal(ctx))
-                return CallToolResult(content=[self._summary(await self._ingress.cancel(id, owner=owner))])
+                return CallToolResult(content=[await self._summary(await self._ingress.cancel(id, owner=owner))])
             except ForgeError as exc:
                 return _error(exc)
 
@@ -204,7 +201,7 @@ class McpAdapter:
                 raise ResourceNotFoundError(exc.message) from None
             if not index.isdigit() or int(index) >= len(record.images):
                 raise ResourceNotFoundError(f"generation {task_id} has no image {index}")
-            return await anyio.to_thread.run_sync(self._png, self._outputs / record.images[int(index)])
+            return await anyio.to_thread.run_sync(self._png, record.images[int(index)])
 
     # -- helpers --
 
@@ -246,15 +243,15 @@ class McpAdapter:
             raise
         return await self._ingress.get(record.id, owner=record.owner)
 
-    def _summary(self, record: TaskRecord) -> TextContent:
-        body = msgspec.to_builtins(live_task_view(record, self._scheduler, self._hub))
+    async def _summary(self, record: TaskRecord) -> TextContent:
+        body = msgspec.to_builtins(task_view(record, await self._ingress.live(record)))
         body["resources"] = [IMAGE_URI.format(task_id=record.id, index=i) for i in range(len(record.images))]
         return TextContent(text=json.dumps(body))
 
     def _images(self, record: TaskRecord) -> list[ImageContent | ResourceLink]:
         content: list[ImageContent | ResourceLink] = []
         for index, path in enumerate(record.images):
-            content.append(ImageContent(data=self._thumbnail(self._outputs / path), mime_type="image/png"))
+            content.append(ImageContent(data=self._thumbnail(path), mime_type="image/png"))
             content.append(
                 ResourceLink(
                     uri=IMAGE_URI.format(task_id=record.id, index=index),
@@ -264,19 +261,24 @@ class McpAdapter:
             )
         return content
 
-    @staticmethod
-    def _thumbnail(path: Path) -> str:
-        with Image.open(path) as image:
+    def _read(self, name: str) -> bytes:
+        data = self._results.read(name)
+        if data is None:
+            raise ResourceNotFoundError(f"{name} is no longer kept")
+        return data
+
+    def _thumbnail(self, name: str) -> str:
+        with Image.open(io.BytesIO(self._read(name))) as image:
             image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
         return base64.b64encode(buffer.getvalue()).decode()
 
-    @staticmethod
-    def _png(path: Path) -> bytes:
-        if path.suffix == ".png":
-            return path.read_bytes()
-        with Image.open(path) as image:
+    def _png(self, name: str) -> bytes:
+        data = self._read(name)
+        if name.endswith(".png"):
+            return data
+        with Image.open(io.BytesIO(data)) as image:
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
         return buffer.getvalue()

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -13,38 +12,33 @@ import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from actors.disk_space import StorageFull, is_disk_full
 from actors.encoding import CONTENT_TYPES
-from actors.engine import EngineActor
-from actors.hub import EventHub
+from actors.files import Files
+from actors.hub import Events
 from actors.ingress import Ingress
+from actors.lifecycle import final_event
 from actors.metrics import Metrics
 from actors.rate_limits import RateLimited
-from actors.scheduler import Scheduler
-from actors.uploads import UPLOAD_ID, UPLOAD_PREFIX
 from engines.schedulers import SAMPLERS
 from forge import __version__
 from forge.auth import Authenticator
 from forge.errors import Forbidden, ForgeError, InvalidRequest, NotFound, ServiceUnavailable
-from forge.events import TERMINAL_EVENTS, AnyTaskEvent, Cancelled, Failed, Postprocessing, Queued, Started, Succeeded
+from forge.events import TERMINAL_EVENTS, AnyTaskEvent, Postprocessing, Queued, Started, Succeeded
 from forge.logs import request_id as forge_request_id
 from forge.requests import GenerationRequest
-from forge.resolve import requested_controls
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert, decode_json
 from protocols.catalog_routes import CatalogRoutes
 from protocols.docs import docs_page
-from protocols.fleet_list import cursor_positions, fleet_page
 from protocols.http_io import JSONResponse, read_body
 from protocols.identity import principal_of, require_shared_secret, visible_owner
 from protocols.openapi import openapi_spec
-from protocols.peers import NO_PEERS, PeerResponse, PeerRouting, Peers, is_relayed
 from protocols.sprite_sheets import SpriteSheetRoutes
 from protocols.views import (
     API,
@@ -59,7 +53,7 @@ from protocols.views import (
     TaskView,
     error_view,
     image_url,
-    live_task_view,
+    task_view,
 )
 
 log = logging.getLogger(__name__)
@@ -75,22 +69,45 @@ class UpgradeRequired(ForgeError):
 
 
 @dataclass(frozen=True)
+class Readiness:
+    engines: dict[str, bool]  # device: loaded and warm
+    needs_engines: bool  # false on an API node, which runs none
+    accepting: bool
+    storage_full: bool
+    store_reachable: bool = True
+
+    @property
+    def ready(self) -> bool:
+        engines_ok = bool(self.engines) and all(self.engines.values()) if self.needs_engines else True
+        return engines_ok and self.accepting and not self.storage_full and self.store_reachable
+
+
+@dataclass(frozen=True)
 class RestApi:
     ingress: Ingress
-    scheduler: Scheduler
-    hub: EventHub
-    outputs: Path
-    engines: Sequence[EngineActor]
+    hub: Events
+    results: Files
+    readiness: Callable[[], Readiness]
     metrics: Metrics
     max_body_bytes: int
     auth: Authenticator
     admin_key: str = ""
     metrics_token: str = ""
-    ws_allowed_origins: frozenset[str] = frozenset()
-    peers: Peers = NO_PEERS
+    ws_allowed_origins: frozenset[str] = field(default_factory=frozenset)
 
-    def engine_readiness(self) -> dict[str, bool]:
-        return {engine.device: engine.ready for engine in self.engines}
+    def _probes(self) -> list[Route]:
+        return [
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/metrics", self.prometheus, methods=["GET"]),
+            Route("/readyz", self.readyz, methods=["GET"]),
+        ]
+
+    def probes_app(self) -> Starlette:
+        """A worker's: it serves no clients, only its health, readiness and metrics."""
+        return Starlette(routes=self._probes(), exception_handlers=self._handlers())
+
+    def _handlers(self) -> dict[Any, Any]:
+        return {ForgeError: self._forge_error, HTTPException: self._http_error, Exception: self._unexpected_error}
 
     def app(self) -> Starlette:
         routes = [
@@ -100,24 +117,15 @@ class RestApi:
             Route(API + "/{id}/images/{index:int}", self.image, methods=["GET"]),
             WebSocketRoute(API + "/{id}/events", self.events),
             Route(API + "/{id}/events", self.events_without_upgrade, methods=["GET"]),
-            *CatalogRoutes(self.ingress, self.engines, self.admin_key, self.auth).routes(),
-            *SpriteSheetRoutes(self.ingress, self.outputs, self.auth, self.peers).routes(),
+            *CatalogRoutes(self.ingress, self.admin_key, self.auth).routes(),
+            *SpriteSheetRoutes(self.ingress, self.results, self.auth).routes(),
             Route("/v1/info", self.info, methods=["GET"]),
-            Route("/healthz", self.healthz, methods=["GET"]),
-            Route("/metrics", self.prometheus, methods=["GET"]),
-            Route("/readyz", self.readyz, methods=["GET"]),
+            *self._probes(),
             Route("/openapi.json", lambda _: JSONResponse(spec), methods=["GET"]),
             Route("/docs", lambda _: HTMLResponse(docs_page(spec)), methods=["GET"]),
         ]
         spec = openapi_spec(routes)
-        handlers: dict[Any, Any] = {
-            ForgeError: self._forge_error,
-            HTTPException: self._http_error,
-            Exception: self._unexpected_error,
-        }
-        return Starlette(
-            routes=routes, exception_handlers=handlers, middleware=[Middleware(PeerRouting, peers=self.peers)]
-        )
+        return Starlette(routes=routes, exception_handlers=self._handlers())
 
     # -- generations --
 
@@ -128,8 +136,6 @@ class RestApi:
     async def create(self, request: Request) -> Response:
         body = await read_body(request, self.max_body_bytes)
         generation = decode_json(body, GenerationRequest)
-        if (holder := self._upload_holder(generation)) is not None:
-            return PeerResponse(holder, self.peers.node_id, body)
         key = request.headers.get("idempotency-key")
         if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
             raise InvalidRequest(
@@ -142,7 +148,7 @@ class RestApi:
         record, replayed = await self.ingress.submit(
             generation, principal=principal, idempotency_key=key, request_id=request_id
         )
-        view = self._view(record)
+        view = await self._view(record)
         headers = {"Location": view.links.self, "X-Request-Id": request_id}
         if replayed:
             headers["Idempotent-Replayed"] = "true"
@@ -150,35 +156,24 @@ class RestApi:
 
     async def get(self, request: Request) -> Response:
         owner = visible_owner(await principal_of(request, self.auth))
-        return JSONResponse(self._view(await self.ingress.get(request.path_params["id"], owner=owner)))
+        return JSONResponse(await self._view(await self.ingress.get(request.path_params["id"], owner=owner)))
 
     async def cancel(self, request: Request) -> Response:
         owner = visible_owner(await principal_of(request, self.auth))
         record = await self.ingress.cancel(request.path_params["id"], owner=owner)
-        return JSONResponse(self._view(record), status_code=200 if record.state.is_terminal else 202)
+        return JSONResponse(await self._view(record), status_code=200 if record.state.is_terminal else 202)
 
     async def list_generations(self, request: Request) -> Response:
-        """Newest first. With peers, the tasks of every server (see protocols/fleet_list.py)."""
+        """Newest first; `cursor` is the last page's `next_cursor`, or a task id to list the tasks before it."""
         query = convert(dict(request.query_params), ListQuery, strict=False)
         owner = visible_owner(await principal_of(request, self.auth))
-
-        async def records(before_seq: int | None = None, before_id: str | None = None) -> list[TaskRecord]:
-            return await self.ingress.list(
-                owner=owner, state=query.state, limit=query.limit, before_seq=before_seq, before_id=before_id
-            )
-
-        async def views_after(task_id: str | None) -> list[TaskView]:
-            return [self._view(record) for record in await records(before_id=task_id)]
-
-        if self.peers.others and not is_relayed(request.scope):
-            return JSONResponse(await fleet_page(query, views_after, self.peers, request.scope))
-        if query.cursor is None or query.cursor.isdigit():
-            found = await records(before_seq=int(query.cursor) if query.cursor else None)
-        else:  # a fleet's cursor, of which this server lists its own part
-            positions = cursor_positions(query.cursor, [self.peers.node_id])
-            found = await records(before_id=positions[self.peers.node_id]) if positions else []
+        before_seq = int(query.cursor) if query.cursor and query.cursor.isdigit() else None
+        before_id = query.cursor if query.cursor and not query.cursor.isdigit() else None
+        found = await self.ingress.list(
+            owner=owner, state=query.state, limit=query.limit, before_seq=before_seq, before_id=before_id
+        )
         cursor = str(found[-1].seq) if len(found) == query.limit else None
-        return JSONResponse(TaskList(items=[self._view(record) for record in found], next_cursor=cursor))
+        return JSONResponse(TaskList(items=[await self._view(record) for record in found], next_cursor=cursor))
 
     async def image(self, request: Request) -> Response:
         owner = visible_owner(await principal_of(request, self.auth))
@@ -186,13 +181,13 @@ class RestApi:
         index: int = request.path_params["index"]
         if not 0 <= index < len(record.images):
             raise NotFound(f"generation {record.id} has no image {index} (state {record.state})", field="index")
-        root = self.outputs.resolve()
-        path = (root / record.images[index]).resolve()
-        if not path.is_relative_to(root) or not path.is_file():
-            raise NotFound(f"image {index} of generation {record.id} is missing on disk", field="index")
-        return FileResponse(
-            path,
-            media_type=CONTENT_TYPES[path.suffix.lstrip(".")],
+        name = record.images[index]
+        data = await anyio.to_thread.run_sync(self.results.read, name)
+        if data is None:
+            raise NotFound(f"image {index} of generation {record.id} is no longer kept", field="index")
+        return Response(
+            data,
+            media_type=CONTENT_TYPES[name.rsplit(".", 1)[-1]],
             headers={"Cache-Control": "private, max-age=31536000, immutable"},
         )
 
@@ -211,14 +206,14 @@ class RestApi:
             return
         await websocket.accept()
         task_id = websocket.path_params["id"]
-        with self.hub.subscribe(task_id) as stream:
+        async with self.hub.subscribe(task_id) as stream:
             try:
                 record = await self.ingress.get(task_id, owner=owner)
             except NotFound as exc:
                 await websocket.send_text(msgspec.json.encode(error_view(exc)).decode())
                 await websocket.close(code=4404)
                 return
-            for event in self._snapshot(record):
+            for event in await self._snapshot(record):
                 await websocket.send_text(msgspec.json.encode(event).decode())
             if record.state.is_terminal:
                 await websocket.close()
@@ -230,7 +225,7 @@ class RestApi:
                     if isinstance(event, TERMINAL_EVENTS):
                         break
                 else:  # too slow to take the final event: send the state as it now stands
-                    for event in self._snapshot(await self.ingress.get(task_id, owner=owner)):
+                    for event in await self._snapshot(await self.ingress.get(task_id, owner=owner)):
                         await websocket.send_text(msgspec.json.encode(event).decode())
                 tg.cancel_scope.cancel()
         await websocket.close()
@@ -248,29 +243,24 @@ class RestApi:
         except (WebSocketDisconnect, RuntimeError, KeyError):
             scope.cancel()
 
-    def _snapshot(self, record: TaskRecord) -> list[AnyTaskEvent]:
+    async def _snapshot(self, record: TaskRecord) -> list[AnyTaskEvent]:
         task_id = record.id
+        live = await self.ingress.live(record)
         match record.state:
             case TaskState.QUEUED:
-                return [Queued(task_id=task_id, position=self.scheduler.position(record))]
+                return [Queued(task_id=task_id, position=live.position or 0)]
             case TaskState.RUNNING:
-                device, batch = self.scheduler.placement(task_id)
-                if not device:  # marked running but not yet handed to an engine: its `started` event is on its way
+                if not live.device:  # marked running but not yet handed to an engine: its `started` is on its way
                     return []
-                started = Started(task_id=task_id, attempt=record.attempt, device=device, batch=batch)
-                progress = self.hub.latest_progress(task_id)
-                return [started] if progress is None else [started, progress]
+                started = Started(
+                    task_id=task_id, attempt=record.attempt, device=live.device, batch=live.batch, worker=live.worker
+                )
+                return [started] if live.progress is None else [started, live.progress]
             case TaskState.POSTPROCESSING:
                 return [Postprocessing(task_id=task_id)]
-            case TaskState.SUCCEEDED:
-                return [self._public(Succeeded(task_id=task_id, images=record.images))]
-            case TaskState.CANCELLED:
-                return [Cancelled(task_id=task_id)]
-            case TaskState.FAILED | TaskState.FILTERED:
-                return [
-                    Failed(task_id=task_id, code=record.error_code or record.state, message=record.error_message or "")
-                ]
-        raise AssertionError(record.state)
+        final = final_event(record)
+        assert final is not None, record.state
+        return [self._public(final)]
 
     @staticmethod
     def _public(event: AnyTaskEvent) -> AnyTaskEvent:
@@ -301,7 +291,7 @@ class RestApi:
                 model=summary,
                 schedulers=list(SAMPLERS),
                 output_formats=["png", "webp", "jpeg"],
-                engines=self.engine_readiness(),
+                engines=self.readiness().engines,
             )
         )
 
@@ -314,24 +304,20 @@ class RestApi:
         return JSONResponse(HealthView("ok"))
 
     async def readyz(self, request: Request) -> Response:
-        engines, full = self.engine_readiness(), self.ingress.storage_full
-        ready = bool(engines) and all(engines.values()) and self.ingress.accepting and not full
-        view = ReadinessView(ready=ready, accepting=self.ingress.accepting, engines=engines, storage_full=full)
-        return JSONResponse(view, status_code=200 if ready else 503)
+        state = self.readiness()
+        view = ReadinessView(
+            ready=state.ready,
+            accepting=state.accepting,
+            engines=state.engines,
+            storage_full=state.storage_full,
+            store_reachable=state.store_reachable,
+        )
+        return JSONResponse(view, status_code=200 if state.ready else 503)
 
     # -- helpers --
 
-    def _upload_holder(self, generation: GenerationRequest) -> str | None:
-        """The other server that holds the uploads this request names, which must then make the task."""
-        images = [control.image for _, control in requested_controls(generation) if control.image is not None]
-        return self.peers.holder(
-            (image.removeprefix(UPLOAD_PREFIX) for image in images if UPLOAD_ID.match(image)),
-            field="control",
-            several="control images uploaded to different servers cannot guide one task; send them inline",
-        )
-
-    def _view(self, record: TaskRecord) -> TaskView:
-        return live_task_view(record, self.scheduler, self.hub)
+    async def _view(self, record: TaskRecord) -> TaskView:
+        return task_view(record, await self.ingress.live(record))
 
     async def _forge_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ForgeError)

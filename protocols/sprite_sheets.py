@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated
 
 import anyio
@@ -15,21 +14,20 @@ import msgspec
 from msgspec import Meta
 from PIL import Image
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from actors.encoding import write_atomically
+from actors.files import Files
 from actors.ingress import Ingress
 from actors.postprocess import SPRITE_SHEET_ATLAS, SPRITE_SHEET_IMAGE
 from engines.sprite_sheet import pack
 from forge.auth import Authenticator
 from forge.errors import Conflict, NotFound
-from forge.nodes import TASK_ID, TASK_ID_PATTERN, new_id
+from forge.ids import TASK_ID, TASK_ID_PATTERN, new_id
 from forge.tasks import TaskState
 from forge.validation import decode_json
 from protocols.http_io import JSONResponse, read_body
 from protocols.identity import principal_of, visible_owner
-from protocols.peers import PeerResponse, Peers
 from protocols.views import API
 
 SHEETS = "/v1/sprite-sheets"
@@ -52,9 +50,8 @@ class SheetView(msgspec.Struct, frozen=True, kw_only=True):
 @dataclass(frozen=True)
 class SpriteSheetRoutes:
     ingress: Ingress
-    outputs: Path
+    results: Files
     auth: Authenticator
-    peers: Peers
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -66,27 +63,28 @@ class SpriteSheetRoutes:
     async def task_sheet(self, request: Request) -> Response:
         owner = visible_owner(await principal_of(request, self.auth))
         record = await self.ingress.get(request.path_params["id"], owner=owner)
-        name = {"png": SPRITE_SHEET_IMAGE, "json": SPRITE_SHEET_ATLAS}.get(request.path_params["kind"])
-        path = self.outputs / record.id / (name or "")
-        if name is None or record.state is not TaskState.SUCCEEDED or not path.is_file():
+        kind = request.path_params["kind"]
+        name = {"png": SPRITE_SHEET_IMAGE, "json": SPRITE_SHEET_ATLAS}.get(kind)
+        data = None
+        if name is not None and record.state is TaskState.SUCCEEDED and record.metadata_path:
+            folder = record.metadata_path.rsplit("/", 1)[0]  # the sheet lies beside the attempt's metadata
+            data = await anyio.to_thread.run_sync(self.results.read, f"{folder}/{name}")
+        if data is None:
             raise NotFound(f"generation {record.id} has no sprite sheet (ask for postprocess.sprite_sheet)", field="id")
-        return FileResponse(path, media_type="image/png" if name.endswith(".png") else "application/json")
+        return Response(data, media_type=_MEDIA[kind])
 
     async def create(self, request: Request) -> Response:
         """Pack every image of the given finished tasks, in order, into one atlas."""
         owner = visible_owner(await principal_of(request, self.auth))
         body = await read_body(request, MAX_BODY)
         sheet = decode_json(body, SheetRequest)
-        several = "a sheet packs the generations of one server; these were made by several"
-        if (holder := self.peers.holder(sheet.tasks, field="tasks", several=several)) is not None:
-            return PeerResponse(holder, self.peers.node_id, body)
-        frames: list[tuple[str, Path]] = []
+        frames: list[tuple[str, str]] = []
         for index, task_id in enumerate(sheet.tasks):
             record = await self.ingress.get(task_id, owner=owner)
             if record.state is not TaskState.SUCCEEDED:
                 raise Conflict(f"generation {task_id} is {record.state}, not succeeded", field=f"tasks[{index}]")
-            frames += [(f"{task_id}/{i}", self.outputs / path) for i, path in enumerate(record.images)]
-        sheet_id = new_id(self.peers.node_id, hashlib.sha256(msgspec.json.encode([owner, sheet])).hexdigest()[:32])
+            frames += [(f"{task_id}/{i}", name) for i, name in enumerate(record.images)]
+        sheet_id = new_id(hashlib.sha256(msgspec.json.encode([owner, sheet])).hexdigest()[:32])
         await anyio.to_thread.run_sync(self._write, sheet_id, frames, sheet)
         view = SheetView(
             id=sheet_id,
@@ -96,22 +94,29 @@ class SpriteSheetRoutes:
         )
         return JSONResponse(view, status_code=201)
 
-    def _write(self, sheet_id: str, frames: list[tuple[str, Path]], sheet: SheetRequest) -> None:
+    def _write(self, sheet_id: str, frames: list[tuple[str, str]], sheet: SheetRequest) -> None:
         images = []
-        for name, path in frames:
-            with Image.open(path) as image:
+        for name, file in frames:
+            data = self.results.read(file)
+            if data is None:
+                raise NotFound(f"image {name} is no longer kept", field="tasks")
+            with Image.open(io.BytesIO(data)) as image:
                 images.append((name, image.convert("RGBA")))
         atlas, document = pack(images, f"{sheet_id}.png", sheet.columns, sheet.padding)
         buffer = io.BytesIO()
         atlas.save(buffer, format="PNG")
-        folder = self.outputs / "sprite-sheets"
-        write_atomically(folder / f"{sheet_id}.png", buffer.getvalue())
-        write_atomically(folder / f"{sheet_id}.json", json.dumps(document, indent=1).encode())
+        self.results.write(f"sprite-sheets/{sheet_id}.png", buffer.getvalue())
+        self.results.write(f"sprite-sheets/{sheet_id}.json", json.dumps(document, indent=1).encode())
 
     async def sheet(self, request: Request) -> Response:
         await principal_of(request, self.auth)
         sheet_id, kind = request.path_params["id"], request.path_params["kind"]
-        path = self.outputs / "sprite-sheets" / f"{sheet_id}.{kind}"
-        if kind not in ("png", "json") or not TASK_ID.match(sheet_id) or not path.is_file():
+        data = None
+        if kind in _MEDIA and TASK_ID.match(sheet_id):
+            data = await anyio.to_thread.run_sync(self.results.read, f"sprite-sheets/{sheet_id}.{kind}")
+        if data is None:
             raise NotFound(f"no sprite sheet {sheet_id}.{kind}", field="id")
-        return FileResponse(path, media_type="image/png" if kind == "png" else "application/json")
+        return Response(data, media_type=_MEDIA[kind])
+
+
+_MEDIA = {"png": "image/png", "json": "application/json"}

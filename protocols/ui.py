@@ -12,7 +12,8 @@ import gradio as gr
 from PIL import Image
 from starlette.applications import Starlette
 
-from actors.hub import EventHub
+from actors.files import DirectoryFiles, Files
+from actors.hub import Events
 from actors.ingress import Ingress
 from engines.poses import POSE_NAMES
 from engines.schedulers import SAMPLERS
@@ -72,12 +73,14 @@ def _postprocess_settings(options: PostprocessRequest | None) -> list[Any]:
 
 
 class WebUi:
-    def __init__(self, *, ingress: Ingress, hub: EventHub, outputs: Path, data_dir: Path, auth: Authenticator) -> None:
+    def __init__(self, *, ingress: Ingress, hub: Events, results: Files, data_dir: Path, auth: Authenticator) -> None:
         self._auth = auth
         self._logins: dict[str, Principal] = {}  # user name -> who logged in with it
         self._ingress = ingress
         self._hub = hub
-        self._outputs = outputs
+        self._results = results
+        # Files on a local disk are served by path (without owners); others are handed to Gradio by value.
+        self._outputs = results.root if isinstance(results, DirectoryFiles) and not auth.enabled else None
         self._data_dir = data_dir
         self._session_tasks: dict[str, list[str]] = {}  # browser session -> its latest tasks, for Cancel
         self.blocks = self._build()
@@ -92,7 +95,7 @@ class WebUi:
             path="",
             # With owners, no output file is served by path (any logged-in user could ask for any path):
             # images are handed to Gradio by value and land in its cache under content hashes.
-            allowed_paths=[] if self._auth.enabled else [str(self._outputs)],
+            allowed_paths=[] if self._outputs is None else [str(self._outputs)],
             blocked_paths=[str(path) for path in [*blocked, self._data_dir / "models"]],
             show_error=True,
             footer_links=["api"],
@@ -323,7 +326,7 @@ class WebUi:
         finished: list[TaskRecord] = []
         for number, record in enumerate(records, start=1):
             label = f"Task {number}/{len(records)}" if len(records) > 1 else "Task"
-            with self._hub.subscribe(record.id) as events:
+            async with self._hub.subscribe(record.id) as events:
                 current = await self._ingress.get(record.id, owner=record.owner)
                 if not current.state.is_terminal:
                     async for event in events:
@@ -423,10 +426,13 @@ class WebUi:
         ]
 
     def _shown(self, path: str) -> Any:
-        """An output as the gallery gets it: its path, or with auth on the image itself."""
-        if not self._auth.enabled:
+        """An output as the gallery gets it: its path, or (with auth on, or from Redis) the image itself."""
+        if self._outputs is not None:
             return str(self._outputs / path)
-        with Image.open(self._outputs / path) as image:
+        data = self._results.read(path)
+        if data is None:
+            return None
+        with Image.open(io.BytesIO(data)) as image:
             image.load()
             return image.copy()
 

@@ -10,11 +10,8 @@ import msgspec
 from msgspec import Meta
 
 from actors.encoding import CONTENT_TYPES
-from actors.hub import EventHub
-from actors.scheduler import Scheduler
+from actors.ingress import Live
 from forge.errors import ForgeError
-from forge.events import Progress
-from forge.nodes import NODE_ID
 from forge.requests import GenerationSpec
 from forge.tasks import TaskRecord, TaskState
 
@@ -77,20 +74,15 @@ class TaskView(msgspec.Struct, frozen=True, kw_only=True):
     images: list[ImageLink]
     links: Links
     sprite_sheet: SpriteSheetLinks | None = None
+    worker: Annotated[str, Meta(description="the fleet node that runs or ran it (empty on one box)")] = ""
 
 
 class TaskList(msgspec.Struct, frozen=True, kw_only=True):
     items: list[TaskView]
     next_cursor: str | None
-    unreachable: Annotated[
-        list[str], Meta(description="servers (see peers) whose tasks this page lacks because they did not answer")
-    ] = []
 
 
-# One server's position, or "_"-joined positions of several servers (see protocols/fleet_list.py): a task id,
-# or `<server>.newest`.
-_POSITION = rf"(?:{NODE_ID}-)?[0-9a-f]{{32}}|{NODE_ID}\.newest"
-_CURSOR = rf"^(?:[0-9]{{1,18}}|(?:{_POSITION})(?:_(?:{_POSITION}))*)$"
+_CURSOR = r"^(?:[0-9]{1,18}|[0-9a-f]{32})$"  # a page's next_cursor, or a task id
 
 
 class ListQuery(msgspec.Struct, forbid_unknown_fields=True):
@@ -101,7 +93,6 @@ class ListQuery(msgspec.Struct, forbid_unknown_fields=True):
             str,
             Meta(
                 pattern=_CURSOR,
-                max_length=64 * 70,
                 description="next_cursor of the page before, for the page after it",
             ),
         ]
@@ -132,6 +123,7 @@ class ReadinessView(msgspec.Struct, frozen=True, kw_only=True):
     accepting: Annotated[bool, Meta(description="false while shutting down")]
     engines: dict[str, bool]
     storage_full: Annotated[bool, Meta(description="accepted work is waiting for disk space to be recorded")]
+    store_reachable: Annotated[bool, Meta(description="the task store (Redis in a fleet) answers")] = True
 
 
 class HealthView(msgspec.Struct, frozen=True):
@@ -160,7 +152,9 @@ def _timings(record: TaskRecord) -> Timings:
     )
 
 
-def task_view(record: TaskRecord, *, position: int | None, progress: Progress | None) -> TaskView:
+def task_view(record: TaskRecord, live: Live) -> TaskView:
+    """The task as a client sees it now: its stored row plus queue position and latest progress."""
+    position, progress = live.position, live.progress
     base = f"{API}/{record.id}"
     error = None
     if record.error_code:
@@ -189,9 +183,5 @@ def task_view(record: TaskRecord, *, position: int | None, progress: Progress | 
         sprite_sheet=SpriteSheetLinks(image=f"{base}/sprite-sheet.png", atlas=f"{base}/sprite-sheet.json")
         if record.state is TaskState.SUCCEEDED and record.spec.postprocess and record.spec.postprocess.sprite_sheet
         else None,
+        worker=live.worker or record.worker,
     )
-
-
-def live_task_view(record: TaskRecord, scheduler: Scheduler, hub: EventHub) -> TaskView:
-    """The task as a client sees it now: its stored row plus queue position and latest progress."""
-    return task_view(record, position=scheduler.position(record), progress=hub.latest_progress(record.id))

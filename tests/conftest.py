@@ -11,6 +11,7 @@ import pytest
 from actors.supervisor import ServerHandle, serve
 from engines.tiny import build_tiny_sdxl
 from forge.config import Config, load_config
+from tests.redis_server import REDIS_SERVER, RedisServer, running_redis
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -132,3 +133,13 @@ def install_postprocess_models(data_dir: Path, models: Path) -> None:
     import shutil
 
     shutil.copytree(models, data_dir / "models", dirs_exist_ok=True)
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A real redis-server of its own (appendonly, fsync always) on a free loopback port; skipped, saying why,
+    where Debian's redis-server is not installed."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server); the Redis store tests need one")
+    async with running_redis(tmp_path / "redis") as running:
+        yield running

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import socket
 from typing import Any
 
 import anyio
@@ -54,3 +55,10 @@ def square_image(size: int = 64, box: tuple[int, int, int, int] = (16, 16, 47, 4
 def gradient_image(size: int = 64, horizontal: bool = True) -> Image.Image:
     ramp = np.tile(np.linspace(0, 255, size, dtype=np.uint8), (size, 1))
     return Image.fromarray(ramp if horizontal else ramp.T).convert("RGB")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

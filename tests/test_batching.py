@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from httpx_ws import aconnect_ws
 
-from actors.store import Store
+from actors.sqlite_store import SqliteStore as Store
 from engines.eager import EagerEngine
 from engines.models import resolve_model
 from forge.engine import Job
@@ -221,7 +221,7 @@ async def test_a_watcher_arriving_while_a_task_is_handed_to_an_engine_learns_its
         if kwargs["to"] is TaskState.RUNNING:
             committed.set()
             await handed_over.wait()
-        return moved
+        return bool(moved)
 
     monkeypatch.setattr(Store, "transition", held_transition)
     task = await submit(server.client, prompt="hero", width=64, height=64, steps=2)

@@ -22,7 +22,7 @@ from httpx_ws import WebSocketDisconnect, aconnect_ws
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from actors.keys import KeyStore
+from actors.keys import KeyStore, SqliteKeys
 from actors.supervisor import check_exposure
 from forge.cli import main
 from forge.config import load_config
@@ -58,7 +58,7 @@ class Keys:
 @pytest.fixture
 async def secure(tmp_path: Path, tiny_model: Path) -> AsyncIterator[tuple[RunningServer, Keys]]:
     data = tmp_path / "data"
-    keys = Keys(KeyStore(data / "forge.sqlite3"))
+    keys = Keys(KeyStore(SqliteKeys(data / "forge.sqlite3")))
     config = server_config(
         data,
         tiny_model,
@@ -329,7 +329,7 @@ def test_keys_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = str(tmp_path / "data")
     assert main(["keys", "--data-dir", data, "create", "--owner", "zoe", "--plan", "premium", "--scope", "admin"]) == 0
     token = capsys.readouterr().out.strip().splitlines()[-1]
-    store = KeyStore(tmp_path / "data" / "forge.sqlite3")
+    store = KeyStore(SqliteKeys(tmp_path / "data" / "forge.sqlite3"))
     found = store.verify(token)
     assert found is not None and found.owner == "zoe" and found.scopes == ["admin", "generate"]
     assert main(["keys", "--data-dir", data, "list"]) == 0
@@ -342,15 +342,12 @@ def test_keys_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_plans_limit_tasks_in_flight_and_refuse_unknown_plans() -> None:
     from actors.rate_limits import RateLimited, RateLimiter
-    from forge.auth import Plan, Principal
-    from forge.errors import Forbidden
+    from forge.auth import Plan
 
-    limiter = RateLimiter({"small": Plan(requests=0, max_queued=2)})
-    user = Principal(owner="ann", plan="small")
-    limiter.admit(user, in_flight=0)
-    limiter.admit(user, in_flight=1)
+    limiter = RateLimiter()
+    small = Plan(requests=0, max_queued=2)
+    limiter.admit("ann", "small", small, in_flight=0)
+    limiter.admit("ann", "small", small, in_flight=1)
     with pytest.raises(RateLimited) as refused:
-        limiter.admit(user, in_flight=2)
+        limiter.admit("ann", "small", small, in_flight=2)
     assert refused.value.retry_after_s > 0 and "2 generations queued or running" in refused.value.message
-    with pytest.raises(Forbidden):
-        limiter.admit(Principal(owner="ann", plan="gold"), in_flight=0)

@@ -1,15 +1,27 @@
-"""The store on a real SQLite file: WAL, compare-and-set transitions, recovery after a crash."""
+"""The store's contract, run against both backends (a real SQLite file and a real redis-server): inserts,
+compare-and-set transitions with attempts, recovery of lost work, idempotency, listing, limits and keys."""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import pytest
+import redis
 
-from actors.store import Store
+from actors.keys import KeyStore, RedisKeys, SqliteKeys
+from actors.rate_limits import RateLimited
+from actors.redis_store import RedisStore
+from actors.sqlite_store import SqliteStore
+from actors.store import Admission, IdempotencyConflict, TaskStore
+from forge.auth import Plan
+from forge.errors import ServiceUnavailable
 from forge.requests import GenerationSpec
-from forge.tasks import TaskState
+from forge.tasks import TaskRecord, TaskState
+from tests.redis_server import REDIS_SERVER, running_redis
 
 pytestmark = pytest.mark.anyio
 
@@ -30,58 +42,146 @@ SPEC = GenerationSpec(
     styled_prompt="p",
     styled_negative_prompt="",
 )
+OPEN = Admission(max_queue=100)
 
 
-async def test_database_is_wal_and_rows_survive_reopen(tmp_path: Path) -> None:
-    path = tmp_path / "forge.sqlite3"
-    async with Store.open(path) as store:
-        task = await store.insert(owner="a", spec=SPEC)
-    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    async with Store.open(path) as store:
-        again = await store.get(task.id)
+@dataclass
+class Backend:
+    """A store and what differs in how its work is taken and lost: on one box the scheduler marks a task
+    running and a restart recovers it; in a fleet a worker claims it and the reaper takes back silent claims."""
+
+    store: TaskStore
+    keys: KeyStore
+
+    async def start(self, task: TaskRecord) -> None:
+        if isinstance(self.store, RedisStore):
+            assert task.id in await self.store.claim("w1", "cpu", 1, [task.spec.model], 10)
+        else:
+            assert await self.store.transition(
+                task.id, attempt=task.attempt, from_states=[TaskState.QUEUED], to=TaskState.RUNNING
+            )
+
+    async def lose_workers(self, max_attempts: int) -> tuple[int, int]:
+        """(retried, failed)"""
+        if isinstance(self.store, RedisStore):
+            await anyio.sleep(0.05)
+            return await self.store.reap(0.01, max_attempts)
+        recovery = await self.store.recover(max_attempts)
+        return recovery.retried, recovery.failed
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    if request.param == "sqlite":
+        async with SqliteStore.open(tmp_path / "forge.sqlite3") as store:
+            yield Backend(store, KeyStore(SqliteKeys(tmp_path / "forge.sqlite3")))
+        return
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server); the Redis store tests need one")
+    async with running_redis(tmp_path / "redis") as server, RedisStore.open(server.url) as fleet:
+        yield Backend(fleet, KeyStore(RedisKeys(redis.Redis.from_url(server.url))))
+
+
+async def test_insert_then_get_gives_the_same_task(backend: Backend) -> None:
+    task = await backend.store.insert(owner="a", spec=SPEC, admission=OPEN)
+    again = await backend.store.get(task.id)
     assert again is not None and again.spec == SPEC and again.state is TaskState.QUEUED and again.attempt == 1
+    assert again.seq == task.seq and again.owner == "a"
+    assert await backend.store.get("0" * 32) is None
 
 
-async def test_transition_refuses_wrong_state_or_older_attempt(tmp_path: Path) -> None:
-    async with Store.open(tmp_path / "db") as store:
-        task = await store.insert(owner="a", spec=SPEC)
-        assert await store.transition(task.id, attempt=1, from_states=[TaskState.QUEUED], to=TaskState.RUNNING)
-        assert not await store.transition(task.id, attempt=1, from_states=[TaskState.QUEUED], to=TaskState.RUNNING)
-        assert not await store.transition(task.id, attempt=0, from_states=[TaskState.RUNNING], to=TaskState.SUCCEEDED)
-        assert await store.transition(
-            task.id, attempt=1, from_states=[TaskState.RUNNING], to=TaskState.FAILED, error_code="x", error_message="y"
-        )
-        final = await store.get(task.id)
+async def test_transition_refuses_wrong_state_or_older_attempt(backend: Backend) -> None:
+    store = backend.store
+    task = await store.insert(owner="a", spec=SPEC, admission=OPEN)
+    await backend.start(task)
+    assert not await store.transition(task.id, attempt=1, from_states=[TaskState.QUEUED], to=TaskState.RUNNING)
+    assert not await store.transition(task.id, attempt=0, from_states=[TaskState.RUNNING], to=TaskState.SUCCEEDED)
+    assert await store.transition(
+        task.id, attempt=1, from_states=[TaskState.RUNNING], to=TaskState.FAILED, error_code="x", error_message="y"
+    )
+    final = await store.get(task.id)
     assert final is not None and final.state is TaskState.FAILED and final.finished_at is not None
+    assert (final.error_code, final.error_message) == ("x", "y")
+    assert (await store.count_by_state()).get(TaskState.FAILED) == 1
 
 
-async def test_recover_requeues_in_order_and_gives_up_after_max_attempts(tmp_path: Path) -> None:
-    async with Store.open(tmp_path / "db") as store:
-        first = await store.insert(owner="a", spec=SPEC)
-        running = await store.insert(owner="a", spec=SPEC)
-        last = await store.insert(owner="a", spec=SPEC)
-        await store.transition(running.id, attempt=1, from_states=[TaskState.QUEUED], to=TaskState.RUNNING)
-
-        recovery = await store.recover(max_attempts=2)
-        assert [t.id for t in recovery.requeued] == [first.id, running.id, last.id]
-        assert (recovery.retried, recovery.failed) == (1, 0)
-        retried = await store.get(running.id)
-        assert retried is not None and retried.attempt == 2 and retried.state is TaskState.QUEUED
-        # A write from the lost first attempt changes nothing.
-        assert not await store.transition(running.id, attempt=1, from_states=[TaskState.QUEUED], to=TaskState.RUNNING)
-
-        await store.transition(running.id, attempt=2, from_states=[TaskState.QUEUED], to=TaskState.POSTPROCESSING)
-        recovery = await store.recover(max_attempts=2)
-        assert (recovery.retried, recovery.failed) == (0, 1)
-        lost = await store.get(running.id)
+async def test_lost_work_runs_again_then_fails_as_worker_lost(backend: Backend) -> None:
+    store = backend.store
+    task = await store.insert(owner="a", spec=SPEC, admission=OPEN)
+    await backend.start(task)
+    assert await backend.lose_workers(max_attempts=2) == (1, 0)
+    retried = await store.get(task.id)
+    assert retried is not None and retried.attempt == 2 and retried.state is TaskState.QUEUED
+    # A write from the lost first attempt changes nothing.
+    assert not await store.transition(task.id, attempt=1, from_states=[TaskState.RUNNING], to=TaskState.SUCCEEDED)
+    await backend.start(retried)
+    assert await backend.lose_workers(max_attempts=2) == (0, 1)
+    lost = await store.get(task.id)
     assert lost is not None and lost.state is TaskState.FAILED and lost.error_code == "worker_lost"
 
 
-async def test_idempotency_key_is_unique_per_owner(tmp_path: Path) -> None:
-    async with Store.open(tmp_path / "db") as store:
-        await store.insert(owner="a", spec=SPEC, idempotency_key="k", request_hash="h")
-        await store.insert(owner="b", spec=SPEC, idempotency_key="k", request_hash="h")
-        with pytest.raises(sqlite3.IntegrityError):
-            await store.insert(owner="a", spec=SPEC, idempotency_key="k", request_hash="h")
-        found = await store.find_idempotent("a", "k")
-    assert found is not None and found[1] == "h"
+async def test_idempotency_key_is_unique_per_owner(backend: Backend) -> None:
+    store = backend.store
+    first = await store.insert(owner="a", spec=SPEC, admission=OPEN, idempotency_key="k", request_hash="h")
+    await store.insert(owner="b", spec=SPEC, admission=OPEN, idempotency_key="k", request_hash="h")
+    with pytest.raises(IdempotencyConflict) as taken:
+        await store.insert(owner="a", spec=SPEC, admission=OPEN, idempotency_key="k", request_hash="h")
+    assert taken.value.task_id == first.id and taken.value.request_hash == "h"
+    found = await store.find_idempotent("a", "k")
+    assert found is not None and found[0].id == first.id and found[1] == "h"
+
+
+async def test_listing_is_newest_first_by_owner_and_state_with_cursors(backend: Backend) -> None:
+    store = backend.store
+    mine = [await store.insert(owner="a", spec=SPEC, admission=OPEN) for _ in range(5)]
+    await store.insert(owner="b", spec=SPEC, admission=OPEN)
+    await store.transition(mine[1].id, attempt=1, from_states=[TaskState.QUEUED], to=TaskState.CANCELLED)
+    page = await store.list(owner="a", limit=3)
+    assert [t.id for t in page] == [t.id for t in reversed(mine)][:3]
+    rest = await store.list(owner="a", limit=3, before_seq=page[-1].seq)
+    assert [t.id for t in rest] == [mine[1].id, mine[0].id]
+    assert [t.id for t in await store.list(owner="a", before_id=mine[2].id)] == [mine[1].id, mine[0].id]
+    assert [t.id for t in await store.list(owner="a", state=TaskState.CANCELLED)] == [mine[1].id]
+    assert len(await store.list()) == 6
+
+
+async def test_admission_counts_the_queue_and_each_plan(backend: Backend) -> None:
+    store = backend.store
+    plan = Plan(requests=3, window_s=60, max_queued=2)
+    admission = Admission(max_queue=100, plan_name="small", plan=plan)
+    first = await store.insert(owner="a", spec=SPEC, admission=admission)
+    await store.insert(owner="a", spec=SPEC, admission=admission)
+    with pytest.raises(RateLimited, match="2 generations queued or running"):
+        await store.insert(owner="a", spec=SPEC, admission=admission)
+    await store.insert(owner="b", spec=SPEC, admission=admission)  # another owner's own limits
+    await store.transition(first.id, attempt=1, from_states=[TaskState.QUEUED], to=TaskState.CANCELLED)
+    await store.insert(owner="a", spec=SPEC, admission=admission)  # the third of the window
+    await store.transition(first.id, attempt=1, from_states=[TaskState.QUEUED], to=TaskState.CANCELLED)
+    with pytest.raises(RateLimited) as refused:
+        await store.insert(
+            owner="a",
+            spec=SPEC,
+            admission=Admission(max_queue=100, plan_name="small", plan=Plan(requests=3, window_s=60)),
+        )
+    assert refused.value.retry_after_s >= 1 and "3 generations per 60 s" in refused.value.message
+    with pytest.raises(ServiceUnavailable, match="queue is full"):
+        await store.insert(owner="c", spec=SPEC, admission=Admission(max_queue=3))
+
+
+async def test_keys_verify_until_revoked(backend: Backend) -> None:
+    key, token = backend.keys.create("zoe", "premium", ["generate", "admin"])
+    found = backend.keys.verify(token)
+    assert found is not None and found.owner == "zoe" and found.scopes == ["admin", "generate"]
+    assert backend.keys.verify(token[:-1] + ("x" if token[-1] != "x" else "y")) is None
+    assert [k.id for k in backend.keys.list()] == [key.id]
+    assert backend.keys.revoke(key.id) and not backend.keys.revoke(key.id)
+    assert backend.keys.verify(token) is None
+
+
+async def test_sqlite_database_is_wal_and_rows_survive_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "forge.sqlite3"
+    async with SqliteStore.open(path) as store:
+        task = await store.insert(owner="a", spec=SPEC, admission=OPEN)
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    async with SqliteStore.open(path) as store:
+        assert await store.get(task.id) is not None
