@@ -58,6 +58,7 @@ class RedisEventHub:
                 task_status.started()
                 await self._write_events()
         finally:
+            self._outbox_send.close()
             with anyio.CancelScope(shield=True):
                 await self._reader.aclose()
 
@@ -111,6 +112,7 @@ class RedisEventHub:
         finally:
             self._subscribers -= 1
             scope.cancel()
+            send.close()
             receive.close()
 
     async def _follow(

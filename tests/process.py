@@ -15,10 +15,10 @@ from tests.conftest import wait_ready
 from tests.helpers import free_port
 
 
-
-
 class ServerProcess:
-    def __init__(self, data_dir: Path, model: Path, log: Path, **settings: str) -> None:
+    def __init__(
+        self, data_dir: Path, model: Path, log: Path, config_file: Path | None = None, **settings: str
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -34,11 +34,12 @@ class ServerProcess:
             **{f"FORGE_{key.upper()}": value for key, value in settings.items()},
         }
         self.process: Process | None = None
+        self.options = ["--config", str(config_file)] if config_file is not None else []
 
     async def start(self, ready_timeout_s: float = 90) -> None:
         with open(self.log, "ab") as log:
             self.process = await anyio.open_process(
-                [sys.executable, "-m", "forge.cli", "serve"], env=self.env, stdout=log, stderr=log
+                [sys.executable, "-m", "forge.cli", *self.options, "serve"], env=self.env, stdout=log, stderr=log
             )
         async with httpx.AsyncClient(base_url=self.url) as client:
             with anyio.fail_after(ready_timeout_s):

@@ -116,7 +116,13 @@ async def test_engine_error_is_reported_with_its_code(server: RunningServer, mon
 async def test_service_endpoints(server: RunningServer) -> None:
     assert (await server.client.get("/healthz")).json() == {"status": "ok"}
     ready = (await server.client.get("/readyz")).json()
-    assert ready == {"ready": True, "accepting": True, "engines": {"cpu": True}, "storage_full": False}
+    assert ready == {
+        "ready": True,
+        "accepting": True,
+        "engines": {"cpu": True},
+        "storage_full": False,
+        "store_reachable": True,
+    }
     info = (await server.client.get("/v1/info")).json()
     assert info["model"]["is_tiny"] and info["model"]["min_size"] == 64 and info["model"]["max_size"] == 512
     assert {"euler", "euler_a", "dpmpp_2m_karras", "unipc"} <= set(info["schedulers"])

@@ -1,0 +1,224 @@
+"""A fleet on one real redis-server: two API nodes and two workers, each a real `chara-forge serve` process
+with its own data directory, so everything they share goes through Redis."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+import redis
+from httpx_ws import aconnect_ws
+
+from actors.keys import KeyStore, RedisKeys
+from tests.helpers import FINAL_STATES
+from tests.process import ServerProcess
+from tests.redis_server import REDIS_SERVER, RedisServer, running_redis
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+SMALL = {"width": 64, "height": 64, "steps": 3}
+CONFIG = """
+[plans.unlimited]
+
+[plans.trial]
+requests = 5
+window_s = 3600
+"""
+
+
+@dataclass
+class Fleet:
+    redis: RedisServer
+    apis: list[ServerProcess]
+    workers: list[ServerProcess]
+    tokens: dict[str, str]
+    root: Path
+    model: Path
+
+    def client(self, node: int, owner: str = "ann") -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {self.tokens[owner]}"}
+        return httpx.AsyncClient(base_url=self.apis[node].url, headers=headers, timeout=30)
+
+    def worker(self, name: str) -> ServerProcess:
+        settings = {"store": self.redis.url, "role": "worker", "node_name": name, "claim_timeout_s": "3"}
+        return ServerProcess(
+            self.root / name, self.model, self.root / f"{name}.log", self.root / "forge.toml", auth="true", **settings
+        )
+
+
+async def wait_final(client: httpx.AsyncClient, task_id: str, timeout_s: float = 90) -> dict[str, object]:
+    with anyio.fail_after(timeout_s):
+        while True:
+            view: dict[str, object] = (await client.get(f"/v1/generations/{task_id}")).json()
+            if view["state"] in FINAL_STATES:
+                return view
+            await anyio.sleep(0.05)
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path, tiny_model: Path) -> AsyncIterator[Fleet]:
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server); the fleet tests need one")
+    (tmp_path / "forge.toml").write_text(CONFIG)
+    async with running_redis(tmp_path / "redis") as server:
+        keys = KeyStore(RedisKeys(redis.Redis.from_url(server.url)))
+        tokens = {
+            owner: keys.create(owner, plan, ["generate"])[1]
+            for owner, plan in (("ann", "unlimited"), ("bob", "unlimited"), ("tia", "trial"))
+        }
+        tokens["root"] = keys.create("root", "unlimited", ["generate", "admin"])[1]
+        fleet = Fleet(server, [], [], tokens, tmp_path, tiny_model)
+        for index in (1, 2):
+            settings = {"store": server.url, "role": "api", "node_name": f"api{index}", "claim_timeout_s": "3"}
+            fleet.apis.append(
+                ServerProcess(
+                    tmp_path / f"api{index}",
+                    tiny_model,
+                    tmp_path / f"api{index}.log",
+                    tmp_path / "forge.toml",
+                    auth="true",
+                    **settings,
+                )
+            )
+        fleet.workers = [fleet.worker("w1"), fleet.worker("w2")]
+        try:
+            async with anyio.create_task_group() as tg:
+                for node in [*fleet.apis, *fleet.workers]:
+                    tg.start_soon(node.start)
+            yield fleet
+        finally:
+            for node in [*fleet.apis, *fleet.workers]:
+                if node.process is not None and node.process.returncode is None:
+                    await node.kill()
+
+
+async def test_two_api_nodes_and_two_workers_share_one_queue(fleet: Fleet) -> None:
+    async with fleet.client(0) as one, fleet.client(1) as two:
+        ids = []
+        for index in range(40):
+            response = await (one, two)[index % 2].post("/v1/generations", json={"prompt": f"hero {index}", **SMALL})
+            assert response.status_code == 202, response.text
+            ids.append(response.json()["id"])
+        views = [await wait_final((one, two)[i % 2], task_id) for i, task_id in enumerate(ids)]
+        assert {view["state"] for view in views} == {"succeeded"}
+        made_by = Counter(str(view["worker"]) for view in views)
+        print("tasks per worker:", dict(made_by))
+        assert set(made_by) == {"w1", "w2"} and min(made_by.values()) >= 10
+        for view in views[:6]:
+            url = view["images"][0]["url"]  # type: ignore[index]
+            first, second = (await one.get(url)), (await two.get(url))
+            assert first.status_code == second.status_code == 200 and first.content == second.content
+        listed = (await two.get("/v1/generations", params={"limit": 100})).json()["items"]
+        assert {item["id"] for item in listed} == set(ids)
+
+        # A WebSocket on node 2 follows a task submitted to node 1 to its end, previews included.
+        task = (
+            await one.post("/v1/generations", json={"prompt": "watched", "width": 64, "height": 64, "steps": 6})
+        ).json()
+        events = []
+        async with aconnect_ws(f"{fleet.apis[1].url.replace('http', 'ws')}{task['links']['events']}", two) as ws:
+            while True:
+                event = json.loads(await ws.receive_text())
+                events.append(event)
+                if event["type"] in ("succeeded", "failed", "cancelled"):
+                    break
+        kinds = [event["type"] for event in events]
+        assert kinds[-1] == "succeeded" and "progress" in kinds, kinds
+
+        # Another owner sees none of it, through either node.
+        async with fleet.client(0, "bob") as bob_one, fleet.client(1, "bob") as bob_two:
+            assert (await bob_one.get(f"/v1/generations/{ids[0]}")).status_code == 404
+            assert (await bob_two.get(f"/v1/generations/{ids[1]}")).status_code == 404
+
+
+async def test_cancel_through_one_node_stops_a_task_running_on_any_worker(fleet: Fleet) -> None:
+    async with fleet.client(0) as one, fleet.client(1) as two:
+        long = {"prompt": "long", "width": 64, "height": 64, "steps": 150}
+        task = (await one.post("/v1/generations", json=long)).json()
+        with anyio.fail_after(30):
+            while (view := (await two.get(f"/v1/generations/{task['id']}")).json())["progress"] is None:
+                await anyio.sleep(0.05)
+        other = (await one.post("/v1/generations", json={"prompt": "other", **SMALL})).json()
+        cancelled = await two.post(f"/v1/generations/{task['id']}/cancel")
+        assert cancelled.json()["state"] == "cancelled", cancelled.text
+        final = await wait_final(one, task["id"])
+        assert final["state"] == "cancelled" and final["progress"] is None
+        assert (await wait_final(two, other["id"]))["state"] == "succeeded"
+
+
+async def test_a_plan_limits_an_owner_across_every_node(fleet: Fleet) -> None:
+    async with fleet.client(0, "tia") as one, fleet.client(1, "tia") as two:
+        codes = [
+            (await (one, two)[i % 2].post("/v1/generations", json={"prompt": "x", **SMALL})).status_code
+            for i in range(8)
+        ]
+    assert codes.count(202) == 5 and codes.count(429) == 3, codes
+
+
+async def test_models_loaded_through_one_node_show_as_held_by_the_workers_on_the_other(fleet: Fleet) -> None:
+    async with fleet.client(0, "root") as one, fleet.client(1, "root") as two:
+        models = (await two.get("/v1/models")).json()["items"]
+        default = next(model for model in models if model["default"])
+        holders = {device["device"].split("/")[0] for device in default["devices"] if device["state"] == "loaded"}
+        assert holders == {"w1", "w2"}, default
+        loaded = await one.post(f"/v1/models/{default['id']}/load")
+        assert loaded.status_code == 200, loaded.text
+
+
+async def test_worker_kills_lose_no_task(fleet: Fleet) -> None:
+    """kill -9 a worker at 5 random moments while 30 tasks run, restarting it each time."""
+    rng = random.Random(7)
+    async with fleet.client(0) as one:
+        ids = []
+        for index in range(30):
+            response = await one.post(
+                "/v1/generations", json={"prompt": f"k{index}", "width": 64, "height": 64, "steps": 8}
+            )
+            assert response.status_code == 202
+            ids.append(response.json()["id"])
+        for _ in range(5):
+            await anyio.sleep(rng.uniform(0.2, 1.5))
+            victim = rng.randrange(2)
+            await fleet.workers[victim].kill()
+            await fleet.workers[victim].start()
+        views = [await wait_final(one, task_id, timeout_s=180) for task_id in ids]
+    states = Counter(str(view["state"]) for view in views)
+    attempts = Counter(int(view["attempt"]) for view in views)  # type: ignore[call-overload]
+    print("worker kills: states", dict(states), "attempts", dict(attempts))
+    assert set(states) <= {"succeeded", "failed", "cancelled"} and sum(states.values()) == 30
+    for view in views:
+        if view["state"] == "succeeded":
+            assert len(view["images"]) == 1  # type: ignore[arg-type]
+        else:
+            assert view["error"]["code"] == "worker_lost"  # type: ignore[index]
+    assert max(attempts) > 1, "some task should have been taken from a killed worker"
+
+
+async def test_redis_killed_with_work_queued_and_running_loses_nothing(fleet: Fleet) -> None:
+    async with fleet.client(0) as one, fleet.client(1) as two:
+        ids = []
+        for index in range(10):
+            response = await one.post(
+                "/v1/generations", json={"prompt": f"r{index}", "width": 64, "height": 64, "steps": 10}
+            )
+            assert response.status_code == 202
+            ids.append(response.json()["id"])
+        await anyio.sleep(0.3)
+        await fleet.redis.kill()
+        refused = await two.post("/v1/generations", json={"prompt": "during", **SMALL})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "store_unavailable", refused.text
+        assert refused.headers["Retry-After"]
+        assert (await two.get("/readyz")).status_code == 503
+        await fleet.redis.restart()
+        views = [await wait_final(one, task_id, timeout_s=120) for task_id in ids]
+        assert {view["state"] for view in views} == {"succeeded"}, views
+        with anyio.fail_after(20):
+            while (await two.get("/readyz")).status_code != 200:
+                await anyio.sleep(0.2)
