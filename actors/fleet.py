@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import anyio
@@ -128,7 +129,8 @@ class FleetModels:
 
     async def _command(self, command: ModelCommand, done: object) -> None:
         sent = time.time()
-        await self.store._call(self.store.client.xadd, CONTROL, {"c": msgspec.json.encode(command)}, None, 1000)
+        send = partial(self.store.client.xadd, CONTROL, {"c": msgspec.json.encode(command)}, maxlen=1000)
+        await self.store._call(send)
         with anyio.move_on_after(MODEL_COMMAND_WAIT_S):
             while True:
                 workers = [w for w in await self.workers() if w.at > sent]

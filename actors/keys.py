@@ -4,16 +4,20 @@ is made."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import ParamSpec, Protocol, TypeVar
 
 import msgspec
 import redis
+
+from forge.errors import StoreUnavailable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -27,6 +31,8 @@ CREATE TABLE IF NOT EXISTS api_keys (
 );
 """
 PREFIX = "cf_"
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
@@ -156,6 +162,19 @@ class SqliteKeys:
             return done.rowcount == 1
 
 
+def reachable_or_503(fn: Callable[P, T]) -> Callable[P, T]:
+    """Redis out of reach is a 503 for the caller (never a 500): no key can be checked or changed meanwhile."""
+
+    @functools.wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StoreUnavailable("the key store (Redis) is unreachable; retry shortly", retry_after_s=5) from exc
+
+    return call
+
+
 class RedisKeys:
     """Each key a JSON string under `forge:key:<id>`, listed in the set `forge:keys`."""
 
@@ -173,12 +192,14 @@ return 1
         self._client = client
         self._revoke = client.register_script(self._REVOKE)
 
+    @reachable_or_503
     def add(self, key: StoredKey) -> None:
         with self._client.pipeline() as pipe:
             pipe.set(f"forge:key:{key.id}", msgspec.json.encode(key), nx=True)
             pipe.sadd("forge:keys", key.id)
             pipe.execute()
 
+    @reachable_or_503
     def find(self, key_id: str) -> StoredKey | None:
         raw = self._client.get(f"forge:key:{key_id}")
         return msgspec.json.decode(raw, type=StoredKey) if raw else None  # type: ignore[arg-type]
@@ -188,5 +209,6 @@ return 1
         raws = self._client.mget([f"forge:key:{key_id}" for key_id in ids]) if ids else []
         return [msgspec.json.decode(raw, type=StoredKey) for raw in raws if raw]  # type: ignore[union-attr]
 
+    @reachable_or_503
     def mark_revoked(self, key_id: str, at: float) -> bool:
         return bool(self._revoke(keys=[f"forge:key:{key_id}"], args=[at]))

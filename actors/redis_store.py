@@ -46,7 +46,7 @@ _TASK_FIELDS = (
 
 def is_outage(exc: BaseException) -> bool:
     """Redis cannot be reached (down, restarting, a network fault): worth waiting out, never a task's fault."""
-    if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError):
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError | StoreUnavailable):
         return True
     return isinstance(exc, ResponseError) and str(exc).startswith(("LOADING", "MASTERDOWN", "TRYAGAIN"))
 

@@ -16,9 +16,7 @@ from tests.helpers import free_port
 
 
 class ServerProcess:
-    def __init__(
-        self, data_dir: Path, model: Path, log: Path, config_file: Path | None = None, **settings: str
-    ) -> None:
+    def __init__(self, data_dir: Path, model: Path, log: Path, **settings: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -34,7 +32,12 @@ class ServerProcess:
             **{f"FORGE_{key.upper()}": value for key, value in settings.items()},
         }
         self.process: Process | None = None
-        self.options = ["--config", str(config_file)] if config_file is not None else []
+        self.options: list[str] = []
+
+    def with_config(self, path: Path) -> ServerProcess:
+        """Read this TOML file too (settings the environment cannot give, such as plans)."""
+        self.options = ["--config", str(path)]
+        return self
 
     async def start(self, ready_timeout_s: float = 90) -> None:
         with open(self.log, "ab") as log:

@@ -15,7 +15,7 @@ from PIL import Image
 from actors.encoding import read_parameters
 from engines.models import resolve_model
 from engines.tiny import TINY_MODEL_NAME, build_tiny_sdxl
-from tests.process import free_port
+from tests.helpers import free_port
 
 
 def _generate(tmp_path: Path, model: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -49,8 +49,12 @@ class Fleet:
     def worker(self, name: str) -> ServerProcess:
         settings = {"store": self.redis.url, "role": "worker", "node_name": name, "claim_timeout_s": "3"}
         return ServerProcess(
-            self.root / name, self.model, self.root / f"{name}.log", self.root / "forge.toml", auth="true", **settings
-        )
+            self.root / name,
+            self.model,
+            self.root / f"{name}.log",
+            auth="true",
+            **settings,
+        ).with_config(self.root / "forge.toml")
 
 
 async def wait_final(client: httpx.AsyncClient, task_id: str, timeout_s: float = 90) -> dict[str, object]:
@@ -82,10 +86,9 @@ async def fleet(tmp_path: Path, tiny_model: Path) -> AsyncIterator[Fleet]:
                     tmp_path / f"api{index}",
                     tiny_model,
                     tmp_path / f"api{index}.log",
-                    tmp_path / "forge.toml",
                     auth="true",
                     **settings,
-                )
+                ).with_config(tmp_path / "forge.toml")
             )
         fleet.workers = [fleet.worker("w1"), fleet.worker("w2")]
         try:
@@ -143,7 +146,7 @@ async def test_cancel_through_one_node_stops_a_task_running_on_any_worker(fleet:
         long = {"prompt": "long", "width": 64, "height": 64, "steps": 150}
         task = (await one.post("/v1/generations", json=long)).json()
         with anyio.fail_after(30):
-            while (view := (await two.get(f"/v1/generations/{task['id']}")).json())["progress"] is None:
+            while (await two.get(f"/v1/generations/{task['id']}")).json()["progress"] is None:
                 await anyio.sleep(0.05)
         other = (await one.post("/v1/generations", json={"prompt": "other", **SMALL})).json()
         cancelled = await two.post(f"/v1/generations/{task['id']}/cancel")
@@ -164,12 +167,20 @@ async def test_a_plan_limits_an_owner_across_every_node(fleet: Fleet) -> None:
 
 async def test_models_loaded_through_one_node_show_as_held_by_the_workers_on_the_other(fleet: Fleet) -> None:
     async with fleet.client(0, "root") as one, fleet.client(1, "root") as two:
-        models = (await two.get("/v1/models")).json()["items"]
-        default = next(model for model in models if model["default"])
-        holders = {device["device"].split("/")[0] for device in default["devices"] if device["state"] == "loaded"}
-        assert holders == {"w1", "w2"}, default
-        loaded = await one.post(f"/v1/models/{default['id']}/load")
+
+        async def holders() -> set[str]:
+            models = (await two.get("/v1/models")).json()["items"]
+            default = next(model for model in models if model["default"])
+            return {device["device"].split("/")[0] for device in default["devices"] if device["state"] == "loaded"}
+
+        with anyio.fail_after(10):  # workers tell the fleet what they hold every second
+            while await holders() != {"w1", "w2"}:
+                await anyio.sleep(0.2)
+        loaded = await one.post("/v1/models/tiny-sdxl/load")
         assert loaded.status_code == 200, loaded.text
+        assert {device["device"] for device in loaded.json()["devices"]} == {"w1/cpu", "w2/cpu"}
+        unloading_the_default = await two.post("/v1/models/tiny-sdxl/unload")
+        assert unloading_the_default.status_code == 409
 
 
 async def test_worker_kills_lose_no_task(fleet: Fleet) -> None:
