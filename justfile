@@ -48,6 +48,10 @@ bench: setup
     {{bin}}/python -m bench.server_bench
     {{bin}}/python -m bench.postprocess_bench
 
+# The fleet's Redis store against SQLite (tiny model, CPU, a real redis-server); prints one JSON line
+bench-fleet: setup
+    {{bin}}/python -m bench.fleet_bench
+
 # GPU benchmark: stock diffusers against each engine and the whole server on SDXL's real architecture with
 # random weights; prints one JSON line (also in $OUT/gpu_bench.json). Runs without .venv on a CUDA machine
 # that has PyTorch: it installs the wheels in bench/wheels first. `--tiny` smoke-tests it on a CPU.

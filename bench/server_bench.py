@@ -54,8 +54,9 @@ def direct_images_per_s(model: Path) -> float:
     return DIRECT_IMAGES / (time.perf_counter() - started)
 
 
-async def server_run(model: Path, data_dir: Path) -> tuple[float, list[float]]:
-    """The real `chara-forge serve` in its own process; the clients here, as they would be."""
+async def server_run(model: Path, data_dir: Path, settings: dict[str, str] | None = None) -> tuple[float, list[float]]:
+    """The real `chara-forge serve` in its own process (with `settings` as FORGE_* variables); the clients
+    here, as they would be."""
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     env = {
@@ -68,6 +69,7 @@ async def server_run(model: Path, data_dir: Path) -> tuple[float, list[float]]:
         "FORGE_ENABLE_UI": "false",
         "FORGE_LOG_LEVEL": "WARNING",
         "HF_HUB_OFFLINE": "1",
+        **(settings or {}),
     }
     latencies: list[float] = []
     in_flight: set[str] = set()
