@@ -348,3 +348,35 @@ end
 return state or 'missing'
 """
 )
+
+# ARGV: id, seq, owner, idempotency key, priority (00-20), model, images, batch key, then field/value pairs of
+# the row as it was. A task that had not ended is queued again (one that was running: with attempt+1, as a
+# restart would); `seq` keeps the order of the box it came from. Returns 0 if the id was there already.
+IMPORT = (
+    _COMMON
+    + """
+local id, seq, owner, idem = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local key = P .. 'task:' .. id
+if redis.call('EXISTS', key) == 1 then return 0 end
+local fields = {'priority', ARGV[5], 'model', ARGV[6], 'nimages', ARGV[7], 'bk', ARGV[8]}
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', key, unpack(fields))
+local state, attempt = unpack(redis.call('HMGET', key, 'state', 'attempt'))
+redis.call('ZADD', P .. 'tasks', seq, id)
+redis.call('ZADD', P .. 'owner:' .. owner, seq, id)
+if tonumber(redis.call('GET', P .. 'seq') or '0') < tonumber(seq) then redis.call('SET', P .. 'seq', seq) end
+if idem ~= '' then redis.call('SET', P .. 'idem:' .. owner .. ':' .. idem, id) end
+if TERMINAL[state] then
+  count(state, 1)
+  return 1
+end
+if state ~= 'queued' then
+  attempt = tostring(tonumber(attempt) + 1)
+  redis.call('HSET', key, 'state', 'queued', 'attempt', attempt, 'started_at', '')
+end
+redis.call('SADD', P .. 'inflight:' .. owner, id)
+count('queued', 1)
+enqueue(id, attempt)
+return 1
+"""
+)

@@ -155,6 +155,28 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store(args: argparse.Namespace) -> int:
+    from actors.backends import sync_redis
+    from actors.migrate import migrate
+
+    box = _config(args, data_dir=args.data_dir, store="sqlite", role="all")
+    fleet = _config(args, data_dir=args.data_dir, store=args.to, role="all")
+    if not fleet.uses_redis:
+        raise ConfigError("--to must be a redis:// or rediss:// URL", field="to")
+    client = sync_redis(fleet)
+    try:
+        done = migrate(box, fleet, client)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc), field="data_dir") from None
+    finally:
+        client.close()
+    print(
+        f"copied {done.tasks} task(s) ({done.requeued} queued again), {done.files} file(s) and {done.keys} key(s) "
+        f"from {box.database_path} into the Redis store"
+    )
+    return 0
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from datetime import datetime
 
@@ -215,6 +237,16 @@ def _parser() -> argparse.ArgumentParser:
     revoke = actions.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("id")
     keys.set_defaults(func=cmd_keys)
+
+    store = sub.add_parser("store", help="move a single box's store into a fleet's Redis")
+    store.add_argument("--data-dir")
+    store_actions = store.add_subparsers(dest="action", required=True)
+    migrating = store_actions.add_parser(
+        "migrate", help="copy tasks (unfinished ones are queued again), files, uploads and keys into Redis"
+    )
+    migrating.add_argument("--from", dest="source", choices=["sqlite"], default="sqlite")
+    migrating.add_argument("--to", required=True, help="the fleet's store, redis://[user:password@]host:port/db")
+    store.set_defaults(func=cmd_store)
 
     cache = sub.add_parser("cache", help="what the engine cache holds (compiled code, TensorRT engines); prune it")
     cache.add_argument("--data-dir")

@@ -185,3 +185,55 @@ async def test_sqlite_database_is_wal_and_rows_survive_reopen(tmp_path: Path) ->
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     async with SqliteStore.open(path) as store:
         assert await store.get(task.id) is not None
+
+
+async def test_a_box_moves_into_a_fleet_with_its_history_files_and_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`chara-forge store migrate --from sqlite --to redis://…`"""
+    from actors.files import RedisFiles
+    from forge.cli import main
+
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server); the Redis store tests need one")
+    data = tmp_path / "box"
+    async with SqliteStore.open(data / "forge.sqlite3") as box:
+        done = await box.insert(owner="a", spec=SPEC, admission=OPEN, idempotency_key="k", request_hash="h")
+        running = await box.insert(owner="a", spec=SPEC, admission=OPEN)
+        waiting = await box.insert(owner="b", spec=SPEC, admission=OPEN)
+        await box.transition(done.id, attempt=1, from_states=[TaskState.QUEUED], to=TaskState.RUNNING)
+        await box.transition(
+            done.id,
+            attempt=1,
+            from_states=[TaskState.RUNNING],
+            to=TaskState.SUCCEEDED,
+            images=[f"{done.id}/0.png"],
+            metadata_path=f"{done.id}/metadata.json",
+        )
+        await box.transition(running.id, attempt=1, from_states=[TaskState.QUEUED], to=TaskState.RUNNING)
+    (data / "outputs" / done.id).mkdir(parents=True)
+    (data / "outputs" / done.id / "0.png").write_bytes(b"png bytes")
+    _, token = KeyStore(SqliteKeys(data / "forge.sqlite3")).create("a", "free", ["generate"])
+
+    async with running_redis(tmp_path / "redis") as server:
+        argv = ["store", "--data-dir", str(data), "migrate", "--from", "sqlite", "--to", server.url]
+        assert main(argv) == 0
+        assert "copied 3 task(s) (2 queued again), 1 file(s) and 1 key(s)" in capsys.readouterr().out
+        assert main(argv) == 0  # again: nothing is copied twice
+        assert "copied 0 task(s)" in capsys.readouterr().out
+        client = redis.Redis.from_url(server.url)
+        assert KeyStore(RedisKeys(client)).verify(token) is not None
+        assert RedisFiles(client, "results", 0, tmp_path / "cache").read(f"{done.id}/0.png") == b"png bytes"
+        async with RedisStore.open(server.url) as fleet:
+            moved = await fleet.get(done.id)
+            assert moved is not None and moved.state is TaskState.SUCCEEDED and moved.images == [f"{done.id}/0.png"]
+            assert (await fleet.find_idempotent("a", "k")) is not None
+            again = await fleet.get(running.id)
+            assert again is not None and again.state is TaskState.QUEUED and again.attempt == 2
+            assert [t.id for t in await fleet.list()] == [waiting.id, running.id, done.id]
+            assert {*await fleet.claim("w", "cpu", 1, ["m"], 10), *await fleet.claim("w", "cpu", 1, ["m"], 10)} == {
+                running.id,
+                waiting.id,
+            }
+            new = await fleet.insert(owner="a", spec=SPEC, admission=OPEN)
+            assert new.seq > waiting.seq
