@@ -254,11 +254,13 @@ class FleetWorker:
     async def _listen(self) -> None:
         while True:
             try:
-                async with self._store.client.pubsub() as pubsub:
+                async with self._store.client.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(f"{P}wake", f"{P}cancel")
                     await self._inbox.send(Wake())  # anything queued while this worker was not listening
-                    async for message in pubsub.listen():
-                        if message["type"] != "message":
+                    while True:
+                        # A bounded wait, below the socket timeout: a quiet channel is not a dead connection.
+                        message = await pubsub.get_message(timeout=1.0)
+                        if message is None:
                             continue
                         if message["channel"] == f"{P}cancel":
                             if message["data"] in self._claims:

@@ -280,10 +280,12 @@ class Scheduler:
                 return
             if not ids:
                 return
-            self._idle.pop(0)
             assignments = [
                 Assignment(task=record, cancel=CancelFlag(), request_id="") for record in records if record is not None
             ]
+            if not assignments:  # claimed rows that are gone (deleted by hand): the engine stays idle
+                continue
+            self._idle.pop(0)
             for assignment in assignments:
                 task = assignment.task
                 self._running[task.id] = _Running(device, task, assignment.cancel, len(assignments))

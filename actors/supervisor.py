@@ -319,7 +319,10 @@ async def serve(
             mcp = McpAdapter(ingress=ingress, hub=hub, results=backends.results, auth=auth)
             security = transport_security(config.mcp_allowed_hosts, config.mcp_allowed_origins)
             mcp_http = HttpServer(
-                mcp.app(security), config.host, config.mcp_port, graceful_timeout_s=STREAM_SERVER_GRACE_S
+                mcp.app(security, stateless=config.uses_redis),
+                config.host,
+                config.mcp_port,
+                graceful_timeout_s=STREAM_SERVER_GRACE_S,
             )
             servers.append(mcp_http)
 

@@ -81,8 +81,12 @@ class McpAdapter:
         self.server = MCPServer(name="chara-forge", version=__version__, instructions=INSTRUCTIONS)
         self._register()
 
-    def app(self, security: TransportSecuritySettings) -> Starlette:
-        streamable = self.server.streamable_http_app(streamable_http_path="/mcp", transport_security=security)
+    def app(self, security: TransportSecuritySettings, *, stateless: bool = False) -> Starlette:
+        """`stateless`: streamable HTTP keeps no session between requests, so behind a plain balancer any node
+        answers any request (a fleet's API nodes); progress still streams in each tool call's response."""
+        streamable = self.server.streamable_http_app(
+            streamable_http_path="/mcp", transport_security=security, stateless_http=stateless
+        )
         sse = self.server.sse_app(sse_path="/sse", message_path="/messages/", transport_security=security)
 
         @asynccontextmanager

@@ -42,3 +42,14 @@ def test_unreadable_toml_is_a_clear_error(tmp_path: Path) -> None:
     path.write_text("api_port = = 1")
     with pytest.raises(ConfigError, match=r"broken\.toml"):
         load_config(path, environ={})
+
+
+@pytest.mark.parametrize("role", ["api", "worker"])
+def test_fleet_roles_need_a_shared_store(role: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, environ={"FORGE_ROLE": role})
+    assert "store (FORGE_STORE)" in refused.value.message and "role (FORGE_ROLE)" in refused.value.message
+    config = load_config(None, environ={"FORGE_ROLE": role, "FORGE_STORE": "rediss://user:secret@cache:6380/2"})
+    assert config.uses_redis and config.role == role
+    with pytest.raises(ConfigError, match="store"):
+        load_config(None, environ={"FORGE_STORE": "postgres://db"})

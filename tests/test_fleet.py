@@ -12,9 +12,13 @@ from pathlib import Path
 
 import anyio
 import httpx
+import httpx2
 import pytest
 import redis
 from httpx_ws import aconnect_ws
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.types import ImageContent
 
 from actors.keys import KeyStore, RedisKeys
 from tests.helpers import FINAL_STATES
@@ -135,6 +139,18 @@ async def test_two_api_nodes_and_two_workers_share_one_queue(fleet: Fleet) -> No
         kinds = [event["type"] for event in events]
         assert kinds[-1] == "succeeded" and "progress" in kinds, kinds
 
+        # MCP on node 2, stateless behind a balancer, waits for a generation a worker makes.
+        mcp_url = f"http://127.0.0.1:{fleet.apis[1].env['FORGE_MCP_PORT']}/mcp"
+        async with (
+            httpx2.AsyncClient(headers={"Authorization": f"Bearer {fleet.tokens['ann']}"}, timeout=60) as http,
+            streamable_http_client(mcp_url, http_client=http) as streams,
+            ClientSession(streams[0], streams[1]) as session,
+        ):
+            await session.initialize()
+            result = await session.call_tool("generate_character", {"prompt": "via mcp", "size": "64x64"})
+        assert not result.is_error, result.content
+        assert any(isinstance(content, ImageContent) for content in result.content)
+
         # Another owner sees none of it, through either node.
         async with fleet.client(0, "bob") as bob_one, fleet.client(1, "bob") as bob_two:
             assert (await bob_one.get(f"/v1/generations/{ids[0]}")).status_code == 404
@@ -233,3 +249,70 @@ async def test_redis_killed_with_work_queued_and_running_loses_nothing(fleet: Fl
         with anyio.fail_after(20):
             while (await two.get("/readyz")).status_code != 200:
                 await anyio.sleep(0.2)
+
+
+async def test_long_tasks_keep_their_claim_and_a_high_priority_task_jumps_the_fleet_queue(fleet: Fleet) -> None:
+    async with fleet.client(0) as one, fleet.client(1) as two:
+        slow = {"prompt": "slow", "width": 128, "height": 128, "steps": 200}
+        long = [(await one.post("/v1/generations", json=slow)).json() for _ in range(2)]
+        with anyio.fail_after(30):  # both workers busy
+            while "queued" in [(await one.get(f"/v1/generations/{t['id']}")).json()["state"] for t in long]:
+                await anyio.sleep(0.05)
+        normal = [
+            (await (one, two)[i % 2].post("/v1/generations", json={"prompt": f"n{i}", **SMALL})).json()
+            for i in range(6)
+        ]
+        assert [task["position"] for task in normal] == list(range(6))
+        urgent = (await two.post("/v1/generations", json={"prompt": "urgent", "priority": 10, **SMALL})).json()
+        assert urgent["position"] == 0
+        assert (await one.get(f"/v1/generations/{normal[0]['id']}")).json()["position"] == 1
+        views = {t["id"]: await wait_final(one, t["id"]) for t in [*long, *normal, urgent]}
+    assert {view["state"] for view in views.values()} == {"succeeded"}
+    for task in long:  # longer than claim_timeout_s on a live worker: run once
+        view = views[task["id"]]
+        assert view["attempt"] == 1 and view["timings"]["running_s"] > 3, view["timings"]  # type: ignore[index]
+    assert all(views[urgent["id"]]["started_at"] <= views[t["id"]]["started_at"] for t in normal)  # type: ignore[operator]
+
+
+async def test_a_task_that_kills_its_worker_every_time_fails_and_blocks_nothing(fleet: Fleet) -> None:
+    async with fleet.client(0) as one:
+        poison = (
+            await one.post("/v1/generations", json={"prompt": "poison", "width": 128, "height": 128, "steps": 200})
+        ).json()
+        later = [(await one.post("/v1/generations", json={"prompt": f"later {i}", **SMALL})).json() for i in range(5)]
+        kills = 0
+        with anyio.fail_after(120):
+            while (view := (await one.get(f"/v1/generations/{poison['id']}")).json())["state"] not in FINAL_STATES:
+                if view["state"] == "running" and view["worker"]:
+                    worker = next(w for w in fleet.workers if w.env["FORGE_NODE_NAME"] == view["worker"])
+                    await worker.kill()
+                    kills += 1
+                    await worker.start()
+                await anyio.sleep(0.05)
+        assert view["state"] == "failed" and view["error"]["code"] == "worker_lost" and view["attempt"] == 3, view
+        assert kills == 3
+        assert {(await wait_final(one, t["id"]))["state"] for t in later} == {"succeeded"}
+
+
+async def test_a_client_whose_api_node_dies_follows_its_task_on_the_other(fleet: Fleet) -> None:
+    async with fleet.client(0) as one, fleet.client(1) as two:
+        task = (
+            await one.post("/v1/generations", json={"prompt": "followed", "width": 64, "height": 64, "steps": 120})
+        ).json()
+        path = task["links"]["events"]
+        before: list[str] = []
+        try:
+            async with aconnect_ws(fleet.apis[0].url.replace("http", "ws") + path, one) as ws:
+                while "progress" not in before:
+                    before.append(json.loads(await ws.receive_text())["type"])
+                await fleet.apis[0].kill()
+                while True:
+                    await ws.receive_text()
+        except Exception:  # the node is gone mid-stream
+            pass
+        after: list[dict[str, str]] = []
+        async with aconnect_ws(fleet.apis[1].url.replace("http", "ws") + path, two) as ws:
+            while not after or after[-1]["type"] not in ("succeeded", "failed", "cancelled"):
+                after.append(json.loads(await ws.receive_text()))
+    assert after[0]["type"] == "started" and after[0]["worker"] in {"w1", "w2"}, after[:2]  # the state first
+    assert after[-1]["type"] == "succeeded" and any(event["type"] == "progress" for event in after)
