@@ -9,12 +9,14 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
 import httpx2
 import pytest
 import redis
+from gradio_client import Client
 from httpx_ws import aconnect_ws
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
@@ -24,6 +26,7 @@ from actors.keys import KeyStore, RedisKeys
 from tests.helpers import FINAL_STATES
 from tests.process import ServerProcess
 from tests.redis_server import REDIS_SERVER, RedisServer, running_redis
+from tests.test_ui import gallery_files, run_generate
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -151,6 +154,27 @@ async def test_two_api_nodes_and_two_workers_share_one_queue(fleet: Fleet) -> No
         assert not result.is_error, result.content
         assert any(isinstance(content, ImageContent) for content in result.content)
 
+        # The web UI on node 1 shows progress and the images a worker made; node 2 lists the task.
+        def use_the_page() -> list[tuple[Any, ...]]:
+            page = Client(
+                f"http://127.0.0.1:{fleet.apis[0].env['FORGE_UI_PORT']}/",
+                auth=("ann", fleet.tokens["ann"]),
+                verbose=False,
+            )
+            try:
+                return run_generate(page, prompt="from the page", steps=4)
+            finally:
+                page.close()
+
+        updates = await anyio.to_thread.run_sync(use_the_page)
+        assert any("step 4/4" in update[0] for update in updates) and "Done: 1 image" in updates[-1][0], updates[-1]
+        assert len(gallery_files(updates[-1])) == 1
+        prompts = [
+            item["request"]["prompt"]
+            for item in (await two.get("/v1/generations", params={"limit": 1})).json()["items"]
+        ]
+        assert prompts == ["from the page"]
+
         # Another owner sees none of it, through either node.
         async with fleet.client(0, "bob") as bob_one, fleet.client(1, "bob") as bob_two:
             assert (await bob_one.get(f"/v1/generations/{ids[0]}")).status_code == 404
@@ -242,7 +266,9 @@ async def test_redis_killed_with_work_queued_and_running_loses_nothing(fleet: Fl
         refused = await two.post("/v1/generations", json={"prompt": "during", **SMALL})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "store_unavailable", refused.text
         assert refused.headers["Retry-After"]
-        assert (await two.get("/readyz")).status_code == 503
+        with anyio.fail_after(5):  # readiness follows the store within a ping (every second)
+            while (await two.get("/readyz")).status_code != 503:
+                await anyio.sleep(0.1)
         await fleet.redis.restart()
         views = [await wait_final(one, task_id, timeout_s=120) for task_id in ids]
         assert {view["state"] for view in views} == {"succeeded"}, views
@@ -253,7 +279,7 @@ async def test_redis_killed_with_work_queued_and_running_loses_nothing(fleet: Fl
 
 async def test_long_tasks_keep_their_claim_and_a_high_priority_task_jumps_the_fleet_queue(fleet: Fleet) -> None:
     async with fleet.client(0) as one, fleet.client(1) as two:
-        slow = {"prompt": "slow", "width": 128, "height": 128, "steps": 200}
+        slow = {"prompt": "slow", "width": 192, "height": 192, "steps": 150}
         long = [(await one.post("/v1/generations", json=slow)).json() for _ in range(2)]
         with anyio.fail_after(30):  # both workers busy
             while "queued" in [(await one.get(f"/v1/generations/{t['id']}")).json()["state"] for t in long]:
@@ -277,7 +303,7 @@ async def test_long_tasks_keep_their_claim_and_a_high_priority_task_jumps_the_fl
 async def test_a_task_that_kills_its_worker_every_time_fails_and_blocks_nothing(fleet: Fleet) -> None:
     async with fleet.client(0) as one:
         poison = (
-            await one.post("/v1/generations", json={"prompt": "poison", "width": 128, "height": 128, "steps": 200})
+            await one.post("/v1/generations", json={"prompt": "poison", "width": 192, "height": 192, "steps": 150})
         ).json()
         later = [(await one.post("/v1/generations", json={"prompt": f"later {i}", **SMALL})).json() for i in range(5)]
         kills = 0
