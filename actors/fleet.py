@@ -102,7 +102,7 @@ class FleetModels:
     catalog: ModelCatalog
 
     async def workers(self) -> list[WorkerState]:
-        raw = await self.store._call(self.store.client.hgetall, WORKERS)
+        raw = await self.store.call(self.store.client.hgetall, WORKERS)
         now = time.time()
         states = [msgspec.json.decode(value, type=WorkerState) for value in raw.values()]
         return [state for state in states if now - state.at < REGISTRY_STALE_S]
@@ -130,7 +130,7 @@ class FleetModels:
     async def _command(self, command: ModelCommand, done: object) -> None:
         sent = time.time()
         send = partial(self.store.client.xadd, CONTROL, {"c": msgspec.json.encode(command)}, maxlen=1000)
-        await self.store._call(send)
+        await self.store.call(send)
         with anyio.move_on_after(MODEL_COMMAND_WAIT_S):
             while True:
                 workers = [w for w in await self.workers() if w.at > sent]

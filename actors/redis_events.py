@@ -102,7 +102,7 @@ class RedisEventHub:
     @asynccontextmanager
     async def subscribe(self, task_id: str) -> AsyncIterator[MemoryObjectReceiveStream[AnyTaskEvent]]:
         assert self._tg is not None, "the hub is not running"
-        last = await self._store._call(self._store.client.xrevrange, f"{P}ev:{task_id}", "+", "-", 1)
+        last = await self._store.call(self._store.client.xrevrange, f"{P}ev:{task_id}", "+", "-", 1)
         send, receive = anyio.create_memory_object_stream[AnyTaskEvent](SUBSCRIBER_BUFFER)
         scope = anyio.CancelScope()
         self._tg.start_soon(self._follow, task_id, last[0][0] if last else "0-0", send, scope)

@@ -134,17 +134,12 @@ class RedisStore:
                 await client.aclose()
 
     async def _run(self, script: str, args: Sequence[object]) -> Any:
-        """A script call; an outage becomes StoreUnavailable (503 with Retry-After) for whoever asked."""
-        try:
-            return await self._scripts[script](keys=[], args=[_text(arg) for arg in args])
-        except Exception as exc:
-            if is_outage(exc):
-                raise StoreUnavailable("the task store (Redis) is unreachable; retry shortly", retry_after_s=5) from exc
-            raise
+        return await self.call(self._scripts[script], keys=[], args=[_text(arg) for arg in args])
 
-    async def _call(self, fn: Any, *args: Any) -> Any:
+    async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """A Redis call; an outage becomes StoreUnavailable (503 with Retry-After) for whoever asked."""
         try:
-            return await fn(*args)
+            return await fn(*args, **kwargs)
         except Exception as exc:
             if is_outage(exc):
                 raise StoreUnavailable("the task store (Redis) is unreachable; retry shortly", retry_after_s=5) from exc
@@ -244,7 +239,7 @@ class RedisStore:
                     idempotency_key=idempotency_key,
                 )
             case ["replay", earlier]:
-                hash_of_earlier = await self._call(self.client.hget, f"{P}task:{earlier}", "request_hash")
+                hash_of_earlier = await self.call(self.client.hget, f"{P}task:{earlier}", "request_hash")
                 raise IdempotencyConflict(earlier, hash_of_earlier or None)
             case ["queue_full"]:
                 raise ServiceUnavailable(
@@ -259,14 +254,14 @@ class RedisStore:
         raise AssertionError(f"unexpected submit reply {reply!r}")
 
     async def get(self, task_id: str) -> TaskRecord | None:
-        row = await self._call(self.client.hgetall, f"{P}task:{task_id}")
+        row = await self.call(self.client.hgetall, f"{P}task:{task_id}")
         return _record(row) if row else None
 
     async def find_idempotent(self, owner: str, key: str) -> tuple[TaskRecord, str | None] | None:
-        task_id = await self._call(self.client.get, f"{P}idem:{owner}:{key}")
+        task_id = await self.call(self.client.get, f"{P}idem:{owner}:{key}")
         if task_id is None:
             return None
-        row = await self._call(self.client.hgetall, f"{P}task:{task_id}")
+        row = await self.call(self.client.hgetall, f"{P}task:{task_id}")
         return (_record(row), row.get("request_hash") or None) if row else None
 
     async def transition(
@@ -293,7 +288,7 @@ class RedisStore:
         return await self.disk.write(f"task {task_id} becoming {to}", write)
 
     async def count_by_state(self) -> dict[TaskState, int]:
-        counts = await self._call(self.client.hgetall, f"{P}counts")
+        counts = await self.call(self.client.hgetall, f"{P}counts")
         return {TaskState(state): int(n) for state, n in counts.items() if int(n) > 0}
 
     async def recover(self, max_attempts: int) -> Recovery:
@@ -328,18 +323,18 @@ class RedisStore:
         return str(await self._run("cancel", [task_id, event]))
 
     async def position(self, task_id: str) -> int | None:
-        rank = await self._call(self.client.zrank, f"{P}queued", task_id)
+        rank = await self.call(self.client.zrank, f"{P}queued", task_id)
         return None if rank is None else int(rank)
 
     async def queued(self) -> int:
-        return int(await self._call(self.client.zcard, f"{P}queued"))
+        return int(await self.call(self.client.zcard, f"{P}queued"))
 
     async def latest_progress(self, task_id: str) -> Progress | None:
-        raw = await self._call(self.client.hget, f"{P}task:{task_id}", "progress")
+        raw = await self.call(self.client.hget, f"{P}task:{task_id}", "progress")
         return msgspec.json.decode(raw, type=Progress) if raw else None
 
     async def placement(self, task_id: str) -> tuple[str, int, str]:
-        device, batch, worker = await self._call(self.client.hmget, f"{P}task:{task_id}", "device", "batch", "worker")
+        device, batch, worker = await self.call(self.client.hmget, f"{P}task:{task_id}", "device", "batch", "worker")
         return device or "", int(batch or 0), worker or ""
 
     async def list(
@@ -353,7 +348,7 @@ class RedisStore:
     ) -> list[TaskRecord]:
         index = f"{P}owner:{owner}" if owner is not None else f"{P}tasks"
         if before_id is not None:
-            seq = await self._call(self.client.hget, f"{P}task:{before_id}", "seq")
+            seq = await self.call(self.client.hget, f"{P}task:{before_id}", "seq")
             if seq is None:
                 return []
             before_seq = int(seq)
@@ -361,13 +356,13 @@ class RedisStore:
         found: list[TaskRecord] = []
         chunk = limit if state is None else max(limit * 4, 50)
         while len(found) < limit:
-            ids = await self._call(self.client.zrevrangebyscore, index, top, "-inf", 0, chunk, True)
+            ids = await self.call(self.client.zrevrangebyscore, index, top, "-inf", 0, chunk, True)
             if not ids:
                 break
             async with self.client.pipeline(transaction=False) as pipe:
                 for task_id, _ in ids:
                     pipe.hgetall(f"{P}task:{task_id}")
-                rows = await self._call(pipe.execute)
+                rows = await self.call(pipe.execute)
             for row in rows:
                 if row and (state is None or row["state"] == state.value):
                     found.append(_record(row))
