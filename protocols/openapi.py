@@ -88,10 +88,12 @@ def _authenticated(operation: dict[str, Any]) -> dict[str, Any]:
     return {**operation, "security": _BEARER_OR_NONE, "responses": responses}
 
 
-def _relayed(operation: dict[str, Any]) -> dict[str, Any]:
-    """An operation on an id, which another server may hold (see `peers`): this server relays it there."""
-    responses = {**operation["responses"], "502": _error("the server that made this id (see peers) did not answer")}
-    return {**operation, "responses": responses}
+def _stored(operation: dict[str, Any]) -> dict[str, Any]:
+    """An operation that reads or writes the store, which in a fleet (Redis) may be out of reach for a while."""
+    unreachable = "store_unavailable: the fleet's store (Redis) is unreachable (see Retry-After)"
+    earlier = operation["responses"].get("503")
+    description = f"{earlier['description']}; or {unreachable}" if earlier else unreachable
+    return {**operation, "responses": {**operation["responses"], "503": _error(description)}}
 
 
 def _admin(operation: dict[str, Any]) -> dict[str, Any]:
@@ -110,7 +112,7 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
     model_id = _path("id", {"type": "string", "description": "a model id from GET /v1/models"})
     sheet_kind = _path("kind", {"type": "string", "enum": ["png", "json"]})
     return {
-        ("post", API): _relayed(
+        ("post", API): _stored(
             _authenticated(
                 {
                     "summary": "Queue a generation",
@@ -144,7 +146,7 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
                 "responses": {"200": _ok("a page", "TaskList"), "422": _error("bad query parameter")},
             }
         ),
-        ("get", API + "/{id}"): _relayed(
+        ("get", API + "/{id}"): _stored(
             _authenticated(
                 {
                     "summary": "State, queue position, progress, timings and image links",
@@ -153,7 +155,7 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
                 }
             )
         ),
-        ("post", API + "/{id}/cancel"): _relayed(
+        ("post", API + "/{id}/cancel"): _stored(
             _authenticated(
                 {
                     "summary": "Cancel exactly this generation, queued or running",
@@ -167,7 +169,7 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
                 }
             )
         ),
-        ("get", API + "/{id}/images/{index}"): _relayed(
+        ("get", API + "/{id}/images/{index}"): _stored(
             _authenticated(
                 {
                     "summary": "Download one image",
@@ -183,8 +185,8 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
             {
                 "summary": "WebSocket: the current state first, then queued/started/progress/... events",
                 "description": "Each message is one JSON object of the TaskEvent union, tagged by `type`. An "
-                "unknown id gets an error message, then close code 4404; a refused token, 4401 or 4403. The events of "
-                "another server's task (see peers) are relayed from it; 4502 when it does not answer.",
+                "unknown id gets an error message, then close code 4404; a refused token, 4401 or 4403. In a fleet the "
+                "task may run on any worker: its events come through the shared store.",
                 "parameters": [task_id],
                 "responses": {
                     "101": {"description": "switching to WebSocket"},
@@ -192,7 +194,7 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
                 },
             }
         ),
-        ("get", API + "/{id}/sprite-sheet.{kind}"): _relayed(
+        ("get", API + "/{id}/sprite-sheet.{kind}"): _stored(
             _authenticated(
                 {
                     "summary": "A generation's sprite sheet (postprocess.sprite_sheet): the atlas image or its JSON",
@@ -204,7 +206,7 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
                 }
             )
         ),
-        ("post", SHEETS): _relayed(
+        ("post", SHEETS): _stored(
             _authenticated(
                 {
                     "summary": "Pack every image of finished generations, in order, into one sprite sheet",
@@ -220,7 +222,7 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
                 }
             )
         ),
-        ("get", SHEETS + "/{id}.{kind}"): _relayed(
+        ("get", SHEETS + "/{id}.{kind}"): _stored(
             _authenticated(
                 {
                     "summary": "A packed sprite sheet: the atlas image or its JSON",
@@ -328,7 +330,9 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
             "summary": "Every engine is loaded and warm, and new work is accepted",
             "responses": {
                 "200": _ok("ready", "ReadinessView"),
-                "503": _ok("not yet, shutting down, or work waiting for disk space", "ReadinessView"),
+                "503": _ok(
+                    "not yet, shutting down, work waiting for disk space, or the store unreachable", "ReadinessView"
+                ),
             },
         },
         ("get", "/metrics"): {
