@@ -123,13 +123,14 @@ def resolve_extra_model(model_id: str, source: str, default: ModelInfo) -> Model
     return sdxl_info(source, source)
 
 
-def resolve_model(model: str, data_dir: Path, hub_timeout_s: float) -> ModelInfo:
-    """The default model, with its id."""
-    info = _resolve_default(model, data_dir, hub_timeout_s)
+def resolve_model(model: str, data_dir: Path, hub_timeout_s: float, *, download: bool = True) -> ModelInfo:
+    """The default model, with its id. `download` False (an API node, which loads no weights): SDXL base that
+    is not cached here is described, not fetched."""
+    info = _resolve_default(model, data_dir, hub_timeout_s, download)
     return replace(info, id=_default_id(info))
 
 
-def _resolve_default(model: str, data_dir: Path, hub_timeout_s: float) -> ModelInfo:
+def _resolve_default(model: str, data_dir: Path, hub_timeout_s: float, download: bool = True) -> ModelInfo:
     """Map the configured `model` to something `from_pretrained` can load."""
     tiny_dir = data_dir / "models" / "tiny-sdxl"
     if model == "tiny":
@@ -139,6 +140,8 @@ def _resolve_default(model: str, data_dir: Path, hub_timeout_s: float) -> ModelI
         if cached:
             return sdxl_info(SDXL_BASE, cached, variant="fp16")
         if _hub_reachable(hub_timeout_s):
+            if not download:
+                return sdxl_info(SDXL_BASE, SDXL_BASE, variant="fp16")
             from huggingface_hub import snapshot_download
 
             log.info("downloading %s (about 7 GB) into the Hugging Face cache", SDXL_BASE)
@@ -157,7 +160,7 @@ def resolve_models(config: Config) -> list[ModelInfo]:
     """The default model first, then the configured extra ones, each with its ControlNets and depth model."""
     controlnets = {kind: source for kind in CONTROL_TYPES if (source := getattr(config, f"controlnet_{kind}"))}
     depth = config.depth_model or None
-    default = resolve_model(config.model, config.data_path, config.hub_timeout_s)
+    default = resolve_model(config.model, config.data_path, config.hub_timeout_s, download=config.role != "api")
     models = [with_companions(default, model_id=default.id, controlnets=controlnets, depth_model=depth)]
     for model_id, source in config.models.items():
         if model_id == default.id:
