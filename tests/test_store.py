@@ -237,3 +237,55 @@ async def test_a_box_moves_into_a_fleet_with_its_history_files_and_keys(
             }
             new = await fleet.insert(owner="a", spec=SPEC, admission=OPEN)
             assert new.seq > waiting.seq
+
+
+@pytest.fixture
+async def fleet_store(tmp_path: Path) -> AsyncIterator[RedisStore]:
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server); the Redis store tests need one")
+    async with running_redis(tmp_path / "redis") as server, RedisStore.open(server.url) as store:
+        yield store
+
+
+def _spec(**changes: object) -> GenerationSpec:
+    import msgspec
+
+    return msgspec.structs.replace(SPEC, **changes)
+
+
+async def test_a_claim_takes_the_compatible_tasks_right_behind_the_head_as_one_batch(fleet_store: RedisStore) -> None:
+    same = [await fleet_store.insert(owner="a", spec=SPEC, admission=OPEN) for _ in range(3)]
+    other_size = await fleet_store.insert(owner="a", spec=_spec(width=128), admission=OPEN)
+    last = await fleet_store.insert(owner="a", spec=SPEC, admission=OPEN)
+    assert await fleet_store.claim("w", "cpu", 8, ["m"], 10) == [t.id for t in same]
+    assert await fleet_store.claim("w", "cpu", 8, ["m"], 10) == [other_size.id]
+    assert await fleet_store.claim("w", "cpu", 1, ["m"], 10) == [last.id]
+    assert await fleet_store.claim("w", "cpu", 8, ["m"], 10) == []
+    started = await fleet_store.get(same[1].id)
+    assert started is not None and started.state is TaskState.RUNNING and started.worker == "w"
+    assert await fleet_store.placement(same[1].id) == ("cpu", 3, "w")
+
+
+async def test_a_worker_prefers_its_models_until_another_model_waits_too_long(fleet_store: RedisStore) -> None:
+    foreign = await fleet_store.insert(owner="a", spec=_spec(model="other"), admission=OPEN)
+    held = await fleet_store.insert(owner="a", spec=SPEC, admission=OPEN)
+    urgent = await fleet_store.insert(owner="a", spec=_spec(model="other", priority=5), admission=OPEN)
+    assert await fleet_store.position(urgent.id) == 0 and await fleet_store.position(held.id) == 2
+    assert await fleet_store.claim("w", "cpu", 1, ["m"], 10) == [urgent.id]  # priority comes first
+    assert await fleet_store.claim("w", "cpu", 1, ["m"], 10) == [held.id]  # then a model it holds
+    again = await fleet_store.insert(owner="a", spec=SPEC, admission=OPEN)
+    await anyio.sleep(0.05)
+    assert await fleet_store.claim("w", "cpu", 1, ["m"], 0.01) == [foreign.id]  # waited past the affinity
+    assert await fleet_store.claim("w", "cpu", 1, ["m"], 10) == [again.id]
+
+
+async def test_a_cancel_ends_a_queued_task_and_flags_a_running_one_for_its_worker(fleet_store: RedisStore) -> None:
+    queued = await fleet_store.insert(owner="a", spec=SPEC, admission=OPEN)
+    running = await fleet_store.insert(owner="a", spec=_spec(model="x"), admission=OPEN)
+    assert await fleet_store.claim("w", "cpu", 1, ["x"], 10) == [running.id]
+    assert await fleet_store.request_cancel(queued.id) == "cancelled"
+    assert await fleet_store.claim("v", "cpu", 1, ["m"], 10) == []  # it left the queue
+    assert await fleet_store.request_cancel(running.id) == "signalled"
+    assert await fleet_store.heartbeat("w", [(running.id, 1)]) == [2]
+    assert await fleet_store.heartbeat("v", [(running.id, 1)]) == [0]  # not v's claim
+    assert await fleet_store.request_cancel(queued.id) == "cancelled"  # already ended: says how
