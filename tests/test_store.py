@@ -289,3 +289,19 @@ async def test_a_cancel_ends_a_queued_task_and_flags_a_running_one_for_its_worke
     assert await fleet_store.heartbeat("w", [(running.id, 1)]) == [2]
     assert await fleet_store.heartbeat("v", [(running.id, 1)]) == [0]  # not v's claim
     assert await fleet_store.request_cancel(queued.id) == "cancelled"  # already ended: says how
+
+
+async def test_a_redis_that_could_lose_work_is_reported_or_refused(
+    fleet_store: RedisStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    from forge.errors import ConfigError
+
+    await fleet_store.check_durability(required=True)  # appendonly yes, noeviction: nothing to say
+    await fleet_store.client.config_set("appendonly", "no")
+    await fleet_store.client.config_set("maxmemory-policy", "allkeys-lru")
+    with caplog.at_level("WARNING"):
+        await fleet_store.check_durability(required=False)
+    assert "appendonly is off" in caplog.text and "maxmemory-policy is allkeys-lru" in caplog.text
+    with pytest.raises(ConfigError) as refused:
+        await fleet_store.check_durability(required=True)
+    assert refused.value.field == "redis_require_durable"
