@@ -31,6 +31,7 @@ from forge.engine import (
     CancelFlag,
     ControlJob,
     GenerationResult,
+    ImageEdit,
     Job,
     JobCancelled,
     LoraWeight,
@@ -321,7 +322,9 @@ class EngineActor:
         )
 
     def _upload_paths(self, task: TaskRecord) -> dict[str, Path | None]:
-        return {c.image: self._uploads.path(c.image) for c in task.spec.control if c.image is not None}
+        spec = task.spec
+        names = [c.image for c in spec.control if c.image is not None] + [spec.init_image, spec.mask]
+        return {name: self._uploads.path(name) for name in names if name is not None}
 
     def _job(
         self,
@@ -359,6 +362,20 @@ class EngineActor:
                 )
             )
 
+        image_edit = None
+        if spec.init_image is not None:
+            init, mask = uploads.get(spec.init_image), uploads.get(spec.mask) if spec.mask else None
+            if init is None or (spec.mask is not None and mask is None):
+                raise AssetError("image_invalid", "the init image or mask upload is gone")
+            image_edit = ImageEdit(
+                init_image=str(init),
+                strength=spec.strength if spec.strength is not None else 0.6,
+                mask=str(mask) if mask is not None else None,
+                mask_blur=spec.mask_blur,
+                inpaint_area=spec.inpaint_area,
+                inpaint_padding=spec.inpaint_padding,
+            )
+
         def on_progress(step: int, total: int, preview: Image | None) -> None:
             event = Progress(
                 task_id=task.id,
@@ -378,4 +395,5 @@ class EngineActor:
             wants_preview=lambda: self._hub.has_subscribers(task.id),
             on_progress=on_progress,
             cancel=cancel,
+            image_edit=image_edit,
         )

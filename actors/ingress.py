@@ -105,11 +105,23 @@ class Ingress:
         """The default model."""
         return self.catalog.default
 
-    def resolve(self, request: GenerationRequest) -> GenerationSpec:
-        return resolve_request(request, self.catalog.get(request.model), self.resources)
+    def resolve(self, request: GenerationRequest, init_size: tuple[int, int] | None = None) -> GenerationSpec:
+        return resolve_request(request, self.catalog.get(request.model), self.resources, init_size)
+
+    async def _resolve(self, request: GenerationRequest) -> GenerationSpec:
+        """Images sent inline become uploads first, so the stored task holds ids, not megabytes."""
+        request = await self._store_inline_images(request)
+        edits = {}
+        for field in ("init_image", "mask"):
+            if (image := getattr(request, field)) is not None:
+                edits[field] = await anyio.to_thread.run_sync(partial(self.uploads.save_inline, image, field=field))
+        request = msgspec.structs.replace(request, **edits)
+        init_size = None
+        if request.init_image is not None:
+            init_size = await anyio.to_thread.run_sync(self.uploads.size, request.init_image)
+        return self.resolve(request, init_size)
 
     async def _store_inline_images(self, request: GenerationRequest) -> GenerationRequest:
-        """Control images sent inline become uploads, so the stored task holds an id, not megabytes."""
         controls = requested_controls(request)
         if not any(control.image is not None for _, control in controls):
             return request
@@ -142,7 +154,7 @@ class Ingress:
         if not self.accepting:
             raise ServiceUnavailable("the server is shutting down; retry shortly")
         request_hash = hashlib.sha256(msgspec.json.encode(request)).hexdigest()
-        spec = self.resolve(await self._store_inline_images(request))
+        spec = await self._resolve(request)
         if idempotency_key is not None:  # a replay is free: it passes no limit
             earlier = await self._replay(owner, idempotency_key, request_hash)
             if earlier is not None:

@@ -31,6 +31,13 @@ class UploadStore:
         """The upload as a file on this machine (fetched from the store if need be), or None if unknown."""
         return self.files.local_path(f"{upload_id}.png") if UPLOAD_ID.match(upload_id) else None
 
+    def size(self, upload_id: str) -> tuple[int, int] | None:
+        path = self.path(upload_id)
+        if path is None:
+            return None
+        with Image.open(path) as image:
+            return image.size
+
     def save(self, data: bytes, *, field: str = "body") -> tuple[str, int, int]:
         """Store an image (PNG, JPEG, WebP, ...); returns (id, width, height). Blocking: call off the loop."""
         if len(data) > self.max_bytes:

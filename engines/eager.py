@@ -13,6 +13,7 @@ from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipe
 from engines.adapters import LoraAdapters
 from engines.cache import release_memory
 from engines.control import ControlUnavailable, DepthEstimator, prepare_control
+from engines.image_edit import edit_pipeline, keep_outside_mask, load_edit_images, nothing_to_repaint, takes_size
 from engines.loading import LOADING
 from engines.preview import latent_preview
 from engines.row_guidance import RowGuidedSDXLPipeline, RowScales, guides_only_by_cfg
@@ -142,8 +143,8 @@ class EagerEngine:
         first = jobs[0]
         if any(job_batch_key(job) != job_batch_key(first) for job in jobs):
             raise ValueError("jobs in one batch must share model, LoRAs, size, steps, sampler and guided-ness")
-        if len(jobs) > 1 and first.controls:
-            raise ValueError("jobs with ControlNet control run alone")
+        if len(jobs) > 1 and (first.controls or first.image_edit is not None):
+            raise ValueError("jobs with ControlNet control or an init image run alone")
         _stop_if_all_cancelled(jobs)
         scales = [job.guidance_scale for job in jobs for _ in job.seeds]
         mixed_scales = first.guidance_scale > 1 and len(set(scales)) > 1
@@ -161,10 +162,24 @@ class EagerEngine:
         controlnets = [self._controlnet(control.type) for control in first.controls]
 
         # 3. A request-scoped pipeline: shares every weight, owns a fresh scheduler (schedulers hold state).
+        # img2img and inpainting start from the job's image (a job with one is a batch of one).
         components = {**self.pipe.components, "scheduler": make_scheduler(first.scheduler, self.pipe.scheduler.config)}
         control_args: dict[str, Any] = {}
         pipe: Any
-        if controlnets:
+        edit = first.image_edit
+        edit_images = load_edit_images(edit, first.width, first.height) if edit is not None else None
+        if edit is not None and edit_images is not None:
+            if nothing_to_repaint(edit, first.steps):
+                return [GenerationResult(images=[edit_images.init.copy() for _ in first.seeds], denoise_s=0.0)]
+            pipe, control_args = edit_pipeline(components, controlnets, edit_images, edit)
+            if controlnets:
+                control_args |= {
+                    "control_image": control_images,
+                    "controlnet_conditioning_scale": [c.strength for c in first.controls],
+                    "control_guidance_start": [c.start for c in first.controls],
+                    "control_guidance_end": [c.end for c in first.controls],
+                }
+        elif controlnets:
             pipe = StableDiffusionXLControlNetPipeline(**components, controlnet=controlnets)
             control_args = {
                 "image": control_images,
@@ -201,10 +216,10 @@ class EagerEngine:
         started = time.perf_counter()
         try:
             embeddings = self._encode_prompts(pipe, jobs)
+            size = {"width": first.width, "height": first.height} if takes_size(pipe) else {}
             output = pipe(
                 **embeddings,
-                width=first.width,
-                height=first.height,
+                **size,
                 num_inference_steps=first.steps,
                 guidance_scale=first.guidance_scale,
                 num_images_per_prompt=1,
@@ -219,6 +234,8 @@ class EagerEngine:
             raise OutOfMemory(str(exc)) from exc
         denoise_s = time.perf_counter() - started
         images = list(output.images)
+        if edit_images is not None:
+            images = [keep_outside_mask(image, edit_images) for image in images]
         return [GenerationResult(images=images[begin:end], denoise_s=denoise_s) for begin, end in rows]
 
     def _run_by_scale(self, jobs: Sequence[Job]) -> list[GenerationResult]:

@@ -107,6 +107,19 @@ class Job:
     wants_preview: Callable[[], bool] | None = None
     on_progress: ProgressFn | None = None
     cancel: CancelFlag = field(default_factory=CancelFlag)
+    image_edit: ImageEdit | None = None  # img2img or inpainting
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageEdit:
+    """Start from an image (img2img), and with a mask repaint only part of it (inpainting). Paths to files."""
+
+    init_image: str
+    strength: float
+    mask: str | None = None
+    mask_blur: int = 0
+    inpaint_area: str = "whole"
+    inpaint_padding: int = 0
 
 
 def job_batch_key(job: Job) -> tuple[object, ...]:
@@ -126,6 +139,7 @@ def job_for(
     wants_preview: Callable[[], bool] | None = None,
     on_progress: ProgressFn | None = None,
     cancel: CancelFlag | None = None,
+    image_edit: ImageEdit | None = None,
 ) -> Job:
     """The engine's view of a resolved request."""
     return Job(
@@ -145,6 +159,7 @@ def job_for(
         wants_preview=wants_preview,
         on_progress=on_progress,
         cancel=cancel or CancelFlag(),
+        image_edit=image_edit,
     )
 
 

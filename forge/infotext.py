@@ -34,6 +34,9 @@ def infotext(spec: GenerationSpec, seed: int, model_name: str, postprocess: list
         "Styles": ", ".join(spec.styles) or None,
         "LoRAs": ", ".join(f"{lora.name}:{lora.weight:g}" for lora in spec.loras) or None,
         "ControlNet": ", ".join(_control(c) for c in spec.control) or None,
+        "Denoising strength": f"{spec.strength:g}" if spec.strength is not None else None,
+        "Mask blur": spec.mask_blur if spec.mask is not None else None,
+        "Inpaint area": ("Only masked" if spec.inpaint_area == "masked" else "Whole picture") if spec.mask else None,
         "Postprocess": "; ".join(postprocess or []) or None,
         "Version": f"chara-forge {__version__}",
     }

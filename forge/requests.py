@@ -28,6 +28,13 @@ class LoraRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     weight: Annotated[float, Meta(ge=-4, le=4)] = 1.0
 
 
+ImageInput = Annotated[
+    str,
+    Meta(min_length=1, description="an upload id from POST /v1/uploads, or the image itself in base64 (a data: URL is fine)"),
+]
+InpaintArea = Literal["whole", "masked"]
+
+
 class ControlRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Guide the composition with a ControlNet: a pose, a depth map or the edges of an image."""
 
@@ -127,6 +134,20 @@ class GenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     scheduler: SchedulerName | None = None
     output_format: OutputFormat = "png"
     priority: Annotated[int, Meta(ge=-10, le=10, description="higher runs first")] = 0
+    init_image: (
+        Annotated[ImageInput, Meta(description="img2img: start from this image; sizes follow it when omitted")] | None
+    ) = None
+    strength: Annotated[float, Meta(ge=0, le=1, description="img2img: how much of the image is repainted")] = 0.6
+    mask: (
+        Annotated[ImageInput, Meta(description="inpainting: white repaints, black keeps (any size; needs init_image)")]
+        | None
+    ) = None
+    mask_blur: Annotated[int, Meta(ge=0, le=64, description="inpainting: feathering of the mask's edge, in pixels")] = 4
+    inpaint_area: Annotated[
+        InpaintArea,
+        Meta(description="whole: repaint at the image's size; masked: a padded crop around the mask at full size"),
+    ] = "whole"
+    inpaint_padding: Annotated[int, Meta(ge=0, le=512, description="masked: pixels around the mask's box")] = 32
 
 
 class GenerationSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -151,6 +172,13 @@ class GenerationSpec(msgspec.Struct, frozen=True, kw_only=True):
     loras: list[LoraRequest] = []
     control: list[ControlRequest] = []
     postprocess: PostprocessRequest | None = None
+    # img2img and inpainting (upload ids); strength is recorded only with an init image.
+    init_image: str | None = None
+    strength: float | None = None
+    mask: str | None = None
+    mask_blur: int = 0
+    inpaint_area: InpaintArea = "whole"
+    inpaint_padding: int = 0
 
     @property
     def seeds(self) -> list[int]:

@@ -235,8 +235,19 @@ def check_postprocess(
     return msgspec.structs.replace(options, upscaler=upscaler, background_model=background)
 
 
-def resolve_request(request: GenerationRequest, model: ModelInfo, resources: Resources) -> GenerationSpec:
-    """Apply styles and defaults; check every name against what is installed. Raises InvalidRequest."""
+def size_from_image(size: tuple[int, int], smallest: int, largest: int) -> tuple[int, int]:
+    """An init image's size brought within the model's sides (its aspect kept) in multiples of 8."""
+    width, height = size
+    scale = min(1.0, largest / max(width, height))
+    scale = max(scale, smallest / min(width, height))
+    return tuple(min(largest, max(smallest, round(side * scale / 8) * 8)) for side in (width, height))  # type: ignore[return-value]
+
+
+def resolve_request(
+    request: GenerationRequest, model: ModelInfo, resources: Resources, init_size: tuple[int, int] | None = None
+) -> GenerationSpec:
+    """Apply styles and defaults; check every name against what is installed. Raises InvalidRequest.
+    `init_size`: the init image's size, which width and height follow when the request omits them."""
     if not request.prompt.strip():
         raise InvalidRequest("prompt must not be blank", field="prompt", rule="min_length")
     limit = resources.max_prompt_chars
@@ -255,12 +266,16 @@ def resolve_request(request: GenerationRequest, model: ModelInfo, resources: Res
         check_control(control, model, field)
     _check_backend_support(request, loras, controls, resources.backend)
 
+    if request.mask is not None and request.init_image is None:
+        raise InvalidRequest("a mask repaints part of an init_image: give init_image too", field="mask", rule="requires")
     defaults = styled.defaults
-    preset = preset_size(model, defaults.size) if defaults.size else None
-    width = request.width or (preset[0] if preset else model.default_size)
-    height = request.height or (preset[1] if preset else model.default_size)
     smallest = max(model.min_size, resources.backend.min_side)
     largest = min(model.max_size, resources.backend.max_side)
+    preset = preset_size(model, defaults.size) if defaults.size else None
+    if init_size is not None and request.width is None and request.height is None:
+        preset = size_from_image(init_size, smallest, largest)
+    width = request.width or (preset[0] if preset else model.default_size)
+    height = request.height or (preset[1] if preset else model.default_size)
     for field, side in (("width", width), ("height", height)):
         if not smallest <= side <= largest:
             raise InvalidRequest(
@@ -304,4 +319,10 @@ def resolve_request(request: GenerationRequest, model: ModelInfo, resources: Res
         loras=loras,
         control=[_with_default_preprocess(control) for _, control in controls],
         postprocess=postprocess,
+        init_image=request.init_image,
+        strength=request.strength if request.init_image is not None else None,
+        mask=request.mask,
+        mask_blur=request.mask_blur if request.mask is not None else 0,
+        inpaint_area=request.inpaint_area if request.mask is not None else "whole",
+        inpaint_padding=request.inpaint_padding if request.mask is not None else 0,
     )
