@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -41,6 +42,7 @@ from protocols.views import error_view, task_view
 
 THUMBNAIL_SIDE = 256  # image content stays small; the full-size file is a resource link
 IMAGE_URI = "chara-forge://generations/{task_id}/images/{index}"
+IMAGE_URI_PATTERN = re.compile(r"^chara-forge://generations/(?P<task_id>[0-9a-f]{32})/images/(?P<index>[0-9]{1,3})$")
 LOOPBACK_HOSTS = ("127.0.0.1:*", "localhost:*", "[::1]:*")
 LOOPBACK_ORIGINS = ("http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*")
 
@@ -138,6 +140,20 @@ class McpAdapter:
             num_images: Annotated[int, Field(ge=1, le=MAX_IMAGES, description="how many variations")] = 1,
             seed: Annotated[int | None, Field(ge=0, le=MAX_SEED, description="same seed, same image")] = None,
             negative_prompt: Annotated[str, Field(description="what to avoid")] = "",
+            init_image: Annotated[
+                str | None,
+                Field(
+                    description="img2img: start from this image, as base64 or an earlier generation's resource URI "
+                    "(chara-forge://generations/<id>/images/<n>)"
+                ),
+            ] = None,
+            strength: Annotated[float, Field(ge=0, le=1, description="img2img: how much is repainted")] = 0.6,
+            mask: Annotated[
+                str | None,
+                Field(
+                    description="inpainting: white repaints, black keeps; base64 or a resource URI (with init_image)"
+                ),
+            ] = None,
             wait: Annotated[bool, Field(description="wait for the images (else return the task id)")] = True,
         ) -> list[TextContent | ImageContent | ResourceLink] | CallToolResult:
             fields: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt, "num_images": num_images}
@@ -152,9 +168,15 @@ class McpAdapter:
             if seed is not None:
                 fields["seed"] = seed
             try:
+                principal = await self._principal(ctx)
+                for name, image in (("init_image", init_image), ("mask", mask)):
+                    if image is not None:
+                        fields[name] = await self._image_input(image, name, principal)
+                if init_image is not None:
+                    fields["strength"] = strength
                 fields.update(self._size(size))
                 request = convert(fields, GenerationRequest)
-                record, _ = await self._ingress.submit(request, principal=await self._principal(ctx))
+                record, _ = await self._ingress.submit(request, principal=principal)
                 if not wait:
                     return [await self._summary(record)]
                 async with self._hub.subscribe(record.id) as events:  # then read the state: no event is missed
@@ -217,6 +239,20 @@ class McpAdapter:
         if not self._auth.enabled:
             return self._auth.principal(header)
         return await anyio.to_thread.run_sync(self._auth.principal, header)
+
+    async def _image_input(self, value: str, field: str, principal: Principal) -> str:
+        """Base64 as it is; an earlier generation's image (its resource URI) as that image's base64."""
+        found = IMAGE_URI_PATTERN.match(value)
+        if found is None:
+            return value
+        record = await self._ingress.get(found["task_id"], owner=visible_owner(principal))
+        index = int(found["index"])
+        data = None
+        if index < len(record.images):
+            data = await anyio.to_thread.run_sync(self._results.read, record.images[index])
+        if data is None:
+            raise InvalidRequest(f"generation {record.id} has no image {index}", field=field, rule="unknown_image")
+        return base64.b64encode(data).decode()
 
     def _size(self, size: str | None) -> dict[str, int]:
         if size is None:

@@ -197,3 +197,25 @@ async def test_dns_rebinding_protection_on_sse(server: RunningServer, headers: d
     async with httpx.AsyncClient(timeout=5) as client:
         response = await client.get(f"http://127.0.0.1:{server.handle.mcp_port}/sse", headers=headers)
     assert response.status_code == status
+
+
+async def test_an_earlier_generation_is_repainted_by_its_resource_uri(server: RunningServer) -> None:
+    import base64 as b64
+
+    from tests.helpers import png_bytes, square_image
+
+    async with mcp_session(server, "streamable-http") as session:
+        first = _text(await session.call_tool("generate_character", {"prompt": "a knight", "size": "64x64"}))
+        uri = first["resources"][0]
+        mask = b64.b64encode(png_bytes(square_image(64, (16, 16, 47, 47)))).decode()
+        edited = await session.call_tool(
+            "generate_character", {"prompt": "a knight with a red cape", "init_image": uri, "mask": mask, "strength": 1}
+        )
+        assert not edited.is_error, edited.content
+        summary = _text(edited)
+        missing = await session.call_tool(
+            "generate_character", {"prompt": "x", "init_image": "chara-forge://generations/" + "0" * 32 + "/images/0"}
+        )
+    assert summary["request"]["strength"] == 1.0 and summary["request"]["mask"].startswith("up_")
+    assert (summary["request"]["width"], summary["request"]["height"]) == (64, 64)
+    assert missing.is_error and json.loads(missing.content[0].text)["code"] == "not_found"  # type: ignore[union-attr]
