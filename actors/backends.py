@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import redis
 
+from actors.characters import CharacterStore, RedisCharacters, SqliteCharacters
 from actors.files import DirectoryFiles, Files, RedisFiles
 from actors.keys import KeyStore, RedisKeys, SqliteKeys
 from actors.redis_store import RedisStore, client_options
@@ -25,6 +26,7 @@ class Backends:
     results: Files
     uploads: Files
     keys: KeyStore
+    characters: CharacterStore
     redis: RedisStore | None = None  # the fleet's store, when it is Redis
 
 
@@ -54,6 +56,7 @@ async def open_backends(config: Config) -> AsyncIterator[Backends]:
                 results=DirectoryFiles(config.outputs_path),
                 uploads=DirectoryFiles(config.uploads_path),
                 keys=key_store(config),
+                characters=SqliteCharacters(config.database_path),
             )
         return
     blobs = sync_redis(config)
@@ -71,6 +74,7 @@ async def open_backends(config: Config) -> AsyncIterator[Backends]:
                 results=results,
                 uploads=RedisFiles(blobs, "uploads", config.result_ttl_s, cache / "uploads"),
                 keys=KeyStore(RedisKeys(blobs)),
+                characters=RedisCharacters(blobs),
                 redis=store,
             )
     finally:

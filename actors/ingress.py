@@ -17,6 +17,7 @@ import msgspec
 import structlog
 from anyio.streams.memory import MemoryObjectSendStream
 
+from actors.character_library import CharacterLibrary
 from actors.hub import Events
 from actors.model_catalog import ModelCatalog, ModelStatus
 from actors.store import Admission, IdempotencyConflict, TaskStore
@@ -28,7 +29,7 @@ from forge.errors import Conflict, Forbidden, InvalidRequest, NotFound, ServiceU
 from forge.events import TERMINAL_EVENTS, Progress
 from forge.logs import request_id as forge_request_id
 from forge.messages import SchedulerInbox, Submit
-from forge.requests import ControlRequest, GenerationRequest, GenerationSpec
+from forge.requests import CharacterUsed, ControlRequest, GenerationRequest, GenerationSpec
 from forge.resolve import Resources, requested_controls, resolve_request
 from forge.tasks import TaskRecord, TaskState
 
@@ -81,6 +82,7 @@ class Ingress:
         live: LiveState,
         canceller: Canceller,
         models: ModelControl,
+        characters: CharacterLibrary,
         scheduler_inbox: MemoryObjectSendStream[SchedulerInbox] | None = None,
     ) -> None:
         """`scheduler_inbox`: this box's scheduler, which keeps the queue (None in a fleet: the store does)."""
@@ -88,6 +90,7 @@ class Ingress:
         self._live = live
         self._canceller = canceller
         self.models = models
+        self.characters = characters
         self.catalog = catalog
         self.resources = resources
         self.uploads = uploads
@@ -105,11 +108,18 @@ class Ingress:
         """The default model."""
         return self.catalog.default
 
-    def resolve(self, request: GenerationRequest, init_size: tuple[int, int] | None = None) -> GenerationSpec:
-        return resolve_request(request, self.catalog.get(request.model), self.resources, init_size)
+    def resolve(
+        self,
+        request: GenerationRequest,
+        init_size: tuple[int, int] | None = None,
+        character: CharacterUsed | None = None,
+    ) -> GenerationSpec:
+        return resolve_request(request, self.catalog.get(request.model), self.resources, init_size, character)
 
-    async def _resolve(self, request: GenerationRequest) -> GenerationSpec:
-        """Images sent inline become uploads first, so the stored task holds ids, not megabytes."""
+    async def _resolve(self, request: GenerationRequest, owner: str) -> GenerationSpec:
+        """The character's description and defaults first; images sent inline become uploads, so the stored
+        task holds ids, not megabytes."""
+        request, character = await self.characters.apply(request, owner)
         request = await self._store_inline_images(request)
         edits = {}
         for field in ("init_image", "mask"):
@@ -119,7 +129,7 @@ class Ingress:
         init_size = None
         if request.init_image is not None:
             init_size = await anyio.to_thread.run_sync(self.uploads.size, request.init_image)
-        return self.resolve(request, init_size)
+        return self.resolve(request, init_size, character)
 
     async def _store_inline_images(self, request: GenerationRequest) -> GenerationRequest:
         controls = requested_controls(request)
@@ -154,7 +164,7 @@ class Ingress:
         if not self.accepting:
             raise ServiceUnavailable("the server is shutting down; retry shortly")
         request_hash = hashlib.sha256(msgspec.json.encode(request)).hexdigest()
-        spec = await self._resolve(request)
+        spec = await self._resolve(request, owner)
         if idempotency_key is not None:  # a replay is free: it passes no limit
             earlier = await self._replay(owner, idempotency_key, request_hash)
             if earlier is not None:

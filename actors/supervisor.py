@@ -17,6 +17,7 @@ from anyio.abc import TaskStatus
 
 from actors.backends import node_name, open_backends
 from actors.box import BoxCanceller, BoxLive, BoxModels
+from actors.character_library import CharacterLibrary
 from actors.device_thread import DeviceThread
 from actors.engine import SHUTDOWN, EngineActor, PreviewSettings
 from actors.fleet import FleetCanceller, FleetLive, FleetModels, FleetWorker, Reaper, StoreHealth
@@ -276,6 +277,7 @@ async def serve(
             live=BoxLive(scheduler, hub) if fleet_store is None else FleetLive(fleet_store),
             canceller=BoxCanceller(to_scheduler) if fleet_store is None else FleetCanceller(fleet_store),
             models=BoxModels(catalog, engines) if fleet_store is None else FleetModels(fleet_store, catalog),
+            characters=CharacterLibrary(backends.characters, uploads),
             scheduler_inbox=to_scheduler if fleet_store is None else None,
         )
         auth = authenticator(config, backends.keys)

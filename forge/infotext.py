@@ -32,6 +32,7 @@ def infotext(spec: GenerationSpec, seed: int, model_name: str, postprocess: list
         "Size": f"{spec.width}x{spec.height}",
         "Model": model_name,
         "Styles": ", ".join(spec.styles) or None,
+        "Character": f"{spec.character.name} (v{spec.character.version})" if spec.character else None,
         "LoRAs": ", ".join(f"{lora.name}:{lora.weight:g}" for lora in spec.loras) or None,
         "ControlNet": ", ".join(_control(c) for c in spec.control) or None,
         "Denoising strength": f"{spec.strength:g}" if spec.strength is not None else None,

@@ -30,7 +30,10 @@ class LoraRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 ImageInput = Annotated[
     str,
-    Meta(min_length=1, description="an upload id from POST /v1/uploads, or the image itself in base64 (a data: URL is fine)"),
+    Meta(
+        min_length=1,
+        description="an upload id from POST /v1/uploads, or the image itself in base64 (a data: URL is fine)",
+    ),
 ]
 InpaintArea = Literal["whole", "masked"]
 
@@ -148,6 +151,24 @@ class GenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
         Meta(description="whole: repaint at the image's size; masked: a padded crop around the mask at full size"),
     ] = "whole"
     inpaint_padding: Annotated[int, Meta(ge=0, le=512, description="masked: pixels around the mask's box")] = 32
+    character: (
+        Annotated[
+            str,
+            Meta(
+                pattern=r"^(ch_[0-9a-f]{32}|[A-Za-z0-9][A-Za-z0-9._-]{0,63})$",
+                description="a character from GET /v1/characters (id or name): its description and defaults apply",
+            ),
+        ]
+        | None
+    ) = None
+
+
+class CharacterUsed(msgspec.Struct, frozen=True, kw_only=True):
+    """Which character (and which version of it) a generation used."""
+
+    id: str
+    name: str
+    version: int
 
 
 class GenerationSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -179,6 +200,7 @@ class GenerationSpec(msgspec.Struct, frozen=True, kw_only=True):
     mask_blur: int = 0
     inpaint_area: InpaintArea = "whole"
     inpaint_padding: int = 0
+    character: CharacterUsed | None = None
 
     @property
     def seeds(self) -> list[int]:

@@ -16,6 +16,7 @@ from forge.model_files import ModelFiles
 from forge.requests import (
     MAX_SEED,
     PALETTE_NAMES,
+    CharacterUsed,
     ControlRequest,
     GenerationRequest,
     GenerationSpec,
@@ -244,7 +245,11 @@ def size_from_image(size: tuple[int, int], smallest: int, largest: int) -> tuple
 
 
 def resolve_request(
-    request: GenerationRequest, model: ModelInfo, resources: Resources, init_size: tuple[int, int] | None = None
+    request: GenerationRequest,
+    model: ModelInfo,
+    resources: Resources,
+    init_size: tuple[int, int] | None = None,
+    character: CharacterUsed | None = None,
 ) -> GenerationSpec:
     """Apply styles and defaults; check every name against what is installed. Raises InvalidRequest.
     `init_size`: the init image's size, which width and height follow when the request omits them."""
@@ -267,7 +272,9 @@ def resolve_request(
     _check_backend_support(request, loras, controls, resources.backend)
 
     if request.mask is not None and request.init_image is None:
-        raise InvalidRequest("a mask repaints part of an init_image: give init_image too", field="mask", rule="requires")
+        raise InvalidRequest(
+            "a mask repaints part of an init_image: give init_image too", field="mask", rule="requires"
+        )
     defaults = styled.defaults
     smallest = max(model.min_size, resources.backend.min_side)
     largest = min(model.max_size, resources.backend.max_side)
@@ -325,4 +332,5 @@ def resolve_request(
         mask_blur=request.mask_blur if request.mask is not None else 0,
         inpaint_area=request.inpaint_area if request.mask is not None else "whole",
         inpaint_padding=request.inpaint_padding if request.mask is not None else 0,
+        character=character,
     )

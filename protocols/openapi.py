@@ -13,6 +13,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from actors.model_catalog import ModelStatus
 from forge import __version__
+from forge.characters import Character, CharacterCreate, CharacterList, CharacterPatch
 from forge.events import AnyTaskEvent
 from forge.requests import GenerationRequest
 from protocols.catalog_routes import (
@@ -24,6 +25,7 @@ from protocols.catalog_routes import (
     StyleList,
     UploadView,
 )
+from protocols.character_routes import CHARACTERS
 from protocols.sprite_sheets import SHEETS, SheetRequest, SheetView
 from protocols.views import (
     API,
@@ -55,6 +57,10 @@ _SCHEMAS: list[Any] = [
     UploadView,
     SheetRequest,
     SheetView,
+    CharacterCreate,
+    CharacterPatch,
+    Character,
+    CharacterList,
 ]
 _QUERIES: list[Any] = [ListQuery, PoseQuery]  # their fields become query parameters, not schemas
 _IMAGE_TYPES = ("image/png", "image/webp", "image/jpeg")
@@ -231,6 +237,65 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
                         "200": {"description": "the sheet", **_binary("image/png", "application/json")},
                         "404": _error("no such sheet"),
                     },
+                }
+            )
+        ),
+        ("get", CHARACTERS): _stored(
+            _authenticated(
+                {
+                    "summary": "Your characters (an admin's: everyone's)",
+                    "responses": {"200": _ok("the characters", "CharacterList")},
+                }
+            )
+        ),
+        ("post", CHARACTERS): _stored(
+            _authenticated(
+                {
+                    "summary": "Make a character: a name, a description woven into its prompts, references, defaults",
+                    "requestBody": {"required": True, **_json("CharacterCreate")},
+                    "responses": {
+                        "201": _ok("the character, version 1", "Character"),
+                        "409": _error("you have a character of that name"),
+                        "413": _error("body or a reference image too large"),
+                        "422": _error("invalid field (a reference that is not an image names it)"),
+                    },
+                }
+            )
+        ),
+        ("get", CHARACTERS + "/{id}"): _stored(
+            _authenticated(
+                {
+                    "summary": "A character",
+                    "parameters": [_path("id")],
+                    "responses": {
+                        "200": _ok("the character", "Character"),
+                        "404": _error("no such character (or not yours)"),
+                    },
+                }
+            )
+        ),
+        ("patch", CHARACTERS + "/{id}"): _stored(
+            _authenticated(
+                {
+                    "summary": "Change a character; each change makes a new version",
+                    "parameters": [_path("id")],
+                    "requestBody": {"required": True, **_json("CharacterPatch")},
+                    "responses": {
+                        "200": _ok("the character, its version one higher", "Character"),
+                        "404": _error("no such character (or not yours)"),
+                        "409": _error("the new name is taken, or it changed meanwhile"),
+                        "413": _error("body too large"),
+                        "422": _error("invalid field"),
+                    },
+                }
+            )
+        ),
+        ("delete", CHARACTERS + "/{id}"): _stored(
+            _authenticated(
+                {
+                    "summary": "Delete a character (generations that used it keep their record of it)",
+                    "parameters": [_path("id")],
+                    "responses": {"204": {"description": "deleted"}, "404": _error("no such character (or not yours)")},
                 }
             )
         ),

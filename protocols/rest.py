@@ -35,6 +35,7 @@ from forge.requests import GenerationRequest
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert, decode_json
 from protocols.catalog_routes import CatalogRoutes
+from protocols.character_routes import CharacterRoutes
 from protocols.docs import docs_page
 from protocols.http_io import JSONResponse, read_body
 from protocols.identity import principal_of, require_shared_secret, visible_owner
@@ -119,6 +120,7 @@ class RestApi:
             Route(API + "/{id}/events", self.events_without_upgrade, methods=["GET"]),
             *CatalogRoutes(self.ingress, self.admin_key, self.auth).routes(),
             *SpriteSheetRoutes(self.ingress, self.results, self.auth).routes(),
+            *CharacterRoutes(self.ingress, self.auth, self.max_body_bytes).routes(),
             Route("/v1/info", self.info, methods=["GET"]),
             *self._probes(),
             Route("/openapi.json", lambda _: JSONResponse(spec), methods=["GET"]),

@@ -12,6 +12,7 @@ import anyio
 import pytest
 import redis
 
+from actors.characters import CharacterStore, NameTaken, RedisCharacters, SqliteCharacters
 from actors.keys import KeyStore, RedisKeys, SqliteKeys
 from actors.rate_limits import RateLimited
 from actors.redis_store import RedisStore
@@ -52,6 +53,7 @@ class Backend:
 
     store: TaskStore
     keys: KeyStore
+    characters: CharacterStore
 
     async def start(self, task: TaskRecord) -> None:
         if isinstance(self.store, RedisStore):
@@ -74,12 +76,15 @@ class Backend:
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     if request.param == "sqlite":
         async with SqliteStore.open(tmp_path / "forge.sqlite3") as store:
-            yield Backend(store, KeyStore(SqliteKeys(tmp_path / "forge.sqlite3")))
+            yield Backend(
+                store, KeyStore(SqliteKeys(tmp_path / "forge.sqlite3")), SqliteCharacters(tmp_path / "forge.sqlite3")
+            )
         return
     if REDIS_SERVER is None:
         pytest.skip("redis-server is not installed (Debian package redis-server); the Redis store tests need one")
     async with running_redis(tmp_path / "redis") as server, RedisStore.open(server.url) as fleet:
-        yield Backend(fleet, KeyStore(RedisKeys(redis.Redis.from_url(server.url))))
+        client = redis.Redis.from_url(server.url)
+        yield Backend(fleet, KeyStore(RedisKeys(client)), RedisCharacters(client))
 
 
 async def test_insert_then_get_gives_the_same_task(backend: Backend) -> None:
@@ -176,6 +181,31 @@ async def test_keys_verify_until_revoked(backend: Backend) -> None:
     assert [k.id for k in backend.keys.list()] == [key.id]
     assert backend.keys.revoke(key.id) and not backend.keys.revoke(key.id)
     assert backend.keys.verify(token) is None
+
+
+async def test_characters_have_unique_names_per_owner_and_versions(backend: Backend) -> None:
+    import msgspec
+
+    from forge.characters import Character, CharacterDefaults
+
+    store = backend.characters
+    hero = Character(
+        id="ch_" + "1" * 32, owner="a", name="ayla", description="d", references=[], defaults=CharacterDefaults(),
+        version=1, created_at=1.0, updated_at=1.0,
+    )  # fmt: skip
+    store.add(hero)
+    store.add(msgspec.structs.replace(hero, id="ch_" + "2" * 32, owner="b"))  # another owner's ayla
+    with pytest.raises(NameTaken):
+        store.add(msgspec.structs.replace(hero, id="ch_" + "3" * 32))
+    assert store.find("a", "ayla") == hero and store.get(hero.id) == hero
+    renamed = msgspec.structs.replace(hero, name="aylin", version=2)
+    assert store.replace(renamed) and not store.replace(renamed)  # version 1 is no longer there
+    assert store.find("a", "ayla") is None and store.find("a", "aylin") == renamed
+    store.add(msgspec.structs.replace(hero, id="ch_" + "4" * 32, name="bran"))
+    with pytest.raises(NameTaken):
+        store.replace(msgspec.structs.replace(renamed, name="bran", version=3))
+    assert [c.name for c in store.all("a")] == ["aylin", "bran"] and len(store.all(None)) == 3
+    assert store.delete(hero.id) and not store.delete(hero.id) and store.find("a", "aylin") is None
 
 
 async def test_sqlite_database_is_wal_and_rows_survive_reopen(tmp_path: Path) -> None:
