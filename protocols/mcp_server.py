@@ -31,6 +31,7 @@ from actors.hub import Events
 from actors.ingress import Ingress
 from forge import __version__
 from forge.auth import Authenticator, Principal, Unauthorized
+from forge.characters import CharacterCreate
 from forge.errors import ForgeError, InvalidRequest, NotFound
 from forge.events import TERMINAL_EVENTS, AnyTaskEvent, Progress
 from forge.requests import MAX_IMAGES, MAX_SEED, GenerationRequest
@@ -154,9 +155,14 @@ class McpAdapter:
                     description="inpainting: white repaints, black keeps; base64 or a resource URI (with init_image)"
                 ),
             ] = None,
+            character: Annotated[
+                str | None, Field(description="a saved character (list_characters): its description and defaults apply")
+            ] = None,
             wait: Annotated[bool, Field(description="wait for the images (else return the task id)")] = True,
         ) -> list[TextContent | ImageContent | ResourceLink] | CallToolResult:
             fields: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt, "num_images": num_images}
+            if character is not None:
+                fields["character"] = character
             if style is not None:
                 fields["style"] = style
             if pose is not None:
@@ -216,6 +222,50 @@ class McpAdapter:
         async def list_styles() -> str:
             styles = self._ingress.resources.styles.all()
             return json.dumps([{"name": style.name, "description": style.description} for style in styles])
+
+        @server.tool(
+            structured_output=False,
+            description="Save a character to reuse: a name, a description woven into every generation of it, "
+            "and optional reference images (base64 or earlier generations' resource URIs). Then pass its name "
+            "as `character` to generate_character.",
+        )
+        async def create_character(
+            name: Annotated[str, Field(description="letters, digits, . _ -; unique among your characters")],
+            description: Annotated[str, Field(description="what the character looks like")],
+            ctx: Context,
+            references: Annotated[list[str], Field(description="reference images", max_length=4)] = [],  # noqa: B006
+            negative_prompt: Annotated[str, Field(description="what to avoid in every generation of it")] = "",
+        ) -> CallToolResult:
+            try:
+                principal = await self._principal(ctx)
+                images = [
+                    await self._image_input(image, f"references[{index}]", principal)
+                    for index, image in enumerate(references)
+                ]
+                create = convert(
+                    {
+                        "name": name,
+                        "description": description,
+                        "references": images,
+                        "defaults": {"negative_prompt": negative_prompt},
+                    },
+                    CharacterCreate,
+                )
+                character = await self._ingress.characters.create(principal.owner, create)
+            except ForgeError as exc:
+                return _error(exc)
+            return CallToolResult(content=[TextContent(text=msgspec.json.encode(character).decode())])
+
+        @server.tool(
+            structured_output=False, description="Your saved characters, for generate_character's `character`."
+        )
+        async def list_characters(ctx: Context) -> CallToolResult:
+            try:
+                owner = visible_owner(await self._principal(ctx))
+                characters = await self._ingress.characters.list(owner=owner)
+            except ForgeError as exc:
+                return _error(exc)
+            return CallToolResult(content=[TextContent(text=msgspec.json.encode(characters).decode())])
 
         @server.resource(
             IMAGE_URI, name="generated-image", mime_type="image/png", description="A finished image, full size, as PNG"

@@ -46,7 +46,14 @@ def _text(result: Any) -> dict[str, Any]:
 async def test_tools_are_listed_with_schemas(server: RunningServer, transport: str) -> None:
     async with mcp_session(server, transport) as session:
         tools = {tool.name: tool for tool in (await session.list_tools()).tools}
-    assert set(tools) == {"generate_character", "get_generation", "cancel_generation", "list_styles"}
+    assert set(tools) == {
+        "generate_character",
+        "get_generation",
+        "cancel_generation",
+        "list_styles",
+        "create_character",
+        "list_characters",
+    }
     schema = tools["generate_character"].input_schema
     assert schema["required"] == ["prompt"]
     assert schema["properties"]["num_images"]["maximum"] == 8
@@ -219,3 +226,20 @@ async def test_an_earlier_generation_is_repainted_by_its_resource_uri(server: Ru
     assert summary["request"]["strength"] == 1.0 and summary["request"]["mask"].startswith("up_")
     assert (summary["request"]["width"], summary["request"]["height"]) == (64, 64)
     assert missing.is_error and json.loads(missing.content[0].text)["code"] == "not_found"  # type: ignore[union-attr]
+
+
+async def test_a_character_is_saved_from_a_generation_and_reused(server: RunningServer) -> None:
+    async with mcp_session(server, "streamable-http") as session:
+        first = _text(await session.call_tool("generate_character", {"prompt": "a dwarf smith", "size": "64x64"}))
+        saved = await session.call_tool(
+            "create_character",
+            {"name": "brokk", "description": "Brokk, a dwarf smith", "references": [first["resources"][0]]},
+        )
+        assert not saved.is_error, saved.content
+        listed = json.loads((await session.call_tool("list_characters", {})).content[0].text)  # type: ignore[union-attr]
+        used = _text(await session.call_tool("generate_character", {"prompt": "at the forge", "character": "brokk"}))
+        taken = await session.call_tool("create_character", {"name": "brokk", "description": "again"})
+    assert [c["name"] for c in listed] == ["brokk"] and listed[0]["references"][0].startswith("up_")
+    assert used["request"]["character"]["name"] == "brokk"
+    assert used["request"]["prompt"] == "Brokk, a dwarf smith, at the forge"
+    assert taken.is_error and json.loads(taken.content[0].text)["field"] == "name"  # type: ignore[union-attr]
