@@ -12,6 +12,7 @@ import msgspec
 import redis
 
 from actors.keys import reachable_or_503
+from actors.sqlite_table import SqliteTable
 from forge.characters import Character
 
 SCHEMA = """
@@ -52,17 +53,8 @@ class CharacterStore(Protocol):
 
 class SqliteCharacters:
     def __init__(self, database: Path) -> None:
-        self.database = database
-        self._schema_ready = False
-
-    def _connect(self) -> sqlite3.Connection:
-        if not self._schema_ready:
-            self.database.parent.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(self.database, timeout=10)
-        if not self._schema_ready:
-            connection.execute(SCHEMA)
-            self._schema_ready = True
-        return connection
+        self._table = SqliteTable(database, SCHEMA)
+        self._connect = self._table.connect
 
     def add(self, character: Character) -> None:
         try:

@@ -8,7 +8,6 @@ import functools
 import hashlib
 import hmac
 import secrets
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import ParamSpec, Protocol, TypeVar
 import msgspec
 import redis
 
+from actors.sqlite_table import SqliteTable
 from forge.errors import StoreUnavailable
 
 SCHEMA = """
@@ -116,18 +116,8 @@ def _public(key: StoredKey) -> ApiKey:
 
 class SqliteKeys:
     def __init__(self, database: Path) -> None:
-        self.database = database
-        self._schema_ready = False
-
-    def _connect(self) -> sqlite3.Connection:
-        """A connection per call (calls come from worker threads); the table is made on the first one."""
-        if not self._schema_ready:
-            self.database.parent.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(self.database, timeout=10)
-        if not self._schema_ready:
-            connection.execute(SCHEMA)
-            self._schema_ready = True
-        return connection
+        self._table = SqliteTable(database, SCHEMA)
+        self._connect = self._table.connect
 
     def add(self, key: StoredKey) -> None:
         with self._connect() as db:
