@@ -136,6 +136,7 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
                     "responses": {
                         "202": {"description": "queued", **_json("TaskView")},
                         "403": _error("the caller's plan is unknown"),
+                        "404": _error("the character named is unknown (or not yours)"),
                         "409": _error("the model failed to load; an admin may load it again"),
                         "413": _error("body too large"),
                         "422": _error("invalid field (named in error.field)"),

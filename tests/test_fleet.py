@@ -67,7 +67,11 @@ class Fleet:
 async def wait_final(client: httpx.AsyncClient, task_id: str, timeout_s: float = 90) -> dict[str, object]:
     with anyio.fail_after(timeout_s):
         while True:
-            view: dict[str, object] = (await client.get(f"/v1/generations/{task_id}")).json()
+            response = await client.get(f"/v1/generations/{task_id}")
+            if response.status_code == 503:  # the store is coming back: retry, as Retry-After asks
+                await anyio.sleep(0.2)
+                continue
+            view: dict[str, object] = response.json()
             if view["state"] in FINAL_STATES:
                 return view
             await anyio.sleep(0.05)
