@@ -369,7 +369,7 @@ class EngineActor:
                 raise AssetError("image_invalid", "the init image or mask upload is gone")
             image_edit = ImageEdit(
                 init_image=str(init),
-                strength=spec.strength if spec.strength is not None else 0.6,
+                strength=spec.strength or 0.0,  # resolve sets it whenever there is an init image
                 mask=str(mask) if mask is not None else None,
                 mask_blur=spec.mask_blur,
                 inpaint_area=spec.inpaint_area,

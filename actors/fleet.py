@@ -223,12 +223,9 @@ class FleetWorker:
 
     # -- claims --
 
-    def _alive(self, task_id: str, loading: set[str]) -> bool:
+    def _alive(self, task_id: str, loading_tasks: set[str]) -> bool:
         """A claim is kept only while its work moves: a step, a post-processing step, or a model loading for it."""
-        devices = {task.id: device for task, device in self._scheduler.running_tasks()}
-        if devices.get(task_id) in loading:
-            return True
-        return time.monotonic() - self._progressed.get(task_id, 0.0) < self._timeout
+        return task_id in loading_tasks or time.monotonic() - self._progressed.get(task_id, 0.0) < self._timeout
 
     async def _heartbeats(self) -> None:
         while True:
@@ -237,7 +234,10 @@ class FleetWorker:
 
     async def _beat(self) -> None:
         loading = {device for device, model in self._catalog.loading_devices().items() if model}
-        claims = [(task_id, attempt) for task_id, attempt in self._claims.items() if self._alive(task_id, loading)]
+        loading_tasks = {task.id for task, device in self._scheduler.running_tasks() if device in loading}
+        claims = [
+            (task_id, attempt) for task_id, attempt in self._claims.items() if self._alive(task_id, loading_tasks)
+        ]
         if not claims:
             return
         answer: int

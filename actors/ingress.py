@@ -121,29 +121,32 @@ class Ingress:
         task holds ids, not megabytes."""
         request, character = await self.characters.apply(request, owner)
         request = await self._store_inline_images(request)
-        edits = {}
-        for field in ("init_image", "mask"):
-            if (image := getattr(request, field)) is not None:
-                edits[field] = await anyio.to_thread.run_sync(partial(self.uploads.save_inline, image, field=field))
-        request = msgspec.structs.replace(request, **edits)
         init_size = None
         if request.init_image is not None:
             init_size = await anyio.to_thread.run_sync(self.uploads.size, request.init_image)
         return self.resolve(request, init_size, character)
 
+    async def _upload(self, image: str, field: str) -> str:
+        return await anyio.to_thread.run_sync(partial(self.uploads.save_inline, image, field=field))
+
     async def _store_inline_images(self, request: GenerationRequest) -> GenerationRequest:
+        """Every image of the request (control, init image, mask) as an upload id."""
+        changes: dict[str, object] = {
+            field: await self._upload(image, field)
+            for field in ("init_image", "mask")
+            if (image := getattr(request, field)) is not None
+        }
         controls = requested_controls(request)
-        if not any(control.image is not None for _, control in controls):
-            return request
-        stored: list[ControlRequest] = []
-        for field, control in controls:
-            if control.image is not None:
-                save = partial(self.uploads.save_inline, control.image, field=f"{field}.image")
-                upload_id = await anyio.to_thread.run_sync(save)
-                control = msgspec.structs.replace(control, image=upload_id)
-            stored.append(control)
-        single = isinstance(request.control, ControlRequest)
-        return msgspec.structs.replace(request, control=stored[0] if single else stored)
+        if any(control.image is not None for _, control in controls):
+            stored: list[ControlRequest] = []
+            for field, control in controls:
+                if control.image is not None:
+                    control = msgspec.structs.replace(
+                        control, image=await self._upload(control.image, f"{field}.image")
+                    )
+                stored.append(control)
+            changes["control"] = stored[0] if isinstance(request.control, ControlRequest) else stored
+        return msgspec.structs.replace(request, **changes) if changes else request
 
     async def submit(
         self,

@@ -144,7 +144,7 @@ class RedisEventHub:
             record = await self._store.get(task_id)
             now = await self._store.position(task_id)
         except Exception as exc:
-            if is_outage(exc) or getattr(exc, "code", "") == "store_unavailable":
+            if is_outage(exc):  # StoreUnavailable included
                 return [], position
             raise
         if record is None:
