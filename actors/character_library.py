@@ -15,7 +15,7 @@ from actors.characters import CharacterStore, NameTaken
 from actors.uploads import UploadStore
 from forge.characters import CHARACTER_ID, Character, CharacterCreate, CharacterPatch, CharacterRef
 from forge.errors import Conflict, NotFound
-from forge.requests import GenerationRequest
+from forge.requests import GenerationRequest, ReferenceRequest
 
 _ID = re.compile(CHARACTER_ID)
 
@@ -101,5 +101,7 @@ class CharacterLibrary:
             loras=[lora for lora in defaults.loras if lora.name not in own_loras] + request.loras,
             negative_prompt=request.negative_prompt or defaults.negative_prompt,
             seed=request.seed if request.seed is not None else defaults.seed,
+            references=request.references
+            or [ReferenceRequest(image=image, strength=defaults.reference_strength) for image in character.references],
         )
         return merged, CharacterRef(id=character.id, name=character.name, version=character.version)

@@ -38,6 +38,8 @@ from forge.engine import (
     ModelInfo,
     ModelLoadError,
     OutOfMemory,
+    Reference,
+    References,
     job_for,
 )
 from forge.events import AnyTaskEvent, Progress
@@ -324,6 +326,7 @@ class EngineActor:
     def _upload_paths(self, task: TaskRecord) -> dict[str, Path | None]:
         spec = task.spec
         names = [c.image for c in spec.control if c.image is not None] + [spec.init_image, spec.mask]
+        names += [reference.image for reference in spec.references]
         return {name: self._uploads.path(name) for name in names if name is not None}
 
     def _job(
@@ -376,6 +379,27 @@ class EngineActor:
                 inpaint_padding=spec.inpaint_padding,
             )
 
+        references = None
+        if spec.references and spec.ip_adapter is not None:
+            images = []
+            for reference in spec.references:
+                file = uploads.get(reference.image)
+                if file is None:
+                    raise AssetError("image_invalid", f"the reference image upload {reference.image} is gone")
+                images.append(
+                    Reference(
+                        image=str(file),
+                        strength=reference.strength,
+                        mode=reference.mode,
+                        start=reference.start,
+                        end=reference.end,
+                    )
+                )
+            source = model.ip_adapters.get(spec.ip_adapter)
+            if source is None:
+                raise AssetError("ip_adapter_unavailable", f"no IP-Adapter {spec.ip_adapter!r} for {model.id}")
+            references = References(adapter=spec.ip_adapter, source=source, images=images)
+
         def on_progress(step: int, total: int, preview: Image | None) -> None:
             event = Progress(
                 task_id=task.id,
@@ -396,4 +420,5 @@ class EngineActor:
             on_progress=on_progress,
             cancel=cancel,
             image_edit=image_edit,
+            references=references,
         )

@@ -30,7 +30,7 @@ from forge.events import TERMINAL_EVENTS, Progress
 from forge.logs import request_id as forge_request_id
 from forge.messages import SchedulerInbox, Submit
 from forge.requests import CharacterUsed, ControlRequest, GenerationRequest, GenerationSpec
-from forge.resolve import Resources, requested_controls, resolve_request
+from forge.resolve import Resources, check_reference_count, requested_controls, resolve_request
 from forge.tasks import TaskRecord, TaskState
 
 DEFAULT_OWNER = "local"
@@ -119,6 +119,7 @@ class Ingress:
     async def _resolve(self, request: GenerationRequest, owner: str) -> GenerationSpec:
         """The character's description and defaults first; images sent inline become uploads, so the stored
         task holds ids, not megabytes."""
+        check_reference_count(request, self.resources)  # before its images are stored
         request, character = await self.characters.apply(request, owner)
         request = await self._store_inline_images(request)
         init_size = None
@@ -130,7 +131,7 @@ class Ingress:
         return await anyio.to_thread.run_sync(partial(self.uploads.save_inline, image, field=field))
 
     async def _store_inline_images(self, request: GenerationRequest) -> GenerationRequest:
-        """Every image of the request (control, init image, mask) as an upload id."""
+        """Every image of the request (control, init image, mask, references) as an upload id."""
         changes: dict[str, object] = {
             field: await self._upload(image, field)
             for field in ("init_image", "mask")
@@ -146,6 +147,13 @@ class Ingress:
                     )
                 stored.append(control)
             changes["control"] = stored[0] if isinstance(request.control, ControlRequest) else stored
+        if request.references:
+            changes["references"] = [
+                msgspec.structs.replace(
+                    reference, image=await self._upload(reference.image, f"references[{index}].image")
+                )
+                for index, reference in enumerate(request.references)
+            ]
         return msgspec.structs.replace(request, **changes) if changes else request
 
     async def submit(

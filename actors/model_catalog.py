@@ -43,6 +43,7 @@ class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     max_size: int
     controlnets: list[str]
     depth_estimation: bool
+    ip_adapters: list[str]  # for reference images; the first is the default
     last_used: float | None
 
 
@@ -145,5 +146,6 @@ class ModelCatalog:
             max_size=model.max_size,
             controlnets=sorted(model.controlnets),
             depth_estimation=model.depth_model is not None,
+            ip_adapters=list(model.ip_adapters),
             last_used=self._last_used.get(model.id),
         )

@@ -49,6 +49,7 @@ from forge.config import Config
 from forge.content_filter import DEFAULT_BLOCKED_TERMS, PromptFilter
 from forge.engine import ModelInfo
 from forge.errors import ConfigError
+from forge.ip_adapters import fetch_hub_ip_adapters
 from forge.loras import HubLora, LoraCatalog, fetch_hub_loras
 from forge.messages import EngineInbox, PostprocessInbox, SchedulerInbox
 from forge.model_files import ModelFiles
@@ -147,6 +148,7 @@ def load_resources(config: Config) -> Resources:
         default_background_model=config.default_background_model,
         max_output_pixels=config.max_output_pixels,
         max_work=config.max_work,
+        max_references=config.max_references,
         prompt_filter=PromptFilter.from_file(
             Path(config.blocked_terms_file).expanduser() if config.blocked_terms_file else DEFAULT_BLOCKED_TERMS
         )
@@ -159,7 +161,12 @@ def load_resources(config: Config) -> Resources:
 def backend_limits(config: Config) -> BackendLimits:
     if config.backend == "tensorrt":  # weights are baked into its engines, built for one range of sizes
         return BackendLimits(
-            "tensorrt", loras=False, control=False, min_side=config.tensorrt_min_side, max_side=config.tensorrt_max_side
+            "tensorrt",
+            loras=False,
+            control=False,
+            references=False,
+            min_side=config.tensorrt_min_side,
+            max_side=config.tensorrt_max_side,
         )
     return BackendLimits(config.backend)
 
@@ -178,6 +185,10 @@ async def serve(
             check_backend(backend)
         models = await setup.run_sync(resolve_models, config)
         still_missing = await setup.run_sync(fetch_hub_loras, resources.loras, config.hub_timeout_s)
+        if runs_engines:  # an API node leaves the adapters' weights to the workers, as it does the model's
+            adapters = {name: source for model in models for name, source in model.ip_adapters.items()}
+            missing_adapters = await setup.run_sync(fetch_hub_ip_adapters, adapters, config.hub_timeout_s)
+            resources.missing_ip_adapters.update(missing_adapters)
     finally:
         setup.stop()
     catalog = ModelCatalog(models, models[0].id)
@@ -185,6 +196,11 @@ async def serve(
     announce_model(model)
     if still_missing:
         log.warning("LoRAs not installed (styles using them are refused): %s", ", ".join(still_missing))
+    if resources.missing_ip_adapters:
+        log.warning(
+            "IP-Adapters not installed (requests with references naming them are refused): %s",
+            ", ".join(sorted(resources.missing_ip_adapters)),
+        )
     name = node_name(config)
 
     async with open_backends(config) as backends:

@@ -161,15 +161,16 @@ class CompiledEngine(EagerEngine):
         )  # fmt: skip
 
     def run_batch(self, jobs: Sequence[Job]) -> list[GenerationResult]:
-        if not jobs[0].loras:
+        if not jobs[0].loras and jobs[0].references is None:
             return super().run_batch(jobs)
         if self._fused:
             # peft adapts to_q/to_k/to_v, which the fused projection bypasses: unfuse once, for good
             # (the compiled UNet recompiles once for that, at the next job without LoRAs).
             self.pipe.unfuse_qkv_projections()
             self._fused = False
-        # A UNet with LoRA adapters runs uncompiled: dynamo would recompile it for every LoRA set and every
-        # adapter weight, each time holding the device for as long as a cold compile.
+        # A UNet with LoRA adapters (or an IP-Adapter attached) runs uncompiled: dynamo would recompile it for
+        # every LoRA set, adapter weight and reference count, each time holding the device for as long as a
+        # cold compile.
         with uncompiled(self.pipe.unet):
             return super().run_batch(jobs)
 

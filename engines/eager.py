@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from engines.control import ControlUnavailable, DepthEstimator, prepare_control
 from engines.image_edit import edit_pipeline, keep_outside_mask, load_edit_images, nothing_to_repaint, takes_size
 from engines.loading import LOADING
 from engines.preview import latent_preview
+from engines.references import ReferenceAdapters
 from engines.row_guidance import RowGuidedSDXLPipeline, RowScales, guides_only_by_cfg
 from engines.schedulers import make_scheduler
 from engines.weights import damaged_file
@@ -116,6 +118,8 @@ class EagerEngine:
         # decoding is compute-bound already at one image, so batching it would only raise the peak.
         self.pipe.vae.enable_slicing()
         self.adapters = LoraAdapters(self.pipe)
+        # Tiny adapters load with every key checked: a missing one is an error, not a meta tensor.
+        self.references = ReferenceAdapters(self.pipe, low_cpu_mem_usage=not model.is_tiny)
         self._controlnets: dict[str, Any] = {}
         self._depth: DepthEstimator | None = None
 
@@ -143,8 +147,8 @@ class EagerEngine:
         first = jobs[0]
         if any(job_batch_key(job) != job_batch_key(first) for job in jobs):
             raise ValueError("jobs in one batch must share model, LoRAs, size, steps, sampler and guided-ness")
-        if len(jobs) > 1 and (first.controls or first.image_edit is not None):
-            raise ValueError("jobs with ControlNet control or an init image run alone")
+        if len(jobs) > 1 and (first.controls or first.image_edit is not None or first.references is not None):
+            raise ValueError("jobs with ControlNet control, an init image or references run alone")
         _stop_if_all_cancelled(jobs)
         scales = [job.guidance_scale for job in jobs for _ in job.seeds]
         mixed_scales = first.guidance_scale > 1 and len(set(scales)) > 1
@@ -202,6 +206,8 @@ class EagerEngine:
         def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             _stop_if_all_cancelled(jobs)
             done, total = step + 1, pipeline.num_timesteps
+            if first.references is not None:
+                self.references.at_step(done)
             want_preview = first.preview_every and done % first.preview_every == 0 and done < total
             for job, (begin, _) in zip(jobs, rows, strict=True):
                 if job.on_progress is None or job.cancel.is_set():
@@ -217,18 +223,20 @@ class EagerEngine:
         try:
             embeddings = self._encode_prompts(pipe, jobs)
             size = {"width": first.width, "height": first.height} if takes_size(pipe) else {}
-            output = pipe(
-                **embeddings,
-                **size,
-                num_inference_steps=first.steps,
-                guidance_scale=first.guidance_scale,
-                num_images_per_prompt=1,
-                generator=generators,
-                callback_on_step_end=on_step_end,
-                callback_on_step_end_tensor_inputs=["latents"],
-                output_type="pil",
-                **control_args,
-            )
+            with self._references_for(first, guided=embeddings["negative_prompt_embeds"] is not None) as reference:
+                output = pipe(
+                    **embeddings,
+                    **size,
+                    num_inference_steps=first.steps,
+                    guidance_scale=first.guidance_scale,
+                    num_images_per_prompt=1,
+                    generator=generators,
+                    callback_on_step_end=on_step_end,
+                    callback_on_step_end_tensor_inputs=["latents"],
+                    output_type="pil",
+                    **control_args,
+                    **reference,
+                )
         except torch.OutOfMemoryError as exc:
             release_memory(self.device)
             raise OutOfMemory(str(exc)) from exc
@@ -237,6 +245,14 @@ class EagerEngine:
         if edit_images is not None:
             images = [keep_outside_mask(image, edit_images) for image in images]
         return [GenerationResult(images=images[begin:end], denoise_s=denoise_s) for begin, end in rows]
+
+    def _references_for(self, job: Job, guided: bool) -> AbstractContextManager[dict[str, Any]]:
+        if job.references is None:
+            return nullcontext({})
+        steps = job.steps
+        if job.image_edit is not None:  # img2img runs the last `strength` of the steps
+            steps = max(1, min(int(job.steps * job.image_edit.strength), job.steps))
+        return self.references.attached(job.references, guided=guided, steps=steps, width=job.width, height=job.height)
 
     def _run_by_scale(self, jobs: Sequence[Job]) -> list[GenerationResult]:
         """For a UNet that embeds one guidance scale per batch: a batch for each scale, results in job order.
@@ -312,7 +328,7 @@ class EagerEngine:
 
     def memory_bytes(self) -> int:
         modules = [m for m in self.pipe.components.values() if isinstance(m, torch.nn.Module)]
-        modules += list(self._controlnets.values())
+        modules += list(self._controlnets.values()) + self.references.memory_modules()
         if self._depth is not None:
             modules.append(self._depth.model)
         return sum(module_bytes(m) for m in modules)
@@ -320,6 +336,6 @@ class EagerEngine:
     def close(self) -> None:
         """Drop the pipeline and its extras; the model cache then collects the garbage once (or, at shutdown,
         leaves it to the collector)."""
-        del self.pipe, self.adapters
+        del self.pipe, self.adapters, self.references
         self._controlnets.clear()
         self._depth = None

@@ -9,10 +9,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from engines.tiny import TINY_MODEL_NAME, build_tiny_sdxl, is_tiny_model
-from engines.tiny_extras import CONTROL_TYPES, build_tiny_companions
+from engines.tiny_extras import CONTROL_TYPES, TINY_IP_ADAPTER, TINY_IP_WEIGHT, build_tiny_companions
 from forge.config import Config
 from forge.engine import ModelInfo
 from forge.errors import ConfigError
+from forge.ip_adapters import IpAdapterSource
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,13 @@ def tiny_info(path: Path) -> ModelInfo:
     return ModelInfo(
         controlnets={kind: str(companions[kind]) for kind in CONTROL_TYPES if kind in companions},
         depth_model=str(companions["depth_model"]) if "depth_model" in companions else None,
+        ip_adapters={
+            TINY_IP_ADAPTER: IpAdapterSource(
+                source=str(companions[TINY_IP_ADAPTER]), weight_name=TINY_IP_WEIGHT, image_encoder="image_encoder"
+            )
+        }
+        if TINY_IP_ADAPTER in companions
+        else {},
         name=TINY_MODEL_NAME,
         path=str(path),
         is_tiny=True,
@@ -98,12 +106,18 @@ def _default_id(info: ModelInfo) -> str:
 
 
 def with_companions(
-    info: ModelInfo, *, model_id: str, controlnets: dict[str, str], depth_model: str | None
+    info: ModelInfo,
+    *,
+    model_id: str,
+    controlnets: dict[str, str],
+    depth_model: str | None,
+    ip_adapters: dict[str, IpAdapterSource],
 ) -> ModelInfo:
-    """Give a model its id and, for SDXL, the configured ControlNets and depth model (tiny builds its own)."""
+    """Give a model its id and, for SDXL, the configured ControlNets, depth model and IP-Adapters (tiny builds
+    its own)."""
     if info.is_tiny:
         return replace(info, id=model_id)
-    return replace(info, id=model_id, controlnets=controlnets, depth_model=depth_model)
+    return replace(info, id=model_id, controlnets=controlnets, depth_model=depth_model, ip_adapters=ip_adapters)
 
 
 def resolve_extra_model(model_id: str, source: str, default: ModelInfo) -> ModelInfo:
@@ -161,10 +175,15 @@ def resolve_models(config: Config) -> list[ModelInfo]:
     controlnets = {kind: source for kind in CONTROL_TYPES if (source := getattr(config, f"controlnet_{kind}"))}
     depth = config.depth_model or None
     default = resolve_model(config.model, config.data_path, config.hub_timeout_s, download=config.role != "api")
-    models = [with_companions(default, model_id=default.id, controlnets=controlnets, depth_model=depth)]
+    adapters = dict(config.ip_adapters)
+    models = [
+        with_companions(default, model_id=default.id, controlnets=controlnets, depth_model=depth, ip_adapters=adapters)
+    ]
     for model_id, source in config.models.items():
         if model_id == default.id:
             raise ConfigError(f"model id {model_id!r} is the default model's id; pick another", field="models")
         extra = resolve_extra_model(model_id, source, default)
-        models.append(with_companions(extra, model_id=model_id, controlnets=controlnets, depth_model=depth))
+        models.append(
+            with_companions(extra, model_id=model_id, controlnets=controlnets, depth_model=depth, ip_adapters=adapters)
+        )
     return models

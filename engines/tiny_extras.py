@@ -112,6 +112,7 @@ def build_tiny_companions(base: Path) -> dict[str, Path]:
         for seed, kind in enumerate(CONTROL_TYPES, start=1)
     }
     found["depth_model"] = build_tiny_depth_model(base.parent / f"{base.name}-depth")
+    found[TINY_IP_ADAPTER] = build_tiny_ip_adapter(base, base.parent / f"{base.name}-ip-adapter")
     return found
 
 
@@ -179,3 +180,76 @@ def build_tiny_image_classifier(target: Path, flag_everything: bool) -> Path:
     model.save_pretrained(tmp)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp)
     return _finish(tmp, target, "image-classifier")
+
+
+TINY_IP_ADAPTER = "tiny-plus"
+TINY_IP_WEIGHT = "sdxl_models/ip-adapter-plus_tiny.safetensors"
+
+
+def build_tiny_ip_adapter(base: Path, target: Path, seed: int = 7) -> Path:
+    """An IP-Adapter "plus" for the tiny UNet in h94/IP-Adapter's layout: a CLIP vision encoder at toy width in
+    `sdxl_models/image_encoder` and one flat safetensors file of the original Resampler (`image_proj.*`) and
+    per-cross-attention key/value projections (`ip_adapter.{1,3,5,...}.to_{k,v}_ip.weight`). diffusers'
+    `load_ip_adapter` converts it exactly as it converts the real file."""
+    if _built(target):
+        return target
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    cross_dim = unet.config.cross_attention_dim
+    encoder_config = CLIPVisionConfig(
+        hidden_size=32,
+        projection_dim=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        image_size=32,
+        patch_size=8,
+    )
+    tmp = _partial(target)
+    CLIPVisionModelWithProjection(encoder_config).save_pretrained(tmp / "sdxl_models" / "image_encoder")
+
+    def weight(*shape: int, scale: float = 0.2) -> torch.Tensor:
+        return torch.randn(*shape) * scale
+
+    hidden, inner, queries, embed = 64, 64, 4, encoder_config.hidden_size  # one head of 64, as diffusers reads
+    tensors: dict[str, torch.Tensor] = {
+        "image_proj.latents": weight(1, queries, hidden, scale=hidden**-0.5),
+        "image_proj.proj_in.weight": weight(hidden, embed),
+        "image_proj.proj_in.bias": torch.zeros(hidden),
+        "image_proj.proj_out.weight": weight(cross_dim, hidden),
+        "image_proj.proj_out.bias": torch.zeros(cross_dim),
+        "image_proj.norm_out.weight": torch.ones(cross_dim),
+        "image_proj.norm_out.bias": torch.zeros(cross_dim),
+    }
+    for layer in range(4):  # diffusers builds the Resampler four blocks deep
+        prefix = f"image_proj.layers.{layer}"
+        for norm in ("0.norm1", "0.norm2", "1.0"):
+            tensors[f"{prefix}.{norm}.weight"] = torch.ones(hidden)
+            tensors[f"{prefix}.{norm}.bias"] = torch.zeros(hidden)
+        tensors[f"{prefix}.0.to_q.weight"] = weight(inner, hidden)
+        tensors[f"{prefix}.0.to_kv.weight"] = weight(2 * inner, hidden)
+        tensors[f"{prefix}.0.to_out.weight"] = weight(hidden, inner)
+        tensors[f"{prefix}.1.1.weight"] = weight(4 * hidden, hidden)
+        tensors[f"{prefix}.1.3.weight"] = weight(hidden, 4 * hidden)
+    key = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        block = name.split(".")
+        if block[0] == "mid_block":
+            width = unet.config.block_out_channels[-1]
+        elif block[0] == "up_blocks":
+            width = list(reversed(unet.config.block_out_channels))[int(block[1])]
+        else:
+            width = unet.config.block_out_channels[int(block[1])]
+        # Strong enough that a reference visibly changes the tiny model's image.
+        tensors[f"ip_adapter.{key}.to_k_ip.weight"] = weight(width, cross_dim, scale=0.5)
+        tensors[f"ip_adapter.{key}.to_v_ip.weight"] = weight(width, cross_dim, scale=0.5)
+        key += 2
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(tmp / TINY_IP_WEIGHT))
+    return _finish(tmp, target, "ip-adapter")

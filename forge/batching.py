@@ -23,7 +23,8 @@ def shared_settings(spec_or_job: Any) -> BatchKey:
 def batch_key(spec: GenerationSpec) -> BatchKey | None:
     """Tasks with equal keys can be denoised together; None: the task always runs alone (ControlNet inputs
     differ per task and their networks change the UNet's inputs)."""
-    if spec.control or spec.init_image is not None:  # each img2img task brings its own image and mask
+    # Each img2img task brings its own image and mask; each task with references attaches its own adapter.
+    if spec.control or spec.init_image is not None or spec.references:
         return None
     loras = tuple((lora.name, lora.weight) for lora in spec.loras)
     return (spec.model, loras, *shared_settings(spec))

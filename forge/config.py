@@ -13,6 +13,7 @@ from msgspec import Meta
 
 from forge.auth import DEFAULT_PLANS, Plan
 from forge.errors import ConfigError
+from forge.ip_adapters import RECOMMENDED, IpAdapterSource
 
 Backend = Literal["eager", "compiled", "tensorrt"]
 
@@ -50,6 +51,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # LoRA files; empty: <data_dir>/models/loras.
     loras_dir: str = ""
     max_loras: Annotated[int, Meta(ge=0, le=16)] = 4
+    # IP-Adapters for reference images (SDXL models; the tiny model builds its own): name -> {source (hub repo
+    # or folder), weight_name, image_encoder}. Hub ones are fetched at start when the hub answers. In
+    # FORGE_IP_ADAPTERS: a JSON object.
+    ip_adapters: dict[str, IpAdapterSource] = msgspec.field(default_factory=lambda: {"plus": RECOMMENDED})
+    max_references: Annotated[int, Meta(ge=0, le=16)] = 4
     # Bearer token for the admin endpoints (model load/unload); empty: only clients on this machine may call them.
     admin_key: str = ""
     # Identity: with auth on, every call needs an API key (`chara-forge keys create`) or a JWT; owners see
@@ -195,11 +201,24 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, object]:
             key = name[len(ENV_PREFIX) :].lower()
             if key not in known:
                 raise ConfigError(f"unknown setting {name}", field=name)
-            overrides[key] = _parse_mapping(name, value) if key in MAPPING_KEYS else value
+            if key in MAPPING_KEYS:
+                overrides[key] = _parse_mapping(name, value)
+            elif key in JSON_KEYS:
+                overrides[key] = _parse_json(name, value)
+            else:
+                overrides[key] = value
     return overrides
 
 
 MAPPING_KEYS = {"models"}
+JSON_KEYS = {"ip_adapters", "plans"}
+
+
+def _parse_json(name: str, value: str) -> object:
+    try:
+        return msgspec.json.decode(value)
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{name}: expected a JSON object ({exc})", field=name) from None
 
 
 def _parse_mapping(name: str, value: str) -> dict[str, str]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from forge.batching import shared_settings
+from forge.ip_adapters import IpAdapterSource
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -108,6 +109,28 @@ class Job:
     on_progress: ProgressFn | None = None
     cancel: CancelFlag = field(default_factory=CancelFlag)
     image_edit: ImageEdit | None = None  # img2img or inpainting
+    references: References | None = None  # IP-Adapter reference images
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reference:
+    image: str  # a file
+    strength: float
+    mode: str  # full | style | composition
+    start: float
+    end: float
+
+    def active(self, step: int, total: int) -> bool:
+        """Whether the reference acts at `step` (0-based) of `total`: within [start, end) of the steps."""
+        fraction = step / max(total, 1)
+        return self.start <= fraction < self.end or (self.end >= 1 and fraction >= self.start)
+
+
+@dataclass(frozen=True, kw_only=True)
+class References:
+    adapter: str
+    source: IpAdapterSource
+    images: list[Reference]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,6 +163,7 @@ def job_for(
     on_progress: ProgressFn | None = None,
     cancel: CancelFlag | None = None,
     image_edit: ImageEdit | None = None,
+    references: References | None = None,
 ) -> Job:
     """The engine's view of a resolved request."""
     return Job(
@@ -160,6 +184,7 @@ def job_for(
         on_progress=on_progress,
         cancel=cancel or CancelFlag(),
         image_edit=image_edit,
+        references=references,
     )
 
 
@@ -189,6 +214,8 @@ class ModelInfo:
     # ControlNet type -> a diffusers folder or hub repo id made for this model's architecture.
     controlnets: dict[str, str] = field(default_factory=dict)
     depth_model: str | None = None
+    # IP-Adapter name -> where it comes from; the first is used when a request names none.
+    ip_adapters: dict[str, IpAdapterSource] = field(default_factory=dict)
 
 
 class ModelLoadError(Exception):

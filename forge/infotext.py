@@ -35,6 +35,12 @@ def infotext(spec: GenerationSpec, seed: int, model_name: str, postprocess: list
         "Character": f"{spec.character.name} (v{spec.character.version})" if spec.character else None,
         "LoRAs": ", ".join(f"{lora.name}:{lora.weight:g}" for lora in spec.loras) or None,
         "ControlNet": ", ".join(_control(c) for c in spec.control) or None,
+        "IP-Adapter": spec.ip_adapter if spec.references else None,
+        "References": ", ".join(
+            f"{reference.mode} {reference.strength:g} [{reference.start:g}-{reference.end:g}]"
+            for reference in spec.references
+        )
+        or None,
         "Denoising strength": f"{spec.strength:g}" if spec.strength is not None else None,
         "Mask blur": spec.mask_blur if spec.mask is not None else None,
         "Inpaint area": ("Only masked" if spec.inpaint_area == "masked" else "Whole picture") if spec.mask else None,

@@ -36,6 +36,21 @@ ImageInput = Annotated[
     ),
 ]
 InpaintArea = Literal["whole", "masked"]
+ReferenceMode = Literal["full", "style", "composition"]
+MAX_REFERENCES = 16  # the type's ceiling; the configured max_references is checked by ingress
+
+
+class ReferenceRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A reference image (IP-Adapter): the character's identity and look, its style, or its composition."""
+
+    image: ImageInput
+    strength: Annotated[float, Meta(ge=0, le=1, description="0 leaves the image as it is without the reference")] = 0.6
+    mode: Annotated[
+        ReferenceMode,
+        Meta(description="full: identity and look; style: colours and rendering only; composition: layout only"),
+    ] = "full"
+    start: Annotated[float, Meta(ge=0, le=1, description="fraction of the steps where the reference begins")] = 0.0
+    end: Annotated[float, Meta(ge=0, le=1, description="fraction of the steps where the reference ends")] = 1.0
 
 
 class ControlRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -151,6 +166,14 @@ class GenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
         Meta(description="whole: repaint at the image's size; masked: a padded crop around the mask at full size"),
     ] = "whole"
     inpaint_padding: Annotated[int, Meta(ge=0, le=512, description="masked: pixels around the mask's box")] = 32
+    references: Annotated[
+        list[ReferenceRequest],
+        Meta(max_length=MAX_REFERENCES, description="reference images (IP-Adapter); a character's are used when empty"),
+    ] = []
+    ip_adapter: (
+        Annotated[Name, Meta(description="the IP-Adapter for the references (GET /v1/models); the first when absent")]
+        | None
+    ) = None
     character: (
         Annotated[
             str,
@@ -201,6 +224,8 @@ class GenerationSpec(msgspec.Struct, frozen=True, kw_only=True):
     inpaint_area: InpaintArea = "whole"
     inpaint_padding: int = 0
     character: CharacterUsed | None = None
+    references: list[ReferenceRequest] = []  # images as upload ids
+    ip_adapter: str | None = None  # set whenever there are references
 
     @property
     def seeds(self) -> list[int]:

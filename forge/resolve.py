@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from forge.requests import (
     GenerationSpec,
     LoraRequest,
     PostprocessRequest,
+    ReferenceRequest,
     SchedulerName,
 )
 from forge.styles import NO_STYLE, Style, StyledPrompt, StyleRegistry, apply_styles
@@ -54,6 +56,7 @@ class BackendLimits:
     backend: str
     loras: bool = True
     control: bool = True
+    references: bool = True
     min_side: int = 0
     max_side: int = 1 << 30
 
@@ -74,6 +77,9 @@ class Resources:
     prompt_filter: PromptFilter | None = None
     max_work: int = 0  # width x height x images x steps; 0: no limit
     backend: BackendLimits = BackendLimits("eager")
+    max_references: int = 4
+    # IP-Adapters configured but not on this machine (hub ones not fetched yet); filled in at start.
+    missing_ip_adapters: set[str] = dataclasses.field(default_factory=set)
 
 
 def requested_styles(request: GenerationRequest) -> list[str]:
@@ -186,6 +192,58 @@ def _check_backend_support(
         )
 
 
+def check_reference_count(request: GenerationRequest, resources: Resources) -> None:
+    if len(request.references) > resources.max_references:
+        raise InvalidRequest(
+            f"at most {resources.max_references} reference images per request on this server",
+            field="references",
+            rule="max_length",
+        )
+
+
+def check_references(
+    request: GenerationRequest, model: ModelInfo, resources: Resources
+) -> tuple[list[ReferenceRequest], str | None]:
+    """The references and the IP-Adapter that applies them, or a 422 naming the field at fault."""
+    references = request.references
+    if not references:
+        if request.ip_adapter is not None:
+            raise InvalidRequest("ip_adapter applies reference images: give references too", field="ip_adapter")
+        return [], None
+    if not resources.backend.references:
+        raise InvalidRequest(
+            f"this server's {resources.backend.backend} backend cannot take reference images",
+            field="references",
+            rule="unsupported",
+        )
+    check_reference_count(request, resources)
+    for index, reference in enumerate(references):
+        if reference.end <= reference.start:
+            raise InvalidRequest("end must be after start", field=f"references[{index}].end", rule="range")
+    if not model.ip_adapters:
+        raise InvalidRequest(
+            f"no IP-Adapter is installed for {model.id}: set ip_adapters in the configuration",
+            field="references",
+            rule="not_installed",
+        )
+    name = request.ip_adapter or next(iter(model.ip_adapters))
+    field_name = "ip_adapter" if request.ip_adapter else "references"
+    if name not in model.ip_adapters:
+        known = ", ".join(model.ip_adapters)
+        raise InvalidRequest(
+            f"no IP-Adapter {name!r} for {model.id} (installed: {known})", field="ip_adapter", rule="not_installed"
+        )
+    if name in resources.missing_ip_adapters:
+        source = model.ip_adapters[name]
+        raise InvalidRequest(
+            f"the IP-Adapter {name!r} is not on this server yet: {source.weight_name} from {source.source} "
+            "is fetched at start when the hub answers",
+            field=field_name,
+            rule="not_installed",
+        )
+    return list(references), name
+
+
 def _installed(files: ModelFiles, what: str, name: str, field: str) -> str:
     if files.path(name) is None:
         raise InvalidRequest(files.missing_message(what, name), field=field, rule="model_missing")
@@ -270,6 +328,7 @@ def resolve_request(
     for field, control in controls:
         check_control(control, model, field)
     _check_backend_support(request, loras, controls, resources.backend)
+    references, ip_adapter = check_references(request, model, resources)
 
     if request.mask is not None and request.init_image is None:
         raise InvalidRequest(
@@ -333,4 +392,6 @@ def resolve_request(
         inpaint_area=request.inpaint_area if request.mask is not None else "whole",
         inpaint_padding=request.inpaint_padding if request.mask is not None else 0,
         character=character,
+        references=references,
+        ip_adapter=ip_adapter,
     )

@@ -34,7 +34,7 @@ from forge.auth import Authenticator, Principal, Unauthorized
 from forge.characters import CharacterCreate
 from forge.errors import ForgeError, InvalidRequest, NotFound
 from forge.events import TERMINAL_EVENTS, AnyTaskEvent, Progress
-from forge.requests import MAX_IMAGES, MAX_SEED, GenerationRequest
+from forge.requests import MAX_IMAGES, MAX_REFERENCES, MAX_SEED, GenerationRequest
 from forge.resolve import preset_size
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert
@@ -158,6 +158,14 @@ class McpAdapter:
             character: Annotated[
                 str | None, Field(description="a saved character (list_characters): its description and defaults apply")
             ] = None,
+            references: Annotated[
+                list[str | dict[str, Any]],
+                Field(
+                    description="reference images to keep a look: each base64 or a resource URI, or "
+                    "{image, strength (0-1), mode (full | style | composition), start, end}",
+                    max_length=MAX_REFERENCES,
+                ),
+            ] = [],  # noqa: B006
             wait: Annotated[bool, Field(description="wait for the images (else return the task id)")] = True,
         ) -> list[TextContent | ImageContent | ResourceLink] | CallToolResult:
             fields: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt, "num_images": num_images}
@@ -180,6 +188,16 @@ class McpAdapter:
                         fields[name] = await self._image_input(image, name, principal)
                 if init_image is not None:
                     fields["strength"] = strength
+                resolved = []
+                for index, reference in enumerate(references):
+                    given = {"image": reference} if isinstance(reference, str) else dict(reference)
+                    name = f"references[{index}]"
+                    if not isinstance(given.get("image"), str):
+                        raise InvalidRequest("each reference needs an image", field=f"{name}.image")
+                    given["image"] = await self._image_input(given["image"], f"{name}.image", principal)
+                    resolved.append(given)
+                if resolved:
+                    fields["references"] = resolved
                 fields.update(self._size(size))
                 request = convert(fields, GenerationRequest)
                 record, _ = await self._ingress.submit(request, principal=principal)
