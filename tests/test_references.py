@@ -58,12 +58,13 @@ async def test_modes_and_step_ranges_act_on_their_own_blocks_and_steps(server: R
     image = b64(gradient_image(64))
     _, plain = await generate_pixels(client, **FIXED)
     found = {}
-    for name, reference in {
+    cases: dict[str, dict[str, object]] = {
         "full": {"mode": "full"},
         "style": {"mode": "style"},
         "composition": {"mode": "composition"},
         "late": {"mode": "full", "start": 0.5},
-    }.items():
+    }
+    for name, reference in cases.items():
         _, found[name] = await generate_pixels(
             client, **FIXED, references=[{"image": image, "strength": 1.0, **reference}]
         )
