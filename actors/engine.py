@@ -6,7 +6,7 @@ import base64
 import io
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, assert_never
@@ -30,6 +30,7 @@ from forge.engine import (
     AssetError,
     CancelFlag,
     ControlJob,
+    Engine,
     GenerationResult,
     ImageEdit,
     Job,
@@ -54,6 +55,7 @@ from forge.messages import (
     PostprocessInbox,
     SchedulerInbox,
 )
+from forge.requests import GenerationSpec
 from forge.tasks import TaskRecord, TaskState
 
 if TYPE_CHECKING:
@@ -80,6 +82,35 @@ class _Run:
 class PreviewSettings:
     every: int
     size: int
+
+
+def _view_jobs(spec: GenerationSpec, sheet: Job) -> list[Job]:
+    """One job per view of a sheet: the view's words and pose, the sheet's seed, progress over the whole sheet."""
+    jobs, count = [], len(spec.views)
+    for index, view in enumerate(spec.views):
+        pose = [ControlJob(type="openpose", image=None, pose=view.pose, preprocess=False, strength=0.8, start=0, end=1)]
+
+        def progress(step: int, total: int, preview: Image | None, index: int = index) -> None:
+            if sheet.on_progress is not None:
+                sheet.on_progress(index * total + step, count * total, preview)
+
+        jobs.append(
+            replace(
+                sheet,
+                prompt=spec.prompt_for(index),
+                seeds=[spec.seed],
+                controls=pose if view.pose else [],
+                on_progress=progress,
+            )
+        )
+    return jobs
+
+
+def _run_views(engine: Engine, sheet: Job) -> GenerationResult:
+    results = [engine.run(view) for view in sheet.views]
+    return GenerationResult(
+        images=[result.images[0] for result in results], denoise_s=sum(result.denoise_s for result in results)
+    )
 
 
 def _jpeg_b64(image: Image) -> str:
@@ -178,6 +209,8 @@ class EngineActor:
     def _generate(self, model: ModelInfo, jobs: list[Job]) -> list[GenerationResult]:
         """On the device thread: the model (loaded if need be), then the batch."""
         engine = self._cache.get(model)
+        if jobs[0].views:
+            return [_run_views(engine, jobs[0])]
         results = engine.run_batch(jobs)
         if jobs[0].loras or jobs[0].controls:  # adapters and ControlNets stay loaded: count them
             self._cache.remeasure(model.id)
@@ -409,7 +442,7 @@ class EngineActor:
             )
             progress.put(event)
 
-        return job_for(
+        job = job_for(
             spec,
             model,
             loras=loras,
@@ -422,3 +455,4 @@ class EngineActor:
             image_edit=image_edit,
             references=references,
         )
+        return replace(job, views=_view_jobs(spec, job)) if spec.views else job

@@ -101,7 +101,7 @@ def write_outputs(
     entries = []
     for index, (image, seed) in enumerate(zip(images, spec.seeds, strict=True)):
         steps = applied[index] if applied else []
-        parameters = infotext(spec, seed, model.name, postprocess=steps)
+        parameters = infotext(spec, seed, model.name, postprocess=steps, index=index)
         name = f"{folder}/{index}.{EXTENSIONS[spec.output_format]}"
         encoded = encode_image(
             image,
@@ -119,7 +119,9 @@ def write_outputs(
         )
     sheet = None
     if options.sprite_sheet is not None:
-        frames = [(f"{task_id}/{index}", image) for index, image in enumerate(images)]
+        # A sheet's frames are named by its views (front, back, happy, ...), others by their index.
+        labels = [view.label for view in spec.views] or [str(index) for index in range(len(images))]
+        frames = [(f"{task_id}/{label}", image) for label, image in zip(labels, images, strict=True)]
         atlas, document = pack(frames, SPRITE_SHEET_IMAGE, options.sprite_sheet.columns, options.sprite_sheet.padding)
         buffer = io.BytesIO()
         atlas.save(buffer, format="PNG")

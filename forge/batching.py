@@ -23,8 +23,9 @@ def shared_settings(spec_or_job: Any) -> BatchKey:
 def batch_key(spec: GenerationSpec) -> BatchKey | None:
     """Tasks with equal keys can be denoised together; None: the task always runs alone (ControlNet inputs
     differ per task and their networks change the UNet's inputs)."""
-    # Each img2img task brings its own image and mask; each task with references attaches its own adapter.
-    if spec.control or spec.init_image is not None or spec.references:
+    # Each img2img task brings its own image and mask, each task with references attaches its own adapter,
+    # and a sheet's views run one after another.
+    if spec.control or spec.init_image is not None or spec.references or spec.views:
         return None
     loras = tuple((lora.name, lora.weight) for lora in spec.loras)
     return (spec.model, loras, *shared_settings(spec))

@@ -3,13 +3,23 @@ can reuse, so a game's hero looks like the same hero in every generation."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
 
+from forge.requests import (
+    MAX_VIEWS,
+    GenerationRequest,
+    ImageInput,
+    LoraRequest,
+    ModelId,
+    Name,
+    PostprocessRequest,
+    SpriteSheetRequest,
+    ViewRequest,
+)
 from forge.requests import CharacterUsed as CharacterRef
-from forge.requests import ImageInput, LoraRequest, Name
 
 __all__ = ["CharacterRef"]
 
@@ -61,3 +71,66 @@ class Character(msgspec.Struct, frozen=True, kw_only=True):
 
 class CharacterList(msgspec.Struct, frozen=True):
     items: list[Character]
+
+
+SheetKind = Literal["turnaround", "expressions", "poses"]
+EXPRESSIONS = ("neutral", "happy", "angry", "sad", "surprised")
+# Front, three-quarter, side and back, each with its pose template and the words that ask for that view.
+TURNAROUND_VIEWS = (
+    ViewRequest(label="front", prompt="front view", pose="front"),
+    ViewRequest(label="three-quarter", prompt="three-quarter view", pose="three-quarter"),
+    ViewRequest(label="side", prompt="side view, profile", pose="left"),
+    ViewRequest(label="back", prompt="back view, from behind", pose="back"),
+)
+
+
+class CharacterSheetRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Several views of one character from one seed, as one task, packed into a sprite sheet too."""
+
+    kind: Annotated[
+        SheetKind,
+        Meta(description="turnaround: front, three-quarter, side, back; expressions: one face each; poses: templates"),
+    ] = "turnaround"
+    expressions: Annotated[
+        list[Annotated[str, Meta(min_length=1, max_length=40, pattern=r"^[A-Za-z][A-Za-z -]*$")]],
+        Meta(min_length=1, max_length=MAX_VIEWS),
+    ] = msgspec.field(default_factory=lambda: list(EXPRESSIONS))
+    poses: Annotated[list[Name], Meta(max_length=MAX_VIEWS, description="kind poses: pose templates")] = []
+    prompt: Annotated[str, Meta(max_length=2000, description="added to every view")] = "full body"
+    style: Name | Annotated[list[Name], Meta(max_length=8)] | None = None
+    model: ModelId | None = None
+    width: Annotated[int, Meta(ge=8, le=4096, multiple_of=8)] | None = None
+    height: Annotated[int, Meta(ge=8, le=4096, multiple_of=8)] | None = None
+    steps: Annotated[int, Meta(ge=1, le=150)] | None = None
+    seed: Annotated[int, Meta(ge=0, le=2**32 - 1)] | None = None
+    columns: (
+        Annotated[int, Meta(ge=1, le=64, description="sprite sheet columns; all in one row when absent")] | None
+    ) = None
+
+
+def sheet_views(sheet: CharacterSheetRequest) -> list[ViewRequest]:
+    if sheet.kind == "turnaround":
+        return list(TURNAROUND_VIEWS)
+    if sheet.kind == "expressions":
+        return [
+            ViewRequest(label=expression.replace(" ", "-"), prompt=f"{expression} expression")
+            for expression in sheet.expressions
+        ]
+    return [ViewRequest(label=pose, prompt=f"{pose} pose", pose=pose) for pose in sheet.poses]
+
+
+def sheet_generation(character_id: str, sheet: CharacterSheetRequest) -> GenerationRequest:
+    """The generation a sheet is: the character, its views, one seed, and a sprite sheet of the images."""
+    views = sheet_views(sheet)
+    return GenerationRequest(
+        prompt=sheet.prompt or "full body",
+        character=character_id,
+        views=views,
+        style=sheet.style,
+        model=sheet.model,
+        width=sheet.width,
+        height=sheet.height,
+        steps=sheet.steps,
+        seed=sheet.seed,
+        postprocess=PostprocessRequest(sprite_sheet=SpriteSheetRequest(columns=sheet.columns or len(views) or 1)),
+    )

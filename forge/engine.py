@@ -110,6 +110,8 @@ class Job:
     cancel: CancelFlag = field(default_factory=CancelFlag)
     image_edit: ImageEdit | None = None  # img2img or inpainting
     references: References | None = None  # IP-Adapter reference images
+    # A sheet: these jobs run one after another, each giving one image (this job's own fields are unused).
+    views: list[Job] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)

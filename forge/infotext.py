@@ -6,7 +6,7 @@ import json
 
 from engines.schedulers import SAMPLERS
 from forge import __version__
-from forge.requests import ControlRequest, GenerationSpec
+from forge.requests import ControlRequest, GenerationSpec, ViewRequest
 
 
 def _quote(value: str) -> str:
@@ -21,7 +21,13 @@ def _control(control: ControlRequest) -> str:
     return f"{control.type} ({source}) {control.strength:g} [{control.start:g}-{control.end:g}]"
 
 
-def infotext(spec: GenerationSpec, seed: int, model_name: str, postprocess: list[str] | None = None) -> str:
+def _view(view: ViewRequest) -> str:
+    return f"{view.label} (openpose pose {view.pose})" if view.pose else view.label
+
+
+def infotext(
+    spec: GenerationSpec, seed: int, model_name: str, postprocess: list[str] | None = None, index: int = 0
+) -> str:
     sampler = SAMPLERS[spec.scheduler]
     params: dict[str, object | None] = {
         "Steps": spec.steps,
@@ -35,6 +41,7 @@ def infotext(spec: GenerationSpec, seed: int, model_name: str, postprocess: list
         "Character": f"{spec.character.name} (v{spec.character.version})" if spec.character else None,
         "LoRAs": ", ".join(f"{lora.name}:{lora.weight:g}" for lora in spec.loras) or None,
         "ControlNet": ", ".join(_control(c) for c in spec.control) or None,
+        "View": _view(spec.views[index]) if spec.views else None,
         "IP-Adapter": spec.ip_adapter if spec.references else None,
         "References": ", ".join(
             f"{reference.mode} {reference.strength:g} [{reference.start:g}-{reference.end:g}]"
@@ -47,7 +54,7 @@ def infotext(spec: GenerationSpec, seed: int, model_name: str, postprocess: list
         "Postprocess": "; ".join(postprocess or []) or None,
         "Version": f"chara-forge {__version__}",
     }
-    lines = [spec.styled_prompt]
+    lines = [spec.prompt_for(index)]
     if spec.styled_negative_prompt:
         lines.append(f"Negative prompt: {spec.styled_negative_prompt}")
     lines.append(", ".join(f"{key}: {_quote(str(value))}" for key, value in params.items() if value is not None))

@@ -84,6 +84,17 @@ class ControlRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
 
 PALETTE_NAMES = ("pico-8", "nes", "game-boy", "endesga-32", "sweetie-16", "cga", "grayscale-4")
+MAX_VIEWS = 16
+
+
+class ViewRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One image of a sheet: the same character and seed, with its own words and pose."""
+
+    label: Annotated[Name, Meta(description="names the image in the sprite sheet's frames")]
+    prompt: Annotated[str, Meta(max_length=500, description="added to the prompt for this image")] = ""
+    pose: Annotated[Name, Meta(description="a pose template (GET /v1/poses) for openpose control")] | None = None
+
+
 HexColor = Annotated[str, Meta(pattern=r"^#[0-9a-fA-F]{6}$", description="#rrggbb")]
 
 
@@ -174,6 +185,10 @@ class GenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
         Annotated[Name, Meta(description="the IP-Adapter for the references (GET /v1/models); the first when absent")]
         | None
     ) = None
+    views: Annotated[
+        list[ViewRequest],
+        Meta(max_length=MAX_VIEWS, description="a sheet: one image per view, all from one seed (num_images is 1)"),
+    ] = []
     character: (
         Annotated[
             str,
@@ -226,7 +241,15 @@ class GenerationSpec(msgspec.Struct, frozen=True, kw_only=True):
     character: CharacterUsed | None = None
     references: list[ReferenceRequest] = []  # images as upload ids
     ip_adapter: str | None = None  # set whenever there are references
+    views: list[ViewRequest] = []  # a sheet: num_images is their number, and every image has the seed
 
     @property
     def seeds(self) -> list[int]:
+        if self.views:
+            return [self.seed] * len(self.views)
         return [(self.seed + k) % (MAX_SEED + 1) for k in range(self.num_images)]
+
+    def prompt_for(self, index: int) -> str:
+        """What image `index` was drawn from: the styled prompt, with its view's words on a sheet."""
+        words = self.views[index].prompt if self.views else ""
+        return f"{self.styled_prompt}, {words}" if words else self.styled_prompt

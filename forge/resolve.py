@@ -192,6 +192,20 @@ def _check_backend_support(
         )
 
 
+def check_views(request: GenerationRequest, model: ModelInfo) -> None:
+    """A sheet's views bring their own poses, and are the images: no control, init image or num_images."""
+    if not request.views:
+        return
+    for field_name, given in (("control", request.control), ("init_image", request.init_image)):
+        if given is not None:
+            raise InvalidRequest(f"views do not combine with {field_name}", field=field_name, rule="exclusive")
+    if request.num_images != 1:
+        raise InvalidRequest("a sheet makes one image per view", field="num_images", rule="exclusive")
+    for index, view in enumerate(request.views):
+        if view.pose is not None:
+            check_control(ControlRequest(type="openpose", pose=view.pose), model, f"views[{index}]")
+
+
 def check_reference_count(request: GenerationRequest, resources: Resources) -> None:
     if len(request.references) > resources.max_references:
         raise InvalidRequest(
@@ -323,13 +337,14 @@ def resolve_request(
     styled = apply_styles(styles, request.prompt, request.negative_prompt)
     loras = _loras(request, styled, resources)
     controls = requested_controls(request)
-    if not controls and styled.control is not None:
+    if not controls and styled.control is not None and not request.views:  # views bring their own poses
         controls = [("style", styled.control)]
     for field, control in controls:
         check_control(control, model, field)
     _check_backend_support(request, loras, controls, resources.backend)
     references, ip_adapter = check_references(request, model, resources)
 
+    check_views(request, model)
     if request.mask is not None and request.init_image is None:
         raise InvalidRequest(
             "a mask repaints part of an init_image: give init_image too", field="mask", rule="requires"
@@ -355,7 +370,7 @@ def resolve_request(
     elif styled.postprocess is not None:
         postprocess = check_postprocess(styled.postprocess, resources, width, height, "style")
     steps = request.steps or defaults.steps or model.default_steps
-    work = width * height * request.num_images * steps
+    work = width * height * (len(request.views) or request.num_images) * steps
     if resources.max_work and work > resources.max_work:
         raise InvalidRequest(
             f"{width}x{height} x {request.num_images} images x {steps} steps is over this server's budget of "
@@ -372,7 +387,7 @@ def resolve_request(
         styles=[style.name for style in styles],
         width=width,
         height=height,
-        num_images=request.num_images,
+        num_images=len(request.views) or request.num_images,
         steps=steps,
         guidance_scale=guidance,
         seed=secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed,
@@ -394,4 +409,5 @@ def resolve_request(
         character=character,
         references=references,
         ip_adapter=ip_adapter,
+        views=request.views,
     )

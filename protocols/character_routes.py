@@ -1,4 +1,4 @@
-"""REST routes of the character library: /v1/characters and /v1/characters/{id}."""
+"""REST routes of the character library: /v1/characters, /v1/characters/{id} and its sheets."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from starlette.routing import BaseRoute, Route
 
 from actors.ingress import Ingress
 from forge.auth import Authenticator
-from forge.characters import CharacterCreate, CharacterList, CharacterPatch
+from forge.characters import CharacterCreate, CharacterList, CharacterPatch, CharacterSheetRequest, sheet_generation
+from forge.errors import InvalidRequest
 from forge.validation import decode_json
 from protocols.http_io import JSONResponse, read_body
 from protocols.identity import principal_of, visible_owner
+from protocols.views import task_view
 
 CHARACTERS = "/v1/characters"
 
@@ -28,7 +30,19 @@ class CharacterRoutes:
         return [
             Route(CHARACTERS, self.collection, methods=["GET", "POST"]),
             Route(CHARACTERS + "/{id}", self.one, methods=["GET", "PATCH", "DELETE"]),
+            Route(CHARACTERS + "/{id}/sheets", self.sheet, methods=["POST"]),
         ]
+
+    async def sheet(self, request: Request) -> Response:
+        """A sheet of the character as one generation task (202, like POST /v1/generations)."""
+        principal = await principal_of(request, self.auth)
+        sheet = decode_json(await read_body(request, self.max_body_bytes), CharacterSheetRequest)
+        if sheet.kind == "poses" and not sheet.poses:
+            raise InvalidRequest("a poses sheet needs poses (GET /v1/poses)", field="poses", rule="required")
+        character = await self.ingress.characters.get(request.path_params["id"], owner=visible_owner(principal))
+        record, _ = await self.ingress.submit(sheet_generation(character.id, sheet), principal=principal)
+        view = task_view(record, await self.ingress.live(record))
+        return JSONResponse(view, status_code=202, headers={"Location": view.links.self})
 
     async def collection(self, request: Request) -> Response:
         principal = await principal_of(request, self.auth)

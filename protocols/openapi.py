@@ -13,7 +13,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from actors.model_catalog import ModelStatus
 from forge import __version__
-from forge.characters import Character, CharacterCreate, CharacterList, CharacterPatch
+from forge.characters import Character, CharacterCreate, CharacterList, CharacterPatch, CharacterSheetRequest
 from forge.events import AnyTaskEvent
 from forge.requests import GenerationRequest
 from protocols.catalog_routes import (
@@ -59,6 +59,7 @@ _SCHEMAS: list[Any] = [
     SheetView,
     CharacterCreate,
     CharacterPatch,
+    CharacterSheetRequest,
     Character,
     CharacterList,
 ]
@@ -287,6 +288,26 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
                         "409": _error("the new name is taken, or it changed meanwhile"),
                         "413": _error("body too large"),
                         "422": _error("invalid field"),
+                    },
+                }
+            )
+        ),
+        ("post", CHARACTERS + "/{id}/sheets"): _stored(
+            _authenticated(
+                {
+                    "summary": "A sheet of the character: a turnaround, its expressions or poses, as one task",
+                    "description": "One image per view, all from one seed with the character's description and "
+                    "references, packed into the task's sprite sheet too (frames named by view). Answers 202 like "
+                    "POST /v1/generations; follow the task the same way.",
+                    "parameters": [_path("id")],
+                    "requestBody": {"required": True, **_json("CharacterSheetRequest")},
+                    "responses": {
+                        "202": {"description": "queued", **_json("TaskView")},
+                        "404": _error("no such character (or not yours)"),
+                        "413": _error("body too large"),
+                        "422": _error("invalid field (a pose template that is unknown names views[n].pose)"),
+                        "429": _error("over the plan's rate or concurrency limit (see Retry-After)"),
+                        "503": _error("shutting down, queue full, or the server's disk full (see Retry-After)"),
                     },
                 }
             )

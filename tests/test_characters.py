@@ -14,7 +14,7 @@ from PIL import Image
 from actors.encoding import read_parameters
 from actors.keys import KeyStore, SqliteKeys
 from tests.conftest import RunningServer, server_config, start_server
-from tests.helpers import generate_pixels, gradient_image, submit
+from tests.helpers import generate_pixels, gradient_image, submit, wait_for_state
 from tests.test_image_edit import b64
 
 pytestmark = pytest.mark.anyio
@@ -58,6 +58,38 @@ async def test_a_character_is_made_changed_used_and_deleted(server: RunningServe
     assert refused.status_code == 404 and refused.json()["error"]["field"] == "character"
     # A generation that used it keeps its record.
     assert (await client.get(f"/v1/generations/{view['id']}")).json()["request"]["character"]["name"] == "ayla"
+
+
+async def test_a_turnaround_sheet_is_one_task_of_four_views_and_a_sprite_sheet(server: RunningServer) -> None:
+    client = server.client
+    hero = (await client.post("/v1/characters", json={**HERO, "references": [b64(gradient_image(64))]})).json()
+    response = await client.post(f"/v1/characters/{hero['id']}/sheets", json={"kind": "turnaround", "steps": 2})
+    assert response.status_code == 202, response.text
+    view = await wait_for_state(client, response.json()["id"])
+    assert view["state"] == "succeeded", view["error"]
+    assert response.headers["Location"] == f"/v1/generations/{view['id']}"
+    request = view["request"]
+    assert request["character"]["name"] == "ayla" and len(request["references"]) == 1
+    assert [v["label"] for v in request["views"]] == ["front", "three-quarter", "side", "back"]
+    assert len(view["images"]) == 4 and len(set(view["seeds"])) == 1  # one seed for every view
+    atlas = (await client.get(f"/v1/generations/{view['id']}/sprite-sheet.json")).json()
+    assert sorted(atlas["frames"]) == sorted(
+        f"{view['id']}/{label}" for label in ("front", "three-quarter", "side", "back")
+    )
+    first = await client.get(view["images"][0]["url"])
+    with Image.open(io.BytesIO(first.content)) as png:
+        parameters = read_parameters(png) or ""
+    assert "front view" in parameters and "View: front (openpose pose front)" in parameters
+    assert "Character: ayla (v1)" in parameters
+
+    expressions = await client.post(f"/v1/characters/{hero['id']}/sheets", json={"kind": "expressions", "steps": 2})
+    done = await wait_for_state(client, expressions.json()["id"])
+    assert [v["label"] for v in done["request"]["views"]] == ["neutral", "happy", "angry", "sad", "surprised"]
+    assert len(done["images"]) == 5 and done["request"]["control"] == []
+    refused = await client.post(f"/v1/characters/{hero['id']}/sheets", json={"kind": "poses"})
+    assert refused.status_code == 422 and refused.json()["error"]["field"] == "poses"
+    unknown = await client.post(f"/v1/characters/{hero['id']}/sheets", json={"kind": "poses", "poses": ["moonwalk"]})
+    assert unknown.status_code == 422 and unknown.json()["error"]["field"] == "views[0].pose"
 
 
 @pytest.mark.parametrize(
@@ -109,3 +141,4 @@ async def test_characters_belong_to_their_owner(owners: tuple[RunningServer, dic
         assert bobs["request"]["character"]["id"] != mine["id"]  # by name: bob's own ayla
         assert len((await alice.get("/v1/characters")).json()["items"]) == 1
         assert len((await root.get("/v1/characters")).json()["items"]) == 2  # an admin sees all
+        assert (await bob.post(f"/v1/characters/{mine['id']}/sheets", json={})).status_code == 404
