@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import anyio.to_thread
@@ -31,7 +31,7 @@ from actors.hub import Events
 from actors.ingress import Ingress
 from forge import __version__
 from forge.auth import Authenticator, Principal, Unauthorized
-from forge.characters import CharacterCreate
+from forge.characters import CharacterCreate, CharacterSheetRequest, sheet_generation
 from forge.errors import ForgeError, InvalidRequest, NotFound
 from forge.events import TERMINAL_EVENTS, AnyTaskEvent, Progress
 from forge.requests import MAX_IMAGES, MAX_REFERENCES, MAX_SEED, GenerationRequest
@@ -199,20 +199,43 @@ class McpAdapter:
                 if resolved:
                     fields["references"] = resolved
                 fields.update(self._size(size))
-                request = convert(fields, GenerationRequest)
-                record, _ = await self._ingress.submit(request, principal=principal)
-                if not wait:
-                    return [await self._summary(record)]
-                async with self._hub.subscribe(record.id) as events:  # then read the state: no event is missed
-                    record = await self._follow(record, events, ctx)
+                return await self._generate(convert(fields, GenerationRequest), principal, ctx, wait)
             except ForgeError as exc:
                 return _error(exc)
-            if record.state is not TaskState.SUCCEEDED:
-                code = record.error_code or str(record.state)
-                message = record.error_message or f"the generation ended {record.state}"
-                return _error_result(json.dumps({"code": code, "message": message, "id": record.id}))
-            images = await anyio.to_thread.run_sync(self._images, record)
-            return [await self._summary(record), *images]
+
+        @server.tool(
+            structured_output=False,
+            description="A sheet of a saved character as one generation: a turnaround (front, three-quarter, "
+            "side, back), expressions, or poses, all from one seed with its references, packed into a sprite "
+            "sheet too. Returns the images like generate_character.",
+        )
+        async def character_sheet(
+            character: Annotated[str, Field(description="a saved character (list_characters), by name or id")],
+            ctx: Context,
+            kind: Annotated[
+                Literal["turnaround", "expressions", "poses"], Field(description="which views")
+            ] = "turnaround",
+            expressions: Annotated[
+                list[str] | None, Field(description="expressions: default neutral, happy, angry, sad, surprised")
+            ] = None,
+            poses: Annotated[list[str], Field(description="poses: pose templates, e.g. run, jump, attack")] = [],  # noqa: B006
+            prompt: Annotated[str, Field(description="words added to every view")] = "full body",
+            style: Annotated[str | None, Field(description="a style from list_styles")] = None,
+            seed: Annotated[int | None, Field(ge=0, le=MAX_SEED, description="same seed, same sheet")] = None,
+            wait: Annotated[bool, Field(description="wait for the images (else return the task id)")] = True,
+        ) -> list[TextContent | ImageContent | ResourceLink] | CallToolResult:
+            fields: dict[str, Any] = {"kind": kind, "poses": poses, "prompt": prompt, "style": style, "seed": seed}
+            if expressions is not None:
+                fields["expressions"] = expressions
+            try:
+                principal = await self._principal(ctx)
+                sheet = convert(fields, CharacterSheetRequest)
+                if sheet.kind == "poses" and not sheet.poses:
+                    raise InvalidRequest("a poses sheet needs poses", field="poses", rule="required")
+                found = await self._ingress.characters.get(character, owner=principal.owner, field="character")
+                return await self._generate(sheet_generation(found.id, sheet), principal, ctx, wait)
+            except ForgeError as exc:
+                return _error(exc)
 
         @server.tool(
             structured_output=False, description="State, progress, seeds and image links of a generation, by task id."
@@ -298,6 +321,22 @@ class McpAdapter:
             return await anyio.to_thread.run_sync(self._png, record.images[int(index)])
 
     # -- helpers --
+
+    async def _generate(
+        self, request: GenerationRequest, principal: Principal, ctx: Context, wait: bool
+    ) -> list[TextContent | ImageContent | ResourceLink] | CallToolResult:
+        """Submit; unless told not to wait, follow the task to its end and return its images."""
+        record, _ = await self._ingress.submit(request, principal=principal)
+        if not wait:
+            return [await self._summary(record)]
+        async with self._hub.subscribe(record.id) as events:  # then read the state: no event is missed
+            record = await self._follow(record, events, ctx)
+        if record.state is not TaskState.SUCCEEDED:
+            code = record.error_code or str(record.state)
+            message = record.error_message or f"the generation ended {record.state}"
+            return _error_result(json.dumps({"code": code, "message": message, "id": record.id}))
+        images = await anyio.to_thread.run_sync(self._images, record)
+        return [await self._summary(record), *images]
 
     async def _principal(self, ctx: Context) -> Principal:
         """Each MCP request carries its own bearer token (HTTP transports)."""

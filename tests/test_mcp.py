@@ -53,6 +53,7 @@ async def test_tools_are_listed_with_schemas(server: RunningServer, transport: s
         "list_styles",
         "create_character",
         "list_characters",
+        "character_sheet",
     }
     schema = tools["generate_character"].input_schema
     assert schema["required"] == ["prompt"]
@@ -239,7 +240,22 @@ async def test_a_character_is_saved_from_a_generation_and_reused(server: Running
         listed = json.loads((await session.call_tool("list_characters", {})).content[0].text)  # type: ignore[union-attr]
         used = _text(await session.call_tool("generate_character", {"prompt": "at the forge", "character": "brokk"}))
         taken = await session.call_tool("create_character", {"name": "brokk", "description": "again"})
+        own_reference = _text(
+            await session.call_tool(
+                "generate_character",
+                {"prompt": "x", "size": "64x64", "references": [{"image": first["resources"][0], "mode": "style"}]},
+            )
+        )
+        sheet = await session.call_tool("character_sheet", {"character": "brokk", "kind": "turnaround"})
+        nobody = await session.call_tool("character_sheet", {"character": "nobody"})
     assert [c["name"] for c in listed] == ["brokk"] and listed[0]["references"][0].startswith("up_")
     assert used["request"]["character"]["name"] == "brokk"
     assert used["request"]["prompt"] == "Brokk, a dwarf smith, at the forge"
+    assert used["request"]["references"][0]["image"] == listed[0]["references"][0]  # the character's reference
+    assert own_reference["request"]["references"][0]["mode"] == "style"
+    assert not sheet.is_error, sheet.content
+    summary = json.loads(sheet.content[0].text)  # type: ignore[union-attr]
+    assert len(summary["resources"]) == 4 and summary["request"]["character"]["name"] == "brokk"
+    assert sum(isinstance(item, ImageContent) for item in sheet.content) == 4
+    assert nobody.is_error and json.loads(nobody.content[0].text)["field"] == "character"  # type: ignore[union-attr]
     assert taken.is_error and json.loads(taken.content[0].text)["field"] == "name"  # type: ignore[union-attr]
