@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import gradio as gr
 from PIL import Image
 from starlette.applications import Starlette
@@ -18,6 +20,7 @@ from actors.ingress import Ingress
 from engines.poses import POSE_NAMES
 from engines.schedulers import SAMPLERS
 from forge.auth import Authenticator, Principal
+from forge.characters import MAX_REFERENCES, CharacterCreate, CharacterSheetRequest, sheet_generation
 from forge.errors import ForgeError
 from forge.events import TERMINAL_EVENTS, Progress
 from forge.requests import MAX_IMAGES, PALETTE_NAMES, GenerationRequest, PostprocessRequest
@@ -70,6 +73,61 @@ def _postprocess_settings(options: PostprocessRequest | None) -> list[Any]:
         bool(art and art.outline),
         options.sprite_sheet is not None,
     ]
+
+
+NO_CHARACTER = "none"
+REFERENCE_SLOTS = 2  # the generate handler takes each slot's image, strength and mode
+
+
+def _b64_png(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _gallery_images(value: list[Any] | None) -> list[Image.Image]:
+    """A gallery's images (each item an image, or an (image, caption) pair)."""
+    images = []
+    for item in value or []:
+        image = item[0] if isinstance(item, tuple | list) else item
+        if isinstance(image, Image.Image):
+            images.append(image)
+        elif isinstance(image, str | Path):
+            with Image.open(image) as opened:
+                images.append(opened.convert("RGB"))
+    return images
+
+
+def _editor_background(value: Any) -> Image.Image | None:
+    if not isinstance(value, dict):
+        return None
+    background = value.get("background")
+    return background if isinstance(background, Image.Image) else None
+
+
+def _edit_fields(value: Any, strength: float, inpaint_area: str) -> dict[str, Any]:
+    """img2img from the image editor's picture; with paint on it, inpainting where it was painted."""
+    background = _editor_background(value)
+    if background is None:
+        return {}
+    fields: dict[str, Any] = {"init_image": _b64_png(background.convert("RGB")), "strength": float(strength)}
+    mask = Image.new("L", background.size, 0)
+    for layer in value.get("layers") or []:
+        if isinstance(layer, Image.Image):
+            alpha = layer.convert("RGBA").getchannel("A").resize(background.size)
+            mask.paste(255, mask=alpha.point(lambda a: 255 if a > 0 else 0))
+    if mask.getbbox() is not None:
+        fields |= {"mask": _b64_png(mask), "inpaint_area": inpaint_area}
+    return fields
+
+
+def _reference_fields(slots: list[tuple[Image.Image | None, float, str]]) -> list[dict[str, Any]]:
+    """The reference slots that hold an image."""
+    references = []
+    for image, strength, mode in slots:
+        if isinstance(image, Image.Image):
+            references.append({"image": _b64_png(image.convert("RGB")), "strength": float(strength), "mode": mode})
+    return references
 
 
 class WebUi:
@@ -150,8 +208,36 @@ class WebUi:
                         multiselect=True,
                         label="Style (pick several to stack them)",
                     )
+                    character = gr.Dropdown(
+                        choices=[NO_CHARACTER], value=NO_CHARACTER, label="Character", elem_id="character"
+                    )
                     num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Number of images")
                     batch = gr.Checkbox(value=False, label="Batch: one character per line")
+                with gr.Accordion("Start from an image (img2img; paint over a part to inpaint it)", open=False):
+                    init_image = gr.ImageEditor(
+                        type="pil",
+                        label="Image: what you paint over is repainted, the rest is kept",
+                        brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=24),
+                        eraser=gr.Eraser(),
+                        layers=False,
+                        transforms=(),
+                        elem_id="init-image",
+                    )
+                    with gr.Row():
+                        strength = gr.Slider(0, 1, value=0.6, step=0.05, label="Strength (how much is repainted)")
+                        inpaint_area = gr.Radio(
+                            ["whole", "masked"], value="whole", label="Inpaint at (masked: the painted part, full size)"
+                        )
+                with gr.Accordion("Reference images (keep a character's look)", open=False):
+                    reference_inputs = []
+                    with gr.Row():
+                        for number in range(1, REFERENCE_SLOTS + 1):
+                            with gr.Column():
+                                reference_inputs += [
+                                    gr.Image(type="pil", label=f"Reference {number}", height=160),
+                                    gr.Slider(0, 1, value=0.6, step=0.05, label="Strength"),
+                                    gr.Radio(["full", "style", "composition"], value="full", label="Mode"),
+                                ]
                 with gr.Accordion("Advanced", open=False):
                     negative = gr.Textbox(label="Negative prompt", lines=2)
                     with gr.Row():
@@ -207,6 +293,31 @@ class WebUi:
                 with gr.Row():
                     reuse = gr.Button("Use these settings again")
                     same_seed = gr.Button("Same seed, new prompt")
+                    as_reference = gr.Button("Add to a new character's references")
+            with gr.Tab("Characters"):
+                gr.Markdown("A character keeps its description, reference images and look across generations.")
+                with gr.Row():
+                    character_name = gr.Textbox(label="Name (letters, digits, . _ -)", elem_id="character-name")
+                    character_description = gr.Textbox(label="Description (woven into every generation of it)", lines=2)
+                character_references = gr.Gallery(
+                    label="Reference images: upload them, or add them from History",
+                    type="pil",
+                    interactive=True,
+                    columns=4,
+                    height=200,
+                )
+                create_button = gr.Button("Save character", variant="primary")
+                character_status = gr.Markdown("")
+                character_table = gr.Dataframe(
+                    headers=["name", "version", "description", "references"], interactive=False, wrap=True
+                )
+                with gr.Row():
+                    sheet_character = gr.Dropdown(choices=[], label="Character")
+                    sheet_kind = gr.Radio(["turnaround", "expressions"], value="turnaround", label="Sheet")
+                    sheet_steps = gr.Slider(1, 150, value=model.default_steps, step=1, label="Steps")
+                    sheet_button = gr.Button("Make sheet")
+                sheet_status = gr.Markdown("")
+                sheet_gallery = gr.Gallery(label="Sheet", columns=5, height=300, object_fit="contain")
 
             settings = [
                 prompt,
@@ -236,9 +347,27 @@ class WebUi:
             ]
             generate.click(
                 self.generate,
-                inputs=[*settings, batch],
+                inputs=[*settings, batch, character, init_image, strength, inpaint_area, *reference_inputs],
                 outputs=[status, preview, gallery],
                 api_name="generate",
+            )
+            create_button.click(
+                self.create_character,
+                inputs=[character_name, character_description, character_references],
+                outputs=[character_status, character_table, character, sheet_character],
+                api_name="create_character",
+            )
+            sheet_button.click(
+                self.character_sheet,
+                inputs=[sheet_character, sheet_kind, sheet_steps],
+                outputs=[sheet_status, sheet_gallery],
+                api_name="character_sheet",
+            )
+            as_reference.click(
+                self.add_reference,
+                inputs=[selected, character_references],
+                outputs=[character_references],
+                api_name="add_reference",
             )
             cancel.click(self.cancel, outputs=[status], api_name="cancel")
             refresh.click(self.history, outputs=[history, history_ids], api_name="history")
@@ -250,6 +379,7 @@ class WebUi:
             blocks.load(self.history, outputs=[history, history_ids], api_name=False)
             # LoRA files dropped into the folder while the server runs show up on the next page load.
             blocks.load(self.lora_choices, outputs=[loras], api_name="lora_choices")
+            blocks.load(self.characters, outputs=[character_table, character, sheet_character], api_name="characters")
         return blocks
 
     # -- handlers --
@@ -281,10 +411,28 @@ class WebUi:
         outline: bool,
         sprite_sheet: bool,
         batch: bool,
+        character: str | None,
+        init_image: Any,
+        strength: float,
+        inpaint_area: str,
+        reference_1: Image.Image | None,
+        reference_1_strength: float,
+        reference_1_mode: str,
+        reference_2: Image.Image | None,
+        reference_2_strength: float,
+        reference_2_mode: str,
         request: gr.Request,
     ) -> AsyncIterator[tuple[str, Any, Any]]:
+        slots = [
+            (reference_1, reference_1_strength, reference_1_mode),
+            (reference_2, reference_2_strength, reference_2_mode),
+        ]
         lines = [line.strip() for line in prompt.splitlines() if line.strip()] if batch else [prompt]
+        width_px: int | None
+        height_px: int | None
         width_px, height_px = self._size(size, int(width), int(height))
+        if _editor_background(init_image) is not None and size != "custom":
+            width_px = height_px = None  # the sizes follow the image
         records: list[TaskRecord] = []
         try:
             for line in lines or [""]:
@@ -314,6 +462,12 @@ class WebUi:
                     fields["postprocess"] = steps_wanted
                 if not random_seed and seed is not None:
                     fields["seed"] = int(seed)
+                if character and character != NO_CHARACTER:
+                    fields["character"] = character
+                fields |= _edit_fields(init_image, strength, inpaint_area)
+                references = _reference_fields(slots)
+                if references:
+                    fields["references"] = references
                 record, _ = await self._ingress.submit(
                     convert(fields, GenerationRequest), principal=self._principal(request)
                 )
@@ -322,6 +476,11 @@ class WebUi:
             where = f" ({exc.field})" if exc.field else ""
             raise gr.Error(f"{exc.message}{where}", print_exception=False) from None
         self._session_tasks[request.session_hash or ""] = [record.id for record in records]
+        async for update in self._follow(records):
+            yield update
+
+    async def _follow(self, records: list[TaskRecord]) -> AsyncIterator[tuple[str, Any, Any]]:
+        """(status, preview, gallery) as the tasks progress, one after another, until all have ended."""
         yield f"Queued {len(records)} task(s)…", None, None
         finished: list[TaskRecord] = []
         for number, record in enumerate(records, start=1):
@@ -340,6 +499,53 @@ class WebUi:
             finished.append(await self._ingress.get(record.id, owner=record.owner))
             yield self._summary(finished), gr.skip(), self._gallery(finished)
         yield self._summary(finished), None, self._gallery(finished)
+
+    async def create_character(
+        self, name: str, description: str, references: list[Any] | None, request: gr.Request
+    ) -> tuple[str, Any, Any, Any]:
+        images = [_b64_png(image) for image in _gallery_images(references)]
+        try:
+            create = convert(
+                {"name": name.strip(), "description": description.strip(), "references": images}, CharacterCreate
+            )
+            saved = await self._ingress.characters.create(self._principal(request).owner, create)
+        except ForgeError as exc:
+            where = f" ({exc.field})" if exc.field else ""
+            raise gr.Error(f"{exc.message}{where}", print_exception=False) from None
+        table, choices, sheet_choices = await self.characters(request)
+        message = f"Saved **{saved.name}** with {len(saved.references)} reference image(s)."
+        return message, table, choices, sheet_choices
+
+    async def characters(self, request: gr.Request) -> tuple[list[list[Any]], Any, Any]:
+        """The caller's characters: the table, and the choices of the Create tab and the sheet picker."""
+        found = await self._ingress.characters.list(owner=self._owner(request))
+        table = [[c.name, c.version, c.description, len(c.references)] for c in found]
+        names = [c.name for c in found]
+        return table, gr.Dropdown(choices=[NO_CHARACTER, *names]), gr.Dropdown(choices=names)
+
+    async def character_sheet(self, name: str | None, kind: str, steps: float, request: gr.Request) -> Any:
+        if not name:
+            raise gr.Error("Pick a character first.", print_exception=False)
+        try:
+            principal = self._principal(request)
+            found = await self._ingress.characters.get(name, owner=principal.owner, field="character")
+            sheet = convert({"kind": kind, "steps": int(steps)}, CharacterSheetRequest)
+            record, _ = await self._ingress.submit(sheet_generation(found.id, sheet), principal=principal)
+        except ForgeError as exc:
+            raise gr.Error(exc.message, print_exception=False) from None
+        self._session_tasks[request.session_hash or ""] = [record.id]
+        async for status, _, gallery in self._follow([record]):
+            yield status, gallery
+
+    async def add_reference(self, task_id: str, references: list[Any] | None, request: gr.Request) -> list[Any]:
+        """The selected generation's first image, added to the Characters tab's reference images."""
+        record = await self._picked(task_id, request)
+        data = await anyio.to_thread.run_sync(self._results.read, record.images[0]) if record.images else None
+        if data is None:
+            raise gr.Error("That generation has no image.", print_exception=False)
+        with Image.open(io.BytesIO(data)) as image:
+            added = image.convert("RGB")
+        return [*_gallery_images(references), added][:MAX_REFERENCES]
 
     async def cancel(self, request: gr.Request) -> str:
         """Cancels the tasks this browser session started last, and nobody else's."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +11,12 @@ import anyio
 import anyio.to_thread
 import httpx
 import pytest
-from gradio_client import Client
+from gradio_client import Client, handle_file
 from PIL import Image
 
 from actors.encoding import read_parameters
 from tests.conftest import ADAPTERS, RunningServer, install_loras, server_config, start_server
-from tests.helpers import wait_for_state
+from tests.helpers import gradient_image, square_image, wait_for_state
 
 pytestmark = [pytest.mark.anyio, pytest.mark.adapters]
 
@@ -46,6 +47,16 @@ DEFAULTS: dict[str, Any] = {
     "outline": False,
     "sprite_sheet": False,
     "batch": False,
+    "character": "none",
+    "init_image": None,
+    "strength": 0.6,
+    "inpaint_area": "whole",
+    "reference_1": None,
+    "reference_1_strength": 0.6,
+    "reference_1_mode": "full",
+    "reference_2": None,
+    "reference_2_strength": 0.6,
+    "reference_2_mode": "full",
 }
 
 
@@ -210,3 +221,61 @@ async def test_a_lora_added_while_the_server_runs_is_offered_on_the_next_page_lo
     assert await anyio.to_thread.run_sync(offered) == []
     install_loras(server.handle.config.data_path, tiny_loras, {"ink_outline": next(iter(tiny_loras))})
     assert await anyio.to_thread.run_sync(offered) == ["ink_outline"]
+
+
+def _image_file(folder: Path, name: str, image: Image.Image) -> str:
+    path = folder / name
+    image.save(path)
+    return str(path)
+
+
+async def test_characters_tab_saves_a_character_that_create_uses_with_an_image_and_references(
+    server: RunningServer, client: Client, tmp_path: Path
+) -> None:
+    reference = _image_file(tmp_path, "reference.png", gradient_image(64))
+    gallery = [{"image": handle_file(reference), "caption": None}]
+    message, table, *_ = await anyio.to_thread.run_sync(
+        lambda: client.predict("mira", "Mira, a silver-haired mage", gallery, api_name="/create_character")
+    )
+    assert "Saved **mira** with 1 reference image(s)" in message
+    assert table["data"] == [["mira", 1, "Mira, a silver-haired mage", 1]]
+    init = _image_file(tmp_path, "init.png", gradient_image(64, horizontal=False))
+    editor = {"background": handle_file(init), "layers": [], "composite": None, "id": None}
+    await anyio.to_thread.run_sync(
+        lambda: run_generate(
+            client,
+            prompt="casting a spell",
+            character="mira",
+            init_image=editor,
+            strength=0.5,
+            reference_1=handle_file(_image_file(tmp_path, "style.png", square_image(64))),
+            reference_1_mode="style",
+        )
+    )
+    request = (await server.client.get("/v1/generations")).json()["items"][0]["request"]
+    assert request["character"]["name"] == "mira" and request["prompt"].startswith("Mira, a silver-haired mage")
+    assert request["init_image"].startswith("up_") and request["strength"] == 0.5 and request["mask"] is None
+    assert [r["mode"] for r in request["references"]] == ["style"]  # the request's own, not the character's
+    status, sheet = await anyio.to_thread.run_sync(
+        lambda: client.predict("mira", "turnaround", 2, api_name="/character_sheet")
+    )
+    assert "Done: 4 image(s)" in status and len(sheet) == 4
+
+
+async def test_characters_in_the_ui_belong_to_their_owner(tmp_path: Path, tiny_model: Path) -> None:
+    from actors.keys import KeyStore, SqliteKeys
+
+    data = tmp_path / "data"
+    keys = KeyStore(SqliteKeys(data / "forge.sqlite3"))
+    tokens = {owner: keys.create(owner, "unlimited", ["generate"])[1] for owner in ("alice", "bob")}
+    async for server in start_server(server_config(data, tiny_model, auth=True, **ADAPTERS)):
+        url = f"http://127.0.0.1:{server.handle.ui_port}/"
+        alice = await anyio.to_thread.run_sync(partial(Client, url, auth=("alice", tokens["alice"]), verbose=False))
+        bob = await anyio.to_thread.run_sync(partial(Client, url, auth=("bob", tokens["bob"]), verbose=False))
+        await anyio.to_thread.run_sync(partial(alice.predict, "ayla", "Ayla", [], api_name="/create_character"))
+        table, _, _ = await anyio.to_thread.run_sync(partial(bob.predict, api_name="/characters"))
+        assert not any(row and row[0] for row in table["data"])
+        with pytest.raises(Exception, match=r"no character 'ayla'|ayla is not in the list of choices"):
+            await anyio.to_thread.run_sync(partial(bob.predict, "ayla", "turnaround", 2, api_name="/character_sheet"))
+        mine, _, _ = await anyio.to_thread.run_sync(partial(alice.predict, api_name="/characters"))
+        assert [row[0] for row in mine["data"]] == ["ayla"]
