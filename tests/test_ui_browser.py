@@ -50,3 +50,61 @@ async def test_page_generates_and_shows_the_gallery(server: RunningServer, tmp_p
     assert (tmp_path / "ui.png").stat().st_size > 10_000
     listed = (await server.client.get("/v1/generations")).json()["items"]
     assert listed[0]["request"]["prompt"] == "a knight with a red cape, full body"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (.ci/run installs Debian's chromium)")
+async def test_inpainting_with_the_mask_brush_repaints_only_what_was_painted(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from playwright.async_api import async_playwright
+
+    from tests.helpers import gradient_image
+
+    init = gradient_image(64)
+    init.save(tmp_path / "init.png")
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 1600})
+            await page.goto(f"http://127.0.0.1:{server.handle.ui_port}/", wait_until="domcontentloaded")
+            await page.locator("#prompt textarea").fill("a knight, new helmet")
+            await page.get_by_text("Start from an image").click()
+            editor = page.locator("#init-image")
+            await editor.locator("input[type=file]").set_input_files(str(tmp_path / "init.png"))
+            canvas = editor.locator("canvas").first
+            await canvas.wait_for(state="visible")
+            await page.wait_for_timeout(500)  # the picture settles on the canvas
+            await editor.get_by_label("Brush", exact=True).click()
+            box = await canvas.bounding_box()
+            assert box is not None
+            x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+            await page.mouse.move(x - 20, y)
+            await page.mouse.down()
+            for step in range(1, 11):  # a short horizontal stroke through the middle
+                await page.mouse.move(x - 20 + 4 * step, y, steps=2)
+            await page.mouse.up()
+            await page.locator("#generate").click()
+            await page.wait_for_function(
+                "() => [...document.querySelectorAll('#gallery img')].some(img => img.naturalWidth > 0)",
+                timeout=60_000,
+            )
+        finally:
+            await browser.close()
+    task = (await server.client.get("/v1/generations")).json()["items"][0]
+    request = task["request"]
+    assert request["init_image"] and request["mask"], request  # the brush made a mask
+    mask_file = next((tmp_path / "data").rglob(f"{request['mask']}.png"))
+    with Image.open(mask_file) as opened:
+        mask = np.asarray(opened.convert("L"))
+    painted = mask > 0
+    assert 0 < painted.mean() < 0.9  # a stroke, not the whole picture
+    response = await server.client.get(task["images"][0]["url"])
+    with Image.open(io.BytesIO(response.content)) as result:
+        pixels = np.asarray(result.convert("RGB"))
+    assert pixels.shape[:2] == (64, 64)  # the size followed the picture
+    assert (pixels[~painted] == np.asarray(init)[~painted]).all()
+    assert (pixels[painted] != np.asarray(init)[painted]).any()
