@@ -208,11 +208,10 @@ class EngineActor:
 
     def _generate(self, model: ModelInfo, jobs: list[Job]) -> list[GenerationResult]:
         """On the device thread: the model (loaded if need be), then the batch."""
-        engine = self._cache.get(model)
-        if jobs[0].views:
-            return [_run_views(engine, jobs[0])]
-        results = engine.run_batch(jobs)
-        if jobs[0].loras or jobs[0].controls:  # adapters and ControlNets stay loaded: count them
+        engine, first = self._cache.get(model), jobs[0]
+        results = [_run_views(engine, first)] if first.views else engine.run_batch(jobs)
+        # LoRAs, ControlNets, IP-Adapters and inpainting UNets stay loaded: count them.
+        if first.loras or first.controls or first.references or first.image_edit or first.views:
             self._cache.remeasure(model.id)
         return results
 

@@ -44,6 +44,7 @@ class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     controlnets: list[str]
     depth_estimation: bool
     ip_adapters: list[str]  # for reference images; the first is the default
+    inpainting: bool  # has an inpainting (9-channel) checkpoint
     last_used: float | None
 
 
@@ -147,5 +148,6 @@ class ModelCatalog:
             controlnets=sorted(model.controlnets),
             depth_estimation=model.depth_model is not None,
             ip_adapters=list(model.ip_adapters),
+            inpainting=model.inpainting is not None,
             last_used=self._last_used.get(model.id),
         )

@@ -122,6 +122,7 @@ class EagerEngine:
         self.references = ReferenceAdapters(self.pipe, low_cpu_mem_usage=not model.is_tiny)
         self._controlnets: dict[str, Any] = {}
         self._depth: DepthEstimator | None = None
+        self._inpainting: Any = None
 
     def warm(self) -> None:
         """One short run at the default size, so the first user request does not pay for lazy setup."""
@@ -175,7 +176,9 @@ class EagerEngine:
         if edit is not None and edit_images is not None:
             if nothing_to_repaint(edit, first.steps):
                 return [GenerationResult(images=[edit_images.init.copy() for _ in first.seeds], denoise_s=0.0)]
-            pipe, control_args = edit_pipeline(components, controlnets, edit_images, edit)
+            pipe, control_args = edit_pipeline(
+                components, controlnets, edit_images, edit, self._inpainting_unet(first) if edit.mask else None
+            )
             if controlnets:
                 control_args |= {
                     "control_image": control_images,
@@ -287,6 +290,32 @@ class EagerEngine:
             for index, name in enumerate(names)
         }
 
+    def _inpainting_unet(self, job: Job) -> Any:
+        """The model's inpainting UNet, loaded on first use; None when it has none, or when the job's LoRAs or
+        references must act (they are applied to the base UNet)."""
+        source = self.model.inpainting
+        if source is None or job.loras or job.references is not None:
+            return None
+        if self._inpainting is None:
+            from diffusers import UNet2DConditionModel
+
+            try:
+                with LOADING:
+                    unet = UNet2DConditionModel.from_pretrained(
+                        source, subfolder="unet", dtype=dtype_for(self.device), variant=self.model.variant
+                    )
+            except Exception as exc:
+                raise AssetError(
+                    "inpainting_unavailable", f"the inpainting checkpoint at {source} failed to load: {exc}"
+                ) from exc
+            if unet.config.in_channels != 9:
+                raise AssetError(
+                    "inpainting_unavailable",
+                    f"{source} has a {unet.config.in_channels}-channel UNet; an inpainting one has 9",
+                )
+            self._inpainting = unet.to(self.device)
+        return self._inpainting
+
     def _controlnet(self, kind: str) -> Any:
         if kind not in self._controlnets:
             from diffusers import ControlNetModel
@@ -329,6 +358,8 @@ class EagerEngine:
     def memory_bytes(self) -> int:
         modules = [m for m in self.pipe.components.values() if isinstance(m, torch.nn.Module)]
         modules += list(self._controlnets.values()) + self.references.memory_modules()
+        if self._inpainting is not None:
+            modules.append(self._inpainting)
         if self._depth is not None:
             modules.append(self._depth.model)
         return sum(module_bytes(m) for m in modules)
@@ -338,4 +369,4 @@ class EagerEngine:
         leaves it to the collector)."""
         del self.pipe, self.adapters, self.references
         self._controlnets.clear()
-        self._depth = None
+        self._depth = self._inpainting = None

@@ -49,11 +49,18 @@ def nothing_to_repaint(edit: ImageEdit, steps: int) -> bool:
 
 
 def edit_pipeline(
-    components: dict[str, Any], controlnets: list[Any], images: EditImages, edit: ImageEdit
+    components: dict[str, Any],
+    controlnets: list[Any],
+    images: EditImages,
+    edit: ImageEdit,
+    inpainting_unet: Any = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """The pipeline for this edit and the call arguments that are its own."""
+    """The pipeline for this edit and the call arguments that are its own. `inpainting_unet`: a 9-channel
+    UNet that repaints a masked image (else the base UNet inpaints)."""
     arguments: dict[str, Any] = {"image": images.init, "strength": edit.strength}
     if images.mask is not None:
+        if inpainting_unet is not None:
+            components = {**components, "unet": inpainting_unet}
         arguments["mask_image"] = images.mask
         if edit.inpaint_area == "masked":  # a padded crop around the mask, repainted at the full size
             arguments["padding_mask_crop"] = edit.inpaint_padding

@@ -186,4 +186,11 @@ def resolve_models(config: Config) -> list[ModelInfo]:
         models.append(
             with_companions(extra, model_id=model_id, controlnets=controlnets, depth_model=depth, ip_adapters=adapters)
         )
-    return models
+    known = {model.id for model in models}
+    for model_id in config.inpainting_models:
+        if model_id not in known:
+            raise ConfigError(
+                f"inpainting_models names {model_id!r}, which is not a model (known: {', '.join(sorted(known))})",
+                field="inpainting_models",
+            )
+    return [replace(model, inpainting=config.inpainting_models.get(model.id)) for model in models]

@@ -253,3 +253,20 @@ def build_tiny_ip_adapter(base: Path, target: Path, seed: int = 7) -> Path:
         key += 2
     save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(tmp / TINY_IP_WEIGHT))
     return _finish(tmp, target, "ip-adapter")
+
+
+def build_tiny_inpainting_unet(base: Path, target: Path, seed: int = 11) -> Path:
+    """An inpainting checkpoint for the tiny model: its UNet with 9 input channels (latents, mask, masked
+    image latents), with random weights, in a folder's unet/ as SDXL inpainting checkpoints ship it."""
+    if _built(target):
+        return target
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    config = dict(UNet2DConditionModel.load_config(base / "unet"))
+    config["in_channels"] = 9
+    unet = UNet2DConditionModel.from_config(config)
+    tmp = _partial(target)
+    unet.save_pretrained(tmp / "unet")
+    return _finish(tmp, target, "inpainting-unet")

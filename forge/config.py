@@ -37,6 +37,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # More base models, loaded on demand: id -> a diffusers folder, a hub repo id or a single .safetensors file.
     # In FORGE_MODELS: "id=source,id=source".
     models: dict[str, str] = {}
+    # Inpainting checkpoints (a 9-channel UNet): model id -> a diffusers folder or hub repo whose unet/ is one
+    # (e.g. diffusers/stable-diffusion-xl-1.0-inpainting-0.1). A model without one inpaints with its own UNet.
+    # In FORGE_INPAINTING_MODELS: "id=source,id=source".
+    inpainting_models: dict[str, str] = {}
     # Memory per device for loaded models (least recently used ones are unloaded first; the default model is
     # pinned). 0: 80% of the GPU's memory, or half the RAM on a CPU.
     model_memory_gb: Annotated[float, Meta(ge=0)] = 0.0
@@ -210,7 +214,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, object]:
     return overrides
 
 
-MAPPING_KEYS = {"models"}
+MAPPING_KEYS = {"models", "inpainting_models"}
 JSON_KEYS = {"ip_adapters", "plans"}
 
 

@@ -216,6 +216,8 @@ class ModelInfo:
     # ControlNet type -> a diffusers folder or hub repo id made for this model's architecture.
     controlnets: dict[str, str] = field(default_factory=dict)
     depth_model: str | None = None
+    # An inpainting UNet (9 input channels): a diffusers folder or hub repo with it in unet/.
+    inpainting: str | None = None
     # IP-Adapter name -> where it comes from; the first is used when a request names none.
     ip_adapters: dict[str, IpAdapterSource] = field(default_factory=dict)
 

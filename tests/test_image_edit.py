@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from actors.encoding import read_parameters
-from tests.conftest import RunningServer
-from tests.helpers import generate_pixels, gradient_image, png_bytes, square_image
+from tests.conftest import RunningServer, server_config, start_server
+from tests.helpers import generate_pixels, gradient_image, png_bytes, square_image, submit, wait_for_state
 
 pytestmark = pytest.mark.anyio
 
@@ -103,3 +104,31 @@ async def test_inpainting_and_img2img_work_with_a_pose_controlnet(server: Runnin
     assert (pixels[outside] == np.asarray(init)[outside]).all()
     view, _ = await generate_pixels(server.client, init_image=b64(init), strength=0.8, control=control, **STEPS)
     assert view["request"]["control"][0]["pose"] == "front"
+
+
+async def test_an_inpainting_checkpoint_repaints_where_the_model_names_one(
+    tmp_path: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from engines.tiny_extras import build_tiny_inpainting_unet
+
+    inpainting = build_tiny_inpainting_unet(tiny_model, tmp_path_factory.mktemp("inpaint") / "tiny-inpainting")
+    config = server_config(
+        tmp_path / "data",
+        tiny_model,
+        models={"plain": str(tiny_model), "broken": str(tiny_model)},
+        inpainting_models={"tiny-sdxl": str(inpainting), "broken": str(tiny_model)},  # a 4-channel UNet
+    )
+    init, mask = gradient_image(64), square_image(64, (16, 16, 47, 47))
+    fields = {"init_image": b64(init), "mask": b64(mask), "strength": 1.0, **STEPS}
+    async for server in start_server(config):
+        listed = {m["id"]: m["inpainting"] for m in (await server.client.get("/v1/models")).json()["items"]}
+        assert listed == {"tiny-sdxl": True, "plain": False, "broken": True}
+        _, own = await generate_pixels(server.client, **fields)
+        _, base = await generate_pixels(server.client, model="plain", **fields)
+        failed = await wait_for_state(server.client, (await submit(server.client, model="broken", **fields))["id"])
+    outside = np.asarray(mask.convert("L")) == 0
+    for pixels in (own, base):
+        assert (pixels[outside] == np.asarray(init)[outside]).all()
+    assert np.abs(own[~outside].astype(int) - base[~outside]).mean() > 3  # a different UNet repainted it
+    assert failed["state"] == "failed" and failed["error"]["code"] == "inpainting_unavailable"
+    assert "9" in failed["error"]["message"]
