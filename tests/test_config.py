@@ -30,11 +30,26 @@ def test_toml_then_environment_then_overrides(tmp_path: Path) -> None:
         ({"FORGE_API_PORT": "70000"}, "api_port"),
         ({"FORGE_BACKEND": "onnx"}, "backend"),
         ({"FORGE_COLOUR": "red"}, "FORGE_COLOUR"),
+        ({"FORGE_IP_ADAPTERS": "plus=h94"}, "FORGE_IP_ADAPTERS"),
+        ({"FORGE_IP_ADAPTERS": '{"x": {"source": "a"}}'}, "weight_name"),
     ],
 )
 def test_bad_settings_are_clear_errors(environ: dict[str, str], mentions: str) -> None:
     with pytest.raises(ConfigError, match=mentions):
         load_config(None, environ=environ)
+
+
+def test_ip_adapters_come_from_toml_tables_or_a_json_variable(tmp_path: Path) -> None:
+    assert list(load_config(None, environ={}).ip_adapters) == ["plus"]  # the recommended one by default
+    path = tmp_path / "forge.toml"
+    path.write_text('[ip_adapters.face]\nsource = "h94/IP-Adapter"\nweight_name = "sdxl_models/face.safetensors"\n')
+    assert load_config(path, environ={}).ip_adapters["face"].subfolder == "sdxl_models"
+    environ = {"FORGE_IP_ADAPTERS": '{"local": {"source": "/srv/ip", "weight_name": "ip.safetensors"}}'}
+    assert load_config(path, environ=environ).ip_adapters["local"].file_name == "ip.safetensors"
+    environ = {"FORGE_INPAINTING_MODELS": "sdxl-base=diffusers/stable-diffusion-xl-1.0-inpainting-0.1"}
+    assert load_config(None, environ=environ).inpainting_models == {
+        "sdxl-base": "diffusers/stable-diffusion-xl-1.0-inpainting-0.1"
+    }
 
 
 def test_unreadable_toml_is_a_clear_error(tmp_path: Path) -> None:
