@@ -24,8 +24,11 @@ CONFIG = Path(__file__).parent / "contract" / "schemathesis.toml"
 
 
 async def test_every_answer_matches_the_api_document(tmp_path: Path, tiny_model: Path) -> None:
-    # One torch thread for the generations the generated requests queue, so the server keeps answering.
-    async for server in start_server(server_config(tmp_path / "data", tiny_model, cpu_threads=1)):
+    # One torch thread for the generations the generated requests queue, so the server keeps answering, and a
+    # small work budget, so no generated request (a sheet of 16 views at 512² and 100 steps, say) holds the
+    # engine past schemathesis' 10 s timeout for model loads that wait for it.
+    config = server_config(tmp_path / "data", tiny_model, cpu_threads=1, max_work=64 * 64 * 8 * 20)
+    async for server in start_server(config):
         command = [
             str(SCHEMATHESIS), "--no-color", "--config-file", str(CONFIG), "run", f"{server.base_url}/openapi.json",
             "--checks", "all", "--max-examples", "25", "--seed", "1", "--generation-deterministic",

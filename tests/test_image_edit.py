@@ -82,12 +82,14 @@ async def test_a_larger_mask_is_resized_to_the_image(server: RunningServer) -> N
         ({"mask": "bm90IGFuIGltYWdl"}, "mask"),
         ({"init_image": "GRADIENT", "mask": "bm90IGFuIGltYWdl"}, "mask"),
         ({"init_image": "GRADIENT", "inpaint_area": "everything"}, "inpaint_area"),
+        ({"init_image": "HUGE"}, "init_image"),  # over the side limit
     ],
 )
 async def test_bad_edits_are_refused_naming_the_field(
     server: RunningServer, fields: dict[str, object], field: str
 ) -> None:
-    body = {"prompt": "a knight", **{k: b64(gradient_image(64)) if v == "GRADIENT" else v for k, v in fields.items()}}
+    images = {"GRADIENT": b64(gradient_image(64)), "HUGE": b64(Image.new("RGB", (4104, 8)))}
+    body = {"prompt": "a knight", **{k: images.get(v, v) if isinstance(v, str) else v for k, v in fields.items()}}
     response = await server.client.post("/v1/generations", json=body)
     assert response.status_code == 422, response.text
     assert response.json()["error"]["field"] == field

@@ -351,3 +351,19 @@ def test_plans_limit_tasks_in_flight_and_refuse_unknown_plans() -> None:
     with pytest.raises(RateLimited) as refused:
         limiter.admit("ann", "small", small, in_flight=2)
     assert refused.value.retry_after_s > 0 and "2 generations queued or running" in refused.value.message
+
+
+async def test_characters_are_isolated_over_mcp(secure: tuple[RunningServer, Keys]) -> None:
+    server, keys = secure
+    created = await server.client.post(
+        "/v1/characters", json={"name": "ayla", "description": "Ayla"}, headers=keys.headers("alice")
+    )
+    ayla = created.json()["id"]
+    async for session in _mcp(server, keys.tokens["bob"]):
+        listed = await session.call_tool("list_characters", {})
+        used = await session.call_tool("generate_character", {"prompt": "x", "character": ayla, "wait": False})
+        sheet = await session.call_tool("character_sheet", {"character": ayla, "wait": False})
+    assert json.loads(listed.content[0].text) == []  # type: ignore[union-attr]
+    for result in (used, sheet):
+        assert result.is_error and json.loads(result.content[0].text)["code"] == "not_found"  # type: ignore[union-attr]
+    assert (await server.client.get("/v1/generations", headers=keys.headers("bob"))).json()["items"] == []

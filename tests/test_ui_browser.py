@@ -97,14 +97,17 @@ async def test_inpainting_with_the_mask_brush_repaints_only_what_was_painted(
     task = (await server.client.get("/v1/generations")).json()["items"][0]
     request = task["request"]
     assert request["init_image"] and request["mask"], request  # the brush made a mask
-    mask_file = next((tmp_path / "data").rglob(f"{request['mask']}.png"))
-    with Image.open(mask_file) as opened:
-        mask = np.asarray(opened.convert("L"))
-    painted = mask > 0
+
+    def upload(upload_id: str) -> np.ndarray:
+        with Image.open(next((tmp_path / "data").rglob(f"{upload_id}.png"))) as opened:
+            return np.asarray(opened.convert("RGB"))
+
+    # The editor sends its canvas: the picture, at the canvas's size.
+    painted, init_pixels = upload(request["mask"])[..., 0] > 0, upload(request["init_image"])
     assert 0 < painted.mean() < 0.9  # a stroke, not the whole picture
     response = await server.client.get(task["images"][0]["url"])
     with Image.open(io.BytesIO(response.content)) as result:
         pixels = np.asarray(result.convert("RGB"))
-    assert pixels.shape[:2] == (64, 64)  # the size followed the picture
-    assert (pixels[~painted] == np.asarray(init)[~painted]).all()
-    assert (pixels[painted] != np.asarray(init)[painted]).any()
+    assert pixels.shape == init_pixels.shape  # the size followed the picture
+    assert (pixels[~painted] == init_pixels[~painted]).all()
+    assert (pixels[painted] != init_pixels[painted]).any()
