@@ -93,11 +93,13 @@ class ReferenceAdapters:
         if self._loaded == references.adapter:
             return
         pipe, source = self.pipe, references.source
-        if self._loaded is not None:  # diffusers' unload expects the adapter in place, then resets processors
+        plain = dict(pipe.unet.attn_processors)
+        if self._loaded is not None:  # diffusers' unload expects the adapter in place; ours go back after it
             self._attach()
             pipe.unload_ip_adapter()
+            self._detach(plain)
+            self._loaded, self._processors, self._projection = None, {}, None
             self._embeddings.clear()
-        plain = dict(pipe.unet.attn_processors)
         try:
             with LOADING:
                 pipe.load_ip_adapter(

@@ -124,8 +124,7 @@ class Reference:
 
     def active(self, step: int, total: int) -> bool:
         """Whether the reference acts at `step` (0-based) of `total`: within [start, end) of the steps."""
-        fraction = step / max(total, 1)
-        return self.start <= fraction < self.end or (self.end >= 1 and fraction >= self.start)
+        return self.start <= step / max(total, 1) < self.end
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -167,12 +167,13 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def engine_job(info: ModelInfo, seed: int, images: list[str], mode: str = "full") -> Job:
-    """A tiny-model job with these reference images (none: no references at all)."""
-    adapter = next(iter(info.ip_adapters))
+def engine_job(info: ModelInfo, seed: int, images: list[str], mode: str = "full", adapter: str = "") -> Job:
+    """A tiny-model job with these reference images (none: no references at all), through the model's
+    adapter under the name `adapter` when given."""
+    installed = next(iter(info.ip_adapters))
     references = References(
-        adapter=adapter,
-        source=info.ip_adapters[adapter],
+        adapter=adapter or installed,
+        source=info.ip_adapters[installed],
         images=[Reference(image=image, strength=0.7, mode=mode, start=0.0, end=1.0) for image in images],
     )
     return Job(
@@ -215,7 +216,12 @@ def test_references_leave_the_unet_as_it_was(tiny_model: Path, tmp_path: Path) -
     processors = {name: type(p) for name, p in engine.pipe.unet.attn_processors.items()}
     path = tmp_path / "ref.png"
     gradient_image(64).save(path)
-    engine.run(engine_job(info, 1, [str(path)], mode="style"))
+    first = np.asarray(engine.run(engine_job(info, 1, [str(path)], mode="style")).images[0])
     assert {name: type(p) for name, p in engine.pipe.unet.attn_processors.items()} == processors
     assert engine.pipe.unet.encoder_hid_proj is None
+    # Another adapter replaces it (unloaded, then loaded), and switching back gives the same image again.
+    engine.run(engine_job(info, 1, [str(path)], mode="style", adapter="another"))
+    again = np.asarray(engine.run(engine_job(info, 1, [str(path)], mode="style")).images[0])
+    assert (again == first).all()
+    assert {name: type(p) for name, p in engine.pipe.unet.attn_processors.items()} == processors
     engine.close()
