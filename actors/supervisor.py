@@ -317,6 +317,8 @@ async def serve(
             auth=auth,
             ws_allowed_origins=frozenset(filter(None, (o.strip() for o in config.ws_allowed_origins.split(",")))),
             max_body_bytes=config.max_body_bytes,
+            # a few images in base64, as AUTOMATIC1111 and OpenAI clients send them
+            image_body_bytes=max(config.max_body_bytes, 4 * config.max_upload_bytes),
             admin_key=config.admin_key,
             metrics_token=config.metrics_token,
         )

@@ -48,8 +48,15 @@ class UploadStore:
                     raise InvalidRequest(f"images may be at most {MAX_SIDE} pixels a side", field=field, rule="range")
                 image.load()
                 rgb = image.convert("RGB")
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as exc:
-            raise InvalidRequest(f"not a readable image: {exc}", field=field, rule="image") from None
+        except UnidentifiedImageError:
+            raise InvalidRequest(
+                "not an image this server can read (PNG, JPEG, WebP, GIF, BMP or TIFF)", field=field, rule="image"
+            ) from None
+        except Image.DecompressionBombError:
+            raise InvalidRequest("the image has too many pixels to decode safely", field=field, rule="image") from None
+        except (OSError, ValueError) as exc:  # a known format, but damaged or truncated
+            reason = str(exc).split(" <")[0] or type(exc).__name__
+            raise InvalidRequest(f"the image is damaged or truncated ({reason})", field=field, rule="image") from None
         upload_id = UPLOAD_PREFIX + new_id(hashlib.sha256(data).hexdigest()[:32])
         buffer = io.BytesIO()
         rgb.save(buffer, format="PNG")
@@ -64,10 +71,14 @@ class UploadStore:
             return text
         if len(text) > self.max_bytes * 4 // 3 + 4:
             raise PayloadTooLarge(f"images may be at most {self.max_bytes} bytes", field=field, rule="max_bytes")
-        try:
-            data = base64.b64decode(_DATA_URL.sub("", text.strip()), validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidRequest(
-                f"expected an upload id ({UPLOAD_PREFIX}...) or a base64-encoded image", field=field, rule="image"
-            ) from None
-        return self.save(data, field=field)[0]
+        return self.save(decode_inline(text, field=field), field=field)[0]
+
+
+def decode_inline(text: str, *, field: str) -> bytes:
+    """An image sent as base64 (a data: URL is fine), as bytes."""
+    try:
+        return base64.b64decode(_DATA_URL.sub("", text.strip()), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(
+            f"expected an upload id ({UPLOAD_PREFIX}...) or a base64-encoded image", field=field, rule="image"
+        ) from None

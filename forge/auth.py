@@ -6,6 +6,8 @@ key, never both, and never `none`, so a token cannot pick its own verification."
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -84,14 +86,29 @@ class Authenticator:
         elif jwt.secret:
             self._jwt_key, self._algorithms = jwt.secret, HMAC_ALGORITHMS
 
-    def principal(self, authorization: str | None) -> Principal:
-        """From an `Authorization: Bearer ...` value (blocking: may read the key table)."""
+    def principal(self, authorization: str | None, *, basic: bool = False) -> Principal:
+        """From an `Authorization: Bearer ...` value, or with `basic` also `Basic` (user = owner, password = the
+        key), as AUTOMATIC1111 clients send it (blocking: may read the key table). With auth off, whatever
+        the header says, the local user."""
         if not self.enabled:
             return self.local
         scheme, _, token = (authorization or "").partition(" ")
+        if basic and scheme.lower() == "basic":
+            return self._from_basic(token.strip())
         if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized("send Authorization: Bearer <API key or token>", field="Authorization")
+            wanted = "Bearer <API key or token> (or Basic owner:key)" if basic else "Bearer <API key or token>"
+            raise Unauthorized(f"send Authorization: {wanted}", field="Authorization")
         return self.from_token(token.strip())
+
+    def _from_basic(self, credentials: str) -> Principal:
+        try:
+            user, _, password = base64.b64decode(credentials, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            raise Unauthorized("Basic credentials must be base64 of owner:key", field="Authorization") from None
+        principal = self.from_token(password)
+        if principal.owner != user:
+            raise Unauthorized("the key does not belong to that user", field="Authorization")
+        return principal
 
     def from_token(self, token: str) -> Principal:
         if not self.enabled:

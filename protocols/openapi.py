@@ -13,8 +13,10 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from actors.model_catalog import ModelStatus
 from forge import __version__
+from forge.a1111 import A1111Request
 from forge.characters import Character, CharacterCreate, CharacterList, CharacterPatch, CharacterSheetRequest
 from forge.events import AnyTaskEvent
+from forge.openai_images import ImageGenerationRequest
 from forge.requests import GenerationRequest
 from protocols.catalog_routes import (
     LoraList,
@@ -26,6 +28,7 @@ from protocols.catalog_routes import (
     UploadView,
 )
 from protocols.character_routes import CHARACTERS
+from protocols.openapi_compat import compat_operations
 from protocols.sprite_sheets import SHEETS, SheetRequest, SheetView
 from protocols.views import (
     API,
@@ -41,6 +44,8 @@ from protocols.views import (
 _REF = "#/components/schemas/{name}"
 _SCHEMAS: list[Any] = [
     GenerationRequest,
+    A1111Request,
+    ImageGenerationRequest,
     TaskView,
     TaskList,
     ErrorBody,
@@ -470,7 +475,7 @@ def _query_parameters(schemas: dict[str, Any], struct: str) -> list[dict[str, An
 def openapi_spec(routes: Iterable[BaseRoute]) -> dict[str, Any]:
     (_, *_), schemas = msgspec.json.schema_components([*_SCHEMAS, *_QUERIES], ref_template=_REF)
     queries = {struct.__name__: _query_parameters(schemas, struct.__name__) for struct in _QUERIES}
-    operations = _operations(queries)
+    operations = _operations(queries) | compat_operations()
     served = served_operations(routes)
     if served != set(operations):
         raise RuntimeError(
@@ -496,7 +501,12 @@ def openapi_spec(routes: Iterable[BaseRoute]) -> dict[str, Any]:
                     "type": "http",
                     "scheme": "bearer",
                     "description": "an API key or a JWT; needed only when the server runs with auth on",
-                }
+                },
+                "basic": {
+                    "type": "http",
+                    "scheme": "basic",
+                    "description": "owner and API key, as AUTOMATIC1111 clients send them (/sdapi/v1 only)",
+                },
             },
         },
     }

@@ -34,11 +34,13 @@ from forge.logs import request_id as forge_request_id
 from forge.requests import GenerationRequest
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert, decode_json
+from protocols.a1111_routes import A1111Routes
 from protocols.catalog_routes import CatalogRoutes
 from protocols.character_routes import CharacterRoutes
 from protocols.docs import docs_page
 from protocols.http_io import JSONResponse, read_body
 from protocols.identity import principal_of, require_shared_secret, visible_owner
+from protocols.openai_routes import OpenAIRoutes
 from protocols.openapi import openapi_spec
 from protocols.sprite_sheets import SpriteSheetRoutes
 from protocols.views import (
@@ -95,6 +97,8 @@ class RestApi:
     admin_key: str = ""
     metrics_token: str = ""
     ws_allowed_origins: frozenset[str] = field(default_factory=frozenset)
+    # Bodies that carry images inline (A1111's base64, OpenAI's multipart edits).
+    image_body_bytes: int = 64 * 1024 * 1024
 
     def _probes(self) -> list[Route]:
         return [
@@ -121,6 +125,8 @@ class RestApi:
             *CatalogRoutes(self.ingress, self.admin_key, self.auth).routes(),
             *SpriteSheetRoutes(self.ingress, self.results, self.auth).routes(),
             *CharacterRoutes(self.ingress, self.auth, self.max_body_bytes).routes(),
+            *A1111Routes(self.ingress, self.hub, self.results, self.auth, self.image_body_bytes).routes(),
+            *OpenAIRoutes(self.ingress, self.hub, self.results, self.auth, self.image_body_bytes).routes(),
             Route("/v1/info", self.info, methods=["GET"]),
             *self._probes(),
             Route("/openapi.json", lambda _: JSONResponse(spec), methods=["GET"]),

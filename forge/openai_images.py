@@ -1,0 +1,73 @@
+"""OpenAI's Images API requests, and what they mean here: ordinary generation requests.
+
+`model` names one of ours, or anything else (gpt-image-1, dall-e-3) for the default. `quality` sets the
+steps as a share of the model's default; `style` is one of ours, with OpenAI's vivid and natural mapped to
+two of them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from forge.engine import ModelInfo
+from forge.errors import InvalidRequest
+
+# Steps as a share of the model's default (SDXL: 15, 30, 45).
+QUALITY_STEPS = {"low": 0.5, "medium": 1.0, "standard": 1.0, "auto": 1.0, "high": 1.5, "hd": 1.5}
+OPENAI_STYLES = {"vivid": "splash-art", "natural": "realistic-portrait"}
+EDIT_STRENGTH = 0.8  # an edit without a mask repaints this much of the image
+SIZE = re.compile(r"^(\d{2,4})x(\d{2,4})$")
+MAX_N = 8
+
+
+class ImageGenerationRequest(msgspec.Struct, kw_only=True):
+    """POST /images/generations (and the form fields of /images/edits). Unknown fields are ignored."""
+
+    prompt: Annotated[str, Meta(min_length=1, max_length=32000)]
+    model: str | None = None
+    n: Annotated[int, Meta(ge=1, le=10)] = 1
+    size: str = "auto"
+    quality: Literal["low", "medium", "high", "standard", "hd", "auto"] = "auto"
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: Literal["png", "webp", "jpeg"] = "png"
+    output_compression: Annotated[int, Meta(ge=0, le=100)] | None = None
+    background: Literal["transparent", "opaque", "auto"] = "auto"
+    style: str | None = None
+    user: str | None = None
+    stream: bool = False
+    partial_images: Annotated[int, Meta(ge=0, le=3)] = 0
+
+
+def generation_fields(given: ImageGenerationRequest, model: ModelInfo, known_models: list[str]) -> dict[str, Any]:
+    """Our request's fields (the model is the request's when it is one of ours, else the default)."""
+    if given.n > MAX_N:
+        raise InvalidRequest(f"n may be at most {MAX_N} here", field="n", rule="maximum")
+    fields: dict[str, Any] = {
+        "prompt": given.prompt,
+        "num_images": given.n,
+        "output_format": given.output_format,
+        "steps": max(1, round(model.default_steps * QUALITY_STEPS[given.quality])),
+    }
+    if given.model in known_models:
+        fields["model"] = given.model
+    if given.size != "auto":
+        found = SIZE.match(given.size)
+        if found is None:
+            raise InvalidRequest("size is WIDTHxHEIGHT (e.g. 1024x1024) or auto", field="size", rule="pattern")
+        fields["width"], fields["height"] = (max(8, round(int(side) / 8) * 8) for side in found.groups())
+    if given.style:
+        fields["style"] = OPENAI_STYLES.get(given.style, given.style)
+    postprocess: dict[str, Any] = {}
+    if given.background == "transparent":
+        if given.output_format == "jpeg":
+            raise InvalidRequest("a transparent background needs png or webp", field="background", rule="invalid")
+        postprocess["remove_background"] = True
+    if given.output_compression is not None and given.output_format != "png":
+        postprocess["quality"] = max(1, given.output_compression)
+    if postprocess:
+        fields["postprocess"] = postprocess
+    return fields

@@ -1,0 +1,452 @@
+"""AUTOMATIC1111's API at `/sdapi/v1`, for Open WebUI, SillyTavern, LibreChat and scripts built on webuiapi.
+
+Every generation is an ordinary task published through ingress: it shows in REST, the web UI and MCP,
+counts against the caller's limits and can be cancelled like any other. The answer comes once the task has
+ended, however long that takes.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import msgspec
+from PIL import Image, ImageOps
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from actors.encoding import read_parameters
+from actors.files import Files
+from actors.hub import Events
+from actors.ingress import Ingress
+from engines.schedulers import SAMPLERS
+from forge import __version__
+from forge.a1111 import (
+    A1111_DEFAULT_SIZE,
+    SCHEDULES,
+    A1111Request,
+    a1111_sampler_names,
+    control_units,
+    loras_in_prompt,
+    scheduler_for,
+)
+from forge.auth import Authenticator, Principal
+from forge.errors import ForgeError, InvalidRequest
+from forge.requests import GenerationRequest
+from forge.tasks import TaskRecord, TaskState
+from forge.validation import convert, decode_json
+from protocols.http_io import JSONResponse, read_body
+from protocols.task_wait import image_bytes, until_finished
+
+SDAPI = "/sdapi/v1"
+# Our request fields, as A1111 names them, for error messages a client can act on.
+A1111_FIELDS = {
+    "guidance_scale": "cfg_scale",
+    "num_images": "batch_size",
+    "strength": "denoising_strength",
+    "init_image": "init_images[0]",
+    "scheduler": "sampler_name",
+    "model": "override_settings.sd_model_checkpoint",
+    "style": "styles",
+    "loras": "prompt",
+    "control": "alwayson_scripts.ControlNet",
+    "postprocess": "hr_upscaler",
+}
+
+
+def _a1111_field(name: str | None) -> str | None:
+    if name is None:
+        return None
+    head = name.split(".")[0].split("[")[0]
+    return A1111_FIELDS.get(head, name)
+
+
+class GenerationFailed(ForgeError):
+    """A task behind an A1111 call ended without images (failed or cancelled)."""
+
+    status = 500
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class A1111Routes:
+    ingress: Ingress
+    hub: Events
+    results: Files
+    auth: Authenticator
+    max_body_bytes: int
+    # Each caller's model from POST /options (a process's memory: in a fleet, per API node).
+    models: dict[str, str] = field(default_factory=dict)
+
+    def routes(self) -> list[BaseRoute]:
+        gets = {
+            "/options": self.options,
+            "/sd-models": self.sd_models,
+            "/samplers": self.samplers,
+            "/schedulers": self.schedulers,
+            "/upscalers": self.upscalers,
+            "/latent-upscale-modes": self.latent_upscale_modes,
+            "/sd-vae": self.sd_vae,
+            "/loras": self.loras,
+            "/prompt-styles": self.prompt_styles,
+            "/scripts": self.scripts,
+            "/cmd-flags": self.cmd_flags,
+            "/progress": self.progress,
+        }
+        posts = {
+            "/txt2img": self.txt2img,
+            "/img2img": self.img2img,
+            "/interrupt": self.interrupt,
+            "/skip": self.interrupt,
+            "/refresh-checkpoints": self.refresh,
+        }
+        routes: list[BaseRoute] = [Route(SDAPI + path, handler, methods=["GET"]) for path, handler in gets.items()]
+        routes += [Route(SDAPI + path, handler, methods=["POST"]) for path, handler in posts.items()]
+        routes.append(Route(SDAPI + "/options", self.set_options, methods=["POST"]))
+        return routes
+
+    async def _principal(self, request: Request) -> Principal:
+        header = request.headers.get("authorization")
+        if not self.auth.enabled:
+            return self.auth.local  # clients send a header (often an empty Basic one) even then
+        return await anyio.to_thread.run_sync(lambda: self.auth.principal(header, basic=True))
+
+    # -- generation --
+
+    async def txt2img(self, request: Request) -> Response:
+        return await self._generate(request, img2img=False)
+
+    async def img2img(self, request: Request) -> Response:
+        return await self._generate(request, img2img=True)
+
+    async def _generate(self, request: Request, *, img2img: bool) -> Response:
+        principal = await self._principal(request)
+        body = await read_body(request, self.max_body_bytes)
+        given = decode_json(body, A1111Request)
+        echoed = msgspec.json.decode(body)
+        fields, warnings = await self._fields(given, principal, img2img=img2img)
+        records: list[TaskRecord] = []
+        try:
+            seed = None if given.seed < 0 else given.seed
+            for iteration in range(given.n_iter):
+                wanted = {**fields, "seed": seed + iteration * given.batch_size} if seed is not None else fields
+                record, _ = await self.ingress.submit(convert(wanted, GenerationRequest), principal=principal)
+                seed = record.spec.seed - iteration * given.batch_size if seed is None else seed
+                records.append(await until_finished(self.ingress, self.hub, record))
+        except InvalidRequest as exc:
+            raise InvalidRequest(exc.message, field=_a1111_field(exc.field), rule=exc.rule) from None
+        failed = next((r for r in records if r.state is TaskState.FAILED), None)
+        if failed is not None:
+            raise GenerationFailed(failed.error_code or "failed", failed.error_message or "the generation failed")
+        images = [data for record in records for data in await image_bytes(self.results, record)]
+        infotexts = await anyio.to_thread.run_sync(lambda: [_parameters(data) for data in images])
+        info = self._info(given, records, infotexts, warnings)
+        return JSONResponse(
+            {
+                "images": [base64.b64encode(data).decode() for data in images],
+                "parameters": echoed if isinstance(echoed, dict) else {},
+                "info": json.dumps(info),
+            }
+        )
+
+    async def _fields(
+        self, given: A1111Request, principal: Principal, *, img2img: bool
+    ) -> tuple[dict[str, Any], list[str]]:
+        """Our generation request's fields for an A1111 body, and the warnings for what was ignored."""
+        prompt, loras = loras_in_prompt(given.prompt)
+        controls, warnings = control_units(given.alwayson_scripts)
+        fields: dict[str, Any] = {
+            "prompt": prompt or given.prompt or " ",
+            "negative_prompt": given.negative_prompt,
+            "num_images": given.batch_size,
+            "width": _multiple_of_8(given.width or A1111_DEFAULT_SIZE),
+            "height": _multiple_of_8(given.height or A1111_DEFAULT_SIZE),
+            "output_format": "png",
+        }
+        if not prompt.strip():
+            raise InvalidRequest("prompt must not be blank", field="prompt", rule="min_length")
+        scheduler = scheduler_for(given.sampler_name or given.sampler_index, given.scheduler)
+        optional = {
+            "steps": given.steps,
+            "guidance_scale": given.cfg_scale,
+            "scheduler": scheduler,
+            "style": given.styles or None,
+            "loras": loras or None,
+            "control": controls or None,
+            "model": self._model(given, principal),
+        }
+        fields |= {name: value for name, value in optional.items() if value is not None}
+        if given.enable_hr:
+            fields["postprocess"] = self._upscale(given)
+        if img2img:
+            fields |= await self._edit(given)
+        return fields, warnings
+
+    def _model(self, given: A1111Request, principal: Principal) -> str | None:
+        title = (given.override_settings or {}).get("sd_model_checkpoint")
+        if title:
+            return self._model_for_title(str(title), "override_settings.sd_model_checkpoint")
+        return self.models.get(principal.owner)
+
+    def _model_for_title(self, title: str, field_name: str) -> str:
+        ids = self.ingress.catalog.ids()
+        found = next((model_id for model_id in ids if title in (model_id, _title(model_id))), None)
+        if found is None:
+            raise InvalidRequest(
+                f"unknown model {title!r}; GET {SDAPI}/sd-models lists them", field=field_name, rule="enum"
+            )
+        return found
+
+    def _upscale(self, given: A1111Request) -> dict[str, Any]:
+        """hires fix as our upscale step: x2 or x4, with the named upscaler when it is one of ours."""
+        upscale: dict[str, Any] = {"upscale": 2 if given.hr_scale <= 2 else 4}
+        if given.hr_upscaler and given.hr_upscaler in self.ingress.resources.upscalers.names():
+            upscale["upscaler"] = given.hr_upscaler
+        return upscale
+
+    async def _edit(self, given: A1111Request) -> dict[str, Any]:
+        if not given.init_images:
+            raise InvalidRequest("img2img needs init_images", field="init_images", rule="required")
+        fields: dict[str, Any] = {"init_image": given.init_images[0]}
+        if given.denoising_strength is not None:
+            fields["strength"] = given.denoising_strength
+        if given.width is None and given.height is None:  # the size follows the image
+            fields["width"] = fields["height"] = None
+        if given.mask:
+            mask = given.mask
+            if given.inpainting_mask_invert:
+                mask = await anyio.to_thread.run_sync(_inverted, mask)
+            fields |= {
+                "mask": mask,
+                "inpaint_area": "masked" if given.inpaint_full_res else "whole",
+                "inpaint_padding": given.inpaint_full_res_padding,
+            }
+            if given.mask_blur is not None:
+                fields["mask_blur"] = given.mask_blur
+        return fields
+
+    def _info(
+        self, given: A1111Request, records: list[TaskRecord], infotexts: list[str], warnings: list[str]
+    ) -> dict[str, Any]:
+        spec = records[0].spec if records else None
+        seeds = [seed for record in records for seed in record.spec.seeds]
+        prompts = [record.spec.styled_prompt for record in records for _ in record.spec.seeds]
+        negatives = [record.spec.styled_negative_prompt for record in records for _ in record.spec.seeds]
+        sampler = SAMPLERS[spec.scheduler] if spec else None
+        return {
+            "prompt": prompts[0] if prompts else given.prompt,
+            "all_prompts": prompts,
+            "negative_prompt": negatives[0] if negatives else given.negative_prompt,
+            "all_negative_prompts": negatives,
+            "seed": seeds[0] if seeds else given.seed,
+            "all_seeds": seeds,
+            "subseed": -1,
+            "all_subseeds": [-1] * len(seeds),
+            "subseed_strength": 0,
+            "width": spec.width if spec else given.width,
+            "height": spec.height if spec else given.height,
+            "sampler_name": sampler.a1111_sampler if sampler else given.sampler_name,
+            "scheduler": (sampler.a1111_schedule or "Automatic") if sampler else given.scheduler,
+            "cfg_scale": spec.guidance_scale if spec else given.cfg_scale,
+            "steps": spec.steps if spec else given.steps,
+            "batch_size": given.batch_size,
+            "restore_faces": False,
+            "sd_model_name": spec.model if spec else None,
+            "sd_model_hash": None,
+            "denoising_strength": spec.strength if spec else None,
+            "styles": spec.styles if spec else [],
+            "infotexts": infotexts,
+            "index_of_first_image": 0,
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+            "clip_skip": 1,
+            "version": f"chara-forge {__version__}",
+            "task_ids": [record.id for record in records],
+            "cancelled": any(record.state is TaskState.CANCELLED for record in records),
+            "warnings": warnings,
+        }
+
+    # -- control --
+
+    async def interrupt(self, request: Request) -> Response:
+        """Cancel the caller's running tasks (never another user's)."""
+        principal = await self._principal(request)
+        for record in await self.ingress.list(owner=principal.owner, state=TaskState.RUNNING, limit=50):
+            try:
+                await self.ingress.cancel(record.id, owner=principal.owner)
+            except ForgeError:
+                continue  # it ended meanwhile
+        return JSONResponse(None)
+
+    async def progress(self, request: Request) -> Response:
+        """The caller's newest running task, as A1111 reports its one job."""
+        principal = await self._principal(request)
+        running = await self.ingress.list(owner=principal.owner, state=TaskState.RUNNING, limit=1)
+        queued = await self.ingress.list(owner=principal.owner, state=TaskState.QUEUED, limit=100)
+        step, total, preview, eta = 0, 0, None, 0.0
+        fraction = 0.0
+        if running:
+            live = await self.ingress.live(running[0])
+            if live.progress is not None:
+                step, total, preview = live.progress.step, live.progress.total, live.progress.preview_jpeg_b64
+                fraction = step / total if total else 0.0
+            started = running[0].started_at or time.time()
+            if fraction > 0:
+                elapsed = time.time() - started
+                eta = max(0.0, elapsed / fraction - elapsed)
+        return JSONResponse(
+            {
+                "progress": fraction,
+                "eta_relative": eta,
+                "state": {
+                    "skipped": False,
+                    "interrupted": False,
+                    "stopping_generation": False,
+                    "job": running[0].id if running else "",
+                    "job_count": len(running) + len(queued),
+                    "job_timestamp": "0",
+                    "job_no": 0,
+                    "sampling_step": step,
+                    "sampling_steps": total,
+                },
+                "current_image": preview,
+                "textinfo": None,
+            }
+        )
+
+    # -- settings and lists --
+
+    async def options(self, request: Request) -> Response:
+        principal = await self._principal(request)
+        model = self.models.get(principal.owner, self.ingress.model.id)
+        return JSONResponse(
+            {
+                "sd_model_checkpoint": _title(model),
+                "sd_checkpoint_hash": None,
+                "sd_vae": "Automatic",
+                "samples_format": "png",
+                "CLIP_stop_at_last_layers": 1,
+                "eta_noise_seed_delta": 0,
+                "sd_lora": "None",
+            }
+        )
+
+    async def set_options(self, request: Request) -> Response:
+        """Only the model is taken (for this caller, not for everyone); other options are accepted unchanged."""
+        principal = await self._principal(request)
+        body = await read_body(request, self.max_body_bytes)
+        options = decode_json(body, dict[str, Any])
+        title = options.get("sd_model_checkpoint")
+        if title:
+            self.models[principal.owner] = self._model_for_title(str(title), "sd_model_checkpoint")
+        return JSONResponse(None)
+
+    async def refresh(self, request: Request) -> Response:
+        await self._principal(request)
+        return JSONResponse(None)
+
+    async def sd_models(self, request: Request) -> Response:
+        await self._principal(request)
+        catalog = self.ingress.catalog
+        items = []
+        for model_id in catalog.ids():
+            model = catalog.find(model_id)
+            items.append(
+                {
+                    "title": _title(model_id),
+                    "model_name": model_id,
+                    "hash": None,
+                    "sha256": None,
+                    "filename": model.path if model else model_id,
+                    "config": None,
+                }
+            )
+        return JSONResponse(items)
+
+    async def samplers(self, request: Request) -> Response:
+        await self._principal(request)
+        return JSONResponse([{"name": name, "aliases": [], "options": {}} for name in a1111_sampler_names()])
+
+    async def schedulers(self, request: Request) -> Response:
+        await self._principal(request)
+        return JSONResponse(
+            [
+                {"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
+                for name, label in SCHEDULES.items()
+            ]
+        )
+
+    async def upscalers(self, request: Request) -> Response:
+        await self._principal(request)
+        names = self.ingress.resources.upscalers.names()
+        items: list[dict[str, Any]] = [{"name": "None", "model_name": None, "model_path": None, "scale": 1}]
+        for name in names:
+            path = self.ingress.resources.upscalers.path(name)
+            scale = 2 if "x2" in name.lower() else 4
+            items.append({"name": name, "model_name": name, "model_path": str(path), "model_url": None, "scale": scale})
+        return JSONResponse(items)
+
+    async def latent_upscale_modes(self, request: Request) -> Response:
+        await self._principal(request)
+        return JSONResponse([])  # hires fix upscales the decoded image (see /upscalers)
+
+    async def sd_vae(self, request: Request) -> Response:
+        await self._principal(request)
+        return JSONResponse([])  # each model's own VAE
+
+    async def loras(self, request: Request) -> Response:
+        await self._principal(request)
+        installed = self.ingress.resources.loras.installed()
+        return JSONResponse([{"name": i.name, "alias": i.name, "path": i.path, "metadata": {}} for i in installed])
+
+    async def prompt_styles(self, request: Request) -> Response:
+        await self._principal(request)
+        styles = self.ingress.resources.styles.all()
+        return JSONResponse(
+            [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in styles]
+        )
+
+    async def scripts(self, request: Request) -> Response:
+        await self._principal(request)
+        return JSONResponse({"txt2img": ["controlnet"], "img2img": ["controlnet"]})
+
+    async def cmd_flags(self, request: Request) -> Response:
+        await self._principal(request)
+        return JSONResponse({"api": True, "nowebui": True, "ckpt": self.ingress.model.path, "lora_dir": None})
+
+
+def _title(model_id: str) -> str:
+    """A model's A1111 title: its id, which is unique and what /options and overrides name."""
+    return model_id
+
+
+def _multiple_of_8(side: int) -> int:
+    return max(8, side // 8 * 8)
+
+
+def _parameters(data: bytes) -> str:
+    with Image.open(io.BytesIO(data)) as image:
+        return read_parameters(image) or ""
+
+
+def _inverted(mask: str) -> str:
+    """A1111's inpainting_mask_invert: the mask's black repaints instead of its white."""
+    from actors.uploads import decode_inline
+
+    try:
+        with Image.open(io.BytesIO(decode_inline(mask, field="mask"))) as image:
+            inverted = ImageOps.invert(image.convert("L"))
+    except (OSError, ValueError):
+        raise InvalidRequest("the mask is not an image this server can read", field="mask", rule="image") from None
+    buffer = io.BytesIO()
+    inverted.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
