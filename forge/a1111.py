@@ -19,8 +19,9 @@ from forge.requests import MAX_IMAGES, SchedulerName
 
 A1111_DEFAULT_SIZE = 512  # A1111's width and height when a request leaves them out
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-+]?\d*\.?\d+))?(?::[^>]*)?>", re.IGNORECASE)
-# Schedules (A1111's "scheduler") this server has: automatic picks the sampler's usual one.
-SCHEDULES = {"automatic": "Automatic", "karras": "Karras", "uniform": "Uniform"}
+# Schedules (A1111's "scheduler") this server has: automatic picks the sampler's usual one; uniform and normal
+# are the plain noise schedule.
+SCHEDULES = {"automatic": "Automatic", "karras": "Karras", "uniform": "Uniform", "normal": "Normal"}
 
 
 class A1111Request(msgspec.Struct, kw_only=True):
@@ -83,7 +84,7 @@ def scheduler_for(sampler: str | None, schedule: str | None) -> SchedulerName | 
         if "Karras" not in matches:
             raise InvalidRequest(f"{sampler!r} has no Karras schedule here", field="scheduler", rule="enum")
         return matches["Karras"]  # type: ignore[return-value]
-    if wanted == "uniform":
+    if wanted in ("uniform", "normal"):
         return matches.get(None, next(iter(matches.values())))  # type: ignore[return-value]
     return matches.get("Karras", matches.get(None))  # type: ignore[return-value]
 

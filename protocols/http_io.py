@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from forge.errors import PayloadTooLarge
 
@@ -36,3 +38,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     if size > limit:  # read (and dropped) the rest first, so the client gets our answer, not a reset
         raise too_large
     return b"".join(chunks)
+
+
+class CollapseSlashes:
+    """ASGI middleware: `//sdapi/v1/options` is `/sdapi/v1/options`, as clients that join a base URL ending in a
+    slash with a path starting with one (Open WebUI does) expect."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and "//" in scope["path"]:
+            path = re.sub("/{2,}", "/", scope["path"])
+            scope = {**scope, "path": path, "raw_path": path.encode()}
+        await self.app(scope, receive, send)

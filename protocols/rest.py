@@ -12,6 +12,7 @@ import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -38,7 +39,7 @@ from protocols.a1111_routes import A1111Routes
 from protocols.catalog_routes import CatalogRoutes
 from protocols.character_routes import CharacterRoutes
 from protocols.docs import docs_page
-from protocols.http_io import JSONResponse, read_body
+from protocols.http_io import CollapseSlashes, JSONResponse, read_body
 from protocols.identity import principal_of, require_shared_secret, visible_owner
 from protocols.openai_routes import OpenAIRoutes
 from protocols.openapi import openapi_spec
@@ -133,7 +134,7 @@ class RestApi:
             Route("/docs", lambda _: HTMLResponse(docs_page(spec)), methods=["GET"]),
         ]
         spec = openapi_spec(routes)
-        return Starlette(routes=routes, exception_handlers=self._handlers())
+        return Starlette(routes=routes, exception_handlers=self._handlers(), middleware=[Middleware(CollapseSlashes)])
 
     # -- generations --
 
