@@ -90,7 +90,6 @@ class A1111Routes:
 
     def routes(self) -> list[BaseRoute]:
         gets = {
-            "/options": self.options,
             "/sd-models": self.sd_models,
             "/samplers": self.samplers,
             "/schedulers": self.schedulers,
@@ -112,8 +111,12 @@ class A1111Routes:
         }
         routes: list[BaseRoute] = [Route(SDAPI + path, handler, methods=["GET"]) for path, handler in gets.items()]
         routes += [Route(SDAPI + path, handler, methods=["POST"]) for path, handler in posts.items()]
-        routes.append(Route(SDAPI + "/options", self.set_options, methods=["POST"]))
+        routes.append(Route(SDAPI + "/options", self.options_route, methods=["GET", "POST"]))
         return routes
+
+    async def options_route(self, request: Request) -> Response:
+        """One route for both methods, so a 405 lists both in its Allow header."""
+        return await (self.set_options(request) if request.method == "POST" else self.options(request))
 
     async def _principal(self, request: Request) -> Principal:
         header = request.headers.get("authorization")

@@ -10,8 +10,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from forge.errors import PayloadTooLarge
+from forge.errors import InvalidRequest, PayloadTooLarge
 
+MAX_IDEMPOTENCY_KEY = 255
 DISCARD_FACTOR = 8  # an over-long streamed body is read up to this multiple of the limit, then cut
 
 
@@ -38,6 +39,16 @@ async def read_body(request: Request, limit: int) -> bytes:
     if size > limit:  # read (and dropped) the rest first, so the client gets our answer, not a reset
         raise too_large
     return b"".join(chunks)
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The client's Idempotency-Key header, if it sent one that fits."""
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise InvalidRequest(
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters", field="Idempotency-Key", rule="max_length"
+        )
+    return key
 
 
 class CollapseSlashes:

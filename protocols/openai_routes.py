@@ -34,7 +34,7 @@ from forge.openai_images import EDIT_STRENGTH, ImageGenerationRequest, generatio
 from forge.requests import GenerationRequest
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert, decode_json
-from protocols.http_io import JSONResponse, read_body
+from protocols.http_io import JSONResponse, idempotency_key, read_body
 from protocols.task_wait import image_bytes, until_finished
 from protocols.views import image_url
 
@@ -135,9 +135,7 @@ class OpenAIRoutes:
         model = catalog.find(given.model or "") or catalog.default
         fields = generation_fields(given, model, catalog.ids()) | extra
         record, _ = await self.ingress.submit(
-            convert(fields, GenerationRequest),
-            principal=principal,
-            idempotency_key=request.headers.get("idempotency-key"),
+            convert(fields, GenerationRequest), principal=principal, idempotency_key=idempotency_key(request)
         )
         if given.stream:
             return StreamingResponse(self._events(record, given), media_type="text/event-stream")

@@ -90,6 +90,12 @@ def _binary(*types: str) -> dict[str, Any]:
     return {"content": {kind: {"schema": {"type": "string", "format": "binary"}} for kind in types}}
 
 
+def _sheet_content() -> dict[str, Any]:
+    """A sprite sheet: the atlas as PNG, or its TexturePacker JSON."""
+    content = _binary("image/png")["content"]
+    return {"content": {**content, "application/json": {"schema": {"type": "object"}}}}
+
+
 def _path(name: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": schema or {"type": "string"}}
 
@@ -213,7 +219,7 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
                     "summary": "A generation's sprite sheet (postprocess.sprite_sheet): the atlas image or its JSON",
                     "parameters": [task_id, sheet_kind],
                     "responses": {
-                        "200": {"description": "the sheet", **_binary("image/png", "application/json")},
+                        "200": {"description": "the sheet", **_sheet_content()},
                         "404": _error("no such generation, or it has no sprite sheet"),
                     },
                 }
@@ -241,7 +247,7 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
                     "summary": "A packed sprite sheet: the atlas image or its JSON",
                     "parameters": [_path("id"), sheet_kind],
                     "responses": {
-                        "200": {"description": "the sheet", **_binary("image/png", "application/json")},
+                        "200": {"description": "the sheet", **_sheet_content()},
                         "404": _error("no such sheet"),
                     },
                 }

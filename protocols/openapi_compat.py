@@ -161,8 +161,8 @@ def compat_operations() -> dict[tuple[str, str], dict[str, Any]]:
                                 "image": {"type": "string", "format": "binary"},
                                 "mask": {"type": "string", "format": "binary"},
                                 "prompt": {"type": "string", "minLength": 1},
-                                "n": {"type": "integer", "minimum": 1, "maximum": 10},
-                                "size": {"type": "string"},
+                                "n": {"type": "integer", "minimum": 1, "maximum": 8},
+                                "size": {"type": "string", "pattern": "^(auto|[0-9]{2,4}x[0-9]{2,4})$"},
                                 "response_format": {"type": "string", "enum": ["b64_json", "url"]},
                             },
                         }

@@ -29,7 +29,7 @@ from actors.rate_limits import RateLimited
 from engines.schedulers import SAMPLERS
 from forge import __version__
 from forge.auth import Authenticator
-from forge.errors import Forbidden, ForgeError, InvalidRequest, NotFound, ServiceUnavailable
+from forge.errors import Forbidden, ForgeError, NotFound, ServiceUnavailable
 from forge.events import TERMINAL_EVENTS, AnyTaskEvent, Postprocessing, Queued, Started, Succeeded
 from forge.logs import request_id as forge_request_id
 from forge.requests import GenerationRequest
@@ -39,7 +39,7 @@ from protocols.a1111_routes import A1111Routes
 from protocols.catalog_routes import CatalogRoutes
 from protocols.character_routes import CharacterRoutes
 from protocols.docs import docs_page
-from protocols.http_io import CollapseSlashes, JSONResponse, read_body
+from protocols.http_io import CollapseSlashes, JSONResponse, idempotency_key, read_body
 from protocols.identity import principal_of, require_shared_secret, visible_owner
 from protocols.openai_routes import OpenAIRoutes
 from protocols.openapi import openapi_spec
@@ -61,8 +61,6 @@ from protocols.views import (
 )
 
 log = logging.getLogger(__name__)
-
-MAX_IDEMPOTENCY_KEY = 255
 
 
 class UpgradeRequired(ForgeError):
@@ -145,13 +143,7 @@ class RestApi:
     async def create(self, request: Request) -> Response:
         body = await read_body(request, self.max_body_bytes)
         generation = decode_json(body, GenerationRequest)
-        key = request.headers.get("idempotency-key")
-        if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
-            raise InvalidRequest(
-                f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters",
-                field="Idempotency-Key",
-                rule="max_length",
-            )
+        key = idempotency_key(request)
         request_id = forge_request_id(request.headers.get("x-request-id"))
         principal = await principal_of(request, self.auth)
         record, replayed = await self.ingress.submit(
