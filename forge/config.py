@@ -209,9 +209,23 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, object]:
                 overrides[key] = _parse_mapping(name, value)
             elif key in JSON_KEYS:
                 overrides[key] = _parse_json(name, value)
+            elif key in BOOLEAN_KEYS:
+                overrides[key] = _parse_bool(name, value)
             else:
                 overrides[key] = value
     return overrides
+
+
+BOOLEAN_KEYS = {field.name for field in msgspec.structs.fields(Config) if field.type is bool}
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _parse_bool(name: str, value: str) -> bool:
+    """What people write in environment variables: true/false, 1/0, yes/no, on/off (any case)."""
+    word = value.strip().lower()
+    if word in TRUE_WORDS or word in FALSE_WORDS:
+        return word in TRUE_WORDS
+    raise ConfigError(f"{name}: expected true/false, 1/0, yes/no or on/off, got {value!r}", field=name)
 
 
 MAPPING_KEYS = {"models", "inpainting_models"}
@@ -241,15 +255,25 @@ def load_config(
     """Merge, lowest first: defaults, the TOML file, `FORGE_*` variables (from os.environ unless `environ`
     is given), then `overrides` (command-line options)."""
     raw: dict[str, object] = {}
+    where: dict[str, str] = {}  # each setting's source, for error messages
     if path is not None:
         try:
-            raw.update(tomllib.loads(path.read_text()))
+            from_file = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-    raw.update(env_overrides(os.environ if environ is None else environ))
+        raw.update(from_file)
+        where |= {key: f"{key} in {path}" for key in from_file}
+    from_env = env_overrides(os.environ if environ is None else environ)
+    raw.update(from_env)
+    where |= {key: ENV_PREFIX + key.upper() for key in from_env}
     raw.update(overrides)
+    where |= {key: f"--{key.replace('_', '-')}" for key in overrides}
     try:
-        # strict=False lets environment strings become ints, floats and bools.
+        # strict=False lets environment strings become ints and floats.
         return msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
+        message, _, at = str(exc).rpartition(" - at `")
+        key = at.rstrip("`").removeprefix("$.").split(".")[0].split("[")[0]
+        if message and key in where:
+            raise ConfigError(f"{where[key]}: {message}", field=where[key]) from None
         raise ConfigError(f"invalid configuration: {exc}") from exc

@@ -26,17 +26,27 @@ def test_toml_then_environment_then_overrides(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("environ", "mentions"),
     [
-        ({"FORGE_API_PORT": "eighty"}, "api_port"),
-        ({"FORGE_API_PORT": "70000"}, "api_port"),
-        ({"FORGE_BACKEND": "onnx"}, "backend"),
+        ({"FORGE_API_PORT": "eighty"}, "FORGE_API_PORT"),
+        ({"FORGE_API_PORT": "70000"}, "FORGE_API_PORT: Expected `int` <= 65535"),
+        ({"FORGE_BACKEND": "onnx"}, "FORGE_BACKEND: Invalid enum value 'onnx'"),
         ({"FORGE_COLOUR": "red"}, "FORGE_COLOUR"),
         ({"FORGE_IP_ADAPTERS": "plus=h94"}, "FORGE_IP_ADAPTERS"),
+        ({"FORGE_AUTH": "maybe"}, r"FORGE_AUTH: expected true/false, 1/0, yes/no or on/off, got 'maybe'"),
         ({"FORGE_IP_ADAPTERS": '{"x": {"source": "a"}}'}, "weight_name"),
     ],
 )
 def test_bad_settings_are_clear_errors(environ: dict[str, str], mentions: str) -> None:
     with pytest.raises(ConfigError, match=mentions):
         load_config(None, environ=environ)
+
+
+def test_booleans_read_as_people_write_them_and_errors_name_the_variable() -> None:
+    for word, meant in (("true", True), ("1", True), ("Yes", True), ("ON", True), ("false", False), ("0", False),
+                        ("no", False), ("off", False)):  # fmt: skip
+        assert load_config(None, environ={"FORGE_ENABLE_UI": word}).enable_ui is meant, word
+    with pytest.raises(ConfigError) as error:
+        load_config(None, environ={"FORGE_API_PORT": "eighty"})
+    assert str(error.value).startswith("FORGE_API_PORT: ") and "$" not in str(error.value)
 
 
 def test_ip_adapters_come_from_toml_tables_or_a_json_variable(tmp_path: Path) -> None:
@@ -66,5 +76,5 @@ def test_fleet_roles_need_a_shared_store(role: str) -> None:
     assert "store (FORGE_STORE)" in refused.value.message and "role (FORGE_ROLE)" in refused.value.message
     config = load_config(None, environ={"FORGE_ROLE": role, "FORGE_STORE": "rediss://user:secret@cache:6380/2"})
     assert config.uses_redis and config.role == role
-    with pytest.raises(ConfigError, match="store"):
+    with pytest.raises(ConfigError, match="FORGE_STORE: Expected"):
         load_config(None, environ={"FORGE_STORE": "postgres://db"})
