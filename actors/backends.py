@@ -15,6 +15,7 @@ from actors.characters import CharacterStore, RedisCharacters, SqliteCharacters
 from actors.files import DirectoryFiles, Files, RedisFiles
 from actors.keys import KeyStore, RedisKeys, SqliteKeys
 from actors.redis_store import RedisStore, client_options
+from actors.result_index import RedisResultIndex, ResultIndex, SqliteResultIndex
 from actors.sqlite_store import SqliteStore
 from actors.store import TaskStore
 from forge.config import Config
@@ -27,6 +28,7 @@ class Backends:
     uploads: Files
     keys: KeyStore
     characters: CharacterStore
+    result_index: ResultIndex
     redis: RedisStore | None = None  # the fleet's store, when it is Redis
 
 
@@ -57,6 +59,7 @@ async def open_backends(config: Config) -> AsyncIterator[Backends]:
                 uploads=DirectoryFiles(config.uploads_path),
                 keys=key_store(config),
                 characters=SqliteCharacters(config.database_path),
+                result_index=SqliteResultIndex(config.database_path),
             )
         return
     blobs = sync_redis(config)
@@ -75,6 +78,7 @@ async def open_backends(config: Config) -> AsyncIterator[Backends]:
                 uploads=RedisFiles(blobs, "uploads", config.result_ttl_s, cache / "uploads"),
                 keys=KeyStore(RedisKeys(blobs)),
                 characters=RedisCharacters(blobs),
+                result_index=RedisResultIndex(blobs, config.result_ttl_s),
                 redis=store,
             )
     finally:

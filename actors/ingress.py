@@ -10,7 +10,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
+from typing import Literal, Protocol
 
 import anyio
 import msgspec
@@ -18,8 +18,10 @@ import structlog
 from anyio.streams.memory import MemoryObjectSendStream
 
 from actors.character_library import CharacterLibrary
+from actors.files import Files
 from actors.hub import Events
 from actors.model_catalog import ModelCatalog, ModelStatus
+from actors.result_index import ResultIndex
 from actors.store import Admission, IdempotencyConflict, TaskStore
 from actors.uploads import UploadStore
 from forge.auth import LOCAL, Principal
@@ -36,6 +38,11 @@ from forge.tasks import TaskRecord, TaskState
 DEFAULT_OWNER = "local"
 log = logging.getLogger(__name__)
 CANCEL_WAIT_S = 10.0
+
+
+# A submission's task: a new one, the earlier one with the same Idempotency-Key, or an earlier one with the
+# same images (the result cache).
+Reuse = Literal["new", "idempotent", "cached"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,8 @@ class Ingress:
         canceller: Canceller,
         models: ModelControl,
         characters: CharacterLibrary,
+        results: Files | None = None,
+        result_index: ResultIndex | None = None,
         scheduler_inbox: MemoryObjectSendStream[SchedulerInbox] | None = None,
     ) -> None:
         """`scheduler_inbox`: this box's scheduler, which keeps the queue (None in a fleet: the store does)."""
@@ -91,6 +100,8 @@ class Ingress:
         self._canceller = canceller
         self.models = models
         self.characters = characters
+        self._results = results
+        self._result_index = result_index if config.result_cache and results is not None else None
         self.catalog = catalog
         self.resources = resources
         self.uploads = uploads
@@ -116,16 +127,16 @@ class Ingress:
     ) -> GenerationSpec:
         return resolve_request(request, self.catalog.get(request.model), self.resources, init_size, character)
 
-    async def _resolve(self, request: GenerationRequest, owner: str) -> GenerationSpec:
+    async def _resolve(self, request: GenerationRequest, owner: str) -> tuple[GenerationSpec, bool]:
         """The character's description and defaults first; images sent inline become uploads, so the stored
-        task holds ids, not megabytes."""
+        task holds ids, not megabytes. Also: whether the seed was chosen (by the request or its character)."""
         check_reference_count(request, self.resources)  # before its images are stored
         request, character = await self.characters.apply(request, owner)
         request = await self._store_inline_images(request)
         init_size = None
         if request.init_image is not None:
             init_size = await anyio.to_thread.run_sync(self.uploads.size, request.init_image)
-        return self.resolve(request, init_size, character)
+        return self.resolve(request, init_size, character), request.seed is not None
 
     async def _upload(self, image: str, field: str) -> str:
         return await anyio.to_thread.run_sync(partial(self.uploads.save_inline, image, field=field))
@@ -163,23 +174,30 @@ class Ingress:
         principal: Principal = LOCAL,
         idempotency_key: str | None = None,
         request_id: str | None = None,
-    ) -> tuple[TaskRecord, bool]:
-        """Returns the committed task and whether it was an earlier submission with the same key."""
+    ) -> tuple[TaskRecord, Reuse]:
+        """Returns the committed task, and whether it is new, the earlier submission with the same key, or an
+        earlier task with the same images (the result cache)."""
         with structlog.contextvars.bound_contextvars(request_id=request_id or forge_request_id()):
             return await self._submit(request, principal, idempotency_key)
 
     async def _submit(
         self, request: GenerationRequest, principal: Principal, idempotency_key: str | None
-    ) -> tuple[TaskRecord, bool]:
+    ) -> tuple[TaskRecord, Reuse]:
         owner = principal.owner
         if not self.accepting:
             raise ServiceUnavailable("the server is shutting down; retry shortly")
         request_hash = hashlib.sha256(msgspec.json.encode(request)).hexdigest()
-        spec = await self._resolve(request, owner)
+        spec, seed_chosen = await self._resolve(request, owner)
         if idempotency_key is not None:  # a replay is free: it passes no limit
             earlier = await self._replay(owner, idempotency_key, request_hash)
             if earlier is not None:
-                return earlier, True
+                return earlier, "idempotent"
+        fingerprint = self._fingerprint(spec) if seed_chosen and self._result_index is not None else None
+        if fingerprint is not None:  # the same images exist already: no limit, no GPU
+            cached = await self._cached(owner, fingerprint)
+            if cached is not None:
+                log.info("task %s answered from the result cache", cached.id, extra={"task_id": cached.id})
+                return cached, "cached"
         try:
             record = await self._store.insert(
                 owner=owner,
@@ -192,12 +210,36 @@ class Ingress:
             earlier = await self._replay(owner, idempotency_key or "", request_hash)
             if earlier is None:
                 raise ServiceUnavailable(f"task {taken.task_id} is being recorded; retry") from None
-            return earlier, True
+            return earlier, "idempotent"
+        if fingerprint is not None and self._result_index is not None:
+            await anyio.to_thread.run_sync(self._result_index.remember, owner, fingerprint, record.id)
         request_id = str(structlog.contextvars.get_contextvars().get("request_id", ""))
         log.info("accepted task %s", record.id, extra={"task_id": record.id})
         if self._scheduler_inbox is not None:
             await self._scheduler_inbox.send(Submit(task=record, request_id=request_id))
-        return record, False
+        return record, "new"
+
+    def _fingerprint(self, spec: GenerationSpec) -> str:
+        """What decides the images: the spec (its priority aside), the model's weights and the backend."""
+        model = self.catalog.find(spec.model)
+        weights = f"{model.path}|{model.variant}" if model is not None else spec.model
+        identity = msgspec.json.encode(msgspec.structs.replace(spec, priority=0))
+        return hashlib.sha256(identity + f"|{weights}|{self._config.backend}".encode()).hexdigest()
+
+    async def _cached(self, owner: str, fingerprint: str) -> TaskRecord | None:
+        """The owner's earlier task with these images, while it succeeded and its files are kept."""
+        assert self._result_index is not None and self._results is not None
+        task_id = await anyio.to_thread.run_sync(self._result_index.find, owner, fingerprint)
+        if task_id is None:
+            return None
+        try:
+            record = await self.get(task_id, owner=owner)
+        except NotFound:
+            return None
+        if record.state is not TaskState.SUCCEEDED or record.metadata_path is None:
+            return None
+        kept = await anyio.to_thread.run_sync(self._results.read, record.metadata_path)
+        return record if kept is not None else None
 
     def _admission(self, principal: Principal) -> Admission:
         """Refuse new work while the queue is full or the owner's plan has no room."""

@@ -294,6 +294,8 @@ async def serve(
             canceller=BoxCanceller(to_scheduler) if fleet_store is None else FleetCanceller(fleet_store),
             models=BoxModels(catalog, engines) if fleet_store is None else FleetModels(fleet_store, catalog),
             characters=CharacterLibrary(backends.characters, uploads),
+            results=backends.results,
+            result_index=backends.result_index,
             scheduler_inbox=to_scheduler if fleet_store is None else None,
         )
         auth = authenticator(config, backends.keys)

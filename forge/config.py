@@ -121,6 +121,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     hub_timeout_s: Annotated[float, Meta(gt=0, le=60)] = 3.0
     max_attempts: Annotated[int, Meta(ge=1, le=20)] = 3
     max_queue: Annotated[int, Meta(ge=1)] = 10_000
+    # An identical request with a fixed seed (same model, every parameter, the same images) from the same owner
+    # is answered by the earlier task's images instead of the GPU, while they are kept.
+    result_cache: bool = True
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
     max_prompt_chars: Annotated[int, Meta(ge=1, le=100_000)] = 2000
     # Work one request may ask for: width x height x images x steps (default: 8 images of 1024² at 60 steps).

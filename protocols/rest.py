@@ -146,13 +146,15 @@ class RestApi:
         key = idempotency_key(request)
         request_id = forge_request_id(request.headers.get("x-request-id"))
         principal = await principal_of(request, self.auth)
-        record, replayed = await self.ingress.submit(
+        record, reuse = await self.ingress.submit(
             generation, principal=principal, idempotency_key=key, request_id=request_id
         )
         view = await self._view(record)
         headers = {"Location": view.links.self, "X-Request-Id": request_id}
-        if replayed:
+        if reuse == "idempotent":
             headers["Idempotent-Replayed"] = "true"
+        elif reuse == "cached":  # the same images existed already: this is the task that made them
+            headers["Result-Cache"] = "hit"
         return JSONResponse(view, status_code=202, headers=headers)
 
     async def get(self, request: Request) -> Response:
