@@ -139,11 +139,14 @@ class A1111Routes:
         echoed = msgspec.json.decode(body)
         fields, warnings = await self._fields(given, principal, img2img=img2img)
         records: list[TaskRecord] = []
+        cached: list[str] = []
         try:
             seed = None if given.seed < 0 else given.seed
             for iteration in range(given.n_iter):
                 wanted = {**fields, "seed": seed + iteration * given.batch_size} if seed is not None else fields
-                record, _ = await self.ingress.submit(convert(wanted, GenerationRequest), principal=principal)
+                record, reuse = await self.ingress.submit(convert(wanted, GenerationRequest), principal=principal)
+                if reuse == "cached":
+                    cached.append(record.id)
                 seed = record.spec.seed - iteration * given.batch_size if seed is None else seed
                 records.append(await until_finished(self.ingress, self.hub, record))
         except InvalidRequest as exc:
@@ -153,7 +156,7 @@ class A1111Routes:
             raise GenerationFailed(failed.error_code or "failed", failed.error_message or "the generation failed")
         images = [data for record in records for data in await image_bytes(self.results, record)]
         infotexts = await anyio.to_thread.run_sync(lambda: [_parameters(data) for data in images])
-        info = self._info(given, records, infotexts, warnings)
+        info = self._info(given, records, infotexts, warnings) | {"result_cache_hits": cached}
         return JSONResponse(
             {
                 "images": [base64.b64encode(data).decode() for data in images],

@@ -134,11 +134,12 @@ class OpenAIRoutes:
         catalog = self.ingress.catalog
         model = catalog.find(given.model or "") or catalog.default
         fields = generation_fields(given, model, catalog.ids()) | extra
-        record, _ = await self.ingress.submit(
+        record, reuse = await self.ingress.submit(
             convert(fields, GenerationRequest), principal=principal, idempotency_key=idempotency_key(request)
         )
+        headers = {"Result-Cache": "hit"} if reuse == "cached" else {}
         if given.stream:
-            return StreamingResponse(self._events(record, given), media_type="text/event-stream")
+            return StreamingResponse(self._events(record, given), media_type="text/event-stream", headers=headers)
         finished = await until_finished(self.ingress, self.hub, record)
         self._raise_if_failed(finished)
         images = await image_bytes(self.results, finished)
@@ -156,7 +157,8 @@ class OpenAIRoutes:
                 "quality": _quality(given.quality),
                 "size": f"{finished.spec.width}x{finished.spec.height}",
                 "usage": _usage(),
-            }
+            },
+            headers=headers,
         )
 
     @staticmethod
