@@ -149,6 +149,8 @@ class A1111Routes:
                     cached.append(record.id)
                 seed = record.spec.seed - iteration * given.batch_size if seed is None else seed
                 records.append(await until_finished(self.ingress, self.hub, record))
+                if records[-1].state is TaskState.CANCELLED:  # interrupted: the other iterations are not run
+                    break
         except InvalidRequest as exc:
             raise InvalidRequest(exc.message, field=_a1111_field(exc.field), rule=exc.rule) from None
         failed = next((r for r in records if r.state is TaskState.FAILED), None)
@@ -172,7 +174,7 @@ class A1111Routes:
         prompt, loras = loras_in_prompt(given.prompt)
         controls, warnings = control_units(given.alwayson_scripts)
         fields: dict[str, Any] = {
-            "prompt": prompt or given.prompt or " ",
+            "prompt": prompt,
             "negative_prompt": given.negative_prompt,
             "num_images": given.batch_size,
             "width": _multiple_of_8(given.width or A1111_DEFAULT_SIZE),
