@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import RunningServer, server_config, start_server
-from tests.helpers import submit, wait_for_state
+from tests.helpers import gradient_image, png_bytes, submit, wait_for_state
 
 pytestmark = pytest.mark.anyio
 
@@ -155,3 +155,19 @@ async def test_a_request_over_the_work_budget_is_refused(tmp_path: Path, tiny_mo
         assert fits.status_code == 202
         assert over.status_code == 422
         assert (over.json()["error"]["field"], over.json()["error"]["rule"]) == ("num_images", "budget")
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        (b"plain text, not a picture", "not an image this server can read (PNG, JPEG, WebP, GIF, BMP or TIFF)"),
+        (png_bytes(gradient_image(64))[:120], "damaged or truncated"),
+    ],
+)
+async def test_an_unreadable_upload_says_what_is_wrong_with_the_file(
+    server: RunningServer, data: bytes, says: str
+) -> None:
+    response = await server.client.post("/v1/uploads", content=data, headers={"Content-Type": "image/png"})
+    error = response.json()["error"]
+    assert response.status_code == 422 and says in error["message"], error
+    assert "<" not in error["message"] and "0x" not in error["message"]  # no Python object in it
