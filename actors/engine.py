@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, assert_never
 
 import anyio
 import structlog
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 from anyio.from_thread import BlockingPortal
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -22,6 +22,7 @@ from actors.hub import Events
 from actors.latest_value import LatestValue
 from actors.lifecycle import cancel_task, fail_task
 from actors.model_catalog import ModelCatalog
+from actors.step_batch import StepBatch
 from actors.store import TaskStore
 from actors.uploads import UploadStore
 from engines.cache import ModelCache
@@ -54,6 +55,7 @@ from forge.messages import (
     Generated,
     PostprocessInbox,
     SchedulerInbox,
+    TaskLeft,
 )
 from forge.requests import GenerationSpec
 from forge.tasks import TaskRecord, TaskState
@@ -137,9 +139,10 @@ class EngineActor:
         scheduler: MemoryObjectSendStream[SchedulerInbox],
         postprocess: MemoryObjectSendStream[PostprocessInbox],
         on_model_loaded: Callable[[str, str, float], None] | None = None,
+        max_images: int = 1,
     ) -> None:
         """`on_model_loaded(device, model id, seconds)` hears of each model loaded and warmed (on the device
-        thread)."""
+        thread). `max_images`: the most images a step-level batch holds."""
         self.device = device
         self.ready = False
         self._backend = backend
@@ -162,6 +165,8 @@ class EngineActor:
         self._postprocess = postprocess
         # Every blocking call for this device runs on this one thread, in order (pipelines are not thread-safe).
         self._thread = DeviceThread(f"engine-{device}")
+        self._max_images = max_images
+        self._steps: StepBatch | None = None  # the step-level batch running now
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         default = self._catalog.default
@@ -177,9 +182,11 @@ class EngineActor:
             log.info("engine %s: ready", self.device)
             task_status.started()
             await self._scheduler.send(EngineReady(device=self.device))
-            async with self._inbox, BlockingPortal() as portal:
+            async with self._inbox, BlockingPortal() as portal, anyio.create_task_group() as group:
                 async for msg in self._inbox:
                     match msg:
+                        case Dispatch(batch=batch, step_level=True):
+                            await self._step_level(batch, portal, group)
                         case Dispatch(batch=batch):
                             await self._execute(batch, portal)
                         case _:
@@ -224,6 +231,92 @@ class EngineActor:
             except Exception as exc:  # each job's own outcome; the caller ends each task by it
                 outcomes.append(exc)
         return outcomes
+
+    # -- step-level batching --
+
+    async def _step_level(self, batch: list[Assignment], portal: BlockingPortal, group: TaskGroup) -> None:
+        """Tasks join the running step-level batch at its next step, or start one."""
+        runs = []
+        for assignment in batch:
+            with self._bound(assignment):
+                run = await self._prepare(assignment, portal)
+            if run is not None:
+                runs.append(run)
+        joining = self._steps is not None
+        if self._steps is None:
+            if not runs:
+                await self._scheduler.send(EngineIdle(device=self.device, task_ids=[a.task.id for a in batch]))
+                return
+            self._steps = StepBatch(runs[0].model.id)
+        for run in runs:
+            self._steps.add(run)
+        for assignment in batch:
+            if not any(run.assignment is assignment for run in runs):  # ended while it was prepared
+                await self._scheduler.send(TaskLeft(device=self.device, task_id=assignment.task.id))
+        if not joining:
+            group.start_soon(self._run_steps, self._steps, portal)
+
+    async def _run_steps(self, steps: StepBatch, portal: BlockingPortal) -> None:
+        """Denoise until no task is left in the batch or waiting to join it; then report the engine idle."""
+        try:
+            while runs := steps.take_all():
+                model = runs[0].model
+                if model.id not in self._cache.loaded():
+                    self._catalog.loading(self.device, model.id)
+                self._catalog.used(model.id)
+
+                def stop_all() -> None:
+                    for run in steps.runs.values():
+                        run.assignment.cancel.set(SHUTDOWN)
+
+                def on_done(job: Job, outcome: GenerationResult | BaseException) -> None:
+                    portal.call(self._leave, steps, steps.run_of(job), outcome)
+
+                try:
+                    await self._thread.run_sync(self._denoise_steps, model, runs, steps, on_done, on_cancel=stop_all)
+                except anyio.get_cancelled_exc_class():  # a forced stop: the tasks wait for the next start
+                    with anyio.CancelScope(shield=True):
+                        for run in steps.runs.values():
+                            if run.assignment.task.id not in steps.ended:
+                                await self._requeue(run.assignment.task)
+                    raise
+                except Exception as exc:  # the whole batch failed (its model did not load, say)
+                    for run in list(steps.runs.values()):
+                        if run.assignment.task.id not in steps.ended:
+                            await self._leave(steps, run, exc)
+                finally:
+                    self._catalog.loaded(self.device, self._cache.loaded())
+        finally:
+            self._steps = None
+            for task_id in steps.task_ids:
+                self._hub.forget_progress(task_id)
+            with anyio.CancelScope(shield=True):
+                await self._scheduler.send(EngineIdle(device=self.device, task_ids=steps.task_ids))
+
+    def _denoise_steps(
+        self,
+        model: ModelInfo,
+        runs: list[_Run],
+        steps: StepBatch,
+        on_done: Callable[[Job, GenerationResult | BaseException], None],
+    ) -> None:
+        """On the device thread: the model (loaded if need be), then the step loop."""
+        engine = self._cache.get(model)
+        engine.run_steps([run.job for run in runs], on_done, steps.take, self._max_images)
+        if runs[0].job.loras:
+            self._cache.remeasure(model.id)
+
+    async def _leave(self, steps: StepBatch, run: _Run, outcome: GenerationResult | BaseException) -> None:
+        """A task of the step-level batch is done: its last progress out, then its end, then its room free."""
+        task_id = run.assignment.task.id
+        if task_id in steps.ended:
+            return
+        steps.ended.add(task_id)
+        with anyio.move_on_after(PROGRESS_FLUSH_S, shield=True):
+            await run.progress.wait_delivered()
+        with self._bound(run.assignment):
+            await self._end(run.assignment, outcome, run.model)
+        await self._scheduler.send(TaskLeft(device=self.device, task_id=task_id))
 
     async def _execute(self, batch: list[Assignment], portal: BlockingPortal) -> None:
         """Run one batch; every task in it ends (or goes back to the queue) before the engine reports idle."""

@@ -27,7 +27,17 @@ from forge.batching import NO_BATCHING, BatchPolicy, batch_key
 from forge.engine import CancelFlag
 from forge.errors import ForgeError
 from forge.events import Queued, Started
-from forge.messages import Assignment, Cancel, Dispatch, EngineIdle, EngineReady, SchedulerInbox, Submit, Wake
+from forge.messages import (
+    Assignment,
+    Cancel,
+    Dispatch,
+    EngineIdle,
+    EngineReady,
+    SchedulerInbox,
+    Submit,
+    TaskLeft,
+    Wake,
+)
 from forge.tasks import TaskRecord, TaskState
 
 log = logging.getLogger(__name__)
@@ -50,6 +60,14 @@ class _Running:
     task: TaskRecord
     cancel: CancelFlag
     batch_size: int
+
+
+@dataclass
+class _OpenBatch:
+    """A step-level batch running on a device: what may join it, and how many images it holds now."""
+
+    key: tuple[object, ...]
+    images: int
 
 
 @dataclass(frozen=True)
@@ -105,6 +123,7 @@ class Scheduler:
         self._idle: list[str] = []
         self._ready: set[str] = set()
         self._running: dict[str, _Running] = {}
+        self._open: dict[str, _OpenBatch] = {}  # device -> its running step-level batch
         self._dispatching = True
         self._running_changed = anyio.Event()
         self._request_ids: dict[str, str] = {}  # task id -> the request that created it (this process only)
@@ -149,8 +168,14 @@ class Scheduler:
             case EngineIdle(device=device, task_ids=task_ids):
                 for task_id in task_ids:
                     self._running.pop(task_id, None)
+                self._open.pop(device, None)
                 self._running_changed.set()
                 self._idle.append(device)
+            case TaskLeft(device=device, task_id=task_id):
+                left = self._running.pop(task_id, None)
+                if left is not None and (batch := self._open.get(device)) is not None:
+                    batch.images -= left.task.spec.num_images
+                self._running_changed.set()
             case _:
                 assert_never(msg)
 
@@ -240,15 +265,31 @@ class Scheduler:
             for entry in batch:
                 self._queue.remove(entry)
             dispatched = await self._start(batch) or dispatched
+        while self._dispatching and self._queue and (device := self._joinable(self._queue[0])) is not None:
+            dispatched = await self._start([self._queue.pop(0)], device) or dispatched
         if dispatched:
             self._publish_positions()
+
+    def _joinable(self, head: _Entry) -> str | None:
+        """A device whose running step-level batch the head of the queue can join now. Only the head joins:
+        while the head cannot (another size or LoRA set, or no room), no task behind it joins either, so
+        the running batches drain and the head's key runs next. No key waits longer than one batch's end."""
+        if not self._batching.joins:
+            return None
+        key = batch_key(head.task.spec, step_level=True)
+        images = head.task.spec.num_images
+        for device, batch in self._open.items():
+            if key is not None and batch.key == key and batch.images + images <= self._batching.max_images:
+                return device
+        return None
 
     def _next_batch(self) -> list[_Entry] | None:
         """The head task and the queued tasks that can share its batch, in queue order, up to the image limit;
         None while a part-filled batch waits for company (only when nothing else is queued, and at most
         `max_wait_s` after its oldest task arrived)."""
         head = self._queue[0]
-        key = batch_key(head.task.spec)
+        step_level = self._batching.step_level
+        key = batch_key(head.task.spec, step_level)
         batch, images = [head], head.task.spec.num_images
         limit = self._batching.max_images
         if key is not None:
@@ -256,7 +297,7 @@ class Scheduler:
                 if images >= limit:
                     break
                 spec = entry.task.spec
-                if batch_key(spec) == key and images + spec.num_images <= limit:
+                if batch_key(spec, step_level) == key and images + spec.num_images <= limit:
                     batch.append(entry)
                     images += spec.num_images
         could_grow = key is not None and images < limit and len(batch) == len(self._queue)
@@ -296,9 +337,10 @@ class Scheduler:
                     log.info("claimed on %s (attempt %d, batch of %d)", device, task.attempt, len(ids))
             await self._engines[device].send(Dispatch(batch=assignments))
 
-    async def _start(self, batch: list[_Entry]) -> bool:
-        """Mark the batch's tasks running and send them to an idle engine; False when none could start."""
-        device = self._pick_device(batch[0].task.spec.model)
+    async def _start(self, batch: list[_Entry], joining: str | None = None) -> bool:
+        """Mark the batch's tasks running and send them to an idle engine (or to `joining`'s running step-level
+        batch); False when none could start."""
+        device = joining or self._pick_device(batch[0].task.spec.model)
         assignments = []
         for entry in batch:
             task = entry.task
@@ -314,15 +356,21 @@ class Scheduler:
             request_id = self._request_ids.pop(task.id, "")
             assignments.append(Assignment(task=task, cancel=CancelFlag(), request_id=request_id))
         if not assignments:
-            self._idle.insert(0, device)
+            if joining is None:
+                self._idle.insert(0, device)
             return False
+        key = batch_key(assignments[0].task.spec, step_level=True)
+        step_level = self._batching.step_level and key is not None
+        if step_level and key is not None:
+            open_batch = self._open.setdefault(device, _OpenBatch(key, 0))
+            open_batch.images += sum(a.task.spec.num_images for a in assignments)
         for assignment in assignments:
             task = assignment.task
             self._running[task.id] = _Running(device, task, assignment.cancel, len(assignments))
             self._hub.publish(Started(task_id=task.id, attempt=task.attempt, device=device, batch=len(assignments)))
             with structlog.contextvars.bound_contextvars(task_id=task.id, request_id=assignment.request_id):
                 log.info("dispatched to %s (attempt %d, batch of %d)", device, task.attempt, len(assignments))
-        await self._engines[device].send(Dispatch(batch=assignments))
+        await self._engines[device].send(Dispatch(batch=assignments, step_level=step_level))
         return True
 
     def _pick_device(self, model_id: str) -> str:

@@ -216,19 +216,21 @@ async def serve(
         hub: Events = EventHub() if fleet_store is None else RedisEventHub(fleet_store)
         to_scheduler, scheduler_inbox = anyio.create_memory_object_stream[SchedulerInbox](math.inf)
         to_postprocess, postprocess_inbox = anyio.create_memory_object_stream[PostprocessInbox](2 * len(devices) or 1)
-        engine_channels = {device: anyio.create_memory_object_stream[EngineInbox](1) for device in devices}
+        # Room for the tasks that join a running step-level batch while the engine takes the previous ones.
+        engine_channels = {device: anyio.create_memory_object_stream[EngineInbox](16) for device in devices}
         channels = [to_scheduler, scheduler_inbox, to_postprocess, postprocess_inbox]
         channels += [end for pair in engine_channels.values() for end in pair]
 
         metrics = Metrics()
         hub.add_tap(metrics.observe)
+        scheduler_batching = batch_policy(config, devices) if devices else NO_BATCHING
         scheduler = Scheduler(
             store,
             hub,
             scheduler_inbox,
             {d: send for d, (send, _) in engine_channels.items()},
             on_enqueue=metrics.track,
-            batching=batch_policy(config, devices) if devices else NO_BATCHING,
+            batching=scheduler_batching,
             holds_model=catalog.holds,
             fleet=None
             if fleet_store is None
@@ -279,6 +281,7 @@ async def serve(
                 scheduler=to_scheduler,
                 postprocess=to_postprocess,
                 on_model_loaded=metrics.model_loaded,
+                max_images=scheduler_batching.max_images,
             )
             for device, (_, receive) in engine_channels.items()
             if backend is not None

@@ -16,7 +16,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ from engines import aot
 from engines.aot import AotReport
 from engines.cache_files import mark_used
 from engines.eager import EagerEngine
+from engines.step_loop import OnDone
 from forge.engine import GenerationResult, Job, ModelInfo
 from forge.errors import ConfigError
 
@@ -173,6 +174,18 @@ class CompiledEngine(EagerEngine):
         # cold compile.
         with uncompiled(self.pipe.unet):
             return super().run_batch(jobs)
+
+    def run_steps(
+        self, jobs: Sequence[Job], on_done: OnDone, joiners: Callable[[int], list[Job]], max_images: int
+    ) -> None:
+        if not jobs[0].loras:
+            super().run_steps(jobs, on_done, joiners, max_images)
+            return
+        if self._fused:
+            self.pipe.unfuse_qkv_projections()
+            self._fused = False
+        with uncompiled(self.pipe.unet):  # as run_batch: LoRAs run eagerly
+            super().run_steps(jobs, on_done, joiners, max_images)
 
     def compile_statistics(self) -> dict[str, Any]:
         """Inductor's cache hits and misses so far in this process (a warm start is all hits)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from engines.preview import latent_preview
 from engines.references import ReferenceAdapters
 from engines.row_guidance import RowGuidedSDXLPipeline, RowScales, guides_only_by_cfg
 from engines.schedulers import make_scheduler
+from engines.step_loop import OnDone, StepLoop
 from engines.weights import damaged_file
 from forge.engine import (
     AssetError,
@@ -248,6 +249,22 @@ class EagerEngine:
         if edit_images is not None:
             images = [keep_outside_mask(image, edit_images) for image in images]
         return [GenerationResult(images=images[begin:end], denoise_s=denoise_s) for begin, end in rows]
+
+    def run_steps(
+        self, jobs: Sequence[Job], on_done: OnDone, joiners: Callable[[int], list[Job]], max_images: int
+    ) -> None:
+        """Step-level batching (see engines.step_loop): `jobs` and the jobs `joiners` hands over share the LoRA
+        set, size and guided-ness; each ends through `on_done`."""
+        loras = jobs[0].loras
+        try:
+            self.adapters.activate(loras)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            names = ", ".join(f"{lora.name} ({lora.path})" for lora in loras)
+            failure = AssetError("lora_invalid", f"could not apply LoRA {names}: {exc}")
+            for job in jobs:
+                on_done(job, failure)
+            return
+        StepLoop(self.pipe).run(jobs, on_done, joiners, max_images)
 
     def _references_for(self, job: Job, guided: bool) -> AbstractContextManager[dict[str, Any]]:
         if job.references is None:

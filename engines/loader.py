@@ -104,7 +104,10 @@ GPU_MAX_BATCH = 8
 def batch_policy(config: Config, devices: list[str]) -> BatchPolicy:
     """Batching as configured; by default on where every engine is a GPU, off on a CPU."""
     automatic = GPU_MAX_BATCH if all(device.startswith("cuda") for device in devices) else 1
-    return BatchPolicy(max_images=config.max_batch or automatic, max_wait_s=config.batch_wait_ms / 1000)
+    max_images = config.max_batch or automatic
+    # Step-level where batches exist at all; TensorRT's engines take one timestep for the batch.
+    step_level = config.batching == "step" and max_images > 1 and config.backend != "tensorrt"
+    return BatchPolicy(max_images=max_images, max_wait_s=config.batch_wait_ms / 1000, step_level=step_level)
 
 
 def prepare_thread(device: str, cpu_threads: int = 0) -> None:

@@ -14,13 +14,16 @@ BatchKey = tuple[object, ...]
 # may differ, since classifier-free guidance is element-wise, but each row either has guidance (scale > 1)
 # or has none: that decides whether the batch runs the unconditional half at all.
 SHARED_SETTINGS = ("width", "height", "steps", "scheduler")
+# Step-level batching shares only the UNet call: each task keeps its own steps and sampler.
+STEP_SHARED_SETTINGS = ("width", "height")
 
 
-def shared_settings(spec_or_job: Any) -> BatchKey:
-    return (*(getattr(spec_or_job, name) for name in SHARED_SETTINGS), spec_or_job.guidance_scale > 1)
+def shared_settings(spec_or_job: Any, step_level: bool = False) -> BatchKey:
+    names = STEP_SHARED_SETTINGS if step_level else SHARED_SETTINGS
+    return (*(getattr(spec_or_job, name) for name in names), spec_or_job.guidance_scale > 1)
 
 
-def batch_key(spec: GenerationSpec) -> BatchKey | None:
+def batch_key(spec: GenerationSpec, step_level: bool = False) -> BatchKey | None:
     """Tasks with equal keys can be denoised together; None: the task always runs alone (ControlNet inputs
     differ per task and their networks change the UNet's inputs)."""
     # Each img2img task brings its own image and mask, each task with references attaches its own adapter,
@@ -28,17 +31,24 @@ def batch_key(spec: GenerationSpec) -> BatchKey | None:
     if spec.control or spec.init_image is not None or spec.references or spec.views:
         return None
     loras = tuple((lora.name, lora.weight) for lora in spec.loras)
-    return (spec.model, loras, *shared_settings(spec))
+    return (spec.model, loras, *shared_settings(spec, step_level))
 
 
 @dataclass(frozen=True)
 class BatchPolicy:
     """`max_images`: rows of one batch (a task's images count each); 1 turns batching off.
     `max_wait_s`: how long a part-filled batch may wait for company, counted from its oldest task's arrival,
-    and only while nothing else is queued."""
+    and only while nothing else is queued. `step_level`: tasks share UNet calls step by step, whatever their
+    steps and samplers, and join a running batch at its next step."""
 
     max_images: int = 1
     max_wait_s: float = 0.0
+    step_level: bool = False
+
+    @property
+    def joins(self) -> bool:
+        """Whether a queued task may join a batch that is already running."""
+        return self.step_level and self.max_images > 1
 
 
 NO_BATCHING = BatchPolicy()

@@ -113,6 +113,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # batches gain nothing).
     # A part-filled batch waits at most `batch_wait_ms` for company, and only while nothing else is queued.
     max_batch: Annotated[int, Meta(ge=0, le=64)] = 0
+    # step: tasks share the UNet call at every step whatever their step counts and samplers, join a running
+    # batch at its next step and leave when done; request: a batch starts together and runs to its end.
+    batching: Literal["step", "request"] = "step"
     batch_wait_ms: Annotated[float, Meta(ge=0, le=10_000)] = 20.0
     # "auto": every visible CUDA device, else one CPU engine. Otherwise a comma-separated list.
     devices: str = "auto"

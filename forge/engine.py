@@ -259,6 +259,17 @@ class Engine(Protocol):
         the others go on still gets a result, which the caller discards."""
         ...
 
+    def run_steps(
+        self,
+        jobs: Sequence[Job],
+        on_done: Callable[[Job, GenerationResult | BaseException], None],
+        joiners: Callable[[int], list[Job]],
+        max_images: int,
+    ) -> None:
+        """Step-level batching: `jobs`, and those `joiners` hands over between steps (given the room left, in
+        images), denoised together step by step; each ends through `on_done` once, as soon as it is done."""
+        ...
+
     def memory_bytes(self) -> int: ...
 
     def close(self) -> None: ...

@@ -40,11 +40,19 @@ class EngineIdle(Msg, frozen=True):
     task_ids: list[str]
 
 
+class TaskLeft(Msg, frozen=True):
+    """Engine -> scheduler: in a step-level batch, this task is done (whatever its outcome): its images' room
+    is free for a task to join."""
+
+    device: str
+    task_id: str
+
+
 class Wake(Msg, frozen=True):
     """Fleet -> scheduler: the shared queue may have work (an idle engine should try to claim it)."""
 
 
-SchedulerInbox = Submit | Cancel | EngineReady | EngineIdle | Wake
+SchedulerInbox = Submit | Cancel | EngineReady | EngineIdle | TaskLeft | Wake
 
 
 class Assignment(msgspec.Struct, frozen=True, kw_only=True):
@@ -56,9 +64,11 @@ class Assignment(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Dispatch(Msg, frozen=True):
-    """Scheduler -> engine: run these tasks as one batch (they share a batch key; often just one task)."""
+    """Scheduler -> engine: run these tasks as one batch (they share a batch key; often just one task). With
+    step-level batching, a Dispatch to an engine that is running a batch of the same key joins it."""
 
     batch: list[Assignment]
+    step_level: bool = False
 
 
 EngineInbox = Dispatch

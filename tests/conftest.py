@@ -86,6 +86,13 @@ async def server(tmp_path: Path, tiny_model: Path, request: pytest.FixtureReques
         yield running
 
 
+@pytest.fixture
+async def uncached_server(tmp_path: Path, tiny_model: Path) -> AsyncIterator[RunningServer]:
+    """A server without the result cache: a repeated request runs again, so equal images show determinism."""
+    async for running in start_server(server_config(tmp_path / "data", tiny_model, result_cache=False)):
+        yield running
+
+
 @pytest.fixture(scope="session")
 def tiny_loras(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict[str, Path]:
     """Two LoRAs for the tiny model, made with peft and saved as diffusers LoRA files."""

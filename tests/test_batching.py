@@ -81,7 +81,11 @@ def test_a_unet_that_embeds_its_guidance_gets_a_batch_per_scale(tiny_model: Path
 
 @pytest.fixture
 async def batching_server(tmp_path: Path, tiny_model: Path) -> AsyncIterator[RunningServer]:
-    config = server_config(tmp_path / "data", tiny_model, max_batch=4, batch_wait_ms=0)
+    """Request-level batching (step-level has its own tests), and no result cache: a task run again to compare
+    is run again."""
+    config = server_config(
+        tmp_path / "data", tiny_model, max_batch=4, batch_wait_ms=0, batching="request", result_cache=False
+    )
     async for running in start_server(config):
         yield running
 
@@ -174,7 +178,7 @@ async def test_cancelling_one_task_of_a_batch_leaves_the_others(batching_server:
 
 
 async def test_a_lone_task_waits_for_company_only_until_other_work_arrives(tmp_path: Path, tiny_model: Path) -> None:
-    config = server_config(tmp_path / "data", tiny_model, max_batch=4, batch_wait_ms=2500)
+    config = server_config(tmp_path / "data", tiny_model, max_batch=4, batch_wait_ms=2500, batching="request")
     async for server in start_server(config):
         lone = await submit(server.client, prompt="lone", width=64, height=64, steps=2)
         await anyio.sleep(0.3)

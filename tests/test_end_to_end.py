@@ -66,7 +66,8 @@ async def test_generation_progress_over_websocket_then_png_with_parameters(serve
     assert params["Model"] == server.handle.model.name
 
 
-async def test_same_seed_same_image_and_each_image_reproducible_alone(server: RunningServer) -> None:
+async def test_same_seed_same_image_and_each_image_reproducible_alone(uncached_server: RunningServer) -> None:
+    server = uncached_server
     first = await submit(server.client, seed=77, num_images=2, steps=3)
     again = await submit(server.client, seed=77, num_images=2, steps=3)
     second_alone = await submit(server.client, seed=78, num_images=1, steps=3)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import io
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from engines.eager import EagerEngine
 from engines.models import tiny_info
 from forge.engine import Job, ModelInfo, Reference, References
 from forge.ip_adapters import RECOMMENDED, IpAdapterSource
-from tests.conftest import RunningServer, install_loras, server_config, start_server
+from tests.conftest import RunningServer, install_loras
 from tests.helpers import generate_pixels, gradient_image, square_image, submit
 from tests.test_image_edit import b64, upload
 
@@ -25,10 +24,9 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-async def server(tmp_path: Path, tiny_model: Path) -> AsyncIterator[RunningServer]:
+def server(uncached_server: RunningServer) -> RunningServer:
     """Without the result cache: a repeated request runs again, so equal images show determinism."""
-    async for running in start_server(server_config(tmp_path / "data", tiny_model, result_cache=False)):
-        yield running
+    return uncached_server
 
 
 FIXED = {"prompt": "a knight in silver armour", "steps": 3, "seed": 21}
