@@ -23,7 +23,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from actors.hub import Events
 from actors.lifecycle import cancel_task
 from actors.store import TaskStore
-from forge.batching import NO_BATCHING, BatchPolicy, batch_key
+from forge.batching import NO_BATCHING, BatchPolicy, batch_key, may_join, next_batch
 from forge.engine import CancelFlag
 from forge.errors import ForgeError
 from forge.events import Queued, Started
@@ -271,15 +271,9 @@ class Scheduler:
             self._publish_positions()
 
     def _joinable(self, head: _Entry) -> str | None:
-        """A device whose running step-level batch the head of the queue can join now. Only the head joins:
-        while the head cannot (another size or LoRA set, or no room), no task behind it joins either, so
-        the running batches drain and the head's key runs next. No key waits longer than one batch's end."""
-        if not self._batching.joins:
-            return None
-        key = batch_key(head.task.spec, step_level=True)
-        images = head.task.spec.num_images
+        """A device whose running step-level batch the head of the queue joins now (see `may_join`)."""
         for device, batch in self._open.items():
-            if key is not None and batch.key == key and batch.images + images <= self._batching.max_images:
+            if may_join(head.task.spec, batch.key, batch.images, self._batching):
                 return device
         return None
 
@@ -288,18 +282,10 @@ class Scheduler:
         None while a part-filled batch waits for company (only when nothing else is queued, and at most
         `max_wait_s` after its oldest task arrived)."""
         head = self._queue[0]
-        step_level = self._batching.step_level
-        key = batch_key(head.task.spec, step_level)
-        batch, images = [head], head.task.spec.num_images
-        limit = self._batching.max_images
-        if key is not None:
-            for entry in self._queue[1:]:
-                if images >= limit:
-                    break
-                spec = entry.task.spec
-                if batch_key(spec, step_level) == key and images + spec.num_images <= limit:
-                    batch.append(entry)
-                    images += spec.num_images
+        chosen = next_batch([entry.task.spec for entry in self._queue], self._batching)
+        batch = [self._queue[index] for index in chosen]
+        key = batch_key(head.task.spec, self._batching.step_level)
+        images, limit = sum(entry.task.spec.num_images for entry in batch), self._batching.max_images
         could_grow = key is not None and images < limit and len(batch) == len(self._queue)
         closes = head.queued_at + self._batching.max_wait_s
         if could_grow and time.monotonic() < closes:

@@ -208,6 +208,40 @@ def stock(bench: Bench, model: Path) -> dict[str, Any]:
     return {"s_per_image": round(median, 3), "runs_s": times, "peak_vram_gib": _peak_gib(args.device)}
 
 
+COST_CURVE_ROWS = (2, 4, 8, 16)
+
+
+def cost_curve(bench: Bench, model: Path) -> dict[str, Any]:
+    """Seconds per UNet call at 2, 4, 8 and 16 rows (a guided image is two), at the bench's size: the measured
+    points for bench/cost_curves, which `just bench-batching` simulates with."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    args = bench.args
+    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", dtype=dtype).to(args.device)
+    side, channels = args.size // 8, unet.config.in_channels
+    points = []
+    for rows in COST_CURVE_ROWS:
+        sample = torch.randn(rows, channels, side, side, device=args.device, dtype=dtype)
+        hidden = torch.randn(rows, 77, unet.config.cross_attention_dim, device=args.device, dtype=dtype)
+        pooled_width = unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim
+        added = {
+            "text_embeds": torch.randn(rows, pooled_width, device=args.device, dtype=dtype),
+            "time_ids": torch.tensor([[args.size, args.size, 0, 0, args.size, args.size]] * rows, device=args.device,
+                                     dtype=dtype),
+        }  # fmt: skip
+        timesteps = torch.full((rows,), 500.0, device=args.device)
+
+        def call(sample: Any = sample, hidden: Any = hidden, added: Any = added, timesteps: Any = timesteps) -> Any:
+            with torch.inference_mode():
+                return unet(sample, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+
+        median, _, _ = _timed(args.device, call, max(args.repeats, 3))
+        points.append([rows, round(median, 5)])
+    return {"size": args.size, "points": points, "unit": "seconds per UNet call, by rows"}
+
+
 def _ready_engine(args: argparse.Namespace, model: Path, engine_name: str) -> tuple[Any, Any, float]:
     """Load and warm one engine as the server would (compile or engine build included): engine, model, s."""
     from engines.loader import BackendSettings, cpu_threads_for_serving, load_engine, prepare_thread
@@ -302,7 +336,7 @@ def warm_start(bench: Bench, engine_name: str) -> dict[str, Any]:
     return {"warm_ready_s": ready["ready_s"], "process_s": round(time.monotonic() - started, 1)}
 
 
-def server_run(bench: Bench, model: Path, engine_name: str) -> dict[str, Any]:
+def server_run(bench: Bench, model: Path, engine_name: str, batching: str = "step") -> dict[str, Any]:
     """The real server in its own process on the caches left by the engine runs: ready time, then load."""
     args = bench.args
     backend, scope, quantize = engine_settings(engine_name)
@@ -322,6 +356,8 @@ def server_run(bench: Bench, model: Path, engine_name: str) -> dict[str, Any]:
         "FORGE_DEVICES": args.device,
         "FORGE_LOG_LEVEL": "INFO",
         "FORGE_MAX_QUEUE": "1000",
+        "FORGE_BATCHING": batching,
+        "FORGE_RESULT_CACHE": "false",
         "HF_HUB_OFFLINE": "1",
     }
     if args.max_batch:
@@ -348,6 +384,7 @@ def server_run(bench: Bench, model: Path, engine_name: str) -> dict[str, Any]:
     quantiles = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
     return {
         "engine": engine_name,
+        "batching": batching,
         "warm_restart_ready_s": round(ready_s, 1),
         "clients": args.clients,
         "images": images,
@@ -462,6 +499,12 @@ def summarise(bench: Bench, backends: list[str]) -> None:
         "images_per_s": server.get("images_per_s", 0) >= TARGETS["images_per_s_min"] and not server.get("failed"),
         "warm_restart": server.get("warm_restart_ready_s", 1e9) < TARGETS["warm_restart_s_max"],
     }
+    request = result.get("server_request_batching") or {}
+    if server.get("images_per_s") and request.get("images_per_s"):
+        result["step_vs_request_batching"] = {
+            "images_per_s": round(server["images_per_s"] / request["images_per_s"], 3),
+            "p99": round(server["latency_p99_s"] / request["latency_p99_s"], 3),
+        }
     result["total_s"] = round(time.monotonic() - bench.started, 1)
 
 
@@ -526,6 +569,7 @@ def main() -> None:
 
     bench.section("model", 0, build)
     bench.section("stock", 30, lambda: stock(bench, model_dir))
+    bench.section("cost_curve", 20, lambda: cost_curve(bench, model_dir))
     for backend in backends:
         engine_section = functools.partial(in_child, bench, backend, ["--engine-only", backend], SERVER_S)
         bench.section(backend, ENGINES[backend.partition("+")[0]][2], engine_section, SERVER_S)
@@ -534,6 +578,8 @@ def main() -> None:
     worked = [b for b in backends if "s_per_image" in (bench.result.get(b) or {})]
     fastest = min(worked, key=lambda b: bench.result[b]["s_per_image"]) if worked else "eager"
     bench.section("server", SERVER_S, lambda: server_run(bench, model_dir, fastest))
+    # The same load with request-level batching, against the server's default (step-level) above.
+    bench.section("server_request_batching", SERVER_S, lambda: server_run(bench, model_dir, fastest, "request"))
     summarise(bench, backends)
     bench.save()
     print(json.dumps(bench.result), flush=True)

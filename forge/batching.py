@@ -52,3 +52,28 @@ class BatchPolicy:
 
 
 NO_BATCHING = BatchPolicy()
+
+
+def next_batch(queue: list[GenerationSpec], policy: BatchPolicy) -> list[int]:
+    """Which queued tasks (indexes, queue order) start as one batch: the head and the tasks behind it that
+    share its key, up to the image limit."""
+    key = batch_key(queue[0], policy.step_level)
+    chosen, images = [0], queue[0].num_images
+    if key is not None:
+        for index, spec in enumerate(queue[1:], start=1):
+            if images >= policy.max_images:
+                break
+            if batch_key(spec, policy.step_level) == key and images + spec.num_images <= policy.max_images:
+                chosen.append(index)
+                images += spec.num_images
+    return chosen
+
+
+def may_join(head: GenerationSpec, running_key: BatchKey, running_images: int, policy: BatchPolicy) -> bool:
+    """Whether the head of the queue joins a running step-level batch now. Only the head may: while it cannot
+    (another size or LoRA set, or no room), nothing behind it joins either, so the running batch drains and
+    the head's key runs next. No key waits longer than one batch's end."""
+    if not policy.joins:
+        return False
+    key = batch_key(head, step_level=True)
+    return key is not None and key == running_key and running_images + head.num_images <= policy.max_images

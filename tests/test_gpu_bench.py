@@ -11,8 +11,8 @@ from pathlib import Path
 
 
 def test_gpu_bench_runs_every_section_and_prints_one_json_line(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "bench.gpu_bench", "--tiny", "--backends", "eager,tensorrt",
-               "--clients", "2", "--per-client", "2", "--scratch", str(tmp_path / "scratch")]  # fmt: skip
+    command = [sys.executable, "-m", "bench.gpu_bench", "--tiny", "--backends", "eager,tensorrt", "--clients", "2",
+               "--per-client", "2", "--max-batch", "4", "--scratch", str(tmp_path / "scratch")]  # fmt: skip
     env = {**os.environ, "OUT": str(tmp_path / "out")}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -26,7 +26,12 @@ def test_gpu_bench_runs_every_section_and_prints_one_json_line(tmp_path: Path) -
     assert "TensorRT" in (tmp_path / "out" / "logs" / "tensorrt.log").read_text()  # each engine's own log
     server = result["server"]
     assert server["engine"] == "eager" and server["images"] == 4 and server["failed"] == 0
-    assert server["images_per_s"] > 0
+    assert server["images_per_s"] > 0 and server["batching"] == "step"
+    assert (
+        result["server_request_batching"]["batching"] == "request" and result["server_request_batching"]["images"] == 4
+    )
+    assert set(result["step_vs_request_batching"]) == {"images_per_s", "p99"}
+    assert [rows for rows, _ in result["cost_curve"]["points"]] == [2, 4, 8, 16]
     assert server["latency_p50_s"] <= server["latency_p99_s"]
     assert server["peak_vram_gib"] is None  # measured on CUDA devices only
     assert set(result["meets_targets"]) == {"batch1_ratio", "batch1_ratio_quantized", "images_per_s", "warm_restart"}
