@@ -9,6 +9,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import numpy as np
@@ -297,7 +298,11 @@ def test_regional_compilation_matches_eager_and_serves_loras_without_compiling(
 
         for job in (base, *with_lora, base, with_lora[0], base):
             run(job)
+        # Step-level batching through the compiled blocks: rows of two tasks with their own steps and samplers.
+        engine.run_steps(stepped, lambda job, outcome: step_outcomes.append((job, outcome)), lambda free: [], 8)
 
+    stepped = [dataclasses.replace(base, seeds=[6, 7]), dataclasses.replace(base, steps=3, scheduler="euler_a")]
+    step_outcomes: list[tuple[Job, Any]] = []
     worker = threading.Thread(target=serve_in_order)
     worker.start()
     worker.join()
@@ -309,6 +314,10 @@ def test_regional_compilation_matches_eager_and_serves_loras_without_compiling(
     assert first > 0 and lora == other_weight == first  # LoRA requests compile nothing
     assert base_again > other_weight  # the adapters changed the blocks: the base path compiled again, once
     assert lora_again == base_last == base_again
+    for job, outcome in step_outcomes:
+        for image, alone in zip(outcome.images, eager.run(job).images, strict=True):
+            assert _max_difference(image, alone) <= 4
+    assert len(step_outcomes) == 2
 
 
 def test_ahead_of_time_unet_matches_eager_and_serves_what_it_was_not_compiled_for(
