@@ -98,16 +98,20 @@ async def test_inpainting_with_the_mask_brush_repaints_only_what_was_painted(
     request = task["request"]
     assert request["init_image"] and request["mask"], request  # the brush made a mask
 
-    def upload(upload_id: str) -> np.ndarray:
-        with Image.open(next((tmp_path / "data").rglob(f"{upload_id}.png"))) as opened:
-            return np.asarray(opened.convert("RGB"))
+    size = (request["width"], request["height"])  # the picture's, within the model's sides
 
-    # The editor sends its canvas: the picture, at the canvas's size.
-    painted, init_pixels = upload(request["mask"])[..., 0] > 0, upload(request["init_image"])
+    def upload(upload_id: str, mode: str) -> Image.Image:
+        """An upload as the engine sees it: at the task's size."""
+        with Image.open(next((tmp_path / "data").rglob(f"{upload_id}.png"))) as opened:
+            return opened.convert(mode).resize(size, Image.Resampling.LANCZOS)
+
+    # The editor sends its canvas (the picture at the canvas's size) and the brush's strokes as the mask.
+    painted = np.asarray(upload(request["mask"], "L")) > 127
+    init_pixels = np.asarray(upload(request["init_image"], "RGB"))
     assert 0 < painted.mean() < 0.9  # a stroke, not the whole picture
     response = await server.client.get(task["images"][0]["url"])
     with Image.open(io.BytesIO(response.content)) as result:
         pixels = np.asarray(result.convert("RGB"))
-    assert pixels.shape == init_pixels.shape  # the size followed the picture
+    assert pixels.shape[:2] == (size[1], size[0])
     assert (pixels[~painted] == init_pixels[~painted]).all()
     assert (pixels[painted] != init_pixels[painted]).any()
