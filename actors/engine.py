@@ -236,12 +236,7 @@ class EngineActor:
 
     async def _step_level(self, batch: list[Assignment], portal: BlockingPortal, group: TaskGroup) -> None:
         """Tasks join the running step-level batch at its next step, or start one."""
-        runs = []
-        for assignment in batch:
-            with self._bound(assignment):
-                run = await self._prepare(assignment, portal)
-            if run is not None:
-                runs.append(run)
+        runs = await self._prepare_all(batch, portal)
         joining = self._steps is not None
         if self._steps is None:
             if not runs:
@@ -321,13 +316,7 @@ class EngineActor:
     async def _execute(self, batch: list[Assignment], portal: BlockingPortal) -> None:
         """Run one batch; every task in it ends (or goes back to the queue) before the engine reports idle."""
         try:
-            runs = []
-            for assignment in batch:
-                with self._bound(assignment):
-                    run = await self._prepare(assignment, portal)
-                if run is not None:
-                    runs.append(run)
-            if runs:
+            if runs := await self._prepare_all(batch, portal):
                 await self._run(runs)
         finally:
             for assignment in batch:
@@ -337,6 +326,16 @@ class EngineActor:
     @staticmethod
     def _bound(assignment: Assignment) -> Any:
         return structlog.contextvars.bound_contextvars(task_id=assignment.task.id, request_id=assignment.request_id)
+
+    async def _prepare_all(self, batch: list[Assignment], portal: BlockingPortal) -> list[_Run]:
+        """The runs of the tasks that can run (the others are ended here)."""
+        runs = []
+        for assignment in batch:
+            with self._bound(assignment):
+                run = await self._prepare(assignment, portal)
+            if run is not None:
+                runs.append(run)
+        return runs
 
     async def _prepare(self, assignment: Assignment, portal: BlockingPortal) -> _Run | None:
         """The task's engine job, or None when it cannot run (it is then ended here)."""

@@ -164,15 +164,7 @@ class CompiledEngine(EagerEngine):
     def run_batch(self, jobs: Sequence[Job]) -> list[GenerationResult]:
         if not jobs[0].loras and jobs[0].references is None:
             return super().run_batch(jobs)
-        if self._fused:
-            # peft adapts to_q/to_k/to_v, which the fused projection bypasses: unfuse once, for good
-            # (the compiled UNet recompiles once for that, at the next job without LoRAs).
-            self.pipe.unfuse_qkv_projections()
-            self._fused = False
-        # A UNet with LoRA adapters (or an IP-Adapter attached) runs uncompiled: dynamo would recompile it for
-        # every LoRA set, adapter weight and reference count, each time holding the device for as long as a
-        # cold compile.
-        with uncompiled(self.pipe.unet):
+        with self._eager_unet():
             return super().run_batch(jobs)
 
     def run_steps(
@@ -181,11 +173,21 @@ class CompiledEngine(EagerEngine):
         if not jobs[0].loras:
             super().run_steps(jobs, on_done, joiners, max_images)
             return
+        with self._eager_unet():
+            super().run_steps(jobs, on_done, joiners, max_images)
+
+    @contextmanager
+    def _eager_unet(self) -> Iterator[None]:
+        """A UNet with LoRA adapters (or an IP-Adapter attached) runs uncompiled: dynamo would recompile it for
+        every LoRA set, adapter weight and reference count, each time holding the device for as long as a
+        cold compile."""
         if self._fused:
+            # peft adapts to_q/to_k/to_v, which the fused projection bypasses: unfuse once, for good
+            # (the compiled UNet recompiles once for that, at the next job without LoRAs).
             self.pipe.unfuse_qkv_projections()
             self._fused = False
-        with uncompiled(self.pipe.unet):  # as run_batch: LoRAs run eagerly
-            super().run_steps(jobs, on_done, joiners, max_images)
+        with uncompiled(self.pipe.unet):
+            yield
 
     def compile_statistics(self) -> dict[str, Any]:
         """Inductor's cache hits and misses so far in this process (a warm start is all hits)."""

@@ -27,6 +27,7 @@ from forge.engine import (
     GenerationResult,
     Job,
     JobCancelled,
+    LoraWeight,
     ModelInfo,
     ModelLoadError,
     OutOfMemory,
@@ -157,11 +158,7 @@ class EagerEngine:
         if mixed_scales and not guides_only_by_cfg(self.pipe):
             return self._run_by_scale(jobs)
         # 1. LoRAs: loaded once per pipeline, switched by adapter weights (the batch shares one set).
-        try:
-            self.adapters.activate(first.loras)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            names = ", ".join(f"{lora.name} ({lora.path})" for lora in first.loras)
-            raise AssetError("lora_invalid", f"could not apply LoRA {names}: {exc}") from exc
+        self._activate_loras(first.loras)
 
         # 2. Control images and their ControlNets (a job with control is a batch of one).
         control_images = [self._control_image(control, first) for control in first.controls]
@@ -255,16 +252,20 @@ class EagerEngine:
     ) -> None:
         """Step-level batching (see engines.step_loop): `jobs` and the jobs `joiners` hands over share the LoRA
         set, size and guided-ness; each ends through `on_done`."""
-        loras = jobs[0].loras
         try:
-            self.adapters.activate(loras)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            names = ", ".join(f"{lora.name} ({lora.path})" for lora in loras)
-            failure = AssetError("lora_invalid", f"could not apply LoRA {names}: {exc}")
+            self._activate_loras(jobs[0].loras)
+        except AssetError as failure:
             for job in jobs:
                 on_done(job, failure)
             return
         StepLoop(self.pipe).run(jobs, on_done, joiners, max_images)
+
+    def _activate_loras(self, loras: list[LoraWeight]) -> None:
+        try:
+            self.adapters.activate(loras)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            names = ", ".join(f"{lora.name} ({lora.path})" for lora in loras)
+            raise AssetError("lora_invalid", f"could not apply LoRA {names}: {exc}") from exc
 
     def _references_for(self, job: Job, guided: bool) -> AbstractContextManager[dict[str, Any]]:
         if job.references is None:
