@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import uuid
@@ -18,6 +19,13 @@ _USER_COMMENT = 0x9286
 def _user_comment(text: str) -> bytes:
     # EXIF UserComment with the UNICODE character code, as A1111 writes it for JPEG and WebP.
     return b"UNICODE\x00" + text.encode("utf-16-be")
+
+
+def png_base64(image: Image.Image) -> str:
+    """The image as a PNG, in base64 (as clients send and take images inline)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def read_parameters(image: Image.Image) -> str | None:

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from forge.errors import InvalidRequest
 from forge.requests import (
     MAX_VIEWS,
     GenerationRequest,
@@ -106,6 +107,11 @@ class CharacterSheetRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_un
     columns: (
         Annotated[int, Meta(ge=1, le=64, description="sprite sheet columns; all in one row when absent")] | None
     ) = None
+
+    def check(self) -> None:
+        """What its schema cannot say: a poses sheet names its poses."""
+        if self.kind == "poses" and not self.poses:
+            raise InvalidRequest("a poses sheet needs poses (GET /v1/poses)", field="poses", rule="required")
 
 
 def sheet_views(sheet: CharacterSheetRequest) -> list[ViewRequest]:

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from actors.encoding import read_parameters
+from actors.encoding import png_base64, read_parameters
 from actors.files import Files
 from actors.hub import Events
 from actors.ingress import Ingress
@@ -43,7 +43,7 @@ from forge.requests import GenerationRequest
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert, decode_json
 from protocols.http_io import JSONResponse, read_body
-from protocols.task_wait import image_bytes, until_finished
+from protocols.task_wait import GenerationFailed, image_bytes, until_finished
 
 SDAPI = "/sdapi/v1"
 # Our request fields, as A1111 names them, for error messages a client can act on.
@@ -66,16 +66,6 @@ def _a1111_field(name: str | None) -> str | None:
         return None
     head = name.split(".")[0].split("[")[0]
     return A1111_FIELDS.get(head, name)
-
-
-class GenerationFailed(ForgeError):
-    """A task behind an A1111 call ended without images (failed or cancelled)."""
-
-    status = 500
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -155,7 +145,7 @@ class A1111Routes:
             raise InvalidRequest(exc.message, field=_a1111_field(exc.field), rule=exc.rule) from None
         failed = next((r for r in records if r.state is TaskState.FAILED), None)
         if failed is not None:
-            raise GenerationFailed(failed.error_code or "failed", failed.error_message or "the generation failed")
+            raise GenerationFailed(failed)
         images = [data for record in records for data in await image_bytes(self.results, record)]
         infotexts = await anyio.to_thread.run_sync(lambda: [_parameters(data) for data in images])
         info = self._info(given, records, infotexts, warnings) | {"result_cache_hits": cached}
@@ -452,9 +442,6 @@ def _inverted(mask: str) -> str:
 
     try:
         with Image.open(io.BytesIO(decode_inline(mask, field="mask"))) as image:
-            inverted = ImageOps.invert(image.convert("L"))
+            return png_base64(ImageOps.invert(image.convert("L")))
     except (OSError, ValueError):
         raise InvalidRequest("the mask is not an image this server can read", field="mask", rule="image") from None
-    buffer = io.BytesIO()
-    inverted.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()

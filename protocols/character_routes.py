@@ -11,7 +11,6 @@ from starlette.routing import BaseRoute, Route
 from actors.ingress import Ingress
 from forge.auth import Authenticator
 from forge.characters import CharacterCreate, CharacterList, CharacterPatch, CharacterSheetRequest, sheet_generation
-from forge.errors import InvalidRequest
 from forge.validation import decode_json
 from protocols.http_io import JSONResponse, read_body
 from protocols.identity import principal_of, visible_owner
@@ -37,8 +36,7 @@ class CharacterRoutes:
         """A sheet of the character as one generation task (202, like POST /v1/generations)."""
         principal = await principal_of(request, self.auth)
         sheet = decode_json(await read_body(request, self.max_body_bytes), CharacterSheetRequest)
-        if sheet.kind == "poses" and not sheet.poses:
-            raise InvalidRequest("a poses sheet needs poses (GET /v1/poses)", field="poses", rule="required")
+        sheet.check()
         character = await self.ingress.characters.get(request.path_params["id"], owner=visible_owner(principal))
         record, _ = await self.ingress.submit(sheet_generation(character.id, sheet), principal=principal)
         view = task_view(record, await self.ingress.live(record))

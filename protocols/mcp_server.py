@@ -17,7 +17,6 @@ from typing import Annotated, Any, Literal
 import anyio
 import anyio.to_thread
 import msgspec
-from anyio.streams.memory import MemoryObjectReceiveStream
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.server.transport_security import TransportSecuritySettings
@@ -26,6 +25,7 @@ from PIL import Image
 from pydantic import Field
 from starlette.applications import Starlette
 
+from actors.encoding import png_base64
 from actors.files import Files
 from actors.hub import Events
 from actors.ingress import Ingress
@@ -33,12 +33,13 @@ from forge import __version__
 from forge.auth import Authenticator, Principal, Unauthorized
 from forge.characters import CharacterCreate, CharacterSheetRequest, sheet_generation
 from forge.errors import ForgeError, InvalidRequest, NotFound
-from forge.events import TERMINAL_EVENTS, AnyTaskEvent, Progress
+from forge.events import Progress
 from forge.requests import MAX_IMAGES, MAX_REFERENCES, MAX_SEED, GenerationRequest
 from forge.resolve import preset_size
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert
 from protocols.identity import RequireBearer, visible_owner
+from protocols.task_wait import until_finished
 from protocols.views import error_view, task_view
 
 THUMBNAIL_SIDE = 256  # image content stays small; the full-size file is a resource link
@@ -230,8 +231,7 @@ class McpAdapter:
             try:
                 principal = await self._principal(ctx)
                 sheet = convert(fields, CharacterSheetRequest)
-                if sheet.kind == "poses" and not sheet.poses:
-                    raise InvalidRequest("a poses sheet needs poses", field="poses", rule="required")
+                sheet.check()
                 found = await self._ingress.characters.get(character, owner=principal.owner, field="character")
                 return await self._generate(sheet_generation(found.id, sheet), principal, ctx, wait)
             except ForgeError as exc:
@@ -329,8 +329,7 @@ class McpAdapter:
         record, _ = await self._ingress.submit(request, principal=principal)
         if not wait:
             return [await self._summary(record)]
-        async with self._hub.subscribe(record.id) as events:  # then read the state: no event is missed
-            record = await self._follow(record, events, ctx)
+        record = await self._follow(record, ctx)
         if record.state is not TaskState.SUCCEEDED:
             code = record.error_code or str(record.state)
             message = record.error_message or f"the generation ended {record.state}"
@@ -372,23 +371,18 @@ class McpAdapter:
             return {"width": int(parts[0]), "height": int(parts[1])}
         raise InvalidRequest("size must be square, portrait, landscape or WIDTHxHEIGHT", field="size", rule="format")
 
-    async def _follow(
-        self, record: TaskRecord, events: MemoryObjectReceiveStream[AnyTaskEvent], ctx: Context
-    ) -> TaskRecord:
+    async def _follow(self, record: TaskRecord, ctx: Context) -> TaskRecord:
         """Relay progress until the task ends; if the MCP request is cancelled, cancel the task too."""
+
+        async def report(event: Progress) -> None:
+            await ctx.report_progress(event.step, event.total, f"step {event.step}/{event.total}")
+
         try:
-            current = await self._ingress.get(record.id, owner=record.owner)
-            if not current.state.is_terminal:
-                async for event in events:
-                    if isinstance(event, Progress):
-                        await ctx.report_progress(event.step, event.total, f"step {event.step}/{event.total}")
-                    elif isinstance(event, TERMINAL_EVENTS):
-                        break
+            return await until_finished(self._ingress, self._hub, record, report)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 await self._ingress.cancel(record.id, owner=record.owner)
             raise
-        return await self._ingress.get(record.id, owner=record.owner)
 
     async def _summary(self, record: TaskRecord) -> TextContent:
         body = msgspec.to_builtins(task_view(record, await self._ingress.live(record)))
@@ -417,9 +411,7 @@ class McpAdapter:
     def _thumbnail(self, name: str) -> str:
         with Image.open(io.BytesIO(self._read(name))) as image:
             image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-        return base64.b64encode(buffer.getvalue()).decode()
+            return png_base64(image)
 
     def _png(self, name: str) -> bytes:
         data = self._read(name)

@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from actors.encoding import png_base64
 from actors.files import Files
 from actors.hub import Events
 from actors.ingress import Ingress
@@ -35,7 +36,7 @@ from forge.requests import GenerationRequest
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert, decode_json
 from protocols.http_io import JSONResponse, idempotency_key, read_body
-from protocols.task_wait import image_bytes, until_finished
+from protocols.task_wait import GenerationFailed, image_bytes, until_finished
 from protocols.views import image_url
 
 OPENAI = "/openai/v1"
@@ -141,7 +142,9 @@ class OpenAIRoutes:
         if given.stream:
             return StreamingResponse(self._events(record, given), media_type="text/event-stream", headers=headers)
         finished = await until_finished(self.ingress, self.hub, record)
-        self._raise_if_failed(finished)
+        if finished.state is not TaskState.SUCCEEDED:
+            refused = finished.error_code in ("filtered", "invalid_request")  # the request's fault, not ours
+            raise GenerationFailed(finished, 400 if refused else 500)
         images = await image_bytes(self.results, finished)
         if given.response_format == "url":
             base = str(request.base_url).rstrip("/")
@@ -160,13 +163,6 @@ class OpenAIRoutes:
             },
             headers=headers,
         )
-
-    @staticmethod
-    def _raise_if_failed(record: TaskRecord) -> None:
-        if record.state is not TaskState.SUCCEEDED:
-            code = record.error_code or str(record.state)
-            message = record.error_message or f"the generation ended {record.state}"
-            raise _Failed(code, message, 400 if code in ("filtered", "invalid_request") else 500)
 
     async def _events(self, record: TaskRecord, given: ImageGenerationRequest) -> AsyncIterator[bytes]:
         """Server-sent events: up to `partial_images` previews spread over the steps, then each image."""
@@ -211,12 +207,6 @@ class OpenAIRoutes:
                     yield chunk
 
 
-class _Failed(ForgeError):
-    def __init__(self, code: str, message: str, status: int) -> None:
-        super().__init__(message)
-        self.code, self.status = code, status
-
-
 def _partial_index(event: Progress, wanted: int, sent: int) -> int | None:
     """Partial image k goes out once (k+1)/(wanted+1) of the steps are done."""
     if sent >= wanted or not event.total:
@@ -252,7 +242,4 @@ def _repaint_mask(data: bytes) -> str:
             alpha = image.convert("RGBA").getchannel("A")
     except (OSError, ValueError):
         raise InvalidRequest("the mask is not an image this server can read", field="mask", rule="image") from None
-    ours = alpha.point(lambda value: 255 if value == 0 else 0)
-    buffer = io.BytesIO()
-    ours.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+    return png_base64(alpha.point(lambda value: 255 if value == 0 else 0))

@@ -10,10 +10,20 @@ import anyio.to_thread
 from actors.files import Files
 from actors.hub import Events
 from actors.ingress import Ingress
+from forge.errors import ForgeError
 from forge.events import TERMINAL_EVENTS, Progress
 from forge.tasks import TaskRecord
 
 OnProgress = Callable[[Progress], Awaitable[None]]
+
+
+class GenerationFailed(ForgeError):
+    """A task an adapter waited for ended without images; `code` is the task's own error code."""
+
+    def __init__(self, record: TaskRecord, status: int = 500) -> None:
+        super().__init__(record.error_message or f"the generation ended {record.state}")
+        self.code = record.error_code or str(record.state)
+        self.status = status
 
 
 async def until_finished(

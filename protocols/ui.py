@@ -14,6 +14,7 @@ import gradio as gr
 from PIL import Image
 from starlette.applications import Starlette
 
+from actors.encoding import png_base64
 from actors.files import DirectoryFiles, Files
 from actors.hub import Events
 from actors.ingress import Ingress
@@ -79,12 +80,6 @@ NO_CHARACTER = "none"
 REFERENCE_SLOTS = 2  # the generate handler takes each slot's image, strength and mode
 
 
-def _b64_png(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def _gallery_images(value: list[Any] | None) -> list[Image.Image]:
     """A gallery's images (each item an image, or an (image, caption) pair)."""
     images = []
@@ -110,14 +105,14 @@ def _edit_fields(value: Any, strength: float, inpaint_area: str) -> dict[str, An
     background = _editor_background(value)
     if background is None:
         return {}
-    fields: dict[str, Any] = {"init_image": _b64_png(background.convert("RGB")), "strength": float(strength)}
+    fields: dict[str, Any] = {"init_image": png_base64(background.convert("RGB")), "strength": float(strength)}
     mask = Image.new("L", background.size, 0)
     for layer in value.get("layers") or []:
         if isinstance(layer, Image.Image):
             alpha = layer.convert("RGBA").getchannel("A").resize(background.size)
             mask.paste(255, mask=alpha.point(lambda a: 255 if a > 0 else 0))
     if mask.getbbox() is not None:
-        fields |= {"mask": _b64_png(mask), "inpaint_area": inpaint_area}
+        fields |= {"mask": png_base64(mask), "inpaint_area": inpaint_area}
     return fields
 
 
@@ -126,7 +121,7 @@ def _reference_fields(slots: list[tuple[Image.Image | None, float, str]]) -> lis
     references = []
     for image, strength, mode in slots:
         if isinstance(image, Image.Image):
-            references.append({"image": _b64_png(image.convert("RGB")), "strength": float(strength), "mode": mode})
+            references.append({"image": png_base64(image.convert("RGB")), "strength": float(strength), "mode": mode})
     return references
 
 
@@ -503,7 +498,7 @@ class WebUi:
     async def create_character(
         self, name: str, description: str, references: list[Any] | None, request: gr.Request
     ) -> tuple[str, Any, Any, Any]:
-        images = [_b64_png(image) for image in _gallery_images(references)]
+        images = [png_base64(image) for image in _gallery_images(references)]
         try:
             create = convert(
                 {"name": name.strip(), "description": description.strip(), "references": images}, CharacterCreate
