@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +12,7 @@ from engines.tiny_extras import CONTROL_TYPES, TINY_IP_ADAPTER, TINY_IP_WEIGHT, 
 from forge.config import Config
 from forge.engine import ModelInfo
 from forge.errors import ConfigError
+from forge.hub_fetch import hub_offline
 from forge.ip_adapters import IpAdapterSource
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def _cached_sdxl() -> str | None:
 
 def _hub_reachable(timeout_s: float) -> bool:
     """Ask the hub about SDXL base, giving up after `timeout_s` whatever the resolver or network does."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
+    if hub_offline():
         return False
     outcome: list[bool] = []
 

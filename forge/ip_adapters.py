@@ -3,12 +3,12 @@ whether it is here, and fetching the hub ones at start."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 import msgspec
+
+from forge.hub_fetch import fetch_bounded, hub_offline
 
 # The recommended adapter: "plus" reads the CLIP ViT-H encoder's patch features, so it carries a drawn or anime
 # character's look, where face-embedding adapters (FaceID, InstantID) find no face to embed.
@@ -69,20 +69,16 @@ def fetch_hub_ip_adapters(adapters: dict[str, IpAdapterSource], timeout_s: float
     download goes on in the background and is used once complete). Returns the names still missing.
     Blocking: call at start, off the loop."""
     missing = [name for name, source in adapters.items() if not source.installed()]
-    if not missing or os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
+    if not missing or hub_offline():
         return missing
 
     def fetch(source: IpAdapterSource) -> None:
         from huggingface_hub import hf_hub_download
 
-        with contextlib.suppress(Exception):  # unreachable: references naming it are refused until it is here
-            for name in source.files():
-                hf_hub_download(source.source, name, etag_timeout=timeout_s)
+        for name in source.files():
+            hf_hub_download(source.source, name, etag_timeout=timeout_s)
 
-    for name in missing:
-        if adapters[name].is_local:
-            continue
-        thread = threading.Thread(target=fetch, args=(adapters[name],), daemon=True, name=f"fetch-{name}")
-        thread.start()
-        thread.join(timeout_s)
+    # Unreachable: references naming it are refused until it is here.
+    hub = [name for name in missing if not adapters[name].is_local]
+    fetch_bounded(((name, partial(fetch, adapters[name])) for name in hub), timeout_s)
     return [name for name in missing if not adapters[name].installed()]

@@ -6,9 +6,12 @@ A style's LoRA may also name a hub repo; it is used from the Hugging Face cache 
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import msgspec
+
+from forge.hub_fetch import fetch_bounded, hub_offline
 
 LORA_SUFFIX = ".safetensors"
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -87,27 +90,17 @@ class LoraCatalog:
 def fetch_hub_loras(catalog: LoraCatalog, timeout_s: float) -> list[str]:
     """Download the hub LoRAs that styles name and that are neither installed nor cached, each bounded by
     `timeout_s` to first byte. Returns the names still missing. Blocking: call at start, off the loop."""
-    import contextlib
-    import os
-    import threading
-
     missing = [name for name in catalog.hub_sources if catalog.path(name) is None]
-    if not missing or os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
+    if not missing or hub_offline():
         return missing
 
     def fetch(source: HubLora) -> None:
         from huggingface_hub import hf_hub_download
 
-        with contextlib.suppress(Exception):  # unreachable or not there: the style reports the LoRA as missing
-            hf_hub_download(
-                source.repo,
-                source.weight_name or DIFFUSERS_LORA_FILE,
-                etag_timeout=timeout_s,
-                cache_dir=catalog.hub_cache,
-            )
+        hf_hub_download(
+            source.repo, source.weight_name or DIFFUSERS_LORA_FILE, etag_timeout=timeout_s, cache_dir=catalog.hub_cache
+        )
 
-    for name in missing:
-        thread = threading.Thread(target=fetch, args=(catalog.hub_sources[name],), daemon=True)
-        thread.start()
-        thread.join(timeout_s)
+    # Unreachable or not there: the style reports the LoRA as missing.
+    fetch_bounded(((name, partial(fetch, catalog.hub_sources[name])) for name in missing), timeout_s)
     return [name for name in missing if catalog.path(name) is None]

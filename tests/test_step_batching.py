@@ -3,7 +3,6 @@ batch at its next step and leave when done, each getting the images it gets alon
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,6 @@ import anyio
 import numpy as np
 import pytest
 import torch
-from httpx_ws import aconnect_ws
 
 from engines.eager import EagerEngine
 from engines.models import tiny_info
@@ -20,6 +18,7 @@ from engines.step_loop import StepLoop
 from forge.engine import GenerationResult, Job, JobCancelled, OutOfMemory
 from tests.conftest import RunningServer, server_config, start_server
 from tests.helpers import submit, wait_for_state
+from tests.test_batching import _events
 
 pytestmark = pytest.mark.anyio
 
@@ -127,15 +126,6 @@ async def step_server(tmp_path: Path, tiny_model: Path) -> AsyncIterator[Running
 
 async def _started(server: RunningServer, task_id: str) -> dict[str, Any]:
     return await wait_for_state(server.client, task_id, {"running", "succeeded", "failed", "cancelled"})
-
-
-async def _events(server: RunningServer, task: dict[str, Any]) -> list[dict[str, Any]]:
-    events = []
-    async with aconnect_ws(f"{server.ws_url}{task['links']['events']}", server.client) as ws:
-        while True:
-            events.append(json.loads(await ws.receive_text()))
-            if events[-1]["type"] in {"succeeded", "failed", "cancelled"}:
-                return events
 
 
 async def _step_of(server: RunningServer, task_id: str, at_least: int) -> None:
