@@ -345,10 +345,10 @@ class Scheduler:
             if joining is None:
                 self._idle.insert(0, device)
             return False
-        key = batch_key(assignments[0].task.spec, step_level=True)
-        step_level = self._batching.step_level and key is not None
-        if step_level and key is not None:
-            open_batch = self._open.setdefault(device, _OpenBatch(key, 0))
+        # A step-level batch stays open for joiners (a task that always runs alone has no key: no batch to join).
+        step_key = batch_key(assignments[0].task.spec, step_level=True) if self._batching.step_level else None
+        if step_key is not None:
+            open_batch = self._open.setdefault(device, _OpenBatch(step_key, 0))
             open_batch.images += sum(a.task.spec.num_images for a in assignments)
         for assignment in assignments:
             task = assignment.task
@@ -356,7 +356,7 @@ class Scheduler:
             self._hub.publish(Started(task_id=task.id, attempt=task.attempt, device=device, batch=len(assignments)))
             with structlog.contextvars.bound_contextvars(task_id=task.id, request_id=assignment.request_id):
                 log.info("dispatched to %s (attempt %d, batch of %d)", device, task.attempt, len(assignments))
-        await self._engines[device].send(Dispatch(batch=assignments, step_level=step_level))
+        await self._engines[device].send(Dispatch(batch=assignments, step_level=step_key is not None))
         return True
 
     def _pick_device(self, model_id: str) -> str:

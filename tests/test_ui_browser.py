@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,36 +26,44 @@ FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="no Chromium on this machine (.ci/run installs Debian's chromium)"
+)
+GALLERY_SHOWS_AN_IMAGE = "() => [...document.querySelectorAll('#gallery img')].some(img => img.naturalWidth > 0)"
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (.ci/run installs Debian's chromium)")
-async def test_page_generates_and_shows_the_gallery(server: RunningServer, tmp_path: Path) -> None:
+@asynccontextmanager
+async def ui_page(server: RunningServer, height: int) -> AsyncIterator[Any]:
+    """The UI loaded in headless Chromium."""
     from playwright.async_api import async_playwright
 
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         try:
-            page = await browser.new_page(viewport={"width": 1280, "height": 1400})
+            page = await browser.new_page(viewport={"width": 1280, "height": height})
             await page.goto(f"http://127.0.0.1:{server.handle.ui_port}/", wait_until="domcontentloaded")
-            await page.locator("#prompt textarea").fill("a knight with a red cape, full body")
-            await page.locator("#generate").click()
-            image = page.locator("#gallery img").first
-            await image.wait_for(state="visible", timeout=60_000)
-            await page.wait_for_function(
-                "() => [...document.querySelectorAll('#gallery img')].some(img => img.naturalWidth > 0)",
-                timeout=30_000,
-            )
-            status = await page.locator("#status").inner_text()
-            await page.screenshot(path=str(tmp_path / "ui.png"), full_page=True)
+            yield page
         finally:
             await browser.close()
+
+
+@needs_chromium
+async def test_page_generates_and_shows_the_gallery(server: RunningServer, tmp_path: Path) -> None:
+    async with ui_page(server, 1400) as page:
+        await page.locator("#prompt textarea").fill("a knight with a red cape, full body")
+        await page.locator("#generate").click()
+        image = page.locator("#gallery img").first
+        await image.wait_for(state="visible", timeout=60_000)
+        await page.wait_for_function(GALLERY_SHOWS_AN_IMAGE, timeout=30_000)
+        status = await page.locator("#status").inner_text()
+        await page.screenshot(path=str(tmp_path / "ui.png"), full_page=True)
     assert "Done: 1 image(s)" in status
     assert (tmp_path / "ui.png").stat().st_size > 10_000
     listed = (await server.client.get("/v1/generations")).json()["items"]
     assert listed[0]["request"]["prompt"] == "a knight with a red cape, full body"
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (.ci/run installs Debian's chromium)")
+@needs_chromium
 async def test_inpainting_with_the_mask_brush_repaints_only_what_was_painted(
     server: RunningServer, tmp_path: Path
 ) -> None:
@@ -60,40 +71,30 @@ async def test_inpainting_with_the_mask_brush_repaints_only_what_was_painted(
 
     import numpy as np
     from PIL import Image
-    from playwright.async_api import async_playwright
 
     from tests.helpers import gradient_image
 
     init = gradient_image(64)
     init.save(tmp_path / "init.png")
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        try:
-            page = await browser.new_page(viewport={"width": 1280, "height": 1600})
-            await page.goto(f"http://127.0.0.1:{server.handle.ui_port}/", wait_until="domcontentloaded")
-            await page.locator("#prompt textarea").fill("a knight, new helmet")
-            await page.get_by_text("Start from an image").click()
-            editor = page.locator("#init-image")
-            await editor.locator("input[type=file]").set_input_files(str(tmp_path / "init.png"))
-            canvas = editor.locator("canvas").first
-            await canvas.wait_for(state="visible")
-            await page.wait_for_timeout(500)  # the picture settles on the canvas
-            await editor.get_by_label("Brush", exact=True).click()
-            box = await canvas.bounding_box()
-            assert box is not None
-            x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-            await page.mouse.move(x - 20, y)
-            await page.mouse.down()
-            for step in range(1, 11):  # a short horizontal stroke through the middle
-                await page.mouse.move(x - 20 + 4 * step, y, steps=2)
-            await page.mouse.up()
-            await page.locator("#generate").click()
-            await page.wait_for_function(
-                "() => [...document.querySelectorAll('#gallery img')].some(img => img.naturalWidth > 0)",
-                timeout=60_000,
-            )
-        finally:
-            await browser.close()
+    async with ui_page(server, 1600) as page:
+        await page.locator("#prompt textarea").fill("a knight, new helmet")
+        await page.get_by_text("Start from an image").click()
+        editor = page.locator("#init-image")
+        await editor.locator("input[type=file]").set_input_files(str(tmp_path / "init.png"))
+        canvas = editor.locator("canvas").first
+        await canvas.wait_for(state="visible")
+        await page.wait_for_timeout(500)  # the picture settles on the canvas
+        await editor.get_by_label("Brush", exact=True).click()
+        box = await canvas.bounding_box()
+        assert box is not None
+        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        await page.mouse.move(x - 20, y)
+        await page.mouse.down()
+        for step in range(1, 11):  # a short horizontal stroke through the middle
+            await page.mouse.move(x - 20 + 4 * step, y, steps=2)
+        await page.mouse.up()
+        await page.locator("#generate").click()
+        await page.wait_for_function(GALLERY_SHOWS_AN_IMAGE, timeout=60_000)
     task = (await server.client.get("/v1/generations")).json()["items"][0]
     request = task["request"]
     assert request["init_image"] and request["mask"], request  # the brush made a mask
