@@ -16,7 +16,6 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-import msgspec
 from PIL import Image, ImageOps
 from starlette.requests import Request
 from starlette.responses import Response
@@ -125,8 +124,8 @@ class A1111Routes:
     async def _generate(self, request: Request, *, img2img: bool) -> Response:
         principal = await self._principal(request)
         body = await read_body(request, self.max_body_bytes)
-        given = decode_json(body, A1111Request)
-        echoed = msgspec.json.decode(body)
+        echoed = decode_json(body, dict[str, Any])  # parsed once: echoed as A1111 does, then validated
+        given = convert(echoed, A1111Request)
         fields, warnings = await self._fields(given, principal, img2img=img2img)
         records: list[TaskRecord] = []
         cached: list[str] = []
@@ -152,7 +151,7 @@ class A1111Routes:
         return JSONResponse(
             {
                 "images": [base64.b64encode(data).decode() for data in images],
-                "parameters": echoed if isinstance(echoed, dict) else {},
+                "parameters": echoed,
                 "info": json.dumps(info),
             }
         )
