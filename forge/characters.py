@@ -24,7 +24,7 @@ from forge.requests import CharacterUsed as CharacterRef
 
 __all__ = ["CharacterRef"]
 
-MAX_REFERENCES = 4
+MAX_CHARACTER_REFERENCES = 4  # reference images a character keeps
 CHARACTER_ID = r"^ch_[0-9a-f]{32}$"
 
 
@@ -44,7 +44,8 @@ class CharacterCreate(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         str, Meta(min_length=1, max_length=2000, description="prompt text woven into every generation of it")
     ]
     references: Annotated[
-        list[ImageInput], Meta(max_length=MAX_REFERENCES, description="reference images: upload ids or base64")
+        list[ImageInput],
+        Meta(max_length=MAX_CHARACTER_REFERENCES, description="reference images: upload ids or base64"),
     ] = []
     defaults: CharacterDefaults = CharacterDefaults()
 
@@ -54,7 +55,7 @@ class CharacterPatch(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     name: Name | None = None
     description: Annotated[str, Meta(min_length=1, max_length=2000)] | None = None
-    references: Annotated[list[ImageInput], Meta(max_length=MAX_REFERENCES)] | None = None
+    references: Annotated[list[ImageInput], Meta(max_length=MAX_CHARACTER_REFERENCES)] | None = None
     defaults: CharacterDefaults | None = None
 
 

@@ -21,7 +21,7 @@ from actors.ingress import Ingress
 from engines.poses import POSE_NAMES
 from engines.schedulers import SAMPLERS
 from forge.auth import Authenticator, Principal
-from forge.characters import MAX_REFERENCES, CharacterCreate, CharacterSheetRequest, sheet_generation
+from forge.characters import MAX_CHARACTER_REFERENCES, CharacterCreate, CharacterSheetRequest, sheet_generation
 from forge.errors import ForgeError
 from forge.events import TERMINAL_EVENTS, Progress
 from forge.requests import MAX_IMAGES, PALETTE_NAMES, GenerationRequest, PostprocessRequest
@@ -540,7 +540,7 @@ class WebUi:
             raise gr.Error("That generation has no image.", print_exception=False)
         with Image.open(io.BytesIO(data)) as image:
             added = image.convert("RGB")
-        return [*_gallery_images(references), added][:MAX_REFERENCES]
+        return [*_gallery_images(references), added][:MAX_CHARACTER_REFERENCES]
 
     async def cancel(self, request: gr.Request) -> str:
         """Cancels the tasks this browser session started last, and nobody else's."""
