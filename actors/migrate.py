@@ -15,6 +15,7 @@ from actors import redis_scripts as lua
 from actors.files import DirectoryFiles, Files, RedisFiles
 from actors.keys import RedisKeys, SqliteKeys
 from actors.redis_store import batch_tag
+from forge.batching import batch_key
 from forge.config import Config
 from forge.requests import GenerationSpec
 
@@ -64,8 +65,10 @@ def migrate(box: Config, fleet: Config, client: redis.Redis) -> Migrated:
                 f"{spec.priority + 10:02d}",
                 spec.model,
                 spec.num_images,
-                batch_tag(spec),
+                batch_tag(batch_key(spec)),
                 *pairs,
+                "sbk",
+                batch_tag(batch_key(spec, step_level=True)),
             ],
         )
         tasks += int(added)

@@ -72,7 +72,8 @@ end
 """
 
 # ARGV: id, owner, idempotency key, request hash, spec JSON, priority (00-20), model, images, batch key,
-# max queue, plan requests, plan window s, plan max queued, whether the plan applies ("1"/"0").
+# max queue, plan requests, plan window s, plan max queued, whether the plan applies ("1"/"0"), step-level
+# batch key.
 SUBMIT = (
     _COMMON
     + """
@@ -104,7 +105,7 @@ local key = P .. 'task:' .. id
 redis.call('HSET', key, 'id', id, 'seq', seq, 'owner', owner, 'spec', ARGV[5], 'state', 'queued',
   'attempt', '1', 'created_at', fmt(now), 'updated_at', fmt(now), 'idempotency_key', idem,
   'request_hash', ARGV[4], 'priority', ARGV[6], 'model', ARGV[7], 'nimages', ARGV[8], 'bk', ARGV[9],
-  'images', '[]')
+  'sbk', ARGV[15], 'images', '[]')
 redis.call('ZADD', P .. 'tasks', seq, id)
 redis.call('ZADD', P .. 'owner:' .. owner, seq, id)
 if idem ~= '' then redis.call('SET', P .. 'idem:' .. owner .. ':' .. idem, id) end
@@ -147,16 +148,20 @@ return 1
 """
 )
 
-# ARGV: consumer (worker name), device, most images in one batch, model affinity ms, models the device holds.
-# Takes the next task for this device, and the tasks right behind it in the same stream that can share its
-# batch, marking them running: highest priority first; within a priority the oldest task of a model the
-# device holds, unless another model's oldest has waited longer than the affinity allows.
+# ARGV: consumer (worker name), device, most images to take, model affinity ms, the key field ('bk', or 'sbk'
+# for step-level batching), the key of the device's running step-level batch ('' for none), the models the
+# device holds. Takes the next task for this device, and the tasks right behind it in the same stream that
+# can share its batch, marking them running: highest priority first; within a priority the oldest task of a
+# model the device holds, unless another model's oldest has waited longer than the affinity allows. With a
+# running batch, that next task joins it only if it has the batch's key; if not, nothing joins (the batch
+# drains and the task runs next), as on one box.
 CLAIM = (
     _COMMON
     + """
 local consumer, device, max_images, affinity = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local key_field, joining = ARGV[5], ARGV[6]
 local held = {}
-for i = 5, #ARGV do held[ARGV[i]] = true end
+for i = 7, #ARGV do held[ARGV[i]] = true end
 local function parts(id)
   local ms, sq = string.match(id, '^(%d+)-(%d+)$')
   return tonumber(ms), tonumber(sq)
@@ -182,20 +187,25 @@ local now = now_s()
 local nowf = fmt(now)
 local function take(stream)
   local taken, images, bk = {}, 0, nil
+  if joining ~= '' then bk = joining end
   for _ = 1, 1000 do
     local head = peek(stream)
     if not head then break end
     local f = {}
     for k = 1, #head[2], 2 do f[head[2][k]] = head[2][k + 1] end
     local key = P .. 'task:' .. f['id']
-    local state, attempt, n, tbk = unpack(redis.call('HMGET', key, 'state', 'attempt', 'nimages', 'bk'))
+    local state, attempt, n, tbk = unpack(redis.call('HMGET', key, 'state', 'attempt', 'nimages', key_field))
+    tbk = tbk or ''
     if state ~= 'queued' or attempt ~= f['attempt'] then
       deliver(stream)
       redis.call('XACK', stream, 'workers', head[1])
       redis.call('XDEL', stream, head[1])
     else
       n = tonumber(n)
-      if #taken > 0 and (tbk == '' or tbk ~= bk or images + n > max_images) then break end
+      if bk and (tbk == '' or tbk ~= bk or images + n > max_images) then
+        if #taken == 0 then return taken, true end  -- a live head that may not join: it blocks the others
+        break
+      end
       deliver(stream)
       taken[#taken + 1] = f['id']
       images, bk = images + n, tbk
@@ -213,7 +223,7 @@ local function take(stream)
     event(id, cjson.encode({type = 'started', task_id = id, attempt = tonumber(redis.call('HGET', key, 'attempt')),
       device = device, batch = #taken, worker = consumer}))
   end
-  return taken
+  return taken, false
 end
 local streams = redis.call('SMEMBERS', P .. 'queues')
 table.sort(streams, function(a, b) return a > b end)
@@ -242,8 +252,8 @@ while i <= #streams do
     pick = best_other
   end
   if pick then
-    local taken = take(pick.stream)
-    if #taken > 0 then return taken end
+    local taken, blocked = take(pick.stream)
+    if #taken > 0 or blocked then return taken end
   else
     i = j
   end

@@ -25,7 +25,7 @@ from actors import redis_scripts as lua
 from actors.disk_space import DiskSpace
 from actors.rate_limits import too_many_in_flight, too_many_requests
 from actors.store import Admission, IdempotencyConflict, Recovery
-from forge.batching import batch_key
+from forge.batching import BatchKey, batch_key
 from forge.errors import ConfigError, ServiceUnavailable, StoreUnavailable
 from forge.events import AnyTaskEvent, Cancelled, Progress
 from forge.ids import new_id
@@ -99,9 +99,8 @@ def _record(row: dict[str, str]) -> TaskRecord:
     )
 
 
-def batch_tag(spec: GenerationSpec) -> str:
-    """The batch key as text for the claim script ("": the task always runs alone)."""
-    key = batch_key(spec)
+def batch_tag(key: BatchKey | None) -> str:
+    """A batch key as text for the claim script ("": the task always runs alone)."""
     return "" if key is None else msgspec.json.encode(key).decode()
 
 
@@ -216,12 +215,13 @@ class RedisStore:
                 f"{spec.priority + 10:02d}",
                 spec.model,
                 spec.num_images,
-                batch_tag(spec),
+                batch_tag(batch_key(spec)),
                 admission.max_queue,
                 plan.requests if plan else 0,
                 plan.window_s if plan else 0,
                 plan.max_queued if plan else 0,
                 "1" if plan else "0",
+                batch_tag(batch_key(spec, step_level=True)),
             ],
         )
         match reply:
@@ -298,10 +298,21 @@ class RedisStore:
     # -- the fleet's queue --
 
     async def claim(
-        self, worker: str, device: str, max_images: int, holds: Sequence[str], affinity_s: float
+        self,
+        worker: str,
+        device: str,
+        max_images: int,
+        holds: Sequence[str],
+        affinity_s: float,
+        *,
+        step_level: bool = False,
+        joining: BatchKey | None = None,
     ) -> list[str]:
-        """Take the next task (and those that can share its batch) for `device`; they are `running` now."""
-        args = [worker, device, max_images, int(affinity_s * 1000), *holds]
+        """Take the next task (and those that can share its batch) for `device`; they are `running` now.
+        `joining`: the key of the step-level batch running on `device`, which the next task joins only if it
+        shares it (up to `max_images` more images)."""
+        key_field = "sbk" if step_level else "bk"
+        args = [worker, device, max_images, int(affinity_s * 1000), key_field, batch_tag(joining), *holds]
         return list(await self._run("claim", args))
 
     async def heartbeat(self, worker: str, tasks: Sequence[tuple[str, int]]) -> list[int]:

@@ -23,7 +23,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from actors.hub import Events
 from actors.lifecycle import cancel_task
 from actors.store import TaskStore
-from forge.batching import NO_BATCHING, BatchPolicy, batch_key, may_join, next_batch
+from forge.batching import NO_BATCHING, BatchKey, BatchPolicy, batch_key, may_join, next_batch
 from forge.engine import CancelFlag
 from forge.errors import ForgeError
 from forge.events import Queued, Started
@@ -83,7 +83,15 @@ class FleetQueue(Protocol):
     """The store's queue, for a fleet's worker (see `RedisStore.claim`)."""
 
     async def claim(
-        self, worker: str, device: str, max_images: int, holds: Sequence[str], affinity_s: float
+        self,
+        worker: str,
+        device: str,
+        max_images: int,
+        holds: Sequence[str],
+        affinity_s: float,
+        *,
+        step_level: bool = False,
+        joining: BatchKey | None = None,
     ) -> list[str]: ...
 
     async def get(self, task_id: str) -> TaskRecord | None: ...
@@ -141,7 +149,7 @@ class Scheduler:
             while True:
                 msg: SchedulerInbox | None = None
                 wait = math.inf if self._window_closes is None else self._window_closes - time.monotonic()
-                if self._fleet is not None and self._idle:
+                if self._fleet is not None and (self._idle or self._open):
                     wait = min(wait, self._fleet.poll_s)
                 with anyio.move_on_after(max(wait, 0)):  # a batch window closing is the only timed event
                     try:
@@ -168,9 +176,14 @@ class Scheduler:
             case EngineIdle(device=device, task_ids=task_ids):
                 for task_id in task_ids:
                     self._running.pop(task_id, None)
-                self._open.pop(device, None)
                 self._running_changed.set()
-                self._idle.append(device)
+                still = [running for running in self._running.values() if running.device == device]
+                if not still:
+                    self._open.pop(device, None)
+                    self._idle.append(device)
+                elif (batch := self._open.get(device)) is not None:
+                    # A task sent to join as the batch ended: the engine runs it as a new batch of that key.
+                    batch.images = sum(running.task.spec.num_images for running in still)
             case TaskLeft(device=device, task_id=task_id):
                 left = self._running.pop(task_id, None)
                 if left is not None and (batch := self._open.get(device)) is not None:
@@ -294,34 +307,45 @@ class Scheduler:
         return batch
 
     async def _claim(self, fleet: FleetSettings) -> None:
-        """Each idle engine claims its next batch from the fleet's queue, until the queue has none."""
+        """Each idle engine claims its next batch from the fleet's queue, until the queue has none; then each
+        running step-level batch with room claims the tasks that join it at its next step."""
         while self._dispatching and self._idle:
             device = self._idle[0]
-            try:
-                ids = await fleet.queue.claim(
-                    fleet.worker, device, self._batching.max_images, fleet.models_held(device), fleet.affinity_s
-                )
-                records = [await fleet.queue.get(task_id) for task_id in ids]
-            except ForgeError as exc:  # the store is out of reach: look again at the next wake or poll
-                log.warning("cannot claim work: %s", exc)
+            assignments = await self._claim_for(fleet, device, self._batching.max_images)
+            if assignments is None:
                 return
-            if not ids:
-                return
-            assignments = [
-                Assignment(task=record, cancel=CancelFlag(), request_id="") for record in records if record is not None
-            ]
-            if not assignments:  # claimed rows that are gone (deleted by hand): the engine stays idle
+            if assignments:
+                self._idle.pop(0)
+                await self._hand_over(device, assignments, fleet.worker)
+        for device, batch in list(self._open.items()):
+            room = self._batching.max_images - batch.images
+            if not (self._dispatching and self._batching.joins and room > 0):
                 continue
-            self._idle.pop(0)
-            for assignment in assignments:
-                task = assignment.task
-                self._running[task.id] = _Running(device, task, assignment.cancel, len(assignments))
-                self._hub.recorded(
-                    Started(task_id=task.id, attempt=task.attempt, device=device, batch=len(ids), worker=fleet.worker)
-                )
-                with structlog.contextvars.bound_contextvars(task_id=task.id):
-                    log.info("claimed on %s (attempt %d, batch of %d)", device, task.attempt, len(ids))
-            await self._engines[device].send(Dispatch(batch=assignments))
+            if assignments := await self._claim_for(fleet, device, room, joining=batch.key):
+                await self._hand_over(device, assignments, fleet.worker)
+
+    async def _claim_for(
+        self, fleet: FleetSettings, device: str, max_images: int, joining: BatchKey | None = None
+    ) -> list[Assignment] | None:
+        """The tasks this device claims now; None when there are none (or the store is out of reach)."""
+        try:
+            ids = await fleet.queue.claim(
+                fleet.worker,
+                device,
+                max_images,
+                fleet.models_held(device),
+                fleet.affinity_s,
+                step_level=self._batching.step_level,
+                joining=joining,
+            )
+            records = [await fleet.queue.get(task_id) for task_id in ids]
+        except ForgeError as exc:  # the store is out of reach: look again at the next wake or poll
+            log.warning("cannot claim work: %s", exc)
+            return None
+        if not ids:
+            return None
+        # Claimed rows that are gone (deleted by hand) are skipped.
+        return [Assignment(task=record, cancel=CancelFlag(), request_id="") for record in records if record]
 
     async def _start(self, batch: list[_Entry], joining: str | None = None) -> bool:
         """Mark the batch's tasks running and send them to an idle engine (or to `joining`'s running step-level
@@ -345,19 +369,30 @@ class Scheduler:
             if joining is None:
                 self._idle.insert(0, device)
             return False
+        await self._hand_over(device, assignments)
+        return True
+
+    async def _hand_over(self, device: str, assignments: list[Assignment], worker: str = "") -> None:
+        """Record the tasks as running on `device` and send them to its engine. `worker`: they were claimed
+        from the fleet's queue, which wrote their start already."""
         # A step-level batch stays open for joiners (a task that always runs alone has no key: no batch to join).
         step_key = batch_key(assignments[0].task.spec, step_level=True) if self._batching.step_level else None
         if step_key is not None:
             open_batch = self._open.setdefault(device, _OpenBatch(step_key, 0))
             open_batch.images += sum(a.task.spec.num_images for a in assignments)
+        size = len(assignments)
         for assignment in assignments:
             task = assignment.task
-            self._running[task.id] = _Running(device, task, assignment.cancel, len(assignments))
-            self._hub.publish(Started(task_id=task.id, attempt=task.attempt, device=device, batch=len(assignments)))
+            self._running[task.id] = _Running(device, task, assignment.cancel, size)
+            started = Started(task_id=task.id, attempt=task.attempt, device=device, batch=size, worker=worker)
+            if worker:
+                self._hub.recorded(started)
+            else:
+                self._hub.publish(started)
             with structlog.contextvars.bound_contextvars(task_id=task.id, request_id=assignment.request_id):
-                log.info("dispatched to %s (attempt %d, batch of %d)", device, task.attempt, len(assignments))
+                verb = "claimed on" if worker else "dispatched to"
+                log.info("%s %s (attempt %d, batch of %d)", verb, device, task.attempt, size)
         await self._engines[device].send(Dispatch(batch=assignments, step_level=step_key is not None))
-        return True
 
     def _pick_device(self, model_id: str) -> str:
         """An idle engine that already holds the model, else the one idle longest."""

@@ -3,6 +3,7 @@ with its own data directory, so everything they share goes through Redis."""
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from collections import Counter
@@ -14,6 +15,7 @@ from typing import Any
 import anyio
 import httpx
 import httpx2
+import numpy as np
 import pytest
 import redis
 from gradio_client import Client
@@ -21,6 +23,7 @@ from httpx_ws import aconnect_ws
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.types import ImageContent
+from PIL import Image
 
 from actors.keys import KeyStore, RedisKeys
 from tests.helpers import FINAL_STATES
@@ -53,8 +56,8 @@ class Fleet:
         headers = {"Authorization": f"Bearer {self.tokens[owner]}"}
         return httpx.AsyncClient(base_url=self.apis[node].url, headers=headers, timeout=30)
 
-    def worker(self, name: str) -> ServerProcess:
-        settings = {"store": self.redis.url, "role": "worker", "node_name": name, "claim_timeout_s": "3"}
+    def worker(self, name: str, **extra: str) -> ServerProcess:
+        settings = {"store": self.redis.url, "role": "worker", "node_name": name, "claim_timeout_s": "3", **extra}
         return ServerProcess(
             self.root / name,
             self.model,
@@ -346,3 +349,33 @@ async def test_a_client_whose_api_node_dies_follows_its_task_on_the_other(fleet:
                 after.append(json.loads(await ws.receive_text()))
     assert after[0]["type"] == "started" and after[0]["worker"] in {"w1", "w2"}, after[:2]  # the state first
     assert after[-1]["type"] == "succeeded" and any(event["type"] == "progress" for event in after)
+
+
+async def test_a_task_joins_the_step_level_batch_running_on_a_worker(fleet: Fleet) -> None:
+    """A GPU worker's default: a task queued while a batch runs joins it at the next step, claimed from the
+    fleet's queue, and its image is the one it gets alone."""
+    for idle in fleet.workers:  # they hold no claim: nothing is lost
+        await idle.kill()
+    stepping = fleet.worker("w3", max_batch="4", batch_wait_ms="0")
+    fleet.workers.append(stepping)
+    await stepping.start()
+    duel = {"prompt": "a quick duel", "width": 64, "height": 64, "steps": 4, "seed": 2, "scheduler": "euler_a"}
+    async with fleet.client(0) as one, fleet.client(1) as two, fleet.client(1, "bob") as bob:
+        long = (await one.post("/v1/generations", json={**SMALL, "prompt": "a long march", "steps": 60})).json()
+        with anyio.fail_after(60):
+            while not ((await two.get(f"/v1/generations/{long['id']}")).json()["progress"] or {}).get("step", 0) >= 2:
+                await anyio.sleep(0.05)
+        short = (await two.post("/v1/generations", json=duel)).json()
+        joined = await wait_final(two, short["id"])
+        assert joined["state"] == "succeeded" and joined["worker"] == "w3"
+        # One worker with one device: the short task ran inside the long one's batch, which goes on.
+        assert (await one.get(f"/v1/generations/{long['id']}")).json()["state"] == "running"
+        assert (await one.post(f"/v1/generations/{long['id']}/cancel")).status_code in (200, 202)
+        assert (await wait_final(one, long["id"]))["state"] == "cancelled"
+        alone = await wait_final(bob, (await bob.post("/v1/generations", json=duel)).json()["id"])  # no shared cache
+        assert alone["state"] == "succeeded"
+        pixels = [
+            np.asarray(Image.open(io.BytesIO((await client.get(view["images"][0]["url"])).content)).convert("RGB"))  # type: ignore[index]
+            for client, view in ((two, joined), (bob, alone))
+        ]
+    assert np.abs(pixels[0].astype(int) - pixels[1].astype(int)).max() <= 4

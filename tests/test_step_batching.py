@@ -183,3 +183,52 @@ async def test_a_task_of_another_size_is_not_starved(step_server: RunningServer)
         views["later"]["started_at"] >= views["first"]["finished_at"]
         or views["later"]["started_at"] >= (views["other"]["started_at"])
     )
+
+
+async def test_an_engine_that_runs_a_late_joiner_is_not_handed_another_batch(tmp_path: Path) -> None:
+    """A batch may end just as the scheduler sends it a joiner: the engine runs the joiner as a new batch, so
+    the scheduler must keep counting it busy, not hand it a batch of another size as well."""
+    import msgspec
+
+    from actors.hub import EventHub
+    from actors.scheduler import Scheduler
+    from actors.sqlite_store import SqliteStore
+    from forge.batching import BatchPolicy
+    from forge.messages import Dispatch, EngineIdle, EngineReady, SchedulerInbox, Submit
+    from tests.test_store import OPEN, SPEC
+
+    to_scheduler, inbox = anyio.create_memory_object_stream[SchedulerInbox](16)
+    to_engine, engine_inbox = anyio.create_memory_object_stream[Dispatch](16)
+
+    async def dispatched() -> list[str]:
+        with anyio.fail_after(10):
+            return [assignment.task.id for assignment in (await engine_inbox.receive()).batch]
+
+    async with (
+        to_scheduler,
+        to_engine,
+        engine_inbox,
+        SqliteStore.open(tmp_path / "forge.sqlite3") as store,
+        anyio.create_task_group() as tg,
+    ):
+        policy = BatchPolicy(max_images=4, step_level=True)
+        scheduler = Scheduler(store, EventHub(), inbox, {"cpu": to_engine}, batching=policy)
+        await tg.start(scheduler.run, [])
+        await to_scheduler.send(EngineReady(device="cpu"))
+        tasks = [
+            await store.insert(owner="a", spec=msgspec.structs.replace(SPEC, **changes), admission=OPEN)
+            for changes in ({}, {"steps": 5}, {"width": 128}, {})
+        ]
+        first, joiner, wide, later = tasks
+        await to_scheduler.send(Submit(task=first))
+        assert await dispatched() == [first.id]
+        await to_scheduler.send(Submit(task=joiner))
+        assert await dispatched() == [joiner.id]  # sent to join the running batch...
+        await to_scheduler.send(EngineIdle(device="cpu", task_ids=[first.id]))  # ...which had just ended
+        await to_scheduler.send(Submit(task=wide))
+        await to_scheduler.send(Submit(task=later))
+        await anyio.sleep(0.2)
+        assert scheduler.statistics().engines_idle == 0 and scheduler.statistics().queued == 2
+        await to_scheduler.send(EngineIdle(device="cpu", task_ids=[joiner.id]))
+        assert await dispatched() == [wide.id]  # the head of the queue, not the later task of the old size
+        tg.cancel_scope.cancel()

@@ -19,6 +19,7 @@ from actors.redis_store import RedisStore
 from actors.sqlite_store import SqliteStore
 from actors.store import Admission, IdempotencyConflict, TaskStore
 from forge.auth import Plan
+from forge.batching import batch_key
 from forge.errors import ServiceUnavailable
 from forge.requests import GenerationSpec
 from forge.tasks import TaskRecord, TaskState
@@ -230,7 +231,7 @@ async def test_a_box_moves_into_a_fleet_with_its_history_files_and_keys(
     async with SqliteStore.open(data / "forge.sqlite3") as box:
         done = await box.insert(owner="a", spec=SPEC, admission=OPEN, idempotency_key="k", request_hash="h")
         running = await box.insert(owner="a", spec=SPEC, admission=OPEN)
-        waiting = await box.insert(owner="b", spec=SPEC, admission=OPEN)
+        waiting = await box.insert(owner="b", spec=_spec(steps=5), admission=OPEN)
         await box.transition(done.id, attempt=1, from_states=[TaskState.QUEUED], to=TaskState.RUNNING)
         await box.transition(
             done.id,
@@ -261,10 +262,8 @@ async def test_a_box_moves_into_a_fleet_with_its_history_files_and_keys(
             again = await fleet.get(running.id)
             assert again is not None and again.state is TaskState.QUEUED and again.attempt == 2
             assert [t.id for t in await fleet.list()] == [waiting.id, running.id, done.id]
-            assert {*await fleet.claim("w", "cpu", 1, ["m"], 10), *await fleet.claim("w", "cpu", 1, ["m"], 10)} == {
-                running.id,
-                waiting.id,
-            }
+            # Other step counts share a step-level batch: the migrated rows carry that key too.
+            assert set(await fleet.claim("w", "cpu", 8, ["m"], 10, step_level=True)) == {running.id, waiting.id}
             new = await fleet.insert(owner="a", spec=SPEC, admission=OPEN)
             assert new.seq > waiting.seq
 
@@ -294,6 +293,20 @@ async def test_a_claim_takes_the_compatible_tasks_right_behind_the_head_as_one_b
     started = await fleet_store.get(same[1].id)
     assert started is not None and started.state is TaskState.RUNNING and started.worker == "w"
     assert await fleet_store.placement(same[1].id) == ("cpu", 3, "w")
+
+
+async def test_a_running_step_level_batch_claims_the_next_task_only_if_it_can_join(fleet_store: RedisStore) -> None:
+    first = await fleet_store.insert(owner="a", spec=SPEC, admission=OPEN)
+    other_steps = await fleet_store.insert(owner="a", spec=_spec(steps=7, scheduler="euler_a"), admission=OPEN)
+    wide = await fleet_store.insert(owner="a", spec=_spec(width=128), admission=OPEN)
+    later = await fleet_store.insert(owner="a", spec=_spec(steps=4), admission=OPEN)
+    running = batch_key(SPEC, step_level=True)
+    assert await fleet_store.claim("w", "cpu", 8, ["m"], 10, step_level=True) == [first.id, other_steps.id]
+    # The head of the queue (another size) cannot join, so nothing behind it may: the batch drains.
+    assert await fleet_store.claim("w", "cpu", 6, ["m"], 10, step_level=True, joining=running) == []
+    assert await fleet_store.claim("w", "cpu:1", 8, ["m"], 10, step_level=True) == [wide.id]
+    assert await fleet_store.claim("w", "cpu", 6, ["m"], 10, step_level=True, joining=running) == [later.id]
+    assert await fleet_store.placement(later.id) == ("cpu", 1, "w")
 
 
 async def test_a_worker_prefers_its_models_until_another_model_waits_too_long(fleet_store: RedisStore) -> None:
