@@ -54,6 +54,13 @@ class CompileOptions:
     quantize: str = "none"  # none | int8 | fp8 (linear layers, via torchao)
     fuse_qkv: bool = True
     max_rows: int = 16  # the most UNet rows (two an image with guidance) one batch has: `aot` exports for these
+    shapes: str = "dynamic"  # dynamic | padded (see padded_row_sizes)
+
+
+def padded_row_sizes(max_rows: int) -> tuple[int, ...]:
+    """The fixed row counts of `shapes = "padded"`: powers of two, and the most a batch has."""
+    sizes = {1 << power for power in range(max_rows.bit_length()) if 1 << power < max_rows}
+    return tuple(sorted(sizes | {max_rows}))
 
 
 def cache_dir_for(root: Path, device: str) -> Path:
@@ -135,6 +142,11 @@ class CompiledEngine(EagerEngine):
         # shape. On a CPU, where batching is off, a dynamic graph takes five times as long to compile, so
         # shapes start static and become dynamic at the first recompile (torch.compile's default).
         dynamic = True if cuda else None
+        if options.shapes == "padded":
+            # Step-level batches pad their rows to a few fixed counts, each compiled (and its CUDA graph
+            # recorded) once as a static shape; request-level batches compile a graph per batch size.
+            dynamic = False
+            self.step_row_sizes = padded_row_sizes(options.max_rows)
         self.aot: AotReport | None = None
         if options.scope == "aot":
             autotune = options.mode.startswith("max-autotune")

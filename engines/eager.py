@@ -112,6 +112,9 @@ def load_pipeline(model: ModelInfo, device: str) -> StableDiffusionXLPipeline:
 
 
 class EagerEngine:
+    # Row counts step-level UNet calls are padded to (none: each call has the rows it needs).
+    step_row_sizes: tuple[int, ...] = ()
+
     def __init__(self, model: ModelInfo, device: str) -> None:
         self.device = device
         self.model = model
@@ -258,7 +261,7 @@ class EagerEngine:
             for job in jobs:
                 on_done(job, failure)
             return
-        StepLoop(self.pipe).run(jobs, on_done, joiners, max_images)
+        StepLoop(self.pipe, self.step_row_sizes).run(jobs, on_done, joiners, max_images)
 
     def _activate_loras(self, loras: list[LoraWeight]) -> None:
         try:

@@ -58,6 +58,7 @@ class BackendSettings:
     compile_scope: str = "full"
     quantize: str = "none"
     fuse_qkv: bool = True
+    compiled_shapes: str = "dynamic"
     shapes: ShapeRange = DEFAULT_SHAPES
 
 
@@ -70,6 +71,7 @@ def backend_settings(config: Config, devices: list[str]) -> BackendSettings:
         compile_scope=config.compile_scope,
         quantize=config.quantize,
         fuse_qkv=config.fuse_qkv,
+        compiled_shapes=config.compiled_shapes,
         shapes=ShapeRange(
             max_batch=rows,
             min_side=config.tensorrt_min_side,
@@ -143,6 +145,7 @@ def load_engine(settings: BackendSettings, model: ModelInfo, device: str) -> Eng
             quantize=settings.quantize,
             fuse_qkv=settings.fuse_qkv,
             max_rows=settings.shapes.max_batch,
+            shapes=settings.compiled_shapes,
         )
         return CompiledEngine(model, device, options)
     if settings.name == "tensorrt":

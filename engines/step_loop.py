@@ -55,10 +55,13 @@ class _Task:
 
 
 class StepLoop:
-    """Step-level batching on one SDXL pipeline (its weights shared, never copied)."""
+    """Step-level batching on one SDXL pipeline (its weights shared, never copied). `row_sizes`: when given,
+    each UNet call is padded (with copies of its last row, whose outputs are dropped) up to the smallest of
+    these row counts that holds it, so a compiled UNet meets a few fixed shapes, not every count from 1 up."""
 
-    def __init__(self, pipe: StableDiffusionXLPipeline) -> None:
+    def __init__(self, pipe: StableDiffusionXLPipeline, row_sizes: Sequence[int] = ()) -> None:
         self.pipe = pipe
+        self.row_sizes = sorted(row_sizes)
 
     def run(
         self,
@@ -167,19 +170,28 @@ class StepLoop:
             latents = torch.cat([task.latents] * 2) if task.guided else task.latents
             inputs.append(task.pipe.scheduler.scale_model_input(latents, t))
             timesteps.append(torch.full((latents.shape[0],), float(t), device=latents.device))
+        rows = sum(task.rows for task in tasks)
+        padded = next((size for size in self.row_sizes if size >= rows), rows)
+
+        def batch(parts: list[torch.Tensor]) -> torch.Tensor:
+            joined = torch.cat(parts)
+            if padded == rows:
+                return joined
+            return torch.cat([joined, joined[-1:].expand(padded - rows, *joined.shape[1:])])
+
         unet = self.pipe.unet
         with torch.inference_mode():
             output = unet(
-                torch.cat(inputs),
-                torch.cat(timesteps),
-                encoder_hidden_states=torch.cat([task.prompt_embeds for task in tasks]),
+                batch(inputs),
+                batch(timesteps),
+                encoder_hidden_states=batch([task.prompt_embeds for task in tasks]),
                 added_cond_kwargs={
-                    "text_embeds": torch.cat([task.text_embeds for task in tasks]),
-                    "time_ids": torch.cat([task.time_ids for task in tasks]),
+                    "text_embeds": batch([task.text_embeds for task in tasks]),
+                    "time_ids": batch([task.time_ids for task in tasks]),
                 },
                 return_dict=False,
             )[0]
-        return list(output.split([task.rows for task in tasks]))
+        return list(output[:rows].split([task.rows for task in tasks]))
 
     def _advance(self, task: _Task, prediction: torch.Tensor) -> None:
         job, t = task.job, task.timesteps[task.step]

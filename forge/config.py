@@ -104,6 +104,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     compile_scope: Literal["full", "regional", "aot"] = "full"
     quantize: Literal["none", "int8", "fp8"] = "none"
     fuse_qkv: bool = True
+    # How a compiled UNet meets step-level batches, whose row count changes as tasks join and leave:
+    # dynamic: one graph for every count; padded: each call padded to 1, 2, 4, 8... rows (up to the largest
+    # batch), each count compiled as a static shape (`just bench-gpu` measures both: compiled_shapes).
+    compiled_shapes: Literal["dynamic", "padded"] = "dynamic"
     # tensorrt: the image sides (pixels) one engine covers; the batch range follows max_batch.
     tensorrt_min_side: Annotated[int, Meta(ge=64, le=4096, multiple_of=64)] = 512
     tensorrt_opt_side: Annotated[int, Meta(ge=64, le=4096, multiple_of=64)] = 1024

@@ -271,7 +271,9 @@ def test_regional_compilation_matches_eager_and_serves_loras_without_compiling(
 ) -> None:
     """compile_scope = "regional" compiles only the repeated blocks. Its image equals eager's; a request with
     a LoRA runs the UNet uncompiled (the same image as eager with that LoRA), so no LoRA set or weight ever
-    waits for a compile; only the first request without LoRAs after a new LoRA was loaded compiles again."""
+    waits for a compile; only the first request without LoRAs after a new LoRA was loaded compiles again.
+    With compiled_shapes = "padded", a step-level batch's UNet calls are padded to 1, 2, 4, 8 or 16 rows, and
+    the padding rows change no task's image."""
     import dataclasses
     import threading
 
@@ -289,7 +291,8 @@ def test_regional_compilation_matches_eager_and_serves_loras_without_compiling(
     compiles: list[int] = []
 
     def serve_in_order() -> None:  # on a thread that then ends, as an engine's does
-        engine = CompiledEngine(model, "cpu", CompileOptions(cache_dir=tmp_path / "cache", scope="regional"))
+        options = CompileOptions(cache_dir=tmp_path / "cache", scope="regional", shapes="padded")
+        engine = CompiledEngine(model, "cpu", options)
 
         def run(job: Job) -> None:
             got.append(engine.run(job).images[0])
@@ -299,10 +302,12 @@ def test_regional_compilation_matches_eager_and_serves_loras_without_compiling(
         for job in (base, *with_lora, base, with_lora[0], base):
             run(job)
         # Step-level batching through the compiled blocks: rows of two tasks with their own steps and samplers.
+        engine.pipe.unet.conv_in.register_forward_pre_hook(lambda module, args: step_rows.append(args[0].shape[0]))
         engine.run_steps(stepped, lambda job, outcome: step_outcomes.append((job, outcome)), lambda free: [], 8)
 
     stepped = [dataclasses.replace(base, seeds=[6, 7]), dataclasses.replace(base, steps=3, scheduler="euler_a")]
     step_outcomes: list[tuple[Job, Any]] = []
+    step_rows: list[int] = []
     worker = threading.Thread(target=serve_in_order)
     worker.start()
     worker.join()
@@ -318,6 +323,7 @@ def test_regional_compilation_matches_eager_and_serves_loras_without_compiling(
         for image, alone in zip(outcome.images, eager.run(job).images, strict=True):
             assert _max_difference(image, alone) <= 4
     assert len(step_outcomes) == 2
+    assert step_rows == [8, 8, 8, 4]  # 4 + 2 rows padded to 8 for three steps, then the first task's 4 alone
 
 
 def test_ahead_of_time_unet_matches_eager_and_serves_what_it_was_not_compiled_for(
