@@ -209,37 +209,87 @@ def stock(bench: Bench, model: Path) -> dict[str, Any]:
 
 
 COST_CURVE_ROWS = (2, 4, 8, 16)
+# Row counts a step-level batch of up to 8 guided images meets as tasks join and leave.
+SHAPE_ROWS = (2, 4, 6, 8, 10, 12, 16)
+SHAPE_ROWS_TINY = (2, 3, 4)
+
+
+def _unet(args: argparse.Namespace, model: Path) -> Any:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    return UNet2DConditionModel.from_pretrained(model, subfolder="unet", dtype=dtype).to(args.device)
+
+
+def _unet_call(args: argparse.Namespace, unet: Any, rows: int) -> Callable[[], Any]:
+    """One UNet call of `rows` rows at the bench's size, on random inputs."""
+    import torch
+
+    device, dtype, side = args.device, unet.dtype, args.size // 8
+    sample = torch.randn(rows, unet.config.in_channels, side, side, device=device, dtype=dtype)
+    hidden = torch.randn(rows, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    pooled_width = unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim
+    added = {
+        "text_embeds": torch.randn(rows, pooled_width, device=device, dtype=dtype),
+        "time_ids": torch.tensor([[args.size, args.size, 0, 0, args.size, args.size]] * rows, device=device,
+                                 dtype=dtype),
+    }  # fmt: skip
+    timesteps = torch.full((rows,), 500.0, device=device)
+
+    def call() -> Any:
+        with torch.inference_mode():
+            return unet(sample, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+
+    return call
 
 
 def cost_curve(bench: Bench, model: Path) -> dict[str, Any]:
     """Seconds per UNet call at 2, 4, 8 and 16 rows (a guided image is two), at the bench's size: the measured
     points for bench/cost_curves, which `just bench-batching` simulates with."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
     args = bench.args
-    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", dtype=dtype).to(args.device)
-    side, channels = args.size // 8, unet.config.in_channels
+    unet = _unet(args, model)
     points = []
     for rows in COST_CURVE_ROWS:
-        sample = torch.randn(rows, channels, side, side, device=args.device, dtype=dtype)
-        hidden = torch.randn(rows, 77, unet.config.cross_attention_dim, device=args.device, dtype=dtype)
-        pooled_width = unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim
-        added = {
-            "text_embeds": torch.randn(rows, pooled_width, device=args.device, dtype=dtype),
-            "time_ids": torch.tensor([[args.size, args.size, 0, 0, args.size, args.size]] * rows, device=args.device,
-                                     dtype=dtype),
-        }  # fmt: skip
-        timesteps = torch.full((rows,), 500.0, device=args.device)
-
-        def call(sample: Any = sample, hidden: Any = hidden, added: Any = added, timesteps: Any = timesteps) -> Any:
-            with torch.inference_mode():
-                return unet(sample, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
-
-        median, _, _ = _timed(args.device, call, max(args.repeats, 3))
+        median, _, _ = _timed(args.device, _unet_call(args, unet, rows), max(args.repeats, 3))
         points.append([rows, round(median, 5)])
     return {"size": args.size, "points": points, "unit": "seconds per UNet call, by rows"}
+
+
+def compiled_shapes(bench: Bench, model: Path) -> dict[str, Any]:
+    """compiled_shapes = dynamic against padded, on the UNet compiled regionally: the row counts a step-level
+    batch meets, with one dynamic graph, or padded up to 1, 2, 4, 8, 16 rows with a static graph each. Per
+    mode: seconds per call by row count (padding included), their mean, and the seconds spent compiling."""
+    from engines.compiled import compile_regions, padded_row_sizes, use_cache_dir
+
+    args = bench.args
+    counts = SHAPE_ROWS_TINY if args.tiny else SHAPE_ROWS
+    use_cache_dir(Path(args.scratch) / "shapes-cache")
+    result: dict[str, Any] = {"scope": "regional", "rows": list(counts)}
+    for mode in ("dynamic", "padded"):
+        unet = _unet(args, model)
+        compile_regions(unet, dynamic=mode == "dynamic")
+        sizes = padded_row_sizes(max(counts)) if mode == "padded" else ()
+        seconds, compiling = {}, 0.0
+        for rows in counts:
+            call = _unet_call(args, unet, next((size for size in sizes if size >= rows), rows))
+            _sync(args.device)
+            started = time.perf_counter()
+            call()
+            _sync(args.device)
+            first = time.perf_counter() - started
+            median, _, _ = _timed(args.device, call, max(args.repeats, 3))
+            seconds[str(rows)] = round(median, 5)
+            compiling += max(first - median, 0.0)
+        result[mode] = {
+            "s_per_call": seconds,
+            "mean_s_per_call": round(statistics.fmean(seconds.values()), 5),
+            "compile_s": round(compiling, 1),
+        }
+        del unet
+        gc.collect()
+    result["faster"] = min(("dynamic", "padded"), key=lambda mode: result[mode]["mean_s_per_call"])
+    return result
 
 
 def _ready_engine(args: argparse.Namespace, model: Path, engine_name: str) -> tuple[Any, Any, float]:
@@ -580,6 +630,7 @@ def main() -> None:
     bench.section("server", SERVER_S, lambda: server_run(bench, model_dir, fastest))
     # The same load with request-level batching, against the server's default (step-level) above.
     bench.section("server_request_batching", SERVER_S, lambda: server_run(bench, model_dir, fastest, "request"))
+    bench.section("compiled_shapes", 20 if args.tiny else 240, lambda: compiled_shapes(bench, model_dir))
     summarise(bench, backends)
     bench.save()
     print(json.dumps(bench.result), flush=True)

@@ -32,6 +32,10 @@ def test_gpu_bench_runs_every_section_and_prints_one_json_line(tmp_path: Path) -
     )
     assert set(result["step_vs_request_batching"]) == {"images_per_s", "p99"}
     assert [rows for rows, _ in result["cost_curve"]["points"]] == [2, 4, 8, 16]
+    shapes = result["compiled_shapes"]
+    for mode in ("dynamic", "padded"):
+        assert set(shapes[mode]["s_per_call"]) == {"2", "3", "4"} and shapes[mode]["compile_s"] > 0
+    assert shapes["faster"] in ("dynamic", "padded")
     assert server["latency_p50_s"] <= server["latency_p99_s"]
     assert server["peak_vram_gib"] is None  # measured on CUDA devices only
     assert set(result["meets_targets"]) == {"batch1_ratio", "batch1_ratio_quantized", "images_per_s", "warm_restart"}
