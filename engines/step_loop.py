@@ -41,6 +41,7 @@ class _Task:
     time_ids: torch.Tensor
     extra_step: dict[str, Any]
     guided: bool
+    guidance_embeds: torch.Tensor | None  # a guidance-distilled UNet's (LCM) embedding of each row's scale
     started: float = field(default_factory=time.perf_counter)
     step: int = 0
     failed: bool = False  # ended through on_done already (out of memory alone)
@@ -127,6 +128,11 @@ class StepLoop:
         time_ids = pipe._get_add_time_ids(
             size, (0, 0), size, dtype=positive.dtype, text_encoder_projection_dim=projection
         )
+        guidance_embeds = None
+        if pipe.unet.config.time_cond_proj_dim is not None:  # the scale is a UNet input, one per row
+            scales = torch.tensor(job.guidance_scale - 1).repeat(count)
+            embedding = pipe.get_guidance_scale_embedding(scales, embedding_dim=pipe.unet.config.time_cond_proj_dim)
+            guidance_embeds = embedding.to(device=device, dtype=latents.dtype)
         if guided:
             positive = torch.cat([negative, positive])
             pooled = torch.cat([negative_pooled, pooled])
@@ -141,6 +147,7 @@ class StepLoop:
             time_ids=time_ids.to(device).repeat(count, 1),
             extra_step=pipe.prepare_extra_step_kwargs(generators, 0.0),
             guided=guided,
+            guidance_embeds=guidance_embeds,
         )
 
     # -- one step --
@@ -179,11 +186,13 @@ class StepLoop:
                 return joined
             return torch.cat([joined, joined[-1:].expand(padded - rows, *joined.shape[1:])])
 
+        embeds = [task.guidance_embeds for task in tasks if task.guidance_embeds is not None]
         unet = self.pipe.unet
         with torch.inference_mode():
             output = unet(
                 batch(inputs),
                 batch(timesteps),
+                timestep_cond=batch(embeds) if embeds else None,
                 encoder_hidden_states=batch([task.prompt_embeds for task in tasks]),
                 added_cond_kwargs={
                     "text_embeds": batch([task.text_embeds for task in tasks]),

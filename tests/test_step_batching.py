@@ -79,6 +79,23 @@ def test_mixed_steps_samplers_and_guidance_and_a_late_joiner_each_match_their_so
     assert boundaries[:5] == [3, 3, 3, 3, 5]
 
 
+def test_a_unet_that_embeds_its_guidance_gets_each_rows_scale_in_one_step_batch(tiny_model: Path) -> None:
+    """Guidance-distilled UNets (LCM) take the scale as an input with one row each, so tasks with different
+    scales share a step batch and each gets its own scale's image."""
+    from diffusers import UNet2DConditionModel
+
+    distilled = EagerEngine(tiny_info(tiny_model), "cpu")
+    torch.manual_seed(0)
+    distilled.pipe.unet = UNet2DConditionModel.from_config({**distilled.pipe.unet.config, "time_cond_proj_dim": 32})
+    with torch.no_grad():  # a random embedding of the scale barely moves the image; make it count
+        distilled.pipe.unet.time_embedding.cond_proj.weight.mul_(100)
+    strong, weak = job(distilled, 1, 3, "euler", 8.0), job(distilled, 2, 4, "euler", 2.0)
+    outcomes = run_loop(distilled, [strong, weak])
+    for one in (strong, weak):
+        assert difference(outcomes[id(one)], distilled.run(one)) <= TOLERANCE
+    assert difference(outcomes[id(weak)], distilled.run(job(distilled, 2, 4, "euler", 8.0))) > 5
+
+
 def test_out_of_memory_shrinks_the_step_and_fails_no_innocent_task(
     engine: EagerEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
