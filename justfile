@@ -54,8 +54,8 @@ bench-fleet: setup
 
 # Request-level against step-level batching: the server's batching decisions on a simulated device (the
 # cost curve in bench/cost_curves) and clock; prints one JSON line. Takes about a second.
-bench-batching: setup
-    {{bin}}/python -m bench.batching_sim
+bench-batching *ARGS: setup
+    {{bin}}/python -m bench.batching_sim {{ARGS}}
 
 # GPU benchmark: stock diffusers against each engine and the whole server on SDXL's real architecture with
 # random weights; prints one JSON line (also in $OUT/gpu_bench.json). Runs without .venv on a CUDA machine

@@ -16,6 +16,7 @@ saturation no server serves more than is offered, so step/request cannot pass of
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import random
@@ -38,9 +39,13 @@ SAMPLERS: tuple[SchedulerName, ...] = ("euler", "euler_a", "dpmpp_2m_karras")
 
 class CostCurve:
     def __init__(self, path: Path) -> None:
+        """`path`: a curve file (see bench/cost_curves), or the JSON `just bench-gpu` wrote, whose cost_curve
+        section has the points it measured."""
         data = json.loads(path.read_text())
+        data = data.get("cost_curve", data)
         self.points = sorted((float(rows), float(seconds)) for rows, seconds in data["points"])
         self.decode_s = float(data["decode_s_per_image"])
+        self.name = path.name
 
     def step_s(self, rows: int) -> float:
         """Seconds for one UNet call of `rows` rows, linear between (and beyond) the measured points."""
@@ -164,12 +169,18 @@ def trace(rate: float, seed: int) -> list[tuple[float, GenerationSpec]]:
 
 
 def main() -> None:
-    cost = CostCurve(CURVE)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--curve", type=Path, default=CURVE, help="a cost curve, or $OUT/gpu_bench.json")
+    path = parser.parse_args().curve
+    try:
+        cost = CostCurve(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        parser.error(f"--curve {path}: not a cost curve ({type(exc).__name__}: {exc})")
     request = BatchPolicy(max_images=MAX_IMAGES, step_level=False)
     step = BatchPolicy(max_images=MAX_IMAGES, step_level=True)
     saturated = [(0.0, spec) for _, spec in trace(1.0, seed=7)]
     capacity = simulate(saturated, request, cost).summary()["images_per_s"]
-    report: dict[str, object] = {"benchmark": "batching_sim", "curve": CURVE.name, "tasks": TASKS,
+    report: dict[str, object] = {"benchmark": "batching_sim", "curve": cost.name, "tasks": TASKS,
                                  "request_capacity_images_per_s": capacity}  # fmt: skip
     saturation = {mode: simulate(saturated, policy, cost).summary() for mode, policy in (("request", request),
                                                                                          ("step", step))}  # fmt: skip

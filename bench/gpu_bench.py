@@ -245,15 +245,37 @@ def _unet_call(args: argparse.Namespace, unet: Any, rows: int) -> Callable[[], A
 
 
 def cost_curve(bench: Bench, model: Path) -> dict[str, Any]:
-    """Seconds per UNet call at 2, 4, 8 and 16 rows (a guided image is two), at the bench's size: the measured
-    points for bench/cost_curves, which `just bench-batching` simulates with."""
+    """Seconds per UNet call at 2, 4, 8 and 16 rows (a guided image is two), and per VAE decode of one image,
+    at the bench's size: a cost curve for `just bench-batching --curve $OUT/gpu_bench.json`."""
     args = bench.args
     unet = _unet(args, model)
     points = []
     for rows in COST_CURVE_ROWS:
         median, _, _ = _timed(args.device, _unet_call(args, unet, rows), max(args.repeats, 3))
         points.append([rows, round(median, 5)])
-    return {"size": args.size, "points": points, "unit": "seconds per UNet call, by rows"}
+    del unet
+    return {"size": args.size, "points": points, "decode_s_per_image": round(_decode_s(args, model), 5),
+            "unit": "seconds per UNet call, by rows"}  # fmt: skip
+
+
+def _decode_s(args: argparse.Namespace, model: Path) -> float:
+    """One image's VAE decode as the pipeline runs it (SDXL's VAE upcast to fp32)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=dtype).to(args.device)
+    if vae.config.force_upcast:
+        vae.to(torch.float32)
+    side = args.size // 2 ** (len(vae.config.block_out_channels) - 1)
+    latents = torch.randn(1, vae.config.latent_channels, side, side, device=args.device, dtype=vae.dtype)
+
+    def decode() -> Any:
+        with torch.inference_mode():
+            return vae.decode(latents / vae.config.scaling_factor).sample
+
+    median, _, _ = _timed(args.device, decode, max(args.repeats, 3))
+    return median
 
 
 def compiled_shapes(bench: Bench, model: Path) -> dict[str, Any]:

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
 from bench.batching_sim import CURVE, CostCurve, simulate, trace
 from forge.batching import BatchPolicy
 
@@ -20,3 +27,19 @@ def test_step_level_keeps_batches_fuller_than_request_level_on_one_trace() -> No
     assert request.images == step.images == 120  # every task is served, in either mode
     assert step.summary()["mean_batch_images"] > request.summary()["mean_batch_images"]
     assert step.summary()["p99_s"] < request.summary()["p99_s"]
+
+
+def test_the_simulation_runs_on_the_curve_a_gpu_benchmark_measured(tmp_path: Path) -> None:
+    """`just bench-batching --curve $OUT/gpu_bench.json`: the measured points replace the file's."""
+    measured = {"bench": "gpu", "cost_curve": {"points": [[2, 0.09], [4, 0.1], [8, 0.14], [16, 0.25]],
+                                               "decode_s_per_image": 0.08}}  # fmt: skip
+    (tmp_path / "gpu_bench.json").write_text(json.dumps(measured))
+    assert CostCurve(tmp_path / "gpu_bench.json").step_s(12) == pytest.approx(0.195)
+    command = [sys.executable, "-m", "bench.batching_sim", "--curve", str(tmp_path / "gpu_bench.json")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    report = json.loads(done.stdout)
+    assert report["curve"] == "gpu_bench.json"
+    for load in ("load_50", "load_80", "load_95"):
+        ratios = report[load]["ratios"]
+        assert ratios["images_per_s"] <= ratios["images_per_s_ceiling"] + 0.01  # no server beats the arrivals
+    assert set(report["targets"]) == {"images_per_s_ratio_at_95_ge_1.5", "p99_ratio_at_80_le_0.5"}

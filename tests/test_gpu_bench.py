@@ -32,6 +32,7 @@ def test_gpu_bench_runs_every_section_and_prints_one_json_line(tmp_path: Path) -
     )
     assert set(result["step_vs_request_batching"]) == {"images_per_s", "p99"}
     assert [rows for rows, _ in result["cost_curve"]["points"]] == [2, 4, 8, 16]
+    assert result["cost_curve"]["decode_s_per_image"] > 0
     shapes = result["compiled_shapes"]
     for mode in ("dynamic", "padded"):
         assert set(shapes[mode]["s_per_call"]) == {"2", "3", "4"} and shapes[mode]["compile_s"] > 0
