@@ -140,9 +140,11 @@ class EngineActor:
         postprocess: MemoryObjectSendStream[PostprocessInbox],
         on_model_loaded: Callable[[str, str, float], None] | None = None,
         max_images: int = 1,
+        on_step: Callable[[int], None] | None = None,
     ) -> None:
         """`on_model_loaded(device, model id, seconds)` hears of each model loaded and warmed (on the device
-        thread). `max_images`: the most images a step-level batch holds."""
+        thread). `max_images`: the most images a step-level batch holds; `on_step` hears the images of each
+        of its steps (on the device thread)."""
         self.device = device
         self.ready = False
         self._backend = backend
@@ -166,6 +168,7 @@ class EngineActor:
         # Every blocking call for this device runs on this one thread, in order (pipelines are not thread-safe).
         self._thread = DeviceThread(f"engine-{device}")
         self._max_images = max_images
+        self._on_step = on_step
         self._steps: StepBatch | None = None  # the step-level batch running now
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -297,7 +300,7 @@ class EngineActor:
     ) -> None:
         """On the device thread: the model (loaded if need be), then the step loop."""
         engine = self._cache.get(model)
-        engine.run_steps([run.job for run in runs], on_done, steps.take, self._max_images)
+        engine.run_steps([run.job for run in runs], on_done, steps.take, self._max_images, self._on_step)
         if runs[0].job.loras:
             self._cache.remeasure(model.id)
 

@@ -60,6 +60,12 @@ class Metrics:
         self.batch_tasks = Histogram(
             "chara_forge_batch_tasks", "Tasks in the UNet batch each task ran in", buckets=BATCH_BUCKETS, registry=r
         )
+        self.step_batch_images = Histogram(
+            "chara_forge_step_batch_images",
+            "Images in each UNet call of a step-level batch (how full the batch is, step by step)",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
         self.engine_busy = Counter(
             "chara_forge_engine_busy_seconds", "Time each engine spent on tasks", ["device"], registry=r
         )

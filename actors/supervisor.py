@@ -281,6 +281,7 @@ async def serve(
                 scheduler=to_scheduler,
                 postprocess=to_postprocess,
                 on_model_loaded=metrics.model_loaded,
+                on_step=metrics.step_batch_images.observe,
                 max_images=scheduler_batching.max_images,
             )
             for device, (_, receive) in engine_channels.items()

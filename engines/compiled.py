@@ -180,13 +180,18 @@ class CompiledEngine(EagerEngine):
             return super().run_batch(jobs)
 
     def run_steps(
-        self, jobs: Sequence[Job], on_done: OnDone, joiners: Callable[[int], list[Job]], max_images: int
+        self,
+        jobs: Sequence[Job],
+        on_done: OnDone,
+        joiners: Callable[[int], list[Job]],
+        max_images: int,
+        on_step: Callable[[int], None] | None = None,
     ) -> None:
         if not jobs[0].loras:
-            super().run_steps(jobs, on_done, joiners, max_images)
+            super().run_steps(jobs, on_done, joiners, max_images, on_step)
             return
         with self._eager_unet():
-            super().run_steps(jobs, on_done, joiners, max_images)
+            super().run_steps(jobs, on_done, joiners, max_images, on_step)
 
     @contextmanager
     def _eager_unet(self) -> Iterator[None]:

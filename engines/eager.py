@@ -251,7 +251,12 @@ class EagerEngine:
         return [GenerationResult(images=images[begin:end], denoise_s=denoise_s) for begin, end in rows]
 
     def run_steps(
-        self, jobs: Sequence[Job], on_done: OnDone, joiners: Callable[[int], list[Job]], max_images: int
+        self,
+        jobs: Sequence[Job],
+        on_done: OnDone,
+        joiners: Callable[[int], list[Job]],
+        max_images: int,
+        on_step: Callable[[int], None] | None = None,
     ) -> None:
         """Step-level batching (see engines.step_loop): `jobs` and the jobs `joiners` hands over share the LoRA
         set, size and guided-ness; each ends through `on_done`."""
@@ -261,7 +266,7 @@ class EagerEngine:
             for job in jobs:
                 on_done(job, failure)
             return
-        StepLoop(self.pipe, self.step_row_sizes).run(jobs, on_done, joiners, max_images)
+        StepLoop(self.pipe, self.step_row_sizes).run(jobs, on_done, joiners, max_images, on_step)
 
     def _activate_loras(self, loras: list[LoraWeight]) -> None:
         try:

@@ -70,9 +70,11 @@ class StepLoop:
         on_done: OnDone,
         joiners: Callable[[int], list[Job]] = lambda free_images: [],
         max_images: int = 1 << 30,
+        on_step: Callable[[int], None] | None = None,
     ) -> None:
         """Denoise until every job, and every job `joiners` hands over between steps, is done. `joiners` gets
-        the room still free (in images) and returns jobs that fit it. Each job ends through `on_done`, once."""
+        the room still free (in images) and returns jobs that fit it. Each job ends through `on_done`, once.
+        `on_step` hears the images of each step's UNet call."""
         active: list[_Task] = []
         for job in jobs:
             self._admit(job, active, on_done)
@@ -84,6 +86,8 @@ class StepLoop:
                 active.remove(task)
                 on_done(task.job, JobCancelled())
             if active:
+                if on_step is not None:
+                    on_step(sum(task.images for task in active))
                 self._step(active, on_done)
             active[:] = [task for task in active if not task.failed]
             for task in [task for task in active if task.step == len(task.timesteps)]:

@@ -265,9 +265,11 @@ class Engine(Protocol):
         on_done: Callable[[Job, GenerationResult | BaseException], None],
         joiners: Callable[[int], list[Job]],
         max_images: int,
+        on_step: Callable[[int], None] | None = None,
     ) -> None:
         """Step-level batching: `jobs`, and those `joiners` hands over between steps (given the room left, in
-        images), denoised together step by step; each ends through `on_done` once, as soon as it is done."""
+        images), denoised together step by step; each ends through `on_done` once, as soon as it is done.
+        `on_step` hears how many images each step's UNet call denoises."""
         ...
 
     def memory_bytes(self) -> int: ...

@@ -19,6 +19,7 @@ from forge.engine import GenerationResult, Job, JobCancelled, OutOfMemory
 from tests.conftest import RunningServer, server_config, start_server
 from tests.helpers import submit, wait_for_state
 from tests.test_batching import _events
+from tests.test_metrics import _scrape
 
 pytestmark = pytest.mark.anyio
 
@@ -164,6 +165,13 @@ async def test_a_task_joins_the_running_batch_and_leaves_before_it(step_server: 
     assert any(e["type"] == "progress" and e.get("preview_jpeg_b64") for e in events)
     long_view = (await server.client.get(f"/v1/generations/{long['id']}")).json()
     assert long_view["state"] == "running"  # the short one joined it, and is done while it goes on
+    # /metrics shows how full the batch was, step by step: some steps denoised both tasks' images.
+    samples = await _scrape(server)
+    steps, one_image = (
+        samples[("chara_forge_step_batch_images_count", ())],
+        samples[("chara_forge_step_batch_images_bucket", (("le", "1.0"),))],
+    )
+    assert steps >= 2 + 4 and 4 <= steps - one_image < steps
     cancelled = await server.client.post(f"/v1/generations/{long['id']}/cancel")
     assert cancelled.status_code in (200, 202)
     assert (await wait_for_state(server.client, long["id"]))["state"] == "cancelled"
