@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from engines.loader import backend_settings
 from forge.config import load_config
 from forge.errors import ConfigError
 
@@ -17,10 +18,13 @@ def test_defaults_match_the_documented_ports() -> None:
 def test_toml_then_environment_then_overrides(tmp_path: Path) -> None:
     path = tmp_path / "forge.toml"
     path.write_text('api_port = 9000\nmodel = "tiny"\ndata_dir = "/srv/forge"\nenable_ui = true\n')
-    environ = {"FORGE_API_PORT": "9100", "FORGE_ENABLE_UI": "false", "FORGE_BACKEND": "compiled", "HOME": "/x"}
+    environ = {"FORGE_API_PORT": "9100", "FORGE_ENABLE_UI": "false", "FORGE_BACKEND": "compiled", "HOME": "/x",
+               "FORGE_COMPILED_SHAPES": "padded"}  # fmt: skip
     config = load_config(path, environ=environ, overrides={"host": "0.0.0.0"})
     assert config.api_port == 9100 and config.model == "tiny" and config.data_dir == "/srv/forge"
     assert config.enable_ui is False and config.backend == "compiled" and config.host == "0.0.0.0"
+    settings = backend_settings(config, ["cuda:0"])  # what the compiled engines are built with
+    assert settings.compiled_shapes == "padded" and settings.shapes.max_batch == 16
 
 
 @pytest.mark.parametrize(
@@ -29,6 +33,7 @@ def test_toml_then_environment_then_overrides(tmp_path: Path) -> None:
         ({"FORGE_API_PORT": "eighty"}, "FORGE_API_PORT"),
         ({"FORGE_API_PORT": "70000"}, "FORGE_API_PORT: Expected `int` <= 65535"),
         ({"FORGE_BACKEND": "onnx"}, "FORGE_BACKEND: Invalid enum value 'onnx'"),
+        ({"FORGE_COMPILED_SHAPES": "static"}, "FORGE_COMPILED_SHAPES: Invalid enum value 'static'"),
         ({"FORGE_COLOUR": "red"}, "FORGE_COLOUR"),
         ({"FORGE_IP_ADAPTERS": "plus=h94"}, "FORGE_IP_ADAPTERS"),
         ({"FORGE_AUTH": "maybe"}, r"FORGE_AUTH: expected true/false, 1/0, yes/no or on/off, got 'maybe'"),
