@@ -361,7 +361,7 @@ async def test_a_task_joins_the_step_level_batch_running_on_a_worker(fleet: Flee
     await stepping.start()
     duel = {"prompt": "a quick duel", "width": 64, "height": 64, "steps": 4, "seed": 2, "scheduler": "euler_a"}
     async with fleet.client(0) as one, fleet.client(1) as two, fleet.client(1, "bob") as bob:
-        long = (await one.post("/v1/generations", json={**SMALL, "prompt": "a long march", "steps": 60})).json()
+        long = (await one.post("/v1/generations", json={**SMALL, "prompt": "a long march", "steps": 150})).json()
         with anyio.fail_after(60):
             while not ((await two.get(f"/v1/generations/{long['id']}")).json()["progress"] or {}).get("step", 0) >= 2:
                 await anyio.sleep(0.05)
