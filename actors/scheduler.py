@@ -62,14 +62,6 @@ class _Running:
     batch_size: int
 
 
-@dataclass
-class _OpenBatch:
-    """A step-level batch running on a device: what may join it, and how many images it holds now."""
-
-    key: tuple[object, ...]
-    images: int
-
-
 @dataclass(frozen=True)
 class SchedulerStatistics:
     queued: int
@@ -131,7 +123,7 @@ class Scheduler:
         self._idle: list[str] = []
         self._ready: set[str] = set()
         self._running: dict[str, _Running] = {}
-        self._open: dict[str, _OpenBatch] = {}  # device -> its running step-level batch
+        self._open: dict[str, BatchKey] = {}  # device -> the key of its running step-level batch
         self._dispatching = True
         self._running_changed = anyio.Event()
         self._request_ids: dict[str, str] = {}  # task id -> the request that created it (this process only)
@@ -177,17 +169,12 @@ class Scheduler:
                 for task_id in task_ids:
                     self._running.pop(task_id, None)
                 self._running_changed.set()
-                still = [running for running in self._running.values() if running.device == device]
-                if not still:
+                # A task sent to join as the batch ended keeps the engine busy: it runs it as a new batch.
+                if not any(running.device == device for running in self._running.values()):
                     self._open.pop(device, None)
                     self._idle.append(device)
-                elif (batch := self._open.get(device)) is not None:
-                    # A task sent to join as the batch ended: the engine runs it as a new batch of that key.
-                    batch.images = sum(running.task.spec.num_images for running in still)
-            case TaskLeft(device=device, task_id=task_id):
-                left = self._running.pop(task_id, None)
-                if left is not None and (batch := self._open.get(device)) is not None:
-                    batch.images -= left.task.spec.num_images
+            case TaskLeft(task_id=task_id):
+                self._running.pop(task_id, None)
                 self._running_changed.set()
             case _:
                 assert_never(msg)
@@ -285,8 +272,8 @@ class Scheduler:
 
     def _joinable(self, head: _Entry) -> str | None:
         """A device whose running step-level batch the head of the queue joins now (see `may_join`)."""
-        for device, batch in self._open.items():
-            if may_join(head.task.spec, batch.key, batch.images, self._batching):
+        for device, key in self._open.items():
+            if may_join(head.task.spec, key, self._images_on(device), self._batching):
                 return device
         return None
 
@@ -317,11 +304,11 @@ class Scheduler:
             if assignments:
                 self._idle.pop(0)
                 await self._hand_over(device, assignments, fleet.worker)
-        for device, batch in list(self._open.items()):
-            room = self._batching.max_images - batch.images
+        for device, key in list(self._open.items()):
+            room = self._batching.max_images - self._images_on(device)
             if not (self._dispatching and self._batching.joins and room > 0):
                 continue
-            if assignments := await self._claim_for(fleet, device, room, joining=batch.key):
+            if assignments := await self._claim_for(fleet, device, room, joining=key):
                 await self._hand_over(device, assignments, fleet.worker)
 
     async def _claim_for(
@@ -378,8 +365,7 @@ class Scheduler:
         # A step-level batch stays open for joiners (a task that always runs alone has no key: no batch to join).
         step_key = batch_key(assignments[0].task.spec, step_level=True) if self._batching.step_level else None
         if step_key is not None:
-            open_batch = self._open.setdefault(device, _OpenBatch(step_key, 0))
-            open_batch.images += sum(a.task.spec.num_images for a in assignments)
+            self._open.setdefault(device, step_key)
         size = len(assignments)
         for assignment in assignments:
             task = assignment.task
@@ -393,6 +379,10 @@ class Scheduler:
                 verb = "claimed on" if worker else "dispatched to"
                 log.info("%s %s (attempt %d, batch of %d)", verb, device, task.attempt, size)
         await self._engines[device].send(Dispatch(batch=assignments, step_level=step_key is not None))
+
+    def _images_on(self, device: str) -> int:
+        """The images of the tasks running on `device` (its step-level batch's, when it has one open)."""
+        return sum(running.task.spec.num_images for running in self._running.values() if running.device == device)
 
     def _pick_device(self, model_id: str) -> str:
         """An idle engine that already holds the model, else the one idle longest."""
