@@ -220,10 +220,25 @@ class EngineActor:
         """On the device thread: the model (loaded if need be), then the batch."""
         engine, first = self._cache.get(model), jobs[0]
         results = [_run_views(engine, first)] if first.views else engine.run_batch(jobs)
-        # LoRAs, ControlNets, IP-Adapters and inpainting UNets stay loaded: count them.
-        if first.loras or first.controls or first.references or first.image_edit or first.views:
-            self._cache.remeasure(model.id)
+        self._remeasure_after(model, first)
         return results
+
+    def _remeasure_after(self, model: ModelInfo, job: Job) -> None:
+        """LoRAs, ControlNets, IP-Adapters and inpainting UNets stay loaded once a job used them: count them."""
+        if job.loras or job.controls or job.references or job.image_edit or job.views:
+            self._cache.remeasure(model.id)
+
+    def _mark_used(self, model: ModelInfo) -> None:
+        """The model is about to run: loading first if it is not loaded on this device."""
+        if model.id not in self._cache.loaded():
+            self._catalog.loading(self.device, model.id)
+        self._catalog.used(model.id)
+
+    async def _requeue_all(self, tasks: list[TaskRecord]) -> None:
+        """After a forced stop: the tasks wait for the next start."""
+        with anyio.CancelScope(shield=True):
+            for task in tasks:
+                await self._requeue(task)
 
     def _generate_apart(self, model: ModelInfo, jobs: list[Job]) -> list[GenerationResult | BaseException]:
         """After a batch ran out of memory: each job alone, so one that fits is not failed for the others."""
@@ -245,7 +260,7 @@ class EngineActor:
             if not runs:
                 await self._scheduler.send(EngineIdle(device=self.device, task_ids=[a.task.id for a in batch]))
                 return
-            self._steps = StepBatch(runs[0].model.id)
+            self._steps = StepBatch()
         for run in runs:
             self._steps.add(run)
         for assignment in batch:
@@ -256,32 +271,32 @@ class EngineActor:
 
     async def _run_steps(self, steps: StepBatch, portal: BlockingPortal) -> None:
         """Denoise until no task is left in the batch or waiting to join it; then report the engine idle."""
+
+        def stop_all() -> None:
+            for run in steps.runs.values():
+                run.assignment.cancel.set(SHUTDOWN)
+
+        def on_done(job: Job, outcome: GenerationResult | BaseException) -> None:
+            portal.call(self._leave, steps, steps.run_of(job), outcome)
+
         try:
             while runs := steps.take_all():
                 model = runs[0].model
-                if model.id not in self._cache.loaded():
-                    self._catalog.loading(self.device, model.id)
-                self._catalog.used(model.id)
-
-                def stop_all() -> None:
-                    for run in steps.runs.values():
-                        run.assignment.cancel.set(SHUTDOWN)
-
-                def on_done(job: Job, outcome: GenerationResult | BaseException) -> None:
-                    portal.call(self._leave, steps, steps.run_of(job), outcome)
-
+                self._mark_used(model)
                 try:
                     await self._thread.run_sync(self._denoise_steps, model, runs, steps, on_done, on_cancel=stop_all)
-                except anyio.get_cancelled_exc_class():  # a forced stop: the tasks wait for the next start
-                    with anyio.CancelScope(shield=True):
-                        for run in steps.runs.values():
-                            if run.assignment.task.id not in steps.ended:
-                                await self._requeue(run.assignment.task)
+                except anyio.get_cancelled_exc_class():
+                    await self._requeue_all(
+                        [
+                            run.assignment.task
+                            for run in steps.runs.values()
+                            if run.assignment.task.id not in steps.ended
+                        ]
+                    )
                     raise
                 except Exception as exc:  # the whole batch failed (its model did not load, say)
                     for run in list(steps.runs.values()):
-                        if run.assignment.task.id not in steps.ended:
-                            await self._leave(steps, run, exc)
+                        await self._leave(steps, run, exc)
                 finally:
                     self._catalog.loaded(self.device, self._cache.loaded())
         finally:
@@ -301,8 +316,7 @@ class EngineActor:
         """On the device thread: the model (loaded if need be), then the step loop."""
         engine = self._cache.get(model)
         engine.run_steps([run.job for run in runs], on_done, steps.take, self._max_images, self._on_step)
-        if runs[0].job.loras:
-            self._cache.remeasure(model.id)
+        self._remeasure_after(model, runs[0].job)
 
     async def _leave(self, steps: StepBatch, run: _Run, outcome: GenerationResult | BaseException) -> None:
         """A task of the step-level batch is done: its last progress out, then its end, then its room free."""
@@ -356,9 +370,7 @@ class EngineActor:
 
     async def _run(self, runs: list[_Run]) -> None:
         model, jobs = runs[0].model, [run.job for run in runs]
-        if model.id not in self._cache.loaded():
-            self._catalog.loading(self.device, model.id)
-        self._catalog.used(model.id)
+        self._mark_used(model)
 
         def stop_all() -> None:
             for run in runs:
@@ -382,10 +394,8 @@ class EngineActor:
                 with anyio.move_on_after(PROGRESS_FLUSH_S, shield=True):
                     for run in runs:
                         await run.progress.wait_delivered()
-        except anyio.get_cancelled_exc_class():  # a forced stop: the tasks wait for the next start
-            with anyio.CancelScope(shield=True):
-                for run in runs:
-                    await self._requeue(run.assignment.task)
+        except anyio.get_cancelled_exc_class():
+            await self._requeue_all([run.assignment.task for run in runs])
             raise
         except Exception as exc:  # the batch as a whole failed: every task in it ends the same way
             outcomes = [exc] * len(runs)

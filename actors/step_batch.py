@@ -14,7 +14,6 @@ from forge.engine import Job
 
 @dataclass
 class StepBatch:
-    model_id: str
     runs: dict[int, Any] = field(default_factory=dict)  # id(job) -> the actor's run of it
     waiting: deque[Any] = field(default_factory=deque)
     ended: set[str] = field(default_factory=set)  # task ids
