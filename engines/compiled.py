@@ -174,9 +174,7 @@ class CompiledEngine(EagerEngine):
         )  # fmt: skip
 
     def run_batch(self, jobs: Sequence[Job]) -> list[GenerationResult]:
-        if not jobs[0].loras and jobs[0].references is None:
-            return super().run_batch(jobs)
-        with self._eager_unet():
+        with self._unet_for(jobs[0]):
             return super().run_batch(jobs)
 
     def run_steps(
@@ -187,17 +185,17 @@ class CompiledEngine(EagerEngine):
         max_images: int,
         on_step: Callable[[int], None] | None = None,
     ) -> None:
-        if not jobs[0].loras:
-            super().run_steps(jobs, on_done, joiners, max_images, on_step)
-            return
-        with self._eager_unet():
+        with self._unet_for(jobs[0]):
             super().run_steps(jobs, on_done, joiners, max_images, on_step)
 
     @contextmanager
-    def _eager_unet(self) -> Iterator[None]:
-        """A UNet with LoRA adapters (or an IP-Adapter attached) runs uncompiled: dynamo would recompile it for
-        every LoRA set, adapter weight and reference count, each time holding the device for as long as a
-        cold compile."""
+    def _unet_for(self, job: Job) -> Iterator[None]:
+        """The compiled UNet, except for a job with LoRAs or reference images: a UNet with LoRA adapters (or an
+        IP-Adapter attached) runs uncompiled, since dynamo would recompile it for every LoRA set, adapter
+        weight and reference count, each time holding the device for as long as a cold compile."""
+        if not job.loras and job.references is None:
+            yield
+            return
         if self._fused:
             # peft adapts to_q/to_k/to_v, which the fused projection bypasses: unfuse once, for good
             # (the compiled UNet recompiles once for that, at the next job without LoRAs).
