@@ -283,6 +283,7 @@ def compiled_shapes(bench: Bench, model: Path) -> dict[str, Any]:
     batch meets, with one dynamic graph, or padded up to 1, 2, 4, 8, 16 rows with a static graph each. Per
     mode: seconds per call by row count (padding included), their mean, and the seconds spent compiling."""
     from engines.compiled import compile_regions, padded_row_sizes, use_cache_dir
+    from engines.step_loop import padded_rows
 
     args = bench.args
     counts = SHAPE_ROWS_TINY if args.tiny else SHAPE_ROWS
@@ -294,7 +295,7 @@ def compiled_shapes(bench: Bench, model: Path) -> dict[str, Any]:
         sizes = padded_row_sizes(max(counts)) if mode == "padded" else ()
         seconds, compiling = {}, 0.0
         for rows in counts:
-            call = _unet_call(args, unet, next((size for size in sizes if size >= rows), rows))
+            call = _unet_call(args, unet, padded_rows(rows, sizes))
             _sync(args.device)
             started = time.perf_counter()
             call()

@@ -23,6 +23,7 @@ from diffusers import StableDiffusionXLPipeline
 
 from engines.cache import release_memory
 from engines.preview import latent_preview
+from engines.row_guidance import guides_only_by_cfg
 from engines.schedulers import make_scheduler
 from forge.engine import GenerationResult, Job, JobCancelled, OutOfMemory
 
@@ -55,6 +56,11 @@ class _Task:
         return self.images * (2 if self.guided else 1)
 
 
+def padded_rows(rows: int, sizes: Sequence[int]) -> int:
+    """The smallest of `sizes` that holds `rows` (`rows` itself when none does)."""
+    return min((size for size in sizes if size >= rows), default=rows)
+
+
 class StepLoop:
     """Step-level batching on one SDXL pipeline (its weights shared, never copied). `row_sizes`: when given,
     each UNet call is padded (with copies of its last row, whose outputs are dropped) up to the smallest of
@@ -62,7 +68,7 @@ class StepLoop:
 
     def __init__(self, pipe: StableDiffusionXLPipeline, row_sizes: Sequence[int] = ()) -> None:
         self.pipe = pipe
-        self.row_sizes = sorted(row_sizes)
+        self.row_sizes = tuple(row_sizes)
 
     def run(
         self,
@@ -111,7 +117,8 @@ class StepLoop:
         scheduler = make_scheduler(job.scheduler, base.scheduler.config)
         pipe = StableDiffusionXLPipeline(**{**base.components, "scheduler": scheduler})
         device = pipe._execution_device
-        guided = job.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+        by_cfg = guides_only_by_cfg(pipe)
+        guided = job.guidance_scale > 1 and by_cfg
         count = len(job.seeds)
         positive, negative, pooled, negative_pooled = pipe.encode_prompt(
             prompt=job.prompt,
@@ -133,7 +140,7 @@ class StepLoop:
             size, (0, 0), size, dtype=positive.dtype, text_encoder_projection_dim=projection
         )
         guidance_embeds = None
-        if pipe.unet.config.time_cond_proj_dim is not None:  # the scale is a UNet input, one per row
+        if not by_cfg:  # the scale is a UNet input, one per row
             scales = torch.tensor(job.guidance_scale - 1).repeat(count)
             embedding = pipe.get_guidance_scale_embedding(scales, embedding_dim=pipe.unet.config.time_cond_proj_dim)
             guidance_embeds = embedding.to(device=device, dtype=latents.dtype)
@@ -182,7 +189,7 @@ class StepLoop:
             inputs.append(task.pipe.scheduler.scale_model_input(latents, t))
             timesteps.append(torch.full((latents.shape[0],), float(t), device=latents.device))
         rows = sum(task.rows for task in tasks)
-        padded = next((size for size in self.row_sizes if size >= rows), rows)
+        padded = padded_rows(rows, self.row_sizes)
 
         def batch(parts: list[torch.Tensor]) -> torch.Tensor:
             joined = torch.cat(parts)
