@@ -125,6 +125,12 @@ def _reference_fields(slots: list[tuple[Image.Image | None, float, str]]) -> lis
     return references
 
 
+def _ui_error(exc: ForgeError) -> gr.Error:
+    """A refused request as the page shows it: the message, and the field it names."""
+    where = f" ({exc.field})" if exc.field else ""
+    return gr.Error(f"{exc.message}{where}", print_exception=False)
+
+
 class WebUi:
     def __init__(self, *, ingress: Ingress, hub: Events, results: Files, data_dir: Path, auth: Authenticator) -> None:
         self._auth = auth
@@ -426,50 +432,49 @@ class WebUi:
         width_px: int | None
         height_px: int | None
         width_px, height_px = self._size(size, int(width), int(height))
-        if _editor_background(init_image) is not None and size != "custom":
+        edit = _edit_fields(init_image, strength, inpaint_area)
+        if edit and size != "custom":
             width_px = height_px = None  # the sizes follow the image
+        # Everything but the prompt is the same for each line: images are encoded once.
+        common: dict[str, Any] = {
+            "negative_prompt": negative or "",
+            "num_images": int(num_images),
+            "width": width_px,
+            "height": height_px,
+            "steps": int(steps),
+            "guidance_scale": float(guidance),
+            "scheduler": scheduler,
+            "output_format": output_format,
+        }
+        if style:
+            common["style"] = style
+        if base_model:
+            common["model"] = base_model
+        if pose and pose != NO_POSE:
+            common["control"] = {"type": "openpose", "pose": pose}
+        if loras:
+            common["loras"] = [{"name": name, "weight": float(lora_weight)} for name in loras]
+        steps_wanted = _postprocess_fields(
+            upscale, remove_background, trim_box, pixel_palette, int(pixel_factor), outline, sprite_sheet
+        )
+        if steps_wanted:
+            common["postprocess"] = steps_wanted
+        if not random_seed and seed is not None:
+            common["seed"] = int(seed)
+        if character and character != NO_CHARACTER:
+            common["character"] = character
+        common |= edit
+        if references := _reference_fields(slots):
+            common["references"] = references
         records: list[TaskRecord] = []
         try:
             for line in lines or [""]:
-                fields: dict[str, Any] = {
-                    "prompt": line,
-                    "negative_prompt": negative or "",
-                    "num_images": int(num_images),
-                    "width": width_px,
-                    "height": height_px,
-                    "steps": int(steps),
-                    "guidance_scale": float(guidance),
-                    "scheduler": scheduler,
-                    "output_format": output_format,
-                }
-                if style:
-                    fields["style"] = style
-                if base_model:
-                    fields["model"] = base_model
-                if pose and pose != NO_POSE:
-                    fields["control"] = {"type": "openpose", "pose": pose}
-                if loras:
-                    fields["loras"] = [{"name": name, "weight": float(lora_weight)} for name in loras]
-                steps_wanted = _postprocess_fields(
-                    upscale, remove_background, trim_box, pixel_palette, int(pixel_factor), outline, sprite_sheet
-                )
-                if steps_wanted:
-                    fields["postprocess"] = steps_wanted
-                if not random_seed and seed is not None:
-                    fields["seed"] = int(seed)
-                if character and character != NO_CHARACTER:
-                    fields["character"] = character
-                fields |= _edit_fields(init_image, strength, inpaint_area)
-                references = _reference_fields(slots)
-                if references:
-                    fields["references"] = references
                 record, _ = await self._ingress.submit(
-                    convert(fields, GenerationRequest), principal=self._principal(request)
+                    convert({**common, "prompt": line}, GenerationRequest), principal=self._principal(request)
                 )
                 records.append(record)
         except ForgeError as exc:
-            where = f" ({exc.field})" if exc.field else ""
-            raise gr.Error(f"{exc.message}{where}", print_exception=False) from None
+            raise _ui_error(exc) from None
         self._session_tasks[request.session_hash or ""] = [record.id for record in records]
         async for update in self._follow(records):
             yield update
@@ -505,8 +510,7 @@ class WebUi:
             )
             saved = await self._ingress.characters.create(self._principal(request).owner, create)
         except ForgeError as exc:
-            where = f" ({exc.field})" if exc.field else ""
-            raise gr.Error(f"{exc.message}{where}", print_exception=False) from None
+            raise _ui_error(exc) from None
         table, choices, sheet_choices = await self.characters(request)
         message = f"Saved **{saved.name}** with {len(saved.references)} reference image(s)."
         return message, table, choices, sheet_choices
