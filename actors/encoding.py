@@ -6,9 +6,12 @@ import base64
 import io
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
+
+from forge.errors import InvalidRequest
 
 EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpg": "image/jpeg", "jpeg": "image/jpeg"}
@@ -26,6 +29,16 @@ def png_base64(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+def mask_as_ours(data: bytes, convert: Callable[[Image.Image], Image.Image]) -> str:
+    """A mask in a client's convention, `convert`ed to ours (white repaints), as base64 PNG; a 422 naming
+    `mask` when it is not an image."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return png_base64(convert(image))
+    except (OSError, ValueError):
+        raise InvalidRequest("the mask is not an image this server can read", field="mask", rule="image") from None
 
 
 def read_parameters(image: Image.Image) -> str | None:

@@ -14,6 +14,7 @@ from msgspec import Meta
 
 from forge.engine import ModelInfo
 from forge.errors import InvalidRequest
+from forge.resolve import round8
 
 # Steps as a share of the model's default (SDXL: 15, 30, 45).
 QUALITY_STEPS = {"low": 0.5, "medium": 1.0, "standard": 1.0, "auto": 1.0, "high": 1.5, "hd": 1.5}
@@ -40,19 +41,19 @@ class ImageGenerationRequest(msgspec.Struct, kw_only=True):
     partial_images: Annotated[int, Meta(ge=0, le=3)] = 0
 
 
-def generation_fields(given: ImageGenerationRequest, model: ModelInfo, known_models: list[str]) -> dict[str, Any]:
-    """Our request's fields (the model is the request's when it is one of ours, else the default)."""
+def generation_fields(given: ImageGenerationRequest, model: ModelInfo) -> dict[str, Any]:
+    """Our request's fields. `model`: the request's when it is one of ours, else the default."""
     fields: dict[str, Any] = {
         "prompt": given.prompt,
         "num_images": given.n,
         "output_format": given.output_format,
         "steps": max(1, round(model.default_steps * QUALITY_STEPS[given.quality])),
     }
-    if given.model in known_models:
-        fields["model"] = given.model
+    if given.model == model.id:  # one of ours; an unknown name (dall-e-3, say) gets the default unnamed
+        fields["model"] = model.id
     if given.size != "auto":
         width, _, height = given.size.partition("x")
-        fields["width"], fields["height"] = (max(8, round(int(side) / 8) * 8) for side in (width, height))
+        fields["width"], fields["height"] = (round8(int(side)) for side in (width, height))
     if given.style:
         fields["style"] = OPENAI_STYLES.get(given.style, given.style)
     postprocess: dict[str, Any] = {}

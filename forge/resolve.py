@@ -34,14 +34,15 @@ DEFAULT_SCHEDULER: SchedulerName = "euler"
 SIZE_PRESETS = ("square", "portrait", "landscape")
 
 
-def _round8(value: float) -> int:
+def round8(value: float) -> int:
+    """The nearest multiple of 8 (at least 8): a side SDXL takes."""
     return max(8, round(value / 8) * 8)
 
 
 def preset_size(model: ModelInfo, preset: str) -> tuple[int, int] | None:
     """(width, height) for a named preset at the model's native area (SDXL: 832x1216 portrait)."""
     side = model.default_size
-    long, short = _round8(side * 1.1875), _round8(side * 0.8125)
+    long, short = round8(side * 1.1875), round8(side * 0.8125)
     sizes = {"square": (side, side), "portrait": (short, long), "landscape": (long, short)}
     if preset not in sizes:
         return None

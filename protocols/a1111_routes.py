@@ -21,10 +21,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from actors.encoding import png_base64, read_parameters
+from actors.encoding import mask_as_ours, read_parameters
 from actors.files import Files
 from actors.hub import Events
 from actors.ingress import Ingress
+from actors.uploads import decode_inline
 from engines.schedulers import SAMPLERS
 from forge import __version__
 from forge.a1111 import (
@@ -42,6 +43,7 @@ from forge.requests import GenerationRequest
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert, decode_json
 from protocols.http_io import JSONResponse, read_body
+from protocols.identity import principal_of
 from protocols.task_wait import GenerationFailed, image_bytes, until_finished
 
 SDAPI = "/sdapi/v1"
@@ -107,12 +109,6 @@ class A1111Routes:
         """One route for both methods, so a 405 lists both in its Allow header."""
         return await (self.set_options(request) if request.method == "POST" else self.options(request))
 
-    async def _principal(self, request: Request) -> Principal:
-        header = request.headers.get("authorization")
-        if not self.auth.enabled:
-            return self.auth.local  # clients send a header (often an empty Basic one) even then
-        return await anyio.to_thread.run_sync(lambda: self.auth.principal(header, basic=True))
-
     # -- generation --
 
     async def txt2img(self, request: Request) -> Response:
@@ -122,7 +118,7 @@ class A1111Routes:
         return await self._generate(request, img2img=True)
 
     async def _generate(self, request: Request, *, img2img: bool) -> Response:
-        principal = await self._principal(request)
+        principal = await principal_of(request, self.auth, basic=True)
         body = await read_body(request, self.max_body_bytes)
         echoed = decode_json(body, dict[str, Any])  # parsed once: echoed as A1111 does, then validated
         given = convert(echoed, A1111Request)
@@ -136,7 +132,8 @@ class A1111Routes:
                 record, reuse = await self.ingress.submit(convert(wanted, GenerationRequest), principal=principal)
                 if reuse == "cached":
                     cached.append(record.id)
-                seed = record.spec.seed - iteration * given.batch_size if seed is None else seed
+                if seed is None:  # the first iteration's random seed; the others follow it
+                    seed = record.spec.seed
                 records.append(await until_finished(self.ingress, self.hub, record))
                 if records[-1].state is TaskState.CANCELLED:  # interrupted: the other iterations are not run
                     break
@@ -196,13 +193,12 @@ class A1111Routes:
         return self.models.get(principal.owner)
 
     def _model_for_title(self, title: str, field_name: str) -> str:
-        ids = self.ingress.catalog.ids()
-        found = next((model_id for model_id in ids if title in (model_id, _title(model_id))), None)
-        if found is None:
+        """A model's A1111 title is its id, which is unique and what /options and overrides name."""
+        if self.ingress.catalog.find(title) is None:
             raise InvalidRequest(
                 f"unknown model {title!r}; GET {SDAPI}/sd-models lists them", field=field_name, rule="enum"
             )
-        return found
+        return title
 
     def _upscale(self, given: A1111Request) -> dict[str, Any]:
         """hires fix as our upscale step: x2 or x4, with the named upscaler when it is one of ours."""
@@ -235,33 +231,33 @@ class A1111Routes:
     def _info(
         self, given: A1111Request, records: list[TaskRecord], infotexts: list[str], warnings: list[str]
     ) -> dict[str, Any]:
-        spec = records[0].spec if records else None
+        spec = records[0].spec  # there is at least one: the first iteration ran or the request failed
         seeds = [seed for record in records for seed in record.spec.seeds]
         prompts = [record.spec.styled_prompt for record in records for _ in record.spec.seeds]
         negatives = [record.spec.styled_negative_prompt for record in records for _ in record.spec.seeds]
-        sampler = SAMPLERS[spec.scheduler] if spec else None
+        sampler = SAMPLERS[spec.scheduler]
         return {
-            "prompt": prompts[0] if prompts else given.prompt,
+            "prompt": prompts[0],
             "all_prompts": prompts,
-            "negative_prompt": negatives[0] if negatives else given.negative_prompt,
+            "negative_prompt": negatives[0],
             "all_negative_prompts": negatives,
-            "seed": seeds[0] if seeds else given.seed,
+            "seed": seeds[0],
             "all_seeds": seeds,
             "subseed": -1,
             "all_subseeds": [-1] * len(seeds),
             "subseed_strength": 0,
-            "width": spec.width if spec else given.width,
-            "height": spec.height if spec else given.height,
-            "sampler_name": sampler.a1111_sampler if sampler else given.sampler_name,
-            "scheduler": (sampler.a1111_schedule or "Automatic") if sampler else given.scheduler,
-            "cfg_scale": spec.guidance_scale if spec else given.cfg_scale,
-            "steps": spec.steps if spec else given.steps,
+            "width": spec.width,
+            "height": spec.height,
+            "sampler_name": sampler.a1111_sampler,
+            "scheduler": sampler.a1111_schedule or "Automatic",
+            "cfg_scale": spec.guidance_scale,
+            "steps": spec.steps,
             "batch_size": given.batch_size,
             "restore_faces": False,
-            "sd_model_name": spec.model if spec else None,
+            "sd_model_name": spec.model,
             "sd_model_hash": None,
-            "denoising_strength": spec.strength if spec else None,
-            "styles": spec.styles if spec else [],
+            "denoising_strength": spec.strength,
+            "styles": spec.styles,
             "infotexts": infotexts,
             "index_of_first_image": 0,
             "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
@@ -276,7 +272,7 @@ class A1111Routes:
 
     async def interrupt(self, request: Request) -> Response:
         """Cancel the caller's running tasks (never another user's)."""
-        principal = await self._principal(request)
+        principal = await principal_of(request, self.auth, basic=True)
         for record in await self.ingress.list(owner=principal.owner, state=TaskState.RUNNING, limit=50):
             try:
                 await self.ingress.cancel(record.id, owner=principal.owner)
@@ -286,7 +282,7 @@ class A1111Routes:
 
     async def progress(self, request: Request) -> Response:
         """The caller's newest running task, as A1111 reports its one job."""
-        principal = await self._principal(request)
+        principal = await principal_of(request, self.auth, basic=True)
         running = await self.ingress.list(owner=principal.owner, state=TaskState.RUNNING, limit=1)
         queued = await self.ingress.list(owner=principal.owner, state=TaskState.QUEUED, limit=100)
         step, total, preview, eta = 0, 0, None, 0.0
@@ -323,11 +319,11 @@ class A1111Routes:
     # -- settings and lists --
 
     async def options(self, request: Request) -> Response:
-        principal = await self._principal(request)
+        principal = await principal_of(request, self.auth, basic=True)
         model = self.models.get(principal.owner, self.ingress.model.id)
         return JSONResponse(
             {
-                "sd_model_checkpoint": _title(model),
+                "sd_model_checkpoint": model,
                 "sd_checkpoint_hash": None,
                 "sd_vae": "Automatic",
                 "samples_format": "png",
@@ -339,7 +335,7 @@ class A1111Routes:
 
     async def set_options(self, request: Request) -> Response:
         """Only the model is taken (for this caller, not for everyone); other options are accepted unchanged."""
-        principal = await self._principal(request)
+        principal = await principal_of(request, self.auth, basic=True)
         body = await read_body(request, self.max_body_bytes)
         options = decode_json(body, dict[str, Any])
         title = options.get("sd_model_checkpoint")
@@ -348,18 +344,18 @@ class A1111Routes:
         return JSONResponse(None)
 
     async def refresh(self, request: Request) -> Response:
-        await self._principal(request)
+        await principal_of(request, self.auth, basic=True)
         return JSONResponse(None)
 
     async def sd_models(self, request: Request) -> Response:
-        await self._principal(request)
+        await principal_of(request, self.auth, basic=True)
         catalog = self.ingress.catalog
         items = []
         for model_id in catalog.ids():
             model = catalog.find(model_id)
             items.append(
                 {
-                    "title": _title(model_id),
+                    "title": model_id,
                     "model_name": model_id,
                     "hash": None,
                     "sha256": None,
@@ -370,11 +366,11 @@ class A1111Routes:
         return JSONResponse(items)
 
     async def samplers(self, request: Request) -> Response:
-        await self._principal(request)
+        await principal_of(request, self.auth, basic=True)
         return JSONResponse([{"name": name, "aliases": [], "options": {}} for name in a1111_sampler_names()])
 
     async def schedulers(self, request: Request) -> Response:
-        await self._principal(request)
+        await principal_of(request, self.auth, basic=True)
         return JSONResponse(
             [
                 {"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
@@ -383,7 +379,7 @@ class A1111Routes:
         )
 
     async def upscalers(self, request: Request) -> Response:
-        await self._principal(request)
+        await principal_of(request, self.auth, basic=True)
         names = self.ingress.resources.upscalers.names()
         items: list[dict[str, Any]] = [{"name": "None", "model_name": None, "model_path": None, "scale": 1}]
         for name in names:
@@ -393,37 +389,32 @@ class A1111Routes:
         return JSONResponse(items)
 
     async def latent_upscale_modes(self, request: Request) -> Response:
-        await self._principal(request)
+        await principal_of(request, self.auth, basic=True)
         return JSONResponse([])  # hires fix upscales the decoded image (see /upscalers)
 
     async def sd_vae(self, request: Request) -> Response:
-        await self._principal(request)
+        await principal_of(request, self.auth, basic=True)
         return JSONResponse([])  # each model's own VAE
 
     async def loras(self, request: Request) -> Response:
-        await self._principal(request)
+        await principal_of(request, self.auth, basic=True)
         installed = self.ingress.resources.loras.installed()
         return JSONResponse([{"name": i.name, "alias": i.name, "path": i.path, "metadata": {}} for i in installed])
 
     async def prompt_styles(self, request: Request) -> Response:
-        await self._principal(request)
+        await principal_of(request, self.auth, basic=True)
         styles = self.ingress.resources.styles.all()
         return JSONResponse(
             [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in styles]
         )
 
     async def scripts(self, request: Request) -> Response:
-        await self._principal(request)
+        await principal_of(request, self.auth, basic=True)
         return JSONResponse({"txt2img": ["controlnet"], "img2img": ["controlnet"]})
 
     async def cmd_flags(self, request: Request) -> Response:
-        await self._principal(request)
+        await principal_of(request, self.auth, basic=True)
         return JSONResponse({"api": True, "nowebui": True, "ckpt": self.ingress.model.path, "lora_dir": None})
-
-
-def _title(model_id: str) -> str:
-    """A model's A1111 title: its id, which is unique and what /options and overrides name."""
-    return model_id
 
 
 def _multiple_of_8(side: int) -> int:
@@ -437,10 +428,4 @@ def _parameters(data: bytes) -> str:
 
 def _inverted(mask: str) -> str:
     """A1111's inpainting_mask_invert: the mask's black repaints instead of its white."""
-    from actors.uploads import decode_inline
-
-    try:
-        with Image.open(io.BytesIO(decode_inline(mask, field="mask"))) as image:
-            return png_base64(ImageOps.invert(image.convert("L")))
-    except (OSError, ValueError):
-        raise InvalidRequest("the mask is not an image this server can read", field="mask", rule="image") from None
+    return mask_as_ours(decode_inline(mask, field="mask"), lambda image: ImageOps.invert(image.convert("L")))

@@ -15,14 +15,15 @@ from forge.auth import Authenticator, Principal, Unauthorized
 from forge.errors import Forbidden, ForgeError
 
 
-async def principal_of(connection: HTTPConnection, auth: Authenticator) -> Principal:
-    """From `Authorization: Bearer`, or for a WebSocket (browsers cannot set headers) `?access_token=`."""
+async def principal_of(connection: HTTPConnection, auth: Authenticator, *, basic: bool = False) -> Principal:
+    """From `Authorization: Bearer` (with `basic`, also `Basic`: see `Authenticator.principal`), or for a
+    WebSocket (browsers cannot set headers) `?access_token=`."""
     header = connection.headers.get("authorization")
     if header is None and connection.scope["type"] == "websocket" and "access_token" in connection.query_params:
         header = f"Bearer {connection.query_params['access_token']}"
-    if not auth.enabled:
-        return auth.principal(header)
-    return await anyio.to_thread.run_sync(auth.principal, header)  # an API key is looked up in SQLite
+    if not auth.enabled:  # the local user, whatever the header says
+        return auth.principal(header, basic=basic)
+    return await anyio.to_thread.run_sync(lambda: auth.principal(header, basic=basic))  # keys live in SQLite
 
 
 def is_loopback(host: str) -> bool:

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from actors.encoding import png_base64
+from actors.encoding import mask_as_ours
 from actors.files import Files
 from actors.hub import Events
 from actors.ingress import Ingress
@@ -36,6 +36,7 @@ from forge.requests import GenerationRequest
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert, decode_json
 from protocols.http_io import JSONResponse, idempotency_key, read_body
+from protocols.identity import principal_of
 from protocols.task_wait import GenerationFailed, image_bytes, until_finished
 from protocols.views import image_url
 
@@ -86,27 +87,21 @@ class OpenAIRoutes:
             Route(OPENAI + "/models", _openai_errors(self.models), methods=["GET"]),
         ]
 
-    async def _principal(self, request: Request) -> Principal:
-        if not self.auth.enabled:
-            return self.auth.local  # the SDK always sends a key; with auth off any will do
-        header = request.headers.get("authorization")
-        return await anyio.to_thread.run_sync(self.auth.principal, header)
-
     async def models(self, request: Request) -> Response:
-        await self._principal(request)
+        await principal_of(request, self.auth)
         data = [{"id": model_id, "object": "model", "created": 0, "owned_by": "chara-forge"}
                 for model_id in self.ingress.catalog.ids()]  # fmt: skip
         return JSONResponse({"object": "list", "data": data})
 
     async def generations(self, request: Request) -> Response:
-        principal = await self._principal(request)
+        principal = await principal_of(request, self.auth)
         given = decode_json(await read_body(request, self.max_body_bytes), ImageGenerationRequest)
         return await self._run(request, principal, given, {})
 
     async def edits(self, request: Request) -> Response:
         """multipart: image (or image[]: the first is edited, the others are references), an optional mask
         whose transparent pixels are repainted, and the generation fields."""
-        principal = await self._principal(request)
+        principal = await principal_of(request, self.auth)
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             raise PayloadTooLarge(f"request body is larger than {self.max_body_bytes} bytes", field="body")
@@ -134,7 +129,7 @@ class OpenAIRoutes:
     ) -> Response:
         catalog = self.ingress.catalog
         model = catalog.find(given.model or "") or catalog.default
-        fields = generation_fields(given, model, catalog.ids()) | extra
+        fields = generation_fields(given, model) | extra
         record, reuse = await self.ingress.submit(
             convert(fields, GenerationRequest), principal=principal, idempotency_key=idempotency_key(request)
         )
@@ -237,9 +232,4 @@ def _as_format(preview_jpeg_b64: str, output_format: str) -> str:
 
 def _repaint_mask(data: bytes) -> str:
     """OpenAI's mask (transparent pixels are repainted) as ours (white repaints)."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            alpha = image.convert("RGBA").getchannel("A")
-    except (OSError, ValueError):
-        raise InvalidRequest("the mask is not an image this server can read", field="mask", rule="image") from None
-    return png_base64(alpha.point(lambda value: 255 if value == 0 else 0))
+    return mask_as_ours(data, lambda image: image.convert("RGBA").getchannel("A").point(lambda a: 255 if a == 0 else 0))
