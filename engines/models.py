@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from engines.tiny_extras import CONTROL_TYPES, TINY_IP_ADAPTER, TINY_IP_WEIGHT, 
 from forge.config import Config
 from forge.engine import ModelInfo
 from forge.errors import ConfigError
-from forge.hub_fetch import hub_offline
+from forge.hub_fetch import fetch_bounded, hub_offline
 from forge.ip_adapters import IpAdapterSource
 
 log = logging.getLogger(__name__)
@@ -80,21 +79,16 @@ def _hub_reachable(timeout_s: float) -> bool:
     """Ask the hub about SDXL base, giving up after `timeout_s` whatever the resolver or network does."""
     if hub_offline():
         return False
-    outcome: list[bool] = []
+    answered: list[bool] = []
 
     def probe() -> None:
         from huggingface_hub import HfApi
 
-        try:
-            HfApi().model_info(SDXL_BASE, timeout=timeout_s)
-            outcome.append(True)
-        except Exception:
-            outcome.append(False)
+        HfApi().model_info(SDXL_BASE, timeout=timeout_s)
+        answered.append(True)
 
-    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    return bool(outcome and outcome[0])
+    fetch_bounded([("hub-probe", probe)], timeout_s)
+    return bool(answered)
 
 
 def _default_id(info: ModelInfo) -> str:

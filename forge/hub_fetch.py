@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 
@@ -14,15 +15,19 @@ def hub_offline() -> bool:
 
 
 def fetch_bounded(fetches: Iterable[tuple[str, Callable[[], None]]], timeout_s: float) -> None:
-    """Each (name, fetch) in a thread of its own, waited for at most `timeout_s`: an unreachable hub costs that
-    much, and a large download goes on in the background. A failure is not raised: the caller reports what is
-    still missing afterwards."""
+    """Each (name, fetch) in a thread of its own, all of them waited for at most `timeout_s` together: an
+    unreachable hub costs that much however many fetches there are, and a large download goes on in the
+    background. A failure is not raised: the caller reports what is still missing afterwards."""
 
     def quietly(fetch: Callable[[], None]) -> None:
         with contextlib.suppress(Exception):
             fetch()
 
-    for name, fetch in fetches:
-        thread = threading.Thread(target=quietly, args=(fetch,), daemon=True, name=f"fetch-{name}")
+    threads = [
+        threading.Thread(target=quietly, args=(fetch,), daemon=True, name=f"fetch-{name}") for name, fetch in fetches
+    ]
+    for thread in threads:
         thread.start()
-        thread.join(timeout_s)
+    deadline = time.monotonic() + timeout_s
+    for thread in threads:
+        thread.join(max(deadline - time.monotonic(), 0))
