@@ -230,27 +230,32 @@ class StepLoop:
             job.on_progress(task.step, len(task.timesteps), preview)
 
     def _finish(self, task: _Task) -> Outcome:
-        """Decode as the pipeline does at the end of its call (one image at a time: the VAE's peak is per image)."""
-        pipe = task.pipe
+        """Decode as the pipeline does at the end of its call: an fp16 VAE that asks for it runs in fp32 for the
+        decode, then goes back to fp16 (the engine's VAE is shared); the engine's VAE slicing decodes one image
+        at a time, since the VAE's peak is per image."""
+        pipe, vae = task.pipe, task.pipe.vae
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
         try:
             with torch.inference_mode():
-                images = []
-                for row in torch.split(task.latents, 1):
-                    decoded = pipe.vae.decode(self._scaled_for_vae(pipe, row), return_dict=False)[0]
-                    images += pipe.image_processor.postprocess(decoded, output_type="pil")
+                if upcast:
+                    vae.to(dtype=torch.float32)
+                latents = task.latents.to(vae.dtype)
+                decoded = vae.decode(self._scaled_for_vae(vae.config, latents), return_dict=False)[0]
+                images = pipe.image_processor.postprocess(decoded, output_type="pil")
         except torch.OutOfMemoryError as exc:
             release_memory(str(self.pipe.device))
             return OutOfMemory(str(exc))
+        except Exception as exc:  # this task's own failure; the others go on
+            return exc
+        finally:
+            if upcast:
+                vae.to(dtype=torch.float16)
         if task.job.on_progress is not None:
             task.job.on_progress(len(task.timesteps), len(task.timesteps), None)
         return GenerationResult(images=images, denoise_s=time.perf_counter() - task.started)
 
     @staticmethod
-    def _scaled_for_vae(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
-        if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
-            pipe.upcast_vae()
-            latents = latents.to(next(iter(pipe.vae.post_quant_conv.parameters())).dtype)
-        config = pipe.vae.config
+    def _scaled_for_vae(config: Any, latents: torch.Tensor) -> torch.Tensor:
         if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
             mean = torch.tensor(config.latents_mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
             std = torch.tensor(config.latents_std).view(1, 4, 1, 1).to(latents.device, latents.dtype)

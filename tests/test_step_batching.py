@@ -97,6 +97,21 @@ def test_a_unet_that_embeds_its_guidance_gets_each_rows_scale_in_one_step_batch(
     assert difference(outcomes[id(weak)], distilled.run(job(distilled, 2, 4, "euler", 8.0))) > 5
 
 
+def test_an_fp16_vae_that_decodes_in_fp32_is_left_in_fp16_for_the_next_task(tiny_model: Path) -> None:
+    """SDXL's VAE is fp16 but decodes in fp32 (force_upcast), as the pipeline runs it: a step batch's decodes
+    put the shared VAE back in fp16, so every later decode, in a step batch or the pipeline, works too."""
+    half = EagerEngine(tiny_info(tiny_model), "cpu")
+    half.pipe.to(torch.float16)
+    half.pipe.vae.register_to_config(force_upcast=True)
+    pair, single = job(half, 1, 3, "euler", 5.0, seeds=[1, 2]), job(half, 3, 4, "euler_a", 6.0)
+    outcomes = run_loop(half, [pair, single])
+    assert half.pipe.vae.dtype == torch.float16
+    for one in (pair, single):
+        alone = half.run(one)
+        assert difference(outcomes[id(one)], alone) <= TOLERANCE
+        assert all(np.asarray(image).std() > 1 for image in alone.images)  # real pictures, not a blank
+
+
 def test_out_of_memory_shrinks_the_step_and_fails_no_innocent_task(
     engine: EagerEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
