@@ -99,6 +99,15 @@ def requested_controls(request: GenerationRequest) -> list[tuple[str, ControlReq
     return [(f"control[{index}]", control) for index, control in enumerate(request.control)]
 
 
+def view_controls(request: GenerationRequest) -> list[tuple[str, ControlRequest]]:
+    """(field prefix for errors, control) for each view of a sheet that has a pose: openpose control."""
+    return [
+        (f"views[{index}]", ControlRequest(type="openpose", pose=view.pose))
+        for index, view in enumerate(request.views)
+        if view.pose is not None
+    ]
+
+
 def _styles(request: GenerationRequest, styles: StyleRegistry) -> list[Style]:
     found = []
     for name in requested_styles(request):
@@ -202,9 +211,8 @@ def check_views(request: GenerationRequest, model: ModelInfo) -> None:
             raise InvalidRequest(f"views do not combine with {field_name}", field=field_name, rule="exclusive")
     if request.num_images != 1:
         raise InvalidRequest("a sheet makes one image per view", field="num_images", rule="exclusive")
-    for index, view in enumerate(request.views):
-        if view.pose is not None:
-            check_control(ControlRequest(type="openpose", pose=view.pose), model, f"views[{index}]")
+    for field, control in view_controls(request):
+        check_control(control, model, field)
 
 
 def check_reference_count(request: GenerationRequest, resources: Resources) -> None:
@@ -342,7 +350,7 @@ def resolve_request(
         controls = [("style", styled.control)]
     for field, control in controls:
         check_control(control, model, field)
-    _check_backend_support(request, loras, controls, resources.backend)
+    _check_backend_support(request, loras, [*controls, *view_controls(request)], resources.backend)
     references, ip_adapter = check_references(request, model, resources)
 
     check_views(request, model)
