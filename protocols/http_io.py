@@ -10,7 +10,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from forge.errors import InvalidRequest, PayloadTooLarge
+from actors.rate_limits import RateLimited
+from forge.errors import ForgeError, InvalidRequest, PayloadTooLarge, ServiceUnavailable
 
 MAX_IDEMPOTENCY_KEY = 255
 DISCARD_FACTOR = 8  # an over-long streamed body is read up to this multiple of the limit, then cut
@@ -63,3 +64,8 @@ class CollapseSlashes:
             path = re.sub("/{2,}", "/", scope["path"])
             scope = {**scope, "path": path, "raw_path": path.encode()}
         await self.app(scope, receive, send)
+
+
+def retry_headers(exc: ForgeError) -> dict[str, str]:
+    """Retry-After for a refusal that a later retry may pass (a rate limit, a 503), else none."""
+    return {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, ServiceUnavailable | RateLimited) else {}

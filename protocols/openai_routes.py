@@ -27,15 +27,14 @@ from actors.encoding import mask_as_ours
 from actors.files import Files
 from actors.hub import Events
 from actors.ingress import Ingress
-from actors.rate_limits import RateLimited
 from forge.auth import Authenticator, Principal
-from forge.errors import ForgeError, InvalidRequest, PayloadTooLarge, ServiceUnavailable
+from forge.errors import ForgeError, InvalidRequest, PayloadTooLarge
 from forge.events import Progress
 from forge.openai_images import EDIT_STRENGTH, ImageGenerationRequest, generation_fields
 from forge.requests import GenerationRequest
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert, decode_json
-from protocols.http_io import JSONResponse, idempotency_key, read_body
+from protocols.http_io import JSONResponse, idempotency_key, read_body, retry_headers
 from protocols.identity import principal_of
 from protocols.task_wait import GenerationFailed, image_bytes, until_finished
 from protocols.views import image_url
@@ -62,12 +61,10 @@ def _openai_errors(handler: Handler) -> Handler:
     async def wrapped(request: Request) -> Response:
         try:
             return await handler(request)
-        except (RateLimited, ServiceUnavailable) as exc:
-            response = openai_error(exc.status, exc.message, code=exc.code, param=exc.field)
-            response.headers["Retry-After"] = str(exc.retry_after_s)
-            return response
         except ForgeError as exc:
-            return openai_error(exc.status, exc.message, code=exc.code, param=exc.field)
+            response = openai_error(exc.status, exc.message, code=exc.code, param=exc.field)
+            response.headers.update(retry_headers(exc))
+            return response
 
     return wrapped
 

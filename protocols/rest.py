@@ -25,11 +25,10 @@ from actors.hub import Events
 from actors.ingress import Ingress
 from actors.lifecycle import final_event
 from actors.metrics import Metrics
-from actors.rate_limits import RateLimited
 from engines.schedulers import SAMPLERS
 from forge import __version__
 from forge.auth import Authenticator
-from forge.errors import Forbidden, ForgeError, NotFound, ServiceUnavailable
+from forge.errors import Forbidden, ForgeError, NotFound
 from forge.events import TERMINAL_EVENTS, AnyTaskEvent, Postprocessing, Queued, Started, Succeeded
 from forge.logs import request_id as forge_request_id
 from forge.requests import GenerationRequest
@@ -39,7 +38,7 @@ from protocols.a1111_routes import A1111Routes
 from protocols.catalog_routes import CatalogRoutes
 from protocols.character_routes import CharacterRoutes
 from protocols.docs import docs_page
-from protocols.http_io import CollapseSlashes, JSONResponse, idempotency_key, read_body
+from protocols.http_io import CollapseSlashes, JSONResponse, idempotency_key, read_body, retry_headers
 from protocols.identity import principal_of, require_shared_secret, visible_owner
 from protocols.openai_routes import OpenAIRoutes
 from protocols.openapi import openapi_spec
@@ -325,9 +324,7 @@ class RestApi:
     async def _forge_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ForgeError)
         self.metrics.rejected(exc.code)
-        headers = {}
-        if isinstance(exc, ServiceUnavailable | RateLimited):
-            headers["Retry-After"] = str(exc.retry_after_s)
+        headers = retry_headers(exc)
         if isinstance(exc, UpgradeRequired):
             headers["Upgrade"] = "websocket"
         return JSONResponse(error_view(exc), status_code=exc.status, headers=headers)
