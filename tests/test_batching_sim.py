@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from bench.batching_sim import CURVE, CostCurve, simulate, trace
+from bench.batching_sim import CURVE, CostCurve, full_batch_images_per_s, simulate, trace
 from forge.batching import BatchPolicy
 
 
@@ -39,7 +40,20 @@ def test_the_simulation_runs_on_the_curve_a_gpu_benchmark_measured(tmp_path: Pat
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
     report = json.loads(done.stdout)
     assert report["curve"] == "gpu_bench.json"
-    for load in ("load_50", "load_80", "load_95"):
-        ratios = report[load]["ratios"]
-        assert ratios["images_per_s"] <= ratios["images_per_s_ceiling"] + 0.01  # no server beats the arrivals
-    assert set(report["targets"]) == {"images_per_s_ratio_at_95_ge_1.5", "p99_ratio_at_80_le_0.5"}
+    capacity = report["request_capacity_images_per_s"]
+    assert capacity["measured"] == report["saturated"]["request"]["images_per_s"] < capacity["nominal"]
+    for reading in ("measured_capacity", "nominal_capacity"):
+        for load in ("load_50", "load_80", "load_95"):
+            ratios = report[reading][load]["ratios"]
+            assert ratios["images_per_s"] <= ratios["images_per_s_ceiling"] + 0.01  # no server beats the arrivals
+        assert set(report[reading]["targets"]) == {"images_per_s_ratio_at_95_ge_1.5", "p99_ratio_at_80_le_0.5"}
+
+
+def test_nominal_capacity_is_what_full_batches_of_each_key_serve() -> None:
+    cost = CostCurve(CURVE)
+    spec = trace(1.0, seed=3)[0][1]
+    guided = msgspec.structs.replace(spec, steps=30, guidance_scale=5.0)
+    unguided = msgspec.structs.replace(spec, steps=20, guidance_scale=1.0)
+    # A full batch of 8 guided images takes 30 calls of 16 rows; one of 8 unguided images, 20 calls of 8 rows.
+    seconds = 30 * cost.step_s(16) + 20 * cost.step_s(8) + 16 * cost.decode_s
+    assert full_batch_images_per_s([guided, unguided], 8, cost) == pytest.approx(16 / seconds)
