@@ -379,12 +379,13 @@ def resolve_request(
     elif styled.postprocess is not None:
         postprocess = check_postprocess(styled.postprocess, resources, width, height, "style")
     steps = request.steps or defaults.steps or model.default_steps
-    work = width * height * (len(request.views) or request.num_images) * steps
-    if resources.max_work and work > resources.max_work:
+    images, images_field = (len(request.views), "views") if request.views else (request.num_images, "num_images")
+    if resources.max_work and width * height * images * steps > resources.max_work:
         raise InvalidRequest(
-            f"{width}x{height} x {request.num_images} images x {steps} steps is over this server's budget of "
-            f"{resources.max_work} pixel-steps per request; ask for fewer images, steps or pixels",
-            field="num_images",
+            f"{width}x{height} x {images} images x {steps} steps is over this server's budget of "
+            f"{resources.max_work} pixel-steps per request; ask for fewer {images_field.replace('_', ' ')}, "
+            "steps or pixels",
+            field=images_field,
             rule="budget",
         )
     guidance = request.guidance_scale
@@ -396,7 +397,7 @@ def resolve_request(
         styles=[style.name for style in styles],
         width=width,
         height=height,
-        num_images=len(request.views) or request.num_images,
+        num_images=images,
         steps=steps,
         guidance_scale=guidance,
         seed=secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed,

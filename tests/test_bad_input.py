@@ -155,6 +155,11 @@ async def test_a_request_over_the_work_budget_is_refused(tmp_path: Path, tiny_mo
         assert fits.status_code == 202
         assert over.status_code == 422
         assert (over.json()["error"]["field"], over.json()["error"]["rule"]) == ("num_images", "budget")
+        views = [{"label": f"view-{index}"} for index in range(5)]  # a sheet's images are its views
+        sheet = await running.client.post("/v1/generations", json={"prompt": "x", "views": views, "steps": 8})
+        assert sheet.status_code == 422
+        error = sheet.json()["error"]
+        assert (error["field"], error["rule"]) == ("views", "budget") and "5 images" in error["message"]
 
 
 @pytest.mark.parametrize(
