@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import redis
 
+from actors.caller_models import CallerModels, RedisCallerModels, SqliteCallerModels
 from actors.characters import CharacterStore, RedisCharacters, SqliteCharacters
 from actors.files import DirectoryFiles, Files, RedisFiles
 from actors.keys import KeyStore, RedisKeys, SqliteKeys
@@ -29,6 +30,7 @@ class Backends:
     keys: KeyStore
     characters: CharacterStore
     result_index: ResultIndex
+    caller_models: CallerModels
     redis: RedisStore | None = None  # the fleet's store, when it is Redis
 
 
@@ -60,6 +62,7 @@ async def open_backends(config: Config) -> AsyncIterator[Backends]:
                 keys=key_store(config),
                 characters=SqliteCharacters(config.database_path),
                 result_index=SqliteResultIndex(config.database_path),
+                caller_models=SqliteCallerModels(config.database_path),
             )
         return
     blobs = sync_redis(config)
@@ -79,6 +82,7 @@ async def open_backends(config: Config) -> AsyncIterator[Backends]:
                 keys=KeyStore(RedisKeys(blobs)),
                 characters=RedisCharacters(blobs),
                 result_index=RedisResultIndex(blobs, config.result_ttl_s),
+                caller_models=RedisCallerModels(blobs),
                 redis=store,
             )
     finally:

@@ -1,6 +1,7 @@
 """`chara-forge store migrate --from sqlite --to redis://…`: a single box's history moves into a fleet's
-Redis: every task row (those that had not ended are queued again), its result files and uploads, and the
-API keys. Safe to run again: what Redis already has is left as it is."""
+Redis: every task row (those that had not ended are queued again), its result files and uploads, the API
+keys, the character library and each A1111 caller's model. Safe to run again: what Redis already has is left
+as it is."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import msgspec
 import redis
 
 from actors import redis_scripts as lua
+from actors.caller_models import RedisCallerModels, SqliteCallerModels
+from actors.characters import NameTaken, RedisCharacters, SqliteCharacters
 from actors.files import DirectoryFiles, Files, RedisFiles
 from actors.keys import RedisKeys, SqliteKeys
 from actors.redis_store import batch_tag
@@ -31,6 +34,9 @@ class Migrated:
     requeued: int
     files: int
     keys: int
+    characters: int
+    # "owner/name" of each character the fleet already has another of, by that name: the fleet's is kept
+    name_clashes: list[str]
 
 
 def _copy_tree(source: Path, target: Files) -> int:
@@ -88,4 +94,22 @@ def migrate(box: Config, fleet: Config, client: redis.Redis) -> Migrated:
         if redis_keys.find(key.id) is None:
             redis_keys.add(key)
             keys += 1
-    return Migrated(tasks=tasks, requeued=requeued, files=files, keys=keys)
+    characters, clashes = _copy_characters(SqliteCharacters(box.database_path), RedisCharacters(client))
+    fleet_models = RedisCallerModels(client)
+    for owner, model in SqliteCallerModels(box.database_path).all().items():
+        if fleet_models.get(owner) is None:
+            fleet_models.set(owner, model)
+    return Migrated(tasks, requeued, files, keys, characters, clashes)
+
+
+def _copy_characters(box: SqliteCharacters, fleet: RedisCharacters) -> tuple[int, list[str]]:
+    copied, clashes = 0, []
+    for character in box.all(owner=None):
+        if fleet.get(character.id) is not None:
+            continue
+        try:
+            fleet.add(character)
+            copied += 1
+        except NameTaken:
+            clashes.append(f"{character.owner}/{character.name}")
+    return copied, clashes

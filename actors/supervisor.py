@@ -327,6 +327,7 @@ async def serve(
             image_body_bytes=max(config.max_body_bytes, 4 * config.max_upload_bytes),
             admin_key=config.admin_key,
             metrics_token=config.metrics_token,
+            caller_models=backends.caller_models,
         )
         serves_clients = config.role != "worker"
         http = HttpServer(rest.app() if serves_clients else rest.probes_app(), config.host, config.api_port)

@@ -171,9 +171,11 @@ def cmd_store(args: argparse.Namespace) -> int:
     finally:
         client.close()
     print(
-        f"copied {done.tasks} task(s) ({done.requeued} queued again), {done.files} file(s) and {done.keys} key(s) "
-        f"from {box.database_path} into the Redis store"
+        f"copied {done.tasks} task(s) ({done.requeued} queued again), {done.files} file(s), {done.keys} key(s) "
+        f"and {done.characters} character(s) from {box.database_path} into the Redis store"
     )
+    for clash in done.name_clashes:
+        print(f"not copied: the fleet has another character named {clash}; rename one and run again", file=sys.stderr)
     return 0
 
 
@@ -242,7 +244,7 @@ def _parser() -> argparse.ArgumentParser:
     store.add_argument("--data-dir")
     store_actions = store.add_subparsers(dest="action", required=True)
     migrating = store_actions.add_parser(
-        "migrate", help="copy tasks (unfinished ones are queued again), files, uploads and keys into Redis"
+        "migrate", help="copy tasks (unfinished ones are queued again), files, uploads, keys and characters into Redis"
     )
     migrating.add_argument("--from", dest="source", choices=["sqlite"], default="sqlite")
     migrating.add_argument("--to", required=True, help="the fleet's store, redis://[user:password@]host:port/db")

@@ -11,7 +11,7 @@ import base64
 import io
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from actors.caller_models import CallerModels
 from actors.encoding import mask_as_ours, read_parameters
 from actors.files import Files
 from actors.hub import Events
@@ -76,8 +77,7 @@ class A1111Routes:
     results: Files
     auth: Authenticator
     max_body_bytes: int
-    # Each caller's model from POST /options (a process's memory: in a fleet, per API node).
-    models: dict[str, str] = field(default_factory=dict)
+    models: CallerModels  # each caller's model from POST /options, in the store
 
     def routes(self) -> list[BaseRoute]:
         gets = {
@@ -177,7 +177,7 @@ class A1111Routes:
             "style": given.styles or None,
             "loras": loras or None,
             "control": controls or None,
-            "model": self._model(given, principal),
+            "model": await self._model(given, principal),
         }
         fields |= {name: value for name, value in optional.items() if value is not None}
         if given.enable_hr:
@@ -186,11 +186,11 @@ class A1111Routes:
             fields |= await self._edit(given)
         return fields, warnings
 
-    def _model(self, given: A1111Request, principal: Principal) -> str | None:
+    async def _model(self, given: A1111Request, principal: Principal) -> str | None:
         title = (given.override_settings or {}).get("sd_model_checkpoint")
         if title:
             return self._model_for_title(str(title), "override_settings.sd_model_checkpoint")
-        return self.models.get(principal.owner)
+        return await anyio.to_thread.run_sync(self.models.get, principal.owner)
 
     def _model_for_title(self, title: str, field_name: str) -> str:
         """A model's A1111 title is its id, which is unique and what /options and overrides name."""
@@ -320,7 +320,7 @@ class A1111Routes:
 
     async def options(self, request: Request) -> Response:
         principal = await principal_of(request, self.auth, basic=True)
-        model = self.models.get(principal.owner, self.ingress.model.id)
+        model = await anyio.to_thread.run_sync(self.models.get, principal.owner) or self.ingress.model.id
         return JSONResponse(
             {
                 "sd_model_checkpoint": model,
@@ -340,7 +340,8 @@ class A1111Routes:
         options = decode_json(body, dict[str, Any])
         title = options.get("sd_model_checkpoint")
         if title:
-            self.models[principal.owner] = self._model_for_title(str(title), "sd_model_checkpoint")
+            model = self._model_for_title(str(title), "sd_model_checkpoint")
+            await anyio.to_thread.run_sync(self.models.set, principal.owner, model)
         return JSONResponse(None)
 
     async def refresh(self, request: Request) -> Response:

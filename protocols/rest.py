@@ -18,6 +18,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from actors.caller_models import CallerModels
 from actors.disk_space import StorageFull, is_disk_full
 from actors.encoding import CONTENT_TYPES
 from actors.files import Files
@@ -92,6 +93,7 @@ class RestApi:
     metrics: Metrics
     max_body_bytes: int
     auth: Authenticator
+    caller_models: CallerModels  # each A1111 caller's model
     admin_key: str = ""
     metrics_token: str = ""
     ws_allowed_origins: frozenset[str] = field(default_factory=frozenset)
@@ -123,7 +125,9 @@ class RestApi:
             *CatalogRoutes(self.ingress, self.admin_key, self.auth).routes(),
             *SpriteSheetRoutes(self.ingress, self.results, self.auth).routes(),
             *CharacterRoutes(self.ingress, self.auth, self.max_body_bytes).routes(),
-            *A1111Routes(self.ingress, self.hub, self.results, self.auth, self.image_body_bytes).routes(),
+            *A1111Routes(
+                self.ingress, self.hub, self.results, self.auth, self.image_body_bytes, self.caller_models
+            ).routes(),
             *OpenAIRoutes(self.ingress, self.hub, self.results, self.auth, self.image_body_bytes).routes(),
             Route("/v1/info", self.info, methods=["GET"]),
             *self._probes(),

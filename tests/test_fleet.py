@@ -84,7 +84,7 @@ async def wait_final(client: httpx.AsyncClient, task_id: str, timeout_s: float =
 async def fleet(tmp_path: Path, tiny_model: Path) -> AsyncIterator[Fleet]:
     if REDIS_SERVER is None:
         pytest.skip("redis-server is not installed (Debian package redis-server); the fleet tests need one")
-    (tmp_path / "forge.toml").write_text(CONFIG)
+    (tmp_path / "forge.toml").write_text(CONFIG + f'\n[models]\nsecond = "{tiny_model}"\n')
     async with running_redis(tmp_path / "redis") as server:
         keys = KeyStore(RedisKeys(redis.Redis.from_url(server.url)))
         tokens = {
@@ -228,6 +228,18 @@ async def test_models_loaded_through_one_node_show_as_held_by_the_workers_on_the
         assert {device["device"] for device in loaded.json()["devices"]} == {"w1/cpu", "w2/cpu"}
         unloading_the_default = await two.post("/v1/models/tiny-sdxl/unload")
         assert unloading_the_default.status_code == 409
+
+    # An A1111 client picks its model once, through whichever node the balancer gives it; every node keeps it.
+    ann = httpx.BasicAuth("ann", fleet.tokens["ann"])
+    async with httpx.AsyncClient(base_url=fleet.apis[0].url, auth=ann, timeout=60) as one:
+        assert (await one.post("/sdapi/v1/options", json={"sd_model_checkpoint": "second"})).status_code == 200
+    async with httpx.AsyncClient(base_url=fleet.apis[1].url, auth=ann, timeout=60) as two:
+        assert (await two.get("/sdapi/v1/options")).json()["sd_model_checkpoint"] == "second"
+        made = await two.post("/sdapi/v1/txt2img", json={"prompt": "a knight", "width": 64, "height": 64, "steps": 2})
+        assert made.status_code == 200, made.text
+        task_id = json.loads(made.json()["info"])["task_ids"][0]
+    async with fleet.client(0, "ann") as one:
+        assert (await one.get(f"/v1/generations/{task_id}")).json()["request"]["model"] == "second"
 
 
 async def test_worker_kills_lose_no_task(fleet: Fleet) -> None:

@@ -12,6 +12,7 @@ import anyio
 import pytest
 import redis
 
+from actors.caller_models import CallerModels, RedisCallerModels, SqliteCallerModels
 from actors.characters import CharacterStore, NameTaken, RedisCharacters, SqliteCharacters
 from actors.keys import KeyStore, RedisKeys, SqliteKeys
 from actors.rate_limits import RateLimited
@@ -55,6 +56,7 @@ class Backend:
     store: TaskStore
     keys: KeyStore
     characters: CharacterStore
+    caller_models: CallerModels
 
     async def start(self, task: TaskRecord) -> None:
         if isinstance(self.store, RedisStore):
@@ -76,16 +78,17 @@ class Backend:
 @pytest.fixture(params=["sqlite", "redis"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     if request.param == "sqlite":
-        async with SqliteStore.open(tmp_path / "forge.sqlite3") as store:
+        database = tmp_path / "forge.sqlite3"
+        async with SqliteStore.open(database) as store:
             yield Backend(
-                store, KeyStore(SqliteKeys(tmp_path / "forge.sqlite3")), SqliteCharacters(tmp_path / "forge.sqlite3")
+                store, KeyStore(SqliteKeys(database)), SqliteCharacters(database), SqliteCallerModels(database)
             )
         return
     if REDIS_SERVER is None:
         pytest.skip("redis-server is not installed (Debian package redis-server); the Redis store tests need one")
     async with running_redis(tmp_path / "redis") as server, RedisStore.open(server.url) as fleet:
         client = redis.Redis.from_url(server.url)
-        yield Backend(fleet, KeyStore(RedisKeys(client)), RedisCharacters(client))
+        yield Backend(fleet, KeyStore(RedisKeys(client)), RedisCharacters(client), RedisCallerModels(client))
 
 
 async def test_insert_then_get_gives_the_same_task(backend: Backend) -> None:
@@ -209,6 +212,15 @@ async def test_characters_have_unique_names_per_owner_and_versions(backend: Back
     assert store.delete(hero.id) and not store.delete(hero.id) and store.find("a", "aylin") is None
 
 
+async def test_each_callers_model_is_kept_apart_and_replaced(backend: Backend) -> None:
+    models = backend.caller_models
+    assert models.get("a") is None
+    models.set("a", "second")
+    models.set("b", "tiny-sdxl")
+    models.set("a", "third")
+    assert (models.get("a"), models.get("b"), models.get("c")) == ("third", "tiny-sdxl", None)
+
+
 async def test_sqlite_database_is_wal_and_rows_survive_reopen(tmp_path: Path) -> None:
     path = tmp_path / "forge.sqlite3"
     async with SqliteStore.open(path) as store:
@@ -218,11 +230,14 @@ async def test_sqlite_database_is_wal_and_rows_survive_reopen(tmp_path: Path) ->
         assert await store.get(task.id) is not None
 
 
-async def test_a_box_moves_into_a_fleet_with_its_history_files_and_keys(
+async def test_a_box_moves_into_a_fleet_with_its_history_files_keys_and_characters(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`chara-forge store migrate --from sqlite --to redis://…`"""
+    import msgspec
+
     from actors.files import RedisFiles
+    from forge.characters import Character, CharacterDefaults
     from forge.cli import main
 
     if REDIS_SERVER is None:
@@ -245,15 +260,29 @@ async def test_a_box_moves_into_a_fleet_with_its_history_files_and_keys(
     (data / "outputs" / done.id).mkdir(parents=True)
     (data / "outputs" / done.id / "0.png").write_bytes(b"png bytes")
     _, token = KeyStore(SqliteKeys(data / "forge.sqlite3")).create("a", "free", ["generate"])
+    hero = Character(
+        id="ch_" + "1" * 32, owner="a", name="ayla", description="d", references=[], defaults=CharacterDefaults(),
+        version=2, created_at=1.0, updated_at=2.0,
+    )  # fmt: skip
+    SqliteCharacters(data / "forge.sqlite3").add(hero)
+    SqliteCharacters(data / "forge.sqlite3").add(msgspec.structs.replace(hero, id="ch_" + "2" * 32, name="bran"))
+    SqliteCallerModels(data / "forge.sqlite3").set("a", "second")
 
     async with running_redis(tmp_path / "redis") as server:
+        client = redis.Redis.from_url(server.url)
+        # The fleet already has another "bran" of the same owner: the fleet's is kept, and the clash is named.
+        RedisCharacters(client).add(msgspec.structs.replace(hero, id="ch_" + "3" * 32, name="bran"))
         argv = ["store", "--data-dir", str(data), "migrate", "--from", "sqlite", "--to", server.url]
         assert main(argv) == 0
-        assert "copied 3 task(s) (2 queued again), 1 file(s) and 1 key(s)" in capsys.readouterr().out
+        out, err = capsys.readouterr()
+        assert "copied 3 task(s) (2 queued again), 1 file(s), 1 key(s) and 1 character(s)" in out
+        assert "another character named a/bran" in err
         assert main(argv) == 0  # again: nothing is copied twice
         assert "copied 0 task(s)" in capsys.readouterr().out
-        client = redis.Redis.from_url(server.url)
         assert KeyStore(RedisKeys(client)).verify(token) is not None
+        assert RedisCharacters(client).find("a", "ayla") == hero
+        assert RedisCharacters(client).find("a", "bran").id == "ch_" + "3" * 32  # type: ignore[union-attr]
+        assert RedisCallerModels(client).get("a") == "second"
         assert RedisFiles(client, "results", 0, tmp_path / "cache").read(f"{done.id}/0.png") == b"png bytes"
         async with RedisStore.open(server.url) as fleet:
             moved = await fleet.get(done.id)
