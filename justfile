@@ -52,8 +52,8 @@ bench: setup
 bench-fleet: setup
     {{bin}}/python -m bench.fleet_bench
 
-# Request-level against step-level batching: the server's batching decisions on a simulated device (the
-# cost curve in bench/cost_curves) and clock; prints one JSON line. Takes about a second.
+# Request-level against step-level batching: the server's batching decisions and engine loops on a simulated
+# device (the cost curve in bench/cost_curves) and clock; prints one JSON line. About a minute on 2 cores.
 bench-batching *ARGS: setup
     {{bin}}/python -m bench.batching_sim {{ARGS}}
 

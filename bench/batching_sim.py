@@ -1,10 +1,12 @@
 """Request-level against step-level batching on a simulated device, with a simulated clock.
 
-The batching decisions are the server's own: which queued tasks start together (`forge.batching.next_batch`)
-and which task joins a running step-level batch (`forge.batching.may_join`), on real `GenerationSpec`s, and
-the step loop's rules (one UNet call per step over every active task; a task leaves after its own steps; its
-image is decoded between steps). The device is simulated: a UNet call costs what the cost curve says for its
-rows (bench/cost_curves/h100_sdxl_1024.json, interpolated), a decode costs its per-image time.
+The engine is the server's own (`engines.eager.EagerEngine` on the tiny model): `run_batch` for request-level
+batches and `run_steps`, the step loop, for step-level ones, with their prompt encoding, per-task samplers,
+joins between steps and decodes. Only the device is simulated: each UNet call advances the clock by what the
+cost curve says for its rows (bench/cost_curves/h100_sdxl_1024.json, interpolated) and returns zeros; each VAE
+decode costs its per-image time; the text encoders take none. Which queued tasks start together and which may
+join a running batch are the scheduler's own decisions (`forge.batching.next_batch` and `may_join`, on real
+`GenerationSpec`s); the tasks run at the tiny model's sizes, one to one with the trace's two.
 
 One seeded trace: Poisson arrivals at 50%, 80% and 95% of request-level capacity, steps 20-40, two sizes,
 guidance scales 3-8 with a tenth unguided, one image each. Request-level capacity has two readings, and the
@@ -28,16 +30,25 @@ import json
 import random
 import statistics
 import sys
+import tempfile
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+import torch
+
+from engines.eager import EagerEngine
 from forge.batching import BatchPolicy, batch_key, may_join, next_batch
+from forge.engine import Job, ModelInfo, job_for
 from forge.requests import GenerationSpec, SchedulerName
 
 CURVE = Path(__file__).parent / "cost_curves" / "h100_sdxl_1024.json"
 MAX_IMAGES = 8
 TASKS = 400
+MODEL = "sdxl-base"
 LOADS = (0.5, 0.8, 0.95)
 SIZES = ((1024, 1024), (832, 1216))
 SAMPLERS: tuple[SchedulerName, ...] = ("euler", "euler_a", "dpmpp_2m_karras")
@@ -70,21 +81,20 @@ def make_spec(rng: random.Random, index: int) -> GenerationSpec:
     return GenerationSpec(
         prompt=f"character {index}", negative_prompt="", styles=[], width=width, height=height, num_images=1,
         steps=rng.randint(20, 40), guidance_scale=guidance, seed=index, scheduler=rng.choice(SAMPLERS),
-        output_format="png", priority=0, model="sdxl-base", styled_prompt=f"character {index}",
+        output_format="png", priority=0, model=MODEL, styled_prompt=f"character {index}",
         styled_negative_prompt="",
     )  # fmt: skip
 
 
 @dataclass
 class _Task:
-    spec: GenerationSpec
+    spec: GenerationSpec  # as the scheduler sees it
+    job: Job  # as the engine runs it: the same task at the tiny model's size
     arrival: float
-    step: int = 0
-    finished: float = 0.0
 
     @property
-    def rows(self) -> int:
-        return self.spec.num_images * (2 if self.spec.guidance_scale > 1 else 1)
+    def images(self) -> int:
+        return self.spec.num_images
 
 
 @dataclass
@@ -110,59 +120,130 @@ class Result:
         }
 
 
-def simulate(arrivals: list[tuple[float, GenerationSpec]], policy: BatchPolicy, cost: CostCurve) -> Result:
-    """One device serving the trace with the server's batching decisions."""
-    pending = [_Task(spec, at) for at, spec in arrivals]
+class SimulatedDevice:
+    """The engine's UNet and VAE, made to take the cost curve's time on a simulated clock and to return zeros:
+    what is timed is the loop around them, which is the engine's own."""
+
+    def __init__(self, engine: EagerEngine, cost: CostCurve) -> None:
+        self.now = 0.0
+        self.calls = 0
+        scale = engine.pipe.vae_scale_factor
+
+        def unet(sample: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor]:
+            self.now += cost.step_s(int(sample.shape[0]))
+            self.calls += 1
+            return (torch.zeros_like(sample),)
+
+        def decode(latents: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor]:
+            self.now += cost.decode_s * int(latents.shape[0])
+            batch, _, height, width = latents.shape
+            return (torch.zeros(batch, 3, height * scale, width * scale),)
+
+        engine.pipe.unet.forward = unet
+        engine.pipe.vae.decode = decode
+        for encoder in (engine.pipe.text_encoder, engine.pipe.text_encoder_2):
+            encoder.forward = _by_shape(encoder.forward)
+
+
+def _by_shape(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """A text encoder that runs once per input shape and then answers the same: the simulated device gives
+    prompt encoding no time (it is small beside the steps), and the tiny model's encoders would take the
+    CPU's."""
+    answers: dict[tuple[int, ...], Any] = {}
+
+    def encode(input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        shape = tuple(input_ids.shape)
+        if shape not in answers:
+            answers[shape] = forward(input_ids, *args, **kwargs)
+        return answers[shape]
+
+    return encode
+
+
+def tiny_engine(folder: Path) -> EagerEngine:
+    from engines.tiny import build_tiny_sdxl
+
+    path = build_tiny_sdxl(folder)
+    return EagerEngine(
+        ModelInfo(name="tiny", path=str(path), is_tiny=True, default_size=64, default_steps=4,
+                  default_guidance=5.0, min_size=16, max_size=256, id=MODEL),
+        "cpu",
+    )  # fmt: skip
+
+
+def simulate(
+    arrivals: list[tuple[float, GenerationSpec]], policy: BatchPolicy, engine: EagerEngine, cost: CostCurve
+) -> Result:
+    """One device serving the trace: the scheduler's batching decisions, the engine's loops."""
+    device = SimulatedDevice(engine, cost)
+    pending = deque(_Task(spec, job_for(_tiny(spec), engine.model), at) for at, spec in arrivals)
     queue: list[_Task] = []
     result = Result(first_arrival=arrivals[0][0])
-    now = 0.0
-    active: list[_Task] = []
 
     def admit_arrivals() -> None:
-        while pending and pending[0].arrival <= now:
-            queue.append(pending.pop(0))
+        while pending and pending[0].arrival <= device.now:
+            queue.append(pending.popleft())
 
-    def finish(task: _Task) -> None:
-        nonlocal now
-        now += cost.decode_s * task.spec.num_images  # the device decodes between steps
-        task.finished = now
-        result.latencies.append(task.finished - task.arrival)
-        result.images += task.spec.num_images
-        result.last_finish = now
+    def finish(task: _Task, outcome: object) -> None:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        result.latencies.append(device.now - task.arrival)
+        result.images += task.images
+        result.last_finish = device.now
 
-    while pending or queue or active:
+    while pending or queue:
         admit_arrivals()
-        if not active:
-            if not queue:
-                now = pending[0].arrival
-                continue
-            chosen = next_batch([task.spec for task in queue], policy)
-            active = [queue[index] for index in chosen]
-            for task in active:
-                queue.remove(task)
+        if not queue:
+            device.now = pending[0].arrival
+            continue
+        batch = [queue[index] for index in next_batch([task.spec for task in queue], policy)]
+        for task in batch:
+            queue.remove(task)
         if policy.step_level:
-            key = batch_key(active[0].spec, step_level=True)
-            while queue and key is not None and may_join(queue[0].spec, key, _images(active), policy):
-                active.append(queue.pop(0))
-            result.occupancy.append(_images(active))
-            now += cost.step_s(sum(task.rows for task in active))
-            for task in active:
-                task.step += 1
-            for task in [task for task in active if task.step == task.spec.steps]:
-                active.remove(task)
-                finish(task)
-        else:  # the whole batch runs its (shared) steps, then each image is decoded
-            steps = active[0].spec.steps
-            result.occupancy.extend([_images(active)] * steps)
-            now += steps * cost.step_s(sum(task.rows for task in active))
-            for task in active:
-                finish(task)
-            active = []
+            _run_steps(batch, queue, admit_arrivals, finish, policy, engine, result)
+        else:  # the batch shares its steps, then its images are decoded
+            calls = device.calls
+            outcomes = engine.run_batch([task.job for task in batch])
+            result.occupancy.extend([sum(task.images for task in batch)] * (device.calls - calls))
+            for task, outcome in zip(batch, outcomes, strict=True):
+                finish(task, outcome)
     return result
 
 
-def _images(tasks: list[_Task]) -> int:
-    return sum(task.spec.num_images for task in tasks)
+def _run_steps(
+    batch: list[_Task],
+    queue: list[_Task],
+    admit_arrivals: Callable[[], None],
+    finish: Callable[[_Task, object], None],
+    policy: BatchPolicy,
+    engine: EagerEngine,
+    result: Result,
+) -> None:
+    """One step-level batch, as the engine actor runs it: the head of the queue joins between steps when
+    the scheduler's rule lets it."""
+    key = batch_key(batch[0].spec, step_level=True)
+    running = {id(task.job): task for task in batch}
+
+    def joiners(free_images: int) -> list[Job]:
+        admit_arrivals()
+        joined: list[Job] = []
+        images = sum(task.images for task in running.values())
+        while queue and key is not None and may_join(queue[0].spec, key, images, policy):
+            task = queue.pop(0)
+            running[id(task.job)] = task
+            images += task.images
+            joined.append(task.job)
+        return joined
+
+    def on_done(job: Job, outcome: object) -> None:
+        finish(running.pop(id(job)), outcome)
+
+    engine.run_steps([task.job for task in batch], on_done, joiners, policy.max_images, result.occupancy.append)
+
+
+def _tiny(spec: GenerationSpec) -> GenerationSpec:
+    """The task at the tiny model's scale: about a sixteenth of each side, in multiples of 16 (1024 -> 64)."""
+    return msgspec.structs.replace(spec, width=round(spec.width / 256) * 16, height=round(spec.height / 256) * 16)
 
 
 def full_batch_images_per_s(specs: list[GenerationSpec], max_images: int, cost: CostCurve) -> float:
@@ -180,10 +261,10 @@ def _ratio(runs: dict[str, Any], metric: str) -> float:
     return round(float(runs["step"][metric]) / float(runs["request"][metric]), 3)
 
 
-def trace(rate: float, seed: int) -> list[tuple[float, GenerationSpec]]:
+def trace(rate: float, seed: int, tasks: int = TASKS) -> list[tuple[float, GenerationSpec]]:
     rng = random.Random(seed)
     now, arrivals = 0.0, []
-    for index in range(TASKS):
+    for index in range(tasks):
         now += rng.expovariate(rate)
         arrivals.append((now, make_spec(rng, index)))
     return arrivals
@@ -192,30 +273,44 @@ def trace(rate: float, seed: int) -> list[tuple[float, GenerationSpec]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--curve", type=Path, default=CURVE, help="a cost curve, or $OUT/gpu_bench.json")
-    path = parser.parse_args().curve
+    parser.add_argument("--tasks", type=int, default=TASKS, help="tasks in the trace")
+    args = parser.parse_args()
     try:
-        cost = CostCurve(path)
+        cost = CostCurve(args.curve)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        parser.error(f"--curve {path}: not a cost curve ({type(exc).__name__}: {exc})")
+        parser.error(f"--curve {args.curve}: not a cost curve ({type(exc).__name__}: {exc})")
+    if args.tasks < 10:
+        parser.error("--tasks: at least 10")
+    with tempfile.TemporaryDirectory() as scratch:
+        report = run(cost, tiny_engine(Path(scratch) / "tiny-sdxl"), args.tasks)
+    json.dump(report, sys.stdout)
+    print()
+
+
+def run(cost: CostCurve, engine: EagerEngine, tasks: int) -> dict[str, Any]:
     request = BatchPolicy(max_images=MAX_IMAGES, step_level=False)
     step = BatchPolicy(max_images=MAX_IMAGES, step_level=True)
     modes = (("request", request), ("step", step))
-    saturated = [(0.0, spec) for _, spec in trace(1.0, seed=7)]
-    saturation = {mode: simulate(saturated, policy, cost).summary() for mode, policy in modes}
+
+    def both(arrivals: list[tuple[float, GenerationSpec]]) -> dict[str, Any]:
+        return {mode: simulate(arrivals, policy, engine, cost).summary() for mode, policy in modes}
+
+    saturated = [(0.0, spec) for _, spec in trace(1.0, seed=7, tasks=tasks)]
+    saturation = both(saturated)
     capacities = {
         "measured": saturation["request"]["images_per_s"],
         "nominal": round(full_batch_images_per_s([spec for _, spec in saturated], MAX_IMAGES, cost), 4),
     }
-    report: dict[str, object] = {
-        "benchmark": "batching_sim", "curve": cost.name, "tasks": TASKS,
+    report: dict[str, Any] = {
+        "benchmark": "batching_sim", "curve": cost.name, "tasks": tasks,
         "request_capacity_images_per_s": capacities,
         "saturated": saturation | {"images_per_s_ratio": _ratio(saturation, "images_per_s")},
     }  # fmt: skip
     for reading, capacity in capacities.items():
         loads: dict[str, Any] = {}
         for load in LOADS:
-            arrivals = trace(load * capacity, seed=11)
-            runs: dict[str, Any] = {mode: simulate(arrivals, policy, cost).summary() for mode, policy in modes}
+            arrivals = trace(load * capacity, seed=11, tasks=tasks)
+            runs = both(arrivals)
             offered = sum(spec.num_images for _, spec in arrivals) / (arrivals[-1][0] - arrivals[0][0])
             runs["offered_images_per_s"] = round(offered, 4)
             runs["ratios"] = {
@@ -229,8 +324,7 @@ def main() -> None:
             "p99_ratio_at_80_le_0.5": loads["load_80"]["ratios"]["p99"] <= 0.5,
         }
         report[f"{reading}_capacity"] = loads
-    json.dump(report, sys.stdout)
-    print()
+    return report
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from bench.batching_sim import CURVE, CostCurve, full_batch_images_per_s, simulate, trace
+from bench.batching_sim import CURVE, CostCurve, full_batch_images_per_s, simulate, tiny_engine, trace
+from engines.eager import EagerEngine
 from forge.batching import BatchPolicy
 
 
@@ -20,14 +21,23 @@ def test_the_cost_curve_is_interpolated_between_its_points() -> None:
     assert cost.step_s(2) < cost.step_s(4) < cost.step_s(8) < cost.step_s(16)
 
 
-def test_step_level_keeps_batches_fuller_than_request_level_on_one_trace() -> None:
-    arrivals = trace(0.6, seed=3)[:120]
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path) -> EagerEngine:
+    return tiny_engine(tiny_model)
+
+
+def test_step_level_keeps_batches_fuller_than_request_level_on_one_trace(engine: EagerEngine) -> None:
+    """Both modes run the engine's own loops (`run_batch`, `run_steps`) on the simulated device."""
+    arrivals = trace(0.6, seed=3, tasks=60)
     cost = CostCurve(CURVE)
-    request = simulate(arrivals, BatchPolicy(max_images=8), cost)
-    step = simulate(arrivals, BatchPolicy(max_images=8, step_level=True), cost)
-    assert request.images == step.images == 120  # every task is served, in either mode
+    request = simulate(arrivals, BatchPolicy(max_images=8), engine, cost)
+    step = simulate(arrivals, BatchPolicy(max_images=8, step_level=True), engine, cost)
+    assert request.images == step.images == 60  # every task is served, in either mode
     assert step.summary()["mean_batch_images"] > request.summary()["mean_batch_images"]
     assert step.summary()["p99_s"] < request.summary()["p99_s"]
+    # No task finishes before its own steps at the cheapest UNet call: the clock is the device's.
+    fastest = min(spec.steps for _, spec in arrivals) * cost.step_s(1)
+    assert min(request.latencies) >= fastest and min(step.latencies) >= fastest
 
 
 def test_the_simulation_runs_on_the_curve_a_gpu_benchmark_measured(tmp_path: Path) -> None:
@@ -36,7 +46,7 @@ def test_the_simulation_runs_on_the_curve_a_gpu_benchmark_measured(tmp_path: Pat
                                                "decode_s_per_image": 0.08}}  # fmt: skip
     (tmp_path / "gpu_bench.json").write_text(json.dumps(measured))
     assert CostCurve(tmp_path / "gpu_bench.json").step_s(12) == pytest.approx(0.195)
-    command = [sys.executable, "-m", "bench.batching_sim", "--curve", str(tmp_path / "gpu_bench.json")]
+    command = [sys.executable, "-m", "bench.batching_sim", "--curve", str(tmp_path / "gpu_bench.json"), "--tasks", "12"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
     report = json.loads(done.stdout)
     assert report["curve"] == "gpu_bench.json"
