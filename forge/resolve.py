@@ -383,7 +383,7 @@ def resolve_request(
     if resources.max_work and width * height * images * steps > resources.max_work:
         raise InvalidRequest(
             f"{width}x{height} x {images} images x {steps} steps is over this server's budget of "
-            f"{resources.max_work} pixel-steps per request; ask for fewer {images_field.replace('_', ' ')}, "
+            f"{resources.max_work} pixel-steps per request; ask for fewer {'views' if request.views else 'images'}, "
             "steps or pixels",
             field=images_field,
             rule="budget",
