@@ -153,14 +153,15 @@ class SqliteKeys:
 
 
 def reachable_or_503(fn: Callable[P, T]) -> Callable[P, T]:
-    """Redis out of reach is a 503 for the caller (never a 500): no key can be checked or changed meanwhile."""
+    """Redis out of reach is a 503 for the caller (never a 500): no key, character or caller's model can be read
+    or changed meanwhile."""
 
     @functools.wraps(fn)
     def call(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return fn(*args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailable("the key store (Redis) is unreachable; retry shortly", retry_after_s=5) from exc
+            raise StoreUnavailable("the store (Redis) is unreachable; retry shortly", retry_after_s=5) from exc
 
     return call
 
