@@ -125,6 +125,7 @@ class SimulatedDevice:
     what is timed is the loop around them, which is the engine's own."""
 
     def __init__(self, engine: EagerEngine, cost: CostCurve) -> None:
+        self.engine = engine
         self.now = 0.0
         self.calls = 0
         scale = engine.pipe.vae_scale_factor
@@ -171,11 +172,9 @@ def tiny_engine(folder: Path) -> EagerEngine:
     )  # fmt: skip
 
 
-def simulate(
-    arrivals: list[tuple[float, GenerationSpec]], policy: BatchPolicy, engine: EagerEngine, cost: CostCurve
-) -> Result:
-    """One device serving the trace: the scheduler's batching decisions, the engine's loops."""
-    device = SimulatedDevice(engine, cost)
+def simulate(arrivals: list[tuple[float, GenerationSpec]], policy: BatchPolicy, device: SimulatedDevice) -> Result:
+    """One device serving the trace from time 0: the scheduler's batching decisions, the engine's loops."""
+    engine, device.now = device.engine, 0.0
     pending = deque(_Task(spec, job_for(_tiny(spec), engine.model), at) for at, spec in arrivals)
     queue: list[_Task] = []
     result = Result(first_arrival=arrivals[0][0])
@@ -292,8 +291,10 @@ def run(cost: CostCurve, engine: EagerEngine, tasks: int) -> dict[str, Any]:
     step = BatchPolicy(max_images=MAX_IMAGES, step_level=True)
     modes = (("request", request), ("step", step))
 
+    device = SimulatedDevice(engine, cost)
+
     def both(arrivals: list[tuple[float, GenerationSpec]]) -> dict[str, Any]:
-        return {mode: simulate(arrivals, policy, engine, cost).summary() for mode, policy in modes}
+        return {mode: simulate(arrivals, policy, device).summary() for mode, policy in modes}
 
     saturated = [(0.0, spec) for _, spec in trace(1.0, seed=7, tasks=tasks)]
     saturation = both(saturated)

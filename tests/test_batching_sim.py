@@ -10,8 +10,15 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from bench.batching_sim import CURVE, CostCurve, full_batch_images_per_s, simulate, tiny_engine, trace
-from engines.eager import EagerEngine
+from bench.batching_sim import (
+    CURVE,
+    CostCurve,
+    SimulatedDevice,
+    full_batch_images_per_s,
+    simulate,
+    tiny_engine,
+    trace,
+)
 from forge.batching import BatchPolicy
 
 
@@ -21,17 +28,13 @@ def test_the_cost_curve_is_interpolated_between_its_points() -> None:
     assert cost.step_s(2) < cost.step_s(4) < cost.step_s(8) < cost.step_s(16)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model: Path) -> EagerEngine:
-    return tiny_engine(tiny_model)
-
-
-def test_step_level_keeps_batches_fuller_than_request_level_on_one_trace(engine: EagerEngine) -> None:
+def test_step_level_keeps_batches_fuller_than_request_level_on_one_trace(tiny_model: Path) -> None:
     """Both modes run the engine's own loops (`run_batch`, `run_steps`) on the simulated device."""
     arrivals = trace(0.6, seed=3, tasks=60)
     cost = CostCurve(CURVE)
-    request = simulate(arrivals, BatchPolicy(max_images=8), engine, cost)
-    step = simulate(arrivals, BatchPolicy(max_images=8, step_level=True), engine, cost)
+    device = SimulatedDevice(tiny_engine(tiny_model), cost)
+    request = simulate(arrivals, BatchPolicy(max_images=8), device)
+    step = simulate(arrivals, BatchPolicy(max_images=8, step_level=True), device)
     assert request.images == step.images == 60  # every task is served, in either mode
     assert step.summary()["mean_batch_images"] > request.summary()["mean_batch_images"]
     assert step.summary()["p99_s"] < request.summary()["p99_s"]
