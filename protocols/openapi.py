@@ -28,7 +28,7 @@ from protocols.catalog_routes import (
     UploadView,
 )
 from protocols.character_routes import CHARACTERS
-from protocols.openapi_compat import compat_operations
+from protocols.openapi_compat import BEARER_OR_NONE, REF, compat_operations
 from protocols.sprite_sheets import SHEETS, SheetRequest, SheetView
 from protocols.views import (
     API,
@@ -41,7 +41,6 @@ from protocols.views import (
     TaskView,
 )
 
-_REF = "#/components/schemas/{name}"
 _SCHEMAS: list[Any] = [
     GenerationRequest,
     A1111Request,
@@ -70,12 +69,10 @@ _SCHEMAS: list[Any] = [
 ]
 _QUERIES: list[Any] = [ListQuery, PoseQuery]  # their fields become query parameters, not schemas
 _IMAGE_TYPES = ("image/png", "image/webp", "image/jpeg")
-# Bearer or nothing: a token is needed only when the server runs with auth on.
-_BEARER_OR_NONE: list[dict[str, list[str]]] = [{"bearer": []}, {}]
 
 
 def _json(name: str) -> dict[str, Any]:
-    return {"content": {"application/json": {"schema": {"$ref": _REF.format(name=name)}}}}
+    return {"content": {"application/json": {"schema": {"$ref": REF.format(name=name)}}}}
 
 
 def _ok(description: str, name: str) -> dict[str, Any]:
@@ -103,7 +100,7 @@ def _path(name: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
 def _authenticated(operation: dict[str, Any]) -> dict[str, Any]:
     """An operation that reads who is asking: with auth on, it needs a bearer token (else 401)."""
     responses = {**operation["responses"], "401": _error("auth is on and no valid bearer token was sent")}
-    return {**operation, "security": _BEARER_OR_NONE, "responses": responses}
+    return {**operation, "security": BEARER_OR_NONE, "responses": responses}
 
 
 def _stored(operation: dict[str, Any]) -> dict[str, Any]:
@@ -120,7 +117,7 @@ def _admin(operation: dict[str, Any]) -> dict[str, Any]:
         "401": _error("no admin key or token was sent"),
         "403": _error("not an admin (with auth off and no FORGE_ADMIN_KEY: not a local client)"),
     }
-    return {**operation, "security": _BEARER_OR_NONE, "responses": responses}
+    return {**operation, "security": BEARER_OR_NONE, "responses": responses}
 
 
 def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -437,7 +434,7 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
             "summary": "Prometheus metrics",
             "description": "Open to anyone unless the server sets metrics_token, which a scrape then sends as its "
             "bearer token (API keys and JWTs do not count here).",
-            "security": _BEARER_OR_NONE,
+            "security": BEARER_OR_NONE,
             "responses": {
                 "200": {"description": "text exposition format", "content": {"text/plain": {}}},
                 "401": _error("metrics_token is set and no bearer token was sent"),
@@ -479,7 +476,7 @@ def _query_parameters(schemas: dict[str, Any], struct: str) -> list[dict[str, An
 
 
 def openapi_spec(routes: Iterable[BaseRoute]) -> dict[str, Any]:
-    (_, *_), schemas = msgspec.json.schema_components([*_SCHEMAS, *_QUERIES], ref_template=_REF)
+    (_, *_), schemas = msgspec.json.schema_components([*_SCHEMAS, *_QUERIES], ref_template=REF)
     queries = {struct.__name__: _query_parameters(schemas, struct.__name__) for struct in _QUERIES}
     operations = _operations(queries) | compat_operations()
     served = served_operations(routes)

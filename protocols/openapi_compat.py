@@ -7,9 +7,10 @@ from typing import Any
 from protocols.a1111_routes import SDAPI
 from protocols.openai_routes import OPENAI
 
-_REF = "#/components/schemas/{name}"
+REF = "#/components/schemas/{name}"  # where the document keeps its schemas (shared with protocols.openapi)
 _BEARER_BASIC_OR_NONE: list[dict[str, list[str]]] = [{"bearer": []}, {"basic": []}, {}]
-_BEARER_OR_NONE: list[dict[str, list[str]]] = [{"bearer": []}, {}]
+# Bearer or nothing: a token is needed only when the server runs with auth on.
+BEARER_OR_NONE: list[dict[str, list[str]]] = [{"bearer": []}, {}]
 _ANY_OBJECT = {"type": "object"}
 _ARRAY_OF_OBJECTS = {"type": "array", "items": {"type": "object"}}
 _NULL = {"type": "null"}
@@ -55,7 +56,7 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _error(description: str) -> dict[str, Any]:
-    return {"description": description, **_json({"$ref": _REF.format(name="ErrorBody")})}
+    return {"description": description, **_json({"$ref": REF.format(name="ErrorBody")})}
 
 
 def _openai_error(description: str) -> dict[str, Any]:
@@ -80,7 +81,7 @@ def _generation(summary: str) -> dict[str, Any]:
         description="Answers once every image exists (n_iter tasks of batch_size images, seeds seed, seed+1, "
         "...). Unknown fields are ignored; an unknown sampler, scheduler, model, style, LoRA or ControlNet "
         "model is a 422 naming the A1111 field. A task that fails answers 500 with its error code.",
-        requestBody={"required": True, **_json({"$ref": _REF.format(name="A1111Request")})},
+        requestBody={"required": True, **_json({"$ref": REF.format(name="A1111Request")})},
         responses={
             "403": _error("the caller's plan is unknown"),
             "413": _error("body too large"),
@@ -109,7 +110,7 @@ def _openai(summary: str, **extra: Any) -> dict[str, Any]:
         "schema": {"type": "string", "description": "with stream: partial_image events, then completed ones"}
     }
     parameters = [{"name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "maxLength": 255}}]
-    return {"summary": summary, "tags": ["OpenAI Images"], "security": _BEARER_OR_NONE, "parameters": parameters,
+    return {"summary": summary, "tags": ["OpenAI Images"], "security": BEARER_OR_NONE, "parameters": parameters,
             "responses": responses, **extra}  # fmt: skip
 
 
@@ -146,7 +147,7 @@ def compat_operations() -> dict[tuple[str, str], dict[str, Any]]:
             description="quality sets the steps (low: half the model's default, medium/standard/auto: the "
             "default, high/hd: one and a half times); model is one of ours or means the default; background "
             "transparent removes the background; stream sends partial images from the previews.",
-            requestBody={"required": True, **_json({"$ref": _REF.format(name="ImageGenerationRequest")})},
+            requestBody={"required": True, **_json({"$ref": REF.format(name="ImageGenerationRequest")})},
         ),
         ("post", OPENAI + "/images/edits"): _openai(
             "Edit an image: inpainting where the mask is transparent, else img2img; more images are references",
@@ -173,7 +174,7 @@ def compat_operations() -> dict[tuple[str, str], dict[str, Any]]:
         ("get", OPENAI + "/models"): {
             "summary": "Models, in OpenAI's list shape",
             "tags": ["OpenAI Images"],
-            "security": _BEARER_OR_NONE,
+            "security": BEARER_OR_NONE,
             "responses": {
                 "200": {"description": "the list", **_json(_ANY_OBJECT)},
                 "401": _openai_error("auth is on and no valid API key was sent"),
