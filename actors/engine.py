@@ -265,7 +265,7 @@ class EngineActor:
             self._steps.add(run)
         for assignment in batch:
             if not any(run.assignment is assignment for run in runs):  # ended while it was prepared
-                await self._scheduler.send(TaskLeft(device=self.device, task_id=assignment.task.id))
+                await self._scheduler.send(TaskLeft(task_id=assignment.task.id))
         if not joining:
             group.start_soon(self._run_steps, self._steps, portal)
 
@@ -328,7 +328,7 @@ class EngineActor:
             await run.progress.wait_delivered()
         with self._bound(run.assignment):
             await self._end(run.assignment, outcome, run.model)
-        await self._scheduler.send(TaskLeft(device=self.device, task_id=task_id))
+        await self._scheduler.send(TaskLeft(task_id=task_id))
 
     async def _execute(self, batch: list[Assignment], portal: BlockingPortal) -> None:
         """Run one batch; every task in it ends (or goes back to the queue) before the engine reports idle."""

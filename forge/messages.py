@@ -42,9 +42,8 @@ class EngineIdle(Msg, frozen=True):
 
 class TaskLeft(Msg, frozen=True):
     """Engine -> scheduler: in a step-level batch, this task is done (whatever its outcome): its images' room
-    is free for a task to join."""
+    is free for a task to join (the scheduler knows where it ran)."""
 
-    device: str
     task_id: str
 
 
