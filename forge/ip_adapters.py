@@ -65,8 +65,8 @@ RECOMMENDED = IpAdapterSource(source=RECOMMENDED_REPO, weight_name=RECOMMENDED_W
 
 
 def fetch_hub_ip_adapters(adapters: dict[str, IpAdapterSource], timeout_s: float) -> list[str]:
-    """Download the hub adapters that are not cached yet, each bounded by `timeout_s` to first byte (a large
-    download goes on in the background and is used once complete). Returns the names still missing.
+    """Download the hub adapters that are not cached yet, all of them waited for at most `timeout_s` together (a
+    large download goes on in the background and is used once complete). Returns the names still missing.
     Blocking: call at start, off the loop."""
     missing = [name for name, source in adapters.items() if not source.installed()]
     if not missing or hub_offline():

@@ -88,8 +88,8 @@ class LoraCatalog:
 
 
 def fetch_hub_loras(catalog: LoraCatalog, timeout_s: float) -> list[str]:
-    """Download the hub LoRAs that styles name and that are neither installed nor cached, each bounded by
-    `timeout_s` to first byte. Returns the names still missing. Blocking: call at start, off the loop."""
+    """Download the hub LoRAs that styles name and that are neither installed nor cached, all of them waited
+    for at most `timeout_s` together. Returns the names still missing. Blocking: call at start, off the loop."""
     missing = [name for name in catalog.hub_sources if catalog.path(name) is None]
     if not missing or hub_offline():
         return missing
