@@ -12,18 +12,37 @@ torch_spec := env("TORCH_SPEC", "torch==2.14.1 torchvision==0.29.1")
 default:
     @just --list
 
-# Create .venv and install the project with its test tools (again only when pyproject.toml changes)
+# Create .venv and install the project with its test tools at the versions in requirements.lock (again only
+# when pyproject.toml or the lock changes)
 setup:
     #!/usr/bin/env bash
     set -euo pipefail
     [ -x {{bin}}/python ] || python3 -m venv {{venv}}
-    stamp="{{venv}}/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+    stamp="{{venv}}/.installed-$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)"
     if [ ! -e "$stamp" ]; then
         {{bin}}/python -m pip install --quiet --upgrade pip
         {{bin}}/python -m pip install --quiet {{torch_spec}}
-        {{bin}}/python -m pip install --quiet -e ".[dev]"
+        {{bin}}/python -m pip install --quiet -c requirements.lock -e ".[dev]"
         touch "$stamp"
     fi
+
+# Upgrade deliberately: resolve every dependency to its newest release in a fresh environment, run the whole
+# suite there, and rewrite requirements.lock only when it passes
+lock:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    fresh=$(mktemp -d)/venv
+    python3 -m venv "$fresh"
+    "$fresh/bin/python" -m pip install --quiet --upgrade pip
+    "$fresh/bin/python" -m pip install --quiet {{torch_spec}}
+    "$fresh/bin/python" -m pip install --quiet -e ".[dev]"
+    "$fresh/bin/ruff" check . && "$fresh/bin/ruff" format --check . && "$fresh/bin/mypy"
+    "$fresh/bin/python" -m pytest
+    { sed -n '1,2p' requirements.lock
+      "$fresh/bin/python" -m pip freeze --exclude-editable | grep -viE '^(torch|torchvision|triton|nvidia-|cuda-|pip)(==| @)'
+    } > requirements.lock.new
+    mv requirements.lock.new requirements.lock
+    echo "requirements.lock rewritten; run 'just test' once more and commit it"
 
 # Run the server (REST + WebSocket on :8000); options: --port, --model, --data-dir, --host
 serve *ARGS: setup

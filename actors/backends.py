@@ -39,7 +39,7 @@ def node_name(config: Config) -> str:
 
 
 def sync_redis(config: Config) -> redis.Redis:
-    options = client_options() | {"decode_responses": False}
+    options = client_options(for_asyncio=False) | {"decode_responses": False}
     options.pop("health_check_interval")
     return redis.Redis.from_url(config.store, **options)
 

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -57,12 +58,15 @@ def _redacted(url: str) -> str:
     return f"{scheme}://{rest.rpartition('@')[2]}"
 
 
-def client_options() -> dict[str, Any]:
+def client_options(for_asyncio: bool = True) -> dict[str, Any]:
+    """Timeouts and retries for a client; the asyncio client takes its own Retry (redis-py 8 converts a
+    synchronous one with a warning)."""
+    retry = (AsyncRetry if for_asyncio else Retry)(ExponentialBackoff(cap=0.5, base=0.05), 2)
     return {
         "decode_responses": True,
         "socket_timeout": SOCKET_TIMEOUT_S,
         "socket_connect_timeout": CONNECT_TIMEOUT_S,
-        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        "retry": retry,
         "health_check_interval": 10,
     }
 
