@@ -24,6 +24,7 @@ PACKAGES = [
     "structlog",
     "python-multipart",
     "importlib-metadata",
+    "redis",  # the store module imports it at start, single box or fleet
 ]
 # Not installed here (the `fast` extra): torchao, for engines such as compiled+fp8. 0.18's kernels are built for
 # torch 2.11 and newer, the GPU image's torch.
