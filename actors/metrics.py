@@ -5,11 +5,13 @@ scheduler reports each task it queues (for its style and creation time). Gauges 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from forge.content_filter import CONTENT_FILTERED
 from forge.events import AnyTaskEvent, Cancelled, Failed, Postprocessing, Started, Succeeded
@@ -82,6 +84,7 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        r.register(_CompileCollector())
         self._started_at = time.monotonic()
         self._tracked: dict[str, _Tracked] = {}
         self._busy: dict[str, float] = {}
@@ -156,6 +159,25 @@ class Metrics:
             self.engine_busy.labels(tracked.device).inc(share)
             self._busy[tracked.device] = self._busy.get(tracked.device, 0.0) + share
             tracked.started = None
+
+
+class _CompileCollector(Collector):
+    """torch.compile's graphs per compiled engine, read when scraped: all of them, and those compiled after
+    warm-up, which held the device while serving (a steady state has none)."""
+
+    def collect(self) -> Iterator[Metric]:
+        from engines.compile_watch import every_engine
+
+        labels = ["device", "model"]
+        compiles = CounterMetricFamily("chara_forge_engine_compiles", "Graphs torch.compile compiled", labels=labels)
+        recompiles = CounterMetricFamily(
+            "chara_forge_engine_recompiles", "Graphs compiled after warm-up, while serving", labels=labels
+        )
+        for device, model, counts in every_engine():
+            compiles.add_metric([device, model], counts.compiles)
+            recompiles.add_metric([device, model], counts.recompiles)
+        yield compiles
+        yield recompiles
 
 
 def _gpu_memory(device: str) -> float:

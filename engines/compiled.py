@@ -1,17 +1,22 @@
-"""torch.compile backend: the eager pipeline with its UNet and VAE decoder compiled in place, whole
-(`full`) or block by block (`regional`: far shorter compiles and restarts, no CUDA graphs), or with the UNet
-compiled ahead of time (`aot`, engines/aot.py: a restart loads it without tracing or compiling) and the VAE
-decoder regionally.
+"""torch.compile backend: the eager pipeline with its UNet compiled in place, block by block (`regional`, the
+default: every transformer and ResNet block kind compiled once per shape and shared by all its copies, so a
+cold start takes minutes less and a restart seconds), whole with its VAE decoder (`full`: CUDA graphs,
+reduce-overhead), or ahead of time (`aot`, engines/aot.py).
 
-On CUDA: fused QKV projections, channels_last, and with `full`, CUDA graphs (mode reduce-overhead, one
-graph recorded per shape seen; max-autotune is a setting away, but compiles for many minutes). Compiled kernels,
-autotuning results and Triton binaries are kept under the data directory, so a restart on the same
-machine and software compiles from the cache. Weights may be quantised (torchao) behind `quantize`; that
-changes the numbers, so benchmarks report it apart.
+Shapes are static: every UNet call is padded (with copies of its last row, whose outputs are dropped) to one
+of a few row counts (padded_row_sizes), each compiled at warm-up for the model's default size and the
+configured warm sizes, so serving compiles nothing new. Compiled code is kept under the data directory, keyed
+by torch, Triton and GPU, with torch's portable cache artifacts beside it (`artifacts.bin`), which a fresh
+machine imports to start warm (`chara-forge engine export-cache` / `import-cache`).
+
+On CUDA: fused QKV projections (not with LoRA hotswap, whose adapters sit on the unfused projections) and
+channels_last. Jobs with LoRAs stay compiled through LoRA hotswap (`lora_rank`); weights may be quantised
+(torchao int8 or fp8) behind `quantize`, which changes the numbers, so benchmarks report it apart.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -27,6 +32,8 @@ import torch
 from engines import aot
 from engines.aot import AotReport
 from engines.cache_files import mark_used
+from engines.compile_watch import charged_to, counts_for
+from engines.cuda_graphs import CudaGraphs
 from engines.eager import EagerEngine
 from engines.step_loop import OnDone
 from forge.engine import GenerationResult, Job, ModelInfo
@@ -34,27 +41,30 @@ from forge.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# More graphs per compiled function than the default 8 before dynamo runs it eagerly: static sizes on a CPU,
-# the ResNet blocks' shapes under `regional`, and one more after each newly loaded LoRA (its adapters change
-# the blocks). Graphs are never required to be whole (fullgraph=False): past the limit a request then runs
-# eagerly instead of failing, which over a long life with many LoRAs can happen.
-RECOMPILE_LIMIT = 64
+# More graphs per compiled function than the default 8: every block shape at every padded row count and warm
+# size is one graph of the same code. Graphs are never required to be whole (fullgraph=False): past the
+# limit a call runs eagerly instead of failing.
+RECOMPILE_LIMIT = 256
 QUANTIZATIONS = ("none", "int8", "fp8")
 # The repeated blocks regional compilation compiles: attention and feed-forward, and the ResNet blocks whose
 # group norms and activations fuse. Tracing SDXL's whole UNet with dynamic shapes took 35 s on a 2-core CPU
 # (AOTAutograd another 200 s); these blocks, 7 s (and 16 s).
 REGIONS = frozenset({"BasicTransformerBlock", "ResnetBlock2D"})
+ARTIFACTS = "artifacts.bin"
 
 
 @dataclass(frozen=True)
 class CompileOptions:
     cache_dir: Path
-    mode: str = "auto"  # a torch.compile mode; auto: reduce-overhead (CUDA graphs) on CUDA, default elsewhere
-    scope: str = "full"  # full | regional (see REGIONS) | aot (engines/aot.py)
+    mode: str = "auto"  # a torch.compile mode; auto: reduce-overhead (CUDA graphs) with `full` on CUDA, else default
+    scope: str = "regional"  # regional (see REGIONS) | full | aot (engines/aot.py)
     quantize: str = "none"  # none | int8 | fp8 (linear layers, via torchao)
     fuse_qkv: bool = True
-    max_rows: int = 16  # the most UNet rows (two an image with guidance) one batch has: `aot` exports for these
-    shapes: str = "dynamic"  # dynamic | padded (see padded_row_sizes)
+    max_rows: int = 16  # the most UNet rows (two an image with guidance) one batch has
+    shapes: str = "padded"  # padded (see padded_row_sizes) | dynamic
+    # Image sizes (width, height) compiled at warm-up besides the model's default size.
+    warm_sizes: tuple[tuple[int, int], ...] = ()
+    cuda_graphs: bool = True  # regional and padded on CUDA: UNet calls replayed from CUDA graphs
 
 
 def padded_row_sizes(max_rows: int) -> tuple[int, ...]:
@@ -63,11 +73,25 @@ def padded_row_sizes(max_rows: int) -> tuple[int, ...]:
     return tuple(sorted(sizes | {max_rows}))
 
 
+def padded_rows(rows: int, sizes: Sequence[int]) -> int:
+    """The smallest of `sizes` that holds `rows` (`rows` itself when none does)."""
+    return min((size for size in sizes if size >= rows), default=rows)
+
+
 def cache_dir_for(root: Path, device: str) -> Path:
-    """Compiled artefacts are only valid for one torch build and one kind of device."""
+    """Compiled artefacts are only valid for one torch build, one Triton and one kind of device."""
     kind = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.machine()
-    name = f"torch-{torch.__version__}-{kind}".replace(" ", "_").replace("/", "_")
+    name = f"torch-{torch.__version__}-triton-{_triton_version()}-{kind}".replace(" ", "_").replace("/", "_")
     return root / name
+
+
+def _triton_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("triton")
+    except Exception:  # no Triton: CPU code only, from the C++ compiler
+        return "none"
 
 
 def use_cache_dir(path: Path) -> None:
@@ -81,7 +105,32 @@ def use_cache_dir(path: Path) -> None:
     inductor.autotune_local_cache = True
 
 
-def check_quantization(quantize: str, scope: str = "full") -> None:
+def load_artifacts(cache_dir: Path) -> bool:
+    """Before compiling: torch's cache artifacts kept beside the cache (made here or imported), so a start on a
+    machine that never compiled is warm. False when there are none."""
+    path = cache_dir / ARTIFACTS
+    if not path.exists():
+        return False
+    try:
+        torch.compiler.load_cache_artifacts(path.read_bytes())
+    except Exception as exc:  # another torch wrote them: compile cold, and save fresh ones after warm-up
+        log.warning("cache artifacts in %s not loaded (%s): compiling", path, exc)
+        return False
+    return True
+
+
+def save_artifacts(cache_dir: Path) -> None:
+    """After warm-up: everything compiled so far in this process, as one portable file."""
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        return
+    data, _ = saved
+    partial = cache_dir / f"{ARTIFACTS}.partial"
+    partial.write_bytes(data)
+    partial.replace(cache_dir / ARTIFACTS)
+
+
+def check_quantization(quantize: str, scope: str = "regional") -> None:
     """At start: a quantisation that cannot run here stops the server with the reason."""
     if quantize not in QUANTIZATIONS:
         raise ConfigError(f"quantize must be one of {', '.join(QUANTIZATIONS)}", field="quantize")
@@ -113,12 +162,68 @@ def quantize_weights(module: torch.nn.Module, kind: str) -> None:
         quantize_(module, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
 
 
+class RowPadding:
+    """Pads every UNet call's rows up to one of `sizes` and drops the padding's outputs, so compiled blocks
+    meet a few static shapes whatever a batch holds (request-level batches and step batches alike). Rows are
+    independent in the UNet, so the padding changes no row's output."""
+
+    def __init__(self, unet: torch.nn.Module, sizes: Sequence[int]) -> None:
+        self.sizes = tuple(sizes)
+        self.enabled = True
+        self._rows = 0
+        unet.register_forward_pre_hook(self._pad, with_kwargs=True)
+        unet.register_forward_hook(self._crop, with_kwargs=True)
+
+    def _pad(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        rows = int(args[0].shape[0])
+        padded = padded_rows(rows, self.sizes) if self.enabled else rows
+        self._rows = rows
+        # The pipeline passes one timestep for the batch (an integer or float tensor by sampler), the step loop
+        # one float a row: as one float a row, every caller meets the same compiled code and CUDA graph.
+        args = (args[0], _timestep_rows(args[1], rows), *args[2:]) if len(args) > 1 else args
+        # Keyword arguments in one order, without those left at None (every such default of the UNet is None).
+        kwargs = {key: kwargs[key] for key in sorted(kwargs) if kwargs[key] is not None}
+        if padded == rows:
+            return args, kwargs
+        return _pad_tree(args, rows, padded), _pad_tree(kwargs, rows, padded)
+
+    def _crop(self, module: Any, args: Any, kwargs: Any, output: Any) -> Any:
+        rows = self._rows
+        if isinstance(output, tuple):
+            return (output[0][:rows], *output[1:])
+        output.sample = output.sample[:rows]
+        return output
+
+
+def _timestep_rows(timestep: Any, rows: int) -> Any:
+    if not isinstance(timestep, torch.Tensor):
+        return timestep
+    return timestep.float().reshape(-1).expand(rows).contiguous()
+
+
+def _pad_tree(value: Any, rows: int, padded: int) -> Any:
+    """Every tensor in `value` (nested in lists, tuples and dicts) whose first dimension is `rows`, padded with
+    copies of its last row to `padded`."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 or value.shape[0] != rows:
+            return value
+        return torch.cat([value, value[-1:].expand(padded - rows, *value.shape[1:])])
+    if isinstance(value, dict):
+        return {key: _pad_tree(item, rows, padded) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_pad_tree(item, rows, padded) for item in value)
+    return value
+
+
 class CompiledEngine(EagerEngine):
     def __init__(self, model: ModelInfo, device: str, options: CompileOptions) -> None:
         super().__init__(model, device)
         self.options = options
+        self.compile_counts = counts_for(device, model.id)
+        self.compile_counts.warmed = False
         use_cache_dir(options.cache_dir)
         mark_used(options.cache_dir)
+        self.artifacts_loaded = load_artifacts(options.cache_dir)
         import torch._dynamo.config as dynamo
 
         # recompile_limit is the current name; cache_size_limit the older one, which still aliases it.
@@ -129,7 +234,7 @@ class CompiledEngine(EagerEngine):
         if self._fused:
             pipe.fuse_qkv_projections()
         if cuda:
-            _tune_inductor_for_diffusion()
+            _tune_inductor_for_diffusion(autotune=options.mode.startswith("max-autotune"))
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
         if options.quantize != "none":
@@ -137,44 +242,56 @@ class CompiledEngine(EagerEngine):
         regional = options.scope in ("regional", "aot")
         mode = options.mode if options.mode != "auto" else ("reduce-overhead" if cuda and not regional else "default")
         # In place (nn.Module.compile): the pipeline, LoRA loading and memory accounting keep the same modules.
-        # On GPUs, dynamic shapes: one graph serves every batch and image size (a batch of 3 or a portrait
-        # image does not recompile in the middle of serving); CUDA graphs are still recorded per concrete
-        # shape. On a CPU, where batching is off, a dynamic graph takes five times as long to compile, so
-        # shapes start static and become dynamic at the first recompile (torch.compile's default).
-        dynamic = True if cuda else None
+        self.padding: RowPadding | None = None
+        dynamic: bool | None = True if cuda else None
         if options.shapes == "padded":
-            # Step-level batches pad their rows to a few fixed counts, each compiled (and its CUDA graph
-            # recorded) once as a static shape; request-level batches compile a graph per batch size.
             dynamic = False
-            self.step_row_sizes = padded_row_sizes(options.max_rows)
+            self.padding = RowPadding(pipe.unet, padded_row_sizes(options.max_rows))
         self.aot: AotReport | None = None
         if options.scope == "aot":
             autotune = options.mode.startswith("max-autotune")
             self.aot = aot.install(pipe.unet, options.cache_dir, options.max_rows, autotune)
             log.info("%s on %s: %s", model.id, device, self.aot)
         elif regional:
-            compile_regions(pipe.unet, mode=mode, dynamic=dynamic)
+            # Padded and regional: every block shape compiles once with symbolic rows, not once per row count.
+            rows_dynamic = options.shapes == "padded"
+            compile_regions(pipe.unet, dynamic_rows=rows_dynamic, mode=mode, dynamic=None if rows_dynamic else dynamic)
         else:
             pipe.unet.compile(mode=mode, dynamic=dynamic)
-        if regional:
-            compile_regions(pipe.vae.decoder, mode=_without_cuda_graphs(mode), dynamic=dynamic)
-        else:
+            # The decoder runs once an image: worth a whole-graph compile only where the UNet gets one too.
             pipe.vae.decoder.compile(mode=_without_cuda_graphs(mode), dynamic=dynamic)
+        self.graphs: CudaGraphs | None = None
+        if cuda and options.scope == "regional" and self.padding is not None and options.cuda_graphs:
+            self.graphs = CudaGraphs(pipe.unet)
 
     def warm(self) -> None:
-        """The first run compiles (or loads the compiled code from the cache); say which, and how long."""
+        """Compile (or load from the cache) every shape serving meets: a pipeline run at the default size, then
+        one UNet call per padded row count at each warm size. Say which, and how long; then keep the cache
+        artifacts for the next start."""
         before = self.compile_statistics()
         started = time.perf_counter()
-        super().warm()
+        with charged_to(self.compile_counts):
+            super().warm()
+            if self.padding is not None:
+                side = self.model.default_size
+                # With guidance every image is two rows: one row comes only from unguided requests.
+                guided = self.model.default_guidance > 1
+                for width, height in dict.fromkeys(((side, side), *self.options.warm_sizes)):
+                    for rows in self.padding.sizes[1 if guided else 0 :]:
+                        _unet_call(self.pipe.unet, rows, width, height)
+        self.compile_counts.warmed = True
         after = self.compile_statistics()
         hits, misses = (after[name] - before[name] for name in ("fxgraph_cache_hit", "fxgraph_cache_miss"))
+        if misses or not (self.options.cache_dir / ARTIFACTS).exists():
+            save_artifacts(self.options.cache_dir)
         log.info(
-            "%s on %s: compiled in %.1f s (compile cache: %d hits, %d misses, in %s)",
-            self.model.id, self.device, time.perf_counter() - started, hits, misses, self.options.cache_dir,
+            "%s on %s: compiled %d graphs in %.1f s (compile cache: %d hits, %d misses, in %s%s)",
+            self.model.id, self.device, self.compile_counts.compiles, time.perf_counter() - started, hits, misses,
+            self.options.cache_dir, ", artifacts loaded" if self.artifacts_loaded else "",
         )  # fmt: skip
 
     def run_batch(self, jobs: Sequence[Job]) -> list[GenerationResult]:
-        with self._unet_for(jobs[0]):
+        with charged_to(self.compile_counts), self._unet_for(jobs[0]):
             return super().run_batch(jobs)
 
     def run_steps(
@@ -185,7 +302,7 @@ class CompiledEngine(EagerEngine):
         max_images: int,
         on_step: Callable[[int], None] | None = None,
     ) -> None:
-        with self._unet_for(jobs[0]):
+        with charged_to(self.compile_counts), self._unet_for(jobs[0]):
             super().run_steps(jobs, on_done, joiners, max_images, on_step)
 
     @contextmanager
@@ -201,42 +318,84 @@ class CompiledEngine(EagerEngine):
             # (the compiled UNet recompiles once for that, at the next job without LoRAs).
             self.pipe.unfuse_qkv_projections()
             self._fused = False
-        with uncompiled(self.pipe.unet):
+        with uncompiled(self.pipe.unet, self.padding, self.graphs):
             yield
 
     def compile_statistics(self) -> dict[str, Any]:
-        """Inductor's cache hits and misses so far in this process (a warm start is all hits)."""
+        """Inductor's cache hits and misses so far in this process (a warm start is all hits), and this engine's
+        compiles and recompiles (those after warm-up)."""
         from torch._dynamo.utils import counters
 
         inductor = counters["inductor"]
         return {
             "fxgraph_cache_hit": inductor["fxgraph_cache_hit"],
             "fxgraph_cache_miss": inductor["fxgraph_cache_miss"],
+            "compiles": self.compile_counts.compiles,
+            "recompiles": self.compile_counts.recompiles,
         }
 
 
+def _unet_call(unet: Any, rows: int, width: int, height: int) -> None:
+    """One UNet call of `rows` rows at an image size, on zeros: what warm-up compiles each shape with."""
+    config, device, dtype = unet.config, unet.device, unet.dtype
+    sample = torch.zeros(rows, config.in_channels, height // 8, width // 8, device=device, dtype=dtype)
+    hidden = torch.zeros(rows, 77, config.cross_attention_dim, device=device, dtype=dtype)
+    pooled = unet.add_embedding.linear_1.in_features - 6 * config.addition_time_embed_dim
+    added = {
+        "text_embeds": torch.zeros(rows, pooled, device=device, dtype=dtype),
+        "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * rows, device=device, dtype=dtype),
+    }
+    cond = config.time_cond_proj_dim
+    timestep_cond = torch.zeros(rows, cond, device=device, dtype=dtype) if cond else None
+    with torch.no_grad():  # as the pipeline and the step loop call it (inference tensors would recompile)
+        unet(sample, torch.full((rows,), 500.0, device=device), encoder_hidden_states=hidden,
+             timestep_cond=timestep_cond, added_cond_kwargs=added, return_dict=False)  # fmt: skip
+
+
 @contextmanager
-def uncompiled(module: torch.nn.Module) -> Iterator[None]:
-    """Run `module` and its blocks eagerly for a while. Only this engine's own modules change, so another
-    engine's thread keeps its compiled code (unlike torch.compiler.set_stance, which is process-wide)."""
+def uncompiled(module: torch.nn.Module, *switches: RowPadding | CudaGraphs | None) -> Iterator[None]:
+    """Run `module` and its blocks eagerly, with `switches` (padding, CUDA graphs) off, for a while. Only this
+    engine's own modules change, so another engine's thread keeps its compiled code (unlike
+    torch.compiler.set_stance, which is process-wide)."""
     compiled = [(block, block._compiled_call_impl) for block in module.modules() if block._compiled_call_impl]
     for block, _ in compiled:
         block._compiled_call_impl = None
+    present = [switch for switch in switches if switch is not None]
+    for switch in present:
+        switch.enabled = False
     try:
         yield
     finally:
         for block, call in compiled:
             block._compiled_call_impl = call
+        for switch in present:
+            switch.enabled = True
 
 
-def compile_regions(module: torch.nn.Module, **options: Any) -> int:
+def compile_regions(module: torch.nn.Module, dynamic_rows: bool = False, **options: Any) -> int:
     """Regional compilation: each block in REGIONS is compiled in place. Blocks of one class share their
     compiled code (parameters are graph inputs), so SDXL's 70 transformer blocks cost one compile per
-    width, not one each. Returns how many blocks were compiled."""
+    width, not one each. `dynamic_rows`: the row (batch) dimension of each block's inputs is symbolic and
+    every other one static, so one graph per block shape serves every batch size. Returns how many blocks
+    were compiled."""
     blocks = [block for block in module.modules() if type(block).__name__ in REGIONS]
     for block in blocks:
         block.compile(**options)
+        if dynamic_rows:
+            compiled = block._compiled_call_impl
+            assert compiled is not None  # just set by compile()
+            block._compiled_call_impl = functools.partial(_rows_dynamic, compiled)
     return len(blocks)
+
+
+def _rows_dynamic(compiled: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Mark the first dimension of every input with the rows of the block's first input as dynamic, then call
+    the compiled block (marks must be made outside the compiled code)."""
+    rows = args[0].shape[0] if args else next(iter(kwargs.values())).shape[0]
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows:
+            torch._dynamo.maybe_mark_dynamic(value, 0)
+    return compiled(*args, **kwargs)
 
 
 def _without_cuda_graphs(mode: str) -> str:
@@ -245,11 +404,13 @@ def _without_cuda_graphs(mode: str) -> str:
     return {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
 
 
-def _tune_inductor_for_diffusion() -> None:
-    """The settings diffusers' own guide to fast SDXL inference uses for UNet convolutions."""
+def _tune_inductor_for_diffusion(autotune: bool) -> None:
+    """The settings diffusers' own guide to fast SDXL inference uses for UNet convolutions. Its coordinate-descent
+    tuning multiplies compile time (a cold start went past six minutes with it): only with a max-autotune
+    mode, which asks for long compiles."""
     import torch._inductor.config as inductor
 
     inductor.conv_1x1_as_mm = True
-    inductor.coordinate_descent_tuning = True
     inductor.epilogue_fusion = False
-    inductor.coordinate_descent_check_all_directions = True
+    inductor.coordinate_descent_tuning = autotune
+    inductor.coordinate_descent_check_all_directions = autotune

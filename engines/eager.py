@@ -112,9 +112,6 @@ def load_pipeline(model: ModelInfo, device: str) -> StableDiffusionXLPipeline:
 
 
 class EagerEngine:
-    # Row counts step-level UNet calls are padded to (none: each call has the rows it needs).
-    step_row_sizes: tuple[int, ...] = ()
-
     def __init__(self, model: ModelInfo, device: str) -> None:
         self.device = device
         self.model = model
@@ -266,7 +263,7 @@ class EagerEngine:
             for job in jobs:
                 on_done(job, failure)
             return
-        StepLoop(self.pipe, self.step_row_sizes).run(jobs, on_done, joiners, max_images, on_step)
+        StepLoop(self.pipe).run(jobs, on_done, joiners, max_images, on_step)
 
     def _activate_loras(self, loras: list[LoraWeight]) -> None:
         try:

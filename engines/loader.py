@@ -55,10 +55,11 @@ class BackendSettings:
     name: str = "eager"
     cache_dir: Path = Path("data/engine-cache")
     compile_mode: str = "auto"
-    compile_scope: str = "full"
     quantize: str = "none"
     fuse_qkv: bool = True
-    compiled_shapes: str = "dynamic"
+    compile_scope: str = "regional"
+    compiled_shapes: str = "padded"
+    compile_warm_sizes: tuple[tuple[int, int], ...] = ()
     shapes: ShapeRange = DEFAULT_SHAPES
 
 
@@ -72,6 +73,7 @@ def backend_settings(config: Config, devices: list[str]) -> BackendSettings:
         quantize=config.quantize,
         fuse_qkv=config.fuse_qkv,
         compiled_shapes=config.compiled_shapes,
+        compile_warm_sizes=tuple(_size(text) for text in config.compile_warm_sizes),
         shapes=ShapeRange(
             max_batch=rows,
             min_side=config.tensorrt_min_side,
@@ -79,6 +81,11 @@ def backend_settings(config: Config, devices: list[str]) -> BackendSettings:
             max_side=config.tensorrt_max_side,
         ),
     )
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, _, height = text.partition("x")
+    return int(width), int(height)
 
 
 def check_backend(settings: BackendSettings) -> None:
@@ -146,6 +153,7 @@ def load_engine(settings: BackendSettings, model: ModelInfo, device: str) -> Eng
             fuse_qkv=settings.fuse_qkv,
             max_rows=settings.shapes.max_batch,
             shapes=settings.compiled_shapes,
+            warm_sizes=settings.compile_warm_sizes,
         )
         return CompiledEngine(model, device, options)
     if settings.name == "tensorrt":

@@ -56,19 +56,11 @@ class _Task:
         return self.images * (2 if self.guided else 1)
 
 
-def padded_rows(rows: int, sizes: Sequence[int]) -> int:
-    """The smallest of `sizes` that holds `rows` (`rows` itself when none does)."""
-    return min((size for size in sizes if size >= rows), default=rows)
-
-
 class StepLoop:
-    """Step-level batching on one SDXL pipeline (its weights shared, never copied). `row_sizes`: when given,
-    each UNet call is padded (with copies of its last row, whose outputs are dropped) up to the smallest of
-    these row counts that holds it, so a compiled UNet meets a few fixed shapes, not every count from 1 up."""
+    """Step-level batching on one SDXL pipeline (its weights shared, never copied)."""
 
-    def __init__(self, pipe: StableDiffusionXLPipeline, row_sizes: Sequence[int] = ()) -> None:
+    def __init__(self, pipe: StableDiffusionXLPipeline) -> None:
         self.pipe = pipe
-        self.row_sizes = tuple(row_sizes)
 
     def run(
         self,
@@ -188,30 +180,22 @@ class StepLoop:
             latents = torch.cat([task.latents] * 2) if task.guided else task.latents
             inputs.append(task.pipe.scheduler.scale_model_input(latents, t))
             timesteps.append(torch.full((latents.shape[0],), float(t), device=latents.device))
-        rows = sum(task.rows for task in tasks)
-        padded = padded_rows(rows, self.row_sizes)
-
-        def batch(parts: list[torch.Tensor]) -> torch.Tensor:
-            joined = torch.cat(parts)
-            if padded == rows:
-                return joined
-            return torch.cat([joined, joined[-1:].expand(padded - rows, *joined.shape[1:])])
 
         embeds = [task.guidance_embeds for task in tasks if task.guidance_embeds is not None]
         unet = self.pipe.unet
-        with torch.inference_mode():
+        with torch.no_grad():  # as the pipeline calls it: a compiled UNet then meets one kind of tensor
             output = unet(
-                batch(inputs),
-                batch(timesteps),
-                timestep_cond=batch(embeds) if embeds else None,
-                encoder_hidden_states=batch([task.prompt_embeds for task in tasks]),
+                torch.cat(inputs),
+                torch.cat(timesteps),
+                timestep_cond=torch.cat(embeds) if embeds else None,
+                encoder_hidden_states=torch.cat([task.prompt_embeds for task in tasks]),
                 added_cond_kwargs={
-                    "text_embeds": batch([task.text_embeds for task in tasks]),
-                    "time_ids": batch([task.time_ids for task in tasks]),
+                    "text_embeds": torch.cat([task.text_embeds for task in tasks]),
+                    "time_ids": torch.cat([task.time_ids for task in tasks]),
                 },
                 return_dict=False,
             )[0]
-        return list(output[:rows].split([task.rows for task in tasks]))
+        return list(output.split([task.rows for task in tasks]))
 
     def _advance(self, task: _Task, prediction: torch.Tensor) -> None:
         job, t = task.job, task.timesteps[task.step]

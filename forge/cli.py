@@ -198,6 +198,21 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_engine(args: argparse.Namespace) -> int:
+    from engines.cache_artifacts import export_cache, import_cache
+
+    root = _config(args, data_dir=args.data_dir).data_path / "engine-cache"
+    file = Path(args.file)
+    if args.action == "export-cache":
+        keys, verb = export_cache(root, file), f"exported to {file}"
+    else:
+        keys, verb = import_cache(file, root), f"imported into {root}"
+    for key in keys:
+        print(key)
+    print(f"compiled code for {len(keys)} torch/Triton/GPU combinations {verb}", file=sys.stderr)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chara-forge", description=__doc__)
     parser.add_argument("--config", type=Path, help="TOML config file (default: ./chara-forge.toml if present)")
@@ -258,6 +273,15 @@ def _parser() -> argparse.ArgumentParser:
     pruning.add_argument("--unused-days", type=float, default=30, help="unused for this long (default: 30)")
     pruning.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")
     cache.set_defaults(func=cmd_cache)
+
+    engine = sub.add_parser("engine", help="move compiled engines' code between machines (a fleet compiles once)")
+    engine.add_argument("--data-dir")
+    moves = engine.add_subparsers(dest="action", required=True)
+    moves.add_parser("export-cache", help="write the compiled code this data directory holds to FILE").add_argument(
+        "file"
+    )
+    moves.add_parser("import-cache", help="add the compiled code in FILE (from export-cache)").add_argument("file")
+    engine.set_defaults(func=cmd_engine)
     return parser
 
 

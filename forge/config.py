@@ -94,20 +94,24 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     max_output_pixels: Annotated[int, Meta(ge=4096)] = 4096 * 4096
     max_upload_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024 * 1024
     backend: Backend = "eager"
-    # compiled: a torch.compile mode ("auto": reduce-overhead, with CUDA graphs, on GPUs; default on a CPU), weight
+    # compiled: a torch.compile mode ("auto": reduce-overhead, with CUDA graphs, with compile_scope full on GPUs;
+    # default otherwise; a max-autotune mode also turns on coordinate-descent tuning: far longer compiles), weight
     # quantisation through torchao ("int8", "fp8"; changes the images slightly) and fused QKV projections.
     compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "auto"
-    # full: the whole UNet and VAE decoder as one graph each (CUDA graphs possible); regional: only their
-    # repeated blocks, compiled once per shape and shared by every copy: minutes less to compile and seconds
-    # to restart, without CUDA graphs; aot: the UNet compiled ahead of time (AOTInductor) into a package under
-    # the data directory that later starts load in under a second, and the VAE decoder regionally.
-    compile_scope: Literal["full", "regional", "aot"] = "full"
+    # regional: the UNet's repeated blocks (transformer and ResNet), compiled once per shape and shared by every
+    # copy: a cold start in minutes less, a restart in seconds; full: the whole UNet and VAE decoder as one graph
+    # each (CUDA graphs possible); aot: the UNet compiled ahead of time (AOTInductor) into a package under the
+    # data directory that later starts load in under a second.
+    compile_scope: Literal["full", "regional", "aot"] = "regional"
     quantize: Literal["none", "int8", "fp8"] = "none"
     fuse_qkv: bool = True
-    # How a compiled UNet meets step-level batches, whose row count changes as tasks join and leave:
-    # dynamic: one graph for every count; padded: each call padded to 1, 2, 4, 8... rows (up to the largest
-    # batch), each count compiled as a static shape (`just bench-gpu` measures both: compiled_shapes).
-    compiled_shapes: Literal["dynamic", "padded"] = "dynamic"
+    # How a compiled UNet meets batches, whose row count changes as tasks join and leave: padded: each call
+    # padded to 1, 2, 4, 8... rows (up to the largest batch), each count compiled at warm-up as a static shape,
+    # so serving never compiles; dynamic: one graph with symbolic sizes (slower kernels, longer compiles).
+    compiled_shapes: Literal["dynamic", "padded"] = "padded"
+    # Image sizes ("WIDTHxHEIGHT") the compiled backend compiles at warm-up besides the model's default size;
+    # a size not listed compiles on its first request.
+    compile_warm_sizes: list[Annotated[str, Meta(pattern=r"^[1-9][0-9]*x[1-9][0-9]*$")]] = []
     # tensorrt: the image sides (pixels) one engine covers; the batch range follows max_batch.
     tensorrt_min_side: Annotated[int, Meta(ge=64, le=4096, multiple_of=64)] = 512
     tensorrt_opt_side: Annotated[int, Meta(ge=64, le=4096, multiple_of=64)] = 1024
@@ -219,6 +223,8 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, object]:
                 overrides[key] = _parse_mapping(name, value)
             elif key in JSON_KEYS:
                 overrides[key] = _parse_json(name, value)
+            elif key in LIST_KEYS:
+                overrides[key] = [item.strip() for item in value.split(",") if item.strip()]
             elif key in BOOLEAN_KEYS:
                 overrides[key] = _parse_bool(name, value)
             else:
@@ -240,6 +246,7 @@ def _parse_bool(name: str, value: str) -> bool:
 
 MAPPING_KEYS = {"models", "inpainting_models"}
 JSON_KEYS = {"ip_adapters", "plans"}
+LIST_KEYS = {"compile_warm_sizes"}  # comma-separated in the environment
 
 
 def _parse_json(name: str, value: str) -> object:

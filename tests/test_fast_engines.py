@@ -159,8 +159,8 @@ def test_quantising_an_ahead_of_time_unet_is_refused_at_start_naming_the_field()
     assert raised.value.field == "quantize" and "aot" in raised.value.message
 
 
-async def _serve_once(server: ServerProcess, generation: dict[str, object]) -> np.ndarray:
-    """Start, make one image, stop cleanly; the image as an array."""
+async def _serve_once(server: ServerProcess, generation: dict[str, object], keep_running: bool = False) -> np.ndarray:
+    """Start, make one image, stop cleanly (unless asked to keep it running); the image as an array."""
     import httpx
 
     await server.start(ready_timeout_s=400)
@@ -169,7 +169,10 @@ async def _serve_once(server: ServerProcess, generation: dict[str, object]) -> n
             view = await wait_for_state(client, (await submit(client, **generation))["id"], timeout_s=300)
             assert view["state"] == "succeeded", view["error"]
             png = (await client.get(view["images"][0]["url"])).content
-    finally:
+    except BaseException:
+        await server.terminate()
+        raise
+    if not keep_running:
         assert await server.terminate() == 0
     with Image.open(io.BytesIO(png)) as image:
         return np.asarray(image.convert("RGB"), dtype=np.int16)
@@ -191,19 +194,37 @@ def _compile_reports(log: Path) -> list[str]:
     return lines
 
 
-async def test_compiled_backend_matches_eager_and_restarts_from_its_compile_cache(
-    tmp_path: Path, tiny_model: Path
+async def test_compiled_backend_matches_eager_and_a_worker_starts_warm_from_an_exported_cache(
+    tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A real server process on the compiled backend: its image equals eager's within a pixel level, and a
-    restart on the same data directory compiles nothing (every compiled graph comes from the cache)."""
+    """A real server process on the compiled backend: its image equals eager's within a pixel level, and
+    /metrics counts its compiles (none after warm-up). `chara-forge engine export-cache` writes what it compiled
+    to one file; a worker whose engine cache holds only what `import-cache` put there starts without compiling
+    (every graph comes from the cache)."""
+    import httpx
+
     generation, eager = _paladin(tiny_model)
     data, log = tmp_path / "data", tmp_path / "server.log"
     settings = {"backend": "compiled", "cpu_threads": "1", "enable_ui": "false", "enable_mcp": "false"}
-    for start in ("cold", "warm"):
-        compiled = await _serve_once(ServerProcess(data, tiny_model, log, **settings), generation)
+    exported = tmp_path / "compiled.tar.gz"
+    for start in ("cold", "imported"):
+        server = ServerProcess(data, tiny_model, log, **settings)
+        compiled = await _serve_once(server, generation, keep_running=True)
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            metrics = (await client.get("/metrics")).text
+        assert await server.terminate() == 0
         assert _max_difference(compiled, eager) <= 2, start
         report = _compile_reports(log)[-1]
-        assert (" 0 misses" in report) == (start == "warm"), report
+        assert (" 0 misses" in report) == (start == "imported"), report
+        assert 'chara_forge_engine_recompiles_total{device="cpu",model="tiny-sdxl"} 0.0' in metrics
+        assert 'chara_forge_engine_compiles_total{device="cpu",model="tiny-sdxl"} 0.0' not in metrics
+        if start == "cold":
+            assert main(["engine", "--data-dir", str(data), "export-cache", str(exported)]) == 0
+            shutil.rmtree(data / "engine-cache")
+            assert main(["engine", "--data-dir", str(data), "import-cache", str(exported)]) == 0
+            assert "imported into" in capsys.readouterr().err
+    assert main(["engine", "--data-dir", str(data), "import-cache", str(tiny_model / "model_index.json")]) == 2
+    assert "not an exported engine cache" in capsys.readouterr().err
 
 
 async def test_a_restart_of_an_ahead_of_time_server_loads_its_unet_and_compiles_nothing(
@@ -266,14 +287,16 @@ def _age(root: Path, days: float) -> None:
         os.utime(path, (then, then))
 
 
-def test_regional_compilation_matches_eager_and_serves_loras_without_compiling(
+def test_a_compiled_engine_compiles_nothing_after_warm_up_and_matches_eager(
     tmp_path: Path, tiny_model: Path, tiny_loras: dict[str, Path]
 ) -> None:
-    """compile_scope = "regional" compiles only the repeated blocks. Its image equals eager's; a request with
-    a LoRA runs the UNet uncompiled (the same image as eager with that LoRA), so no LoRA set or weight ever
-    waits for a compile; only the first request without LoRAs after a new LoRA was loaded compiles again.
-    With compiled_shapes = "padded", a step-level batch's UNet calls are padded to 1, 2, 4, 8 or 16 rows, and
-    the padding rows change no task's image."""
+    """The compiled backend's defaults (regional blocks, rows padded to 2, 4 or 8, the row dimension symbolic):
+    warm-up compiles each block shape once. After it, a mixed load compiles nothing: request-level batches of
+    one to three images, a step batch that a task joins and others leave with two samplers and two guidance
+    scales, and a second image size named in the warm sizes; every image equals eager's and the padding rows
+    change none. A request with a LoRA runs the UNet uncompiled (eager's image with that LoRA), so no LoRA set
+    or weight waits for a compile; its adapters change the blocks, so the next request without a LoRA
+    compiles them again, once, and that counts as a recompile."""
     import dataclasses
     import threading
 
@@ -283,47 +306,54 @@ def test_regional_compilation_matches_eager_and_serves_loras_without_compiling(
     model = resolve_model(str(tiny_model), tiny_model.parent, 1)
     base = Job(model=model, prompt="a paladin", negative_prompt="", width=64, height=64, seeds=[5], steps=4,
                guidance_scale=5.0, scheduler="euler")  # fmt: skip
-    ink = LoraWeight(name="ink-lora", path=str(tiny_loras["ink-lora"]), weight=0.8)
-    with_lora = [dataclasses.replace(base, loras=[dataclasses.replace(ink, weight=w)]) for w in (0.8, 0.3)]
-    eager = EagerEngine(model, "cpu")
-    expected = [eager.run(job).images[0] for job in (base, *with_lora)]
-    got: list[Image.Image] = []
-    compiles: list[int] = []
-
-    def serve_in_order() -> None:  # on a thread that then ends, as an engine's does
-        options = CompileOptions(cache_dir=tmp_path / "cache", scope="regional", shapes="padded")
-        engine = CompiledEngine(model, "cpu", options)
-
-        def run(job: Job) -> None:
-            got.append(engine.run(job).images[0])
-            statistics = engine.compile_statistics()
-            compiles.append(statistics["fxgraph_cache_hit"] + statistics["fxgraph_cache_miss"])
-
-        for job in (base, *with_lora, base, with_lora[0], base):
-            run(job)
-        # Step-level batching through the compiled blocks: rows of two tasks with their own steps and samplers.
-        engine.pipe.unet.conv_in.register_forward_pre_hook(lambda module, args: step_rows.append(args[0].shape[0]))
-        engine.run_steps(stepped, lambda job, outcome: step_outcomes.append((job, outcome)), lambda free: [], 8)
-
+    batches = [[base], [dataclasses.replace(base, seeds=[6, 7, 8])], [dataclasses.replace(base, width=96, seeds=[9])]]
     stepped = [dataclasses.replace(base, seeds=[6, 7]), dataclasses.replace(base, steps=3, scheduler="euler_a")]
+    joiner = dataclasses.replace(base, steps=2, scheduler="dpmpp_2m", guidance_scale=7.0, seeds=[11])
+    ink = LoraWeight(name="ink-lora", path=str(tiny_loras["ink-lora"]), weight=0.8)
+    with_lora = dataclasses.replace(base, loras=[ink])
+    eager = EagerEngine(model, "cpu")
+    got: list[Image.Image] = []
     step_outcomes: list[tuple[Job, Any]] = []
     step_rows: list[int] = []
+    counts: dict[str, tuple[int, int]] = {}
+
+    def serve_in_order() -> None:  # on a thread that then ends, as an engine's does
+        options = CompileOptions(cache_dir=tmp_path / "cache", max_rows=8, warm_sizes=((96, 64),))
+        engine = CompiledEngine(model, "cpu", options)
+        engine.warm()
+        counted = engine.compile_counts
+        counts["warm"] = (counted.compiles, counted.recompiles)
+        for batch in batches:
+            got.extend(image for result in engine.run_batch(batch) for image in result.images)
+        engine.pipe.unet.conv_in.register_forward_pre_hook(lambda module, args: step_rows.append(args[0].shape[0]))
+        waiting = [joiner]
+        engine.run_steps(stepped, lambda job, outcome: step_outcomes.append((job, outcome)),
+                         lambda free: [waiting.pop()] if waiting and free else [], 8)  # fmt: skip
+        counts["mixed"] = (counted.compiles, counted.recompiles)
+        got.append(engine.run(with_lora).images[0])
+        counts["lora"] = (counted.compiles, counted.recompiles)
+        got.append(engine.run(base).images[0])
+        counts["after_lora"] = (counted.compiles, counted.recompiles)
+
     worker = threading.Thread(target=serve_in_order)
     worker.start()
     worker.join()
-    order = [0, 1, 2, 0, 1, 0]
-    for image, index in zip(got, order, strict=True):
-        assert _max_difference(image, expected[index]) <= 2
-    assert _max_difference(expected[0], expected[1]) > 2  # the LoRA does change the image
-    first, lora, other_weight, base_again, lora_again, base_last = compiles
-    assert first > 0 and lora == other_weight == first  # LoRA requests compile nothing
-    assert base_again > other_weight  # the adapters changed the blocks: the base path compiled again, once
-    assert lora_again == base_last == base_again
+    expected = [image for batch in batches for job in batch for image in eager.run(job).images]
+    expected += [eager.run(with_lora).images[0], eager.run(base).images[0]]
+    assert len(got) == len(expected) == 7
+    for image, alone in zip(got, expected, strict=True):
+        assert _max_difference(image, alone) <= 2
+    assert _max_difference(expected[0], expected[-2]) > 2  # the LoRA does change the image
     for job, outcome in step_outcomes:
         for image, alone in zip(outcome.images, eager.run(job).images, strict=True):
             assert _max_difference(image, alone) <= 4
-    assert len(step_outcomes) == 2
-    assert step_rows == [8, 8, 8, 4]  # 4 + 2 rows padded to 8 for three steps, then the first task's 4 alone
+    assert sorted(job.scheduler for job, _ in step_outcomes) == ["dpmpp_2m", "euler", "euler_a"]
+    assert 8 in step_rows and set(step_rows) <= {2, 4, 8}  # 4 + 2 + 2 rows padded to 8, and on as tasks leave
+    warm_compiles, _ = counts["warm"]
+    assert warm_compiles > 0
+    assert counts["mixed"] == counts["lora"] == (warm_compiles, 0)  # nothing compiled after warm-up
+    compiles_after, recompiles_after = counts["after_lora"]
+    assert recompiles_after > 0 and compiles_after == warm_compiles + recompiles_after
 
 
 def test_ahead_of_time_unet_matches_eager_and_serves_what_it_was_not_compiled_for(
