@@ -1,45 +1,91 @@
-"""The GPU benchmark's script, run end to end with the tiny model on the CPU, so it is known to work before
-it is given a GPU's scarce minutes."""
+"""The GPU benchmark's script, run on the CPU so it is known to work before it is given a GPU's scarce minutes:
+its full-size build from SDXL's real configs, its sections end to end in an environment holding only what the
+GPU machine's image holds plus the wheels the bench carries there, and its clean-up of stopped sections."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from bench.gpu_bench import RUN_MARKER, Bench, processes_of_run, stock
+from bench.gpu_image import make_env
+from bench.sdxl_random import build_random_sdxl
 
-def test_gpu_bench_runs_every_section_and_prints_one_json_line(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "bench.gpu_bench", "--tiny", "--backends", "eager,tensorrt", "--clients", "2",
-               "--per-client", "2", "--max-batch", "4", "--scratch", str(tmp_path / "scratch")]  # fmt: skip
-    env = {**os.environ, "OUT": str(tmp_path / "out")}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _bench(python: str, out: Path, *args: str, timeout_s: float = 400) -> tuple[dict[str, object], str]:
+    """Run bench.gpu_bench with `python` as bench/gpu_run.sh would; its JSON line and stderr."""
+    env = {**os.environ, "OUT": str(out), "PYTHONPATH": str(REPO)}
+    command = [python, "-m", "bench.gpu_bench", "--tiny", "--scratch", str(out.parent / "scratch"), *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s, check=False, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(lines) == 1
-    result = json.loads(lines[0])
-    assert result == json.loads((tmp_path / "out" / "gpu_bench.json").read_text())
-    assert result["stock"]["s_per_image"] > 0
-    assert result["eager"]["max_pixel_diff_vs_stock"] <= 2  # the engine is the stock pipeline, batched
-    assert "TensorRT" in result["tensorrt"]["error"]  # not installed here: reported, not fatal
-    assert "TensorRT" in (tmp_path / "out" / "logs" / "tensorrt.log").read_text()  # each engine's own log
-    server = result["server"]
-    assert server["engine"] == "eager" and server["images"] == 4 and server["failed"] == 0
-    assert server["images_per_s"] > 0 and server["batching"] == "step"
-    assert (
-        result["server_request_batching"]["batching"] == "request" and result["server_request_batching"]["images"] == 4
+    assert len(lines) == 1, done.stdout[-2000:]
+    result: dict[str, object] = json.loads(lines[0])
+    assert result == json.loads((out / "gpu_bench.json").read_text())
+    return result, done.stderr
+
+
+def test_the_full_size_build_loads_and_runs_the_stock_section(tmp_path: Path) -> None:
+    """bench/sdxl_random builds SDXL's real text encoders, VAE and scheduler from their configs (the UNet
+    narrowed), saves them in fp16 and stock diffusers loads and runs them, as the GPU run does at full size."""
+    model = build_random_sdxl(tmp_path / "model", "cpu", narrow_unet=True)
+    config = json.loads((model / "text_encoder_2" / "config.json").read_text())
+    assert config["hidden_size"] == 1280 and config["num_hidden_layers"] == 32
+    assert json.loads((model / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == (
+        "EulerDiscreteScheduler"
     )
-    assert set(result["step_vs_request_batching"]) == {"images_per_s", "p99"}
-    assert [rows for rows, _ in result["cost_curve"]["points"]] == [2, 4, 8, 16]
-    assert result["cost_curve"]["decode_s_per_image"] > 0
-    shapes = result["compiled_shapes"]
-    for mode in ("dynamic", "padded"):
-        assert set(shapes[mode]["s_per_call"]) == {"2", "3", "4"} and shapes[mode]["compile_s"] > 0
-    assert shapes["faster"] in ("dynamic", "padded")
-    assert server["latency_p50_s"] <= server["latency_p99_s"]
-    assert server["peak_vram_gib"] is None  # measured on CUDA devices only
-    assert set(result["meets_targets"]) == {"batch1_ratio", "batch1_ratio_quantized", "images_per_s", "warm_restart"}
+    args = argparse.Namespace(
+        budget_s=300, scratch=str(tmp_path), device="cpu", size=64, steps=2, repeats=1, tiny=False
+    )
+    result = stock(Bench(args), model)
+    assert result["s_per_image"] > 0 and (tmp_path / "stock-image.npy").exists()
+
+
+def test_the_bench_runs_in_the_gpu_images_environment_with_open_loop_server_sections(tmp_path: Path) -> None:
+    """A virtual environment with only the GPU image's packages and the carried wheels' runs the bench, both
+    server sections included: a package the wheels forget fails here. Each server section drives seeded
+    Poisson arrivals at rising rates and reports goodput at p99 10 s and 20 s; the table prints last."""
+    python = make_env(tmp_path / "gpu-image")
+    out = tmp_path / "out"
+    result, stderr = _bench(str(python), out, "--backends", "eager", "--max-batch", "4", "--window-s", "2",
+                            "--rates", "0.5,1.0")  # fmt: skip
+    assert result["eager"]["max_pixel_diff_vs_stock"] <= 2  # type: ignore[index]
+    for batching in ("step", "request"):
+        server: dict[str, object] = result[f"server_{batching}"]  # type: ignore[assignment]
+        assert server["batching"] == batching and server["engine"] == "eager"
+        loads: list[dict[str, float]] = server["loads"]  # type: ignore[assignment]
+        assert [load["offered_images_per_s"] for load in loads] == sorted(
+            load["offered_images_per_s"] for load in loads
+        )
+        assert all(load["requests"] > 0 and load["p50_s"] <= load["p99_s"] for load in loads)
+        assert set(server["goodput_images_per_s"]) == {"p99_10s", "p99_20s"}  # type: ignore[arg-type]
+    assert set(result["step_vs_request_goodput"]) == {"p99_10s", "p99_20s"}  # type: ignore[arg-type]
+    assert set(result["meets_targets"]) == {"batch1_ratio", "batch1_ratio_quantized", "goodput_p99_10s",  # type: ignore[arg-type]
+                                            "warm_restart"}  # fmt: skip
+    assert [rows for rows, _ in result["cost_curve"]["points"]] == [2, 4, 8, 16]  # type: ignore[index]
+    table = stderr.strip().splitlines()
+    assert table[-1].startswith("cost_curve") and any(line.startswith("server_request") for line in table)
+
+
+def test_a_stopped_section_leaves_no_process_behind(tmp_path: Path) -> None:
+    """A compiled engine's section stopped at its time limit, mid-compile: the section says so, the run still
+    reports, and nothing it started is left running (inductor's compile workers included)."""
+    out = tmp_path / "out"
+    marker = f"test-{os.getpid()}"
+    os.environ[RUN_MARKER] = marker
+    try:
+        result, _ = _bench(sys.executable, out, "--backends", "compiled_regional", "--servers", "", "--budget-s", "45")
+    finally:
+        del os.environ[RUN_MARKER]
+    assert "stopped after" in result["compiled_regional"]["error"]  # type: ignore[index]
+    assert "left" in result["cost_curve"]["skipped"]  # type: ignore[index]
+    assert processes_of_run(marker) == []
 
 
 def test_gpu_bench_refuses_an_engine_it_does_not_know_before_spending_any_time(tmp_path: Path) -> None:
