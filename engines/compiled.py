@@ -35,8 +35,9 @@ from engines.cache_files import mark_used
 from engines.compile_watch import charged_to, counts_for
 from engines.cuda_graphs import CudaGraphs
 from engines.eager import EagerEngine
+from engines.lora_slots import LoraSlots
 from engines.step_loop import OnDone
-from forge.engine import GenerationResult, Job, ModelInfo
+from forge.engine import AssetError, GenerationResult, Job, LoraWeight, ModelInfo
 from forge.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ class CompileOptions:
     # Image sizes (width, height) compiled at warm-up besides the model's default size.
     warm_sizes: tuple[tuple[int, int], ...] = ()
     cuda_graphs: bool = True  # regional and padded on CUDA: UNet calls replayed from CUDA graphs
+    # LoRA hotswap (engines.lora_slots): this many LoRA slots of `lora_rank` compiled in; 0: LoRAs run uncompiled.
+    lora_slots: int = 0
+    lora_rank: int = 0
 
 
 def padded_row_sizes(max_rows: int) -> tuple[int, ...]:
@@ -230,9 +234,11 @@ class CompiledEngine(EagerEngine):
         setting = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
         setattr(dynamo, setting, max(getattr(dynamo, setting), RECOMPILE_LIMIT))
         pipe, cuda = self.pipe, device.startswith("cuda")
-        self._fused = options.fuse_qkv and cuda
+        # peft adapts to_q/to_k/to_v, which a fused projection bypasses: no fusing where LoRAs are swapped in.
+        self._fused = options.fuse_qkv and cuda and not options.lora_rank
         if self._fused:
             pipe.fuse_qkv_projections()
+        self.slots = LoraSlots(pipe, options.lora_slots, options.lora_rank) if options.lora_rank else None
         if cuda:
             _tune_inductor_for_diffusion(autotune=options.mode.startswith("max-autotune"))
             pipe.unet.to(memory_format=torch.channels_last)
@@ -305,12 +311,27 @@ class CompiledEngine(EagerEngine):
         with charged_to(self.compile_counts), self._unet_for(jobs[0]):
             super().run_steps(jobs, on_done, joiners, max_images, on_step)
 
+    def _activate_loras(self, loras: list[LoraWeight]) -> None:
+        """LoRAs the slots take are swapped into them; others load as adapters of their own (run uncompiled)."""
+        if self.slots is None or self.slots.takes(loras) is not None:
+            if self.slots is not None:
+                self.slots.displaced()
+            super()._activate_loras(loras)
+            return
+        try:
+            self.slots.activate(loras)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            names = ", ".join(f"{lora.name} ({lora.path})" for lora in loras)
+            raise AssetError("lora_invalid", f"could not apply LoRA {names}: {exc}") from exc
+
     @contextmanager
     def _unet_for(self, job: Job) -> Iterator[None]:
-        """The compiled UNet, except for a job with LoRAs or reference images: a UNet with LoRA adapters (or an
-        IP-Adapter attached) runs uncompiled, since dynamo would recompile it for every LoRA set, adapter
-        weight and reference count, each time holding the device for as long as a cold compile."""
-        if not job.loras and job.references is None:
+        """The compiled UNet, except for a job with reference images or LoRAs the slots cannot take: a UNet with
+        an IP-Adapter attached or LoRA adapters of its own runs uncompiled, since dynamo would recompile it for
+        every LoRA set, adapter weight and reference count, each time holding the device for as long as a cold
+        compile."""
+        slotted = self.slots is not None and self.slots.takes(job.loras) is None
+        if job.references is None and (not job.loras or slotted):
             yield
             return
         if self._fused:

@@ -60,6 +60,8 @@ class BackendSettings:
     compile_scope: str = "regional"
     compiled_shapes: str = "padded"
     compile_warm_sizes: tuple[tuple[int, int], ...] = ()
+    lora_rank: int = 0
+    lora_slots: int = 4
     shapes: ShapeRange = DEFAULT_SHAPES
 
 
@@ -74,6 +76,8 @@ def backend_settings(config: Config, devices: list[str]) -> BackendSettings:
         fuse_qkv=config.fuse_qkv,
         compiled_shapes=config.compiled_shapes,
         compile_warm_sizes=tuple(_size(text) for text in config.compile_warm_sizes),
+        lora_rank=config.lora_rank,
+        lora_slots=config.max_loras,
         shapes=ShapeRange(
             max_batch=rows,
             min_side=config.tensorrt_min_side,
@@ -96,6 +100,11 @@ def check_backend(settings: BackendSettings) -> None:
         from engines.compiled import check_quantization
 
         check_quantization(settings.quantize, settings.compile_scope)
+        if settings.lora_rank and settings.quantize != "none":
+            # torchao would quantise the slots' own layers, which LoRAs are then copied into.
+            raise ConfigError("lora_rank and quantize do not combine: choose one", field="lora_rank")
+        if settings.lora_rank and settings.compile_scope != "regional":
+            raise ConfigError("lora_rank needs compile_scope 'regional'", field="lora_rank")
     elif settings.quantize != "none":
         raise ConfigError("quantize applies to the compiled backend only", field="quantize")
     if settings.name == "tensorrt":
@@ -154,6 +163,8 @@ def load_engine(settings: BackendSettings, model: ModelInfo, device: str) -> Eng
             max_rows=settings.shapes.max_batch,
             shapes=settings.compiled_shapes,
             warm_sizes=settings.compile_warm_sizes,
+            lora_slots=settings.lora_slots,
+            lora_rank=settings.lora_rank,
         )
         return CompiledEngine(model, device, options)
     if settings.name == "tensorrt":

@@ -112,6 +112,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # Image sizes ("WIDTHxHEIGHT") the compiled backend compiles at warm-up besides the model's default size;
     # a size not listed compiles on its first request.
     compile_warm_sizes: list[Annotated[str, Meta(pattern=r"^[1-9][0-9]*x[1-9][0-9]*$")]] = []
+    # compiled: LoRAs up to this rank on the UNet's attention projections stay compiled, swapped into max_loras
+    # slots compiled in from the start (each slot costs a little on every request); 0: LoRAs run uncompiled.
+    lora_rank: Annotated[int, Meta(ge=0, le=256)] = 0
     # tensorrt: the image sides (pixels) one engine covers; the batch range follows max_batch.
     tensorrt_min_side: Annotated[int, Meta(ge=64, le=4096, multiple_of=64)] = 512
     tensorrt_opt_side: Annotated[int, Meta(ge=64, le=4096, multiple_of=64)] = 1024

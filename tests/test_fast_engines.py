@@ -520,3 +520,46 @@ def test_requests_a_tensorrt_server_cannot_serve_are_refused_naming_the_field(
     eager = dataclasses.replace(resources, backend=backend_limits(server_config(tmp_path, tiny_model)))
     request = convert({"prompt": "a knight", "loras": [{"name": "ink-lora", "weight": 0.8}]}, GenerationRequest)
     assert resolve_request(request, model, eager).loras
+
+
+def test_loras_swapped_into_a_compiled_engine_match_eager_and_compile_nothing(
+    tmp_path: Path, tiny_model: Path, tiny_loras: dict[str, Path]
+) -> None:
+    """With lora_rank set, the compiled engine carries LoRA slots from warm-up on: requests with one LoRA, the
+    same at another weight, another LoRA, two at once and none at all each get eager's image for that LoRA set,
+    and nothing compiles after warm-up (the LoRAs are swapped into the compiled blocks in place)."""
+    import dataclasses
+    import threading
+
+    from engines.compiled import CompiledEngine, CompileOptions
+    from forge.engine import LoraWeight
+
+    model = resolve_model(str(tiny_model), tiny_model.parent, 1)
+    base = Job(model=model, prompt="a ranger", negative_prompt="", width=64, height=64, seeds=[3], steps=3,
+               guidance_scale=5.0, scheduler="euler")  # fmt: skip
+    ink, glow = (LoraWeight(name=name, path=str(tiny_loras[name]), weight=0.8) for name in ("ink-lora", "glow-lora"))
+    sets = [[ink], [dataclasses.replace(ink, weight=0.3)], [glow], [ink, glow], []]
+    jobs = [dataclasses.replace(base, loras=loras) for loras in sets]
+    eager = EagerEngine(model, "cpu")
+    expected = [eager.run(job).images[0] for job in jobs]
+    got: list[Image.Image] = []
+    counts: list[tuple[int, int]] = []
+
+    def serve() -> None:
+        options = CompileOptions(cache_dir=tmp_path / "cache", max_rows=4, lora_slots=2, lora_rank=4)
+        engine = CompiledEngine(model, "cpu", options)
+        engine.warm()
+        counts.append((engine.compile_counts.compiles, engine.compile_counts.recompiles))
+        for job in jobs:
+            got.append(engine.run(job).images[0])
+        counts.append((engine.compile_counts.compiles, engine.compile_counts.recompiles))
+
+    worker = threading.Thread(target=serve)
+    worker.start()
+    worker.join()
+    assert len(got) == len(expected)
+    for image, alone in zip(got, expected, strict=True):
+        assert _max_difference(image, alone) <= 2
+    assert _max_difference(expected[0], expected[1]) > 2 and _max_difference(expected[0], expected[2]) > 2
+    (warm_compiles, _), after = counts
+    assert warm_compiles > 0 and after == (warm_compiles, 0)
