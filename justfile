@@ -72,7 +72,7 @@ bench-fleet: setup
     {{bin}}/python -m bench.fleet_bench
 
 # Request-level against step-level batching: the server's batching decisions and engine loops on a simulated
-# device (the cost curve in bench/cost_curves) and clock; prints one JSON line. About a minute on 2 cores.
+# device (each cost curve in bench/cost_curves) and clock; goodput at p99 10 s and 20 s; prints one JSON line.
 bench-batching *ARGS: setup
     {{bin}}/python -m bench.batching_sim {{ARGS}}
 

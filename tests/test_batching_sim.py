@@ -12,6 +12,7 @@ import pytest
 
 from bench.batching_sim import (
     CURVE,
+    CURVES,
     CostCurve,
     SimulatedDevice,
     full_batch_images_per_s,
@@ -43,23 +44,28 @@ def test_step_level_keeps_batches_fuller_than_request_level_on_one_trace(tiny_mo
     assert min(request.latencies) >= fastest and min(step.latencies) >= fastest
 
 
-def test_the_simulation_runs_on_the_curve_a_gpu_benchmark_measured(tmp_path: Path) -> None:
-    """`just bench-batching --curve $OUT/gpu_bench.json`: the measured points replace the file's."""
+def test_the_simulation_reports_goodput_on_the_curve_a_gpu_benchmark_measured(tmp_path: Path) -> None:
+    """`just bench-batching --curve $OUT/gpu_bench.json`: the measured points replace the file's, and each mode's
+    goodput (the highest arrival rate whose p99 stays within 10 s and 20 s) is reported with the ratio."""
     measured = {"bench": "gpu", "cost_curve": {"points": [[2, 0.09], [4, 0.1], [8, 0.14], [16, 0.25]],
                                                "decode_s_per_image": 0.08}}  # fmt: skip
     (tmp_path / "gpu_bench.json").write_text(json.dumps(measured))
     assert CostCurve(tmp_path / "gpu_bench.json").step_s(12) == pytest.approx(0.195)
     command = [sys.executable, "-m", "bench.batching_sim", "--curve", str(tmp_path / "gpu_bench.json"), "--tasks", "12"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
-    report = json.loads(done.stdout)
-    assert report["curve"] == "gpu_bench.json"
-    capacity = report["request_capacity_images_per_s"]
-    assert capacity["measured"] == report["saturated"]["request"]["images_per_s"] < capacity["nominal"]
-    for reading in ("measured_capacity", "nominal_capacity"):
-        for load in ("load_50", "load_80", "load_95"):
-            ratios = report[reading][load]["ratios"]
-            assert ratios["images_per_s"] <= ratios["images_per_s_ceiling"] + 0.01  # no server beats the arrivals
-        assert set(report[reading]["targets"]) == {"images_per_s_ratio_at_95_ge_1.5", "p99_ratio_at_80_le_0.5"}
+    report = json.loads(done.stdout)["curves"]["gpu_bench.json"]
+    goodput = report["goodput_images_per_s"]
+    for mode in ("request", "step"):
+        assert set(goodput[mode]) == {"p99_10s", "p99_20s"}
+        assert goodput[mode]["p99_10s"] <= goodput[mode]["p99_20s"] < report["nominal_capacity_images_per_s"] * 1.3
+    assert goodput["step"]["p99_20s"] > 0
+    assert set(report["targets"]) == {"goodput_ratio_p99_20s_ge_1.5"}
+
+
+def test_both_committed_curves_are_simulated_by_default() -> None:
+    assert {path.name for path in CURVES.glob("*.json")} == {"h100_sdxl_1024.json", "h200_sdxl_1024.json"}
+    h200 = CostCurve(CURVES / "h200_sdxl_1024.json")
+    assert h200.step_s(2) < h200.step_s(8) < h200.step_s(16) and h200.decode_s > 0
 
 
 def test_nominal_capacity_is_what_full_batches_of_each_key_serve() -> None:
