@@ -99,12 +99,12 @@ def check_backend(settings: BackendSettings) -> None:
     if settings.name == "compiled":
         from engines.compiled import check_quantization
 
-        check_quantization(settings.quantize, settings.compile_scope)
         if settings.lora_rank and settings.quantize != "none":
             # torchao would quantise the slots' own layers, which LoRAs are then copied into.
             raise ConfigError("lora_rank and quantize do not combine: choose one", field="lora_rank")
         if settings.lora_rank and settings.compile_scope != "regional":
             raise ConfigError("lora_rank needs compile_scope 'regional'", field="lora_rank")
+        check_quantization(settings.quantize, settings.compile_scope)
     elif settings.quantize != "none":
         raise ConfigError("quantize applies to the compiled backend only", field="quantize")
     if settings.name == "tensorrt":

@@ -151,6 +151,15 @@ async def test_quantising_without_torchao_stops_the_start_with_a_clear_error(tmp
     assert raised.value.field == "quantize" and "torchao" in raised.value.message
 
 
+def test_lora_slots_outside_a_regional_unquantised_engine_are_refused_at_start_naming_the_field() -> None:
+    from engines.loader import BackendSettings, check_backend
+
+    for settings in ({"quantize": "int8"}, {"compile_scope": "full"}):
+        with pytest.raises(ConfigError) as refused:
+            check_backend(BackendSettings(name="compiled", lora_rank=32, **settings))  # type: ignore[arg-type]
+        assert refused.value.field == "lora_rank"
+
+
 def test_quantising_an_ahead_of_time_unet_is_refused_at_start_naming_the_field() -> None:
     from engines.loader import BackendSettings, check_backend
 

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from bench.gpu_bench import RUN_MARKER, Bench, processes_of_run, stock
 from bench.gpu_image import make_env
@@ -18,7 +19,7 @@ from bench.sdxl_random import build_random_sdxl
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _bench(python: str, out: Path, *args: str, timeout_s: float = 400) -> tuple[dict[str, object], str]:
+def _bench(python: str, out: Path, *args: str, timeout_s: float = 400) -> tuple[dict[str, Any], str]:
     """Run bench.gpu_bench with `python` as bench/gpu_run.sh would; its JSON line and stderr."""
     env = {**os.environ, "OUT": str(out), "PYTHONPATH": str(REPO)}
     command = [python, "-m", "bench.gpu_bench", "--tiny", "--scratch", str(out.parent / "scratch"), *args]
@@ -26,7 +27,7 @@ def _bench(python: str, out: Path, *args: str, timeout_s: float = 400) -> tuple[
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1, done.stdout[-2000:]
-    result: dict[str, object] = json.loads(lines[0])
+    result: dict[str, Any] = json.loads(lines[0])
     assert result == json.loads((out / "gpu_bench.json").read_text())
     return result, done.stderr
 
@@ -55,20 +56,20 @@ def test_the_bench_runs_in_the_gpu_images_environment_with_open_loop_server_sect
     out = tmp_path / "out"
     result, stderr = _bench(str(python), out, "--backends", "eager", "--max-batch", "4", "--window-s", "2",
                             "--rates", "0.5,1.0")  # fmt: skip
-    assert result["eager"]["max_pixel_diff_vs_stock"] <= 2  # type: ignore[index]
+    assert result["eager"]["max_pixel_diff_vs_stock"] <= 2
     for batching in ("step", "request"):
-        server: dict[str, object] = result[f"server_{batching}"]  # type: ignore[assignment]
+        server = result[f"server_{batching}"]
         assert server["batching"] == batching and server["engine"] == "eager"
-        loads: list[dict[str, float]] = server["loads"]  # type: ignore[assignment]
+        loads = server["loads"]
         assert [load["offered_images_per_s"] for load in loads] == sorted(
             load["offered_images_per_s"] for load in loads
         )
         assert all(load["requests"] > 0 and load["p50_s"] <= load["p99_s"] for load in loads)
-        assert set(server["goodput_images_per_s"]) == {"p99_10s", "p99_20s"}  # type: ignore[arg-type]
-    assert set(result["step_vs_request_goodput"]) == {"p99_10s", "p99_20s"}  # type: ignore[arg-type]
-    assert set(result["meets_targets"]) == {"batch1_ratio", "batch1_ratio_quantized", "goodput_p99_10s",  # type: ignore[arg-type]
-                                            "warm_restart"}  # fmt: skip
-    assert [rows for rows, _ in result["cost_curve"]["points"]] == [2, 4, 8, 16]  # type: ignore[index]
+        assert set(server["goodput_images_per_s"]) == {"p99_10s", "p99_20s"}
+    assert set(result["step_vs_request_goodput"]) == {"p99_10s", "p99_20s"}
+    targets = {"batch1_ratio", "batch1_ratio_quantized", "goodput_p99_10s", "warm_restart"}
+    assert set(result["meets_targets"]) == targets
+    assert [rows for rows, _ in result["cost_curve"]["points"]] == [2, 4, 8, 16]
     table = stderr.strip().splitlines()
     assert table[-1].startswith("cost_curve") and any(line.startswith("server_request") for line in table)
 
@@ -83,8 +84,8 @@ def test_a_stopped_section_leaves_no_process_behind(tmp_path: Path) -> None:
         result, _ = _bench(sys.executable, out, "--backends", "compiled_regional", "--servers", "", "--budget-s", "45")
     finally:
         del os.environ[RUN_MARKER]
-    assert "stopped after" in result["compiled_regional"]["error"]  # type: ignore[index]
-    assert "left" in result["cost_curve"]["skipped"]  # type: ignore[index]
+    assert "stopped after" in result["compiled_regional"]["error"]
+    assert "left" in result["cost_curve"]["skipped"]
     assert processes_of_run(marker) == []
 
 
