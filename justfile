@@ -39,7 +39,7 @@ lock:
     "$fresh/bin/ruff" check . && "$fresh/bin/ruff" format --check . && "$fresh/bin/mypy"
     "$fresh/bin/python" -m pytest
     { sed -n '1,2p' requirements.lock
-      "$fresh/bin/python" -m pip freeze --exclude-editable | grep -viE '^(torch|torchvision|triton|nvidia-|cuda-|pip)(==| @)'
+      "$fresh/bin/python" -m pip freeze --exclude-editable | grep -viE '^(torch|torchvision|triton|pip)(==| @)|^(nvidia|cuda)-'
     } > requirements.lock.new
     mv requirements.lock.new requirements.lock
     echo "requirements.lock rewritten; run 'just test' once more and commit it"
