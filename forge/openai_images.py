@@ -14,7 +14,6 @@ from msgspec import Meta
 
 from forge.engine import ModelInfo
 from forge.errors import InvalidRequest
-from forge.resolve import round8
 
 # Steps as a share of the model's default (SDXL: 15, 30, 45).
 QUALITY_STEPS = {"low": 0.5, "medium": 1.0, "standard": 1.0, "auto": 1.0, "high": 1.5, "hd": 1.5}
@@ -41,6 +40,9 @@ class ImageGenerationRequest(msgspec.Struct, kw_only=True):
     partial_images: Annotated[int, Meta(ge=0, le=3)] = 0
 
 
+MIN_SIDE, MAX_SIDE = 64, 4096
+
+
 def generation_fields(given: ImageGenerationRequest, model: ModelInfo) -> dict[str, Any]:
     """Our request's fields. `model`: the request's when it is one of ours, else the default."""
     fields: dict[str, Any] = {
@@ -52,8 +54,15 @@ def generation_fields(given: ImageGenerationRequest, model: ModelInfo) -> dict[s
     if given.model == model.id:  # one of ours; an unknown name (dall-e-3, say) gets the default unnamed
         fields["model"] = model.id
     if given.size != "auto":
-        width, _, height = given.size.partition("x")
-        fields["width"], fields["height"] = (round8(int(side)) for side in (width, height))
+        sides = [int(side) for side in given.size.split("x")]
+        if any(side % 8 or not MIN_SIDE <= side <= MAX_SIDE for side in sides):
+            # Never a silently different size: the image would not be what the caller laid out for.
+            raise InvalidRequest(
+                f"size {given.size}: each side must be a multiple of 8 from {MIN_SIDE} to {MAX_SIDE}",
+                field="size",
+                rule="invalid",
+            )
+        fields["width"], fields["height"] = sides
     if given.style:
         fields["style"] = OPENAI_STYLES.get(given.style, given.style)
     postprocess: dict[str, Any] = {}

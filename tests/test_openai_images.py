@@ -109,6 +109,9 @@ async def _refusals(client: openai.AsyncOpenAI, calls: list[str]) -> None:
         await client.images.generate(prompt="x", size="huge")
     assert "size" in refused.value.message and refused.value.param == "size"  # type: ignore[attr-defined]
     assert refused.value.response.headers["x-should-retry"] == "false" and len(calls) == 1
+    with pytest.raises(openai.BadRequestError) as refused:  # never a silently different size
+        await client.images.generate(prompt="x", size="65x65")
+    assert "multiple of 8" in refused.value.message and refused.value.param == "size"  # type: ignore[attr-defined]
     with pytest.raises(openai.BadRequestError, match="no-such-style"):
         await client.images.generate(prompt="x", size="64x64", extra_body={"style": "no-such-style"})
     with pytest.raises(openai.BadRequestError, match="image"):
