@@ -27,7 +27,7 @@ from actors.disk_space import DiskSpace
 from actors.rate_limits import too_many_in_flight, too_many_requests
 from actors.store import Admission, IdempotencyConflict, Recovery
 from forge.batching import BatchKey, batch_key
-from forge.errors import ConfigError, ServiceUnavailable, StoreUnavailable
+from forge.errors import ConfigError, QueueFull, StoreUnavailable
 from forge.events import AnyTaskEvent, Cancelled, Progress
 from forge.ids import new_id
 from forge.requests import GenerationSpec
@@ -246,9 +246,7 @@ class RedisStore:
                 hash_of_earlier = await self.call(self.client.hget, f"{P}task:{earlier}", "request_hash")
                 raise IdempotencyConflict(earlier, hash_of_earlier or None)
             case ["queue_full"]:
-                raise ServiceUnavailable(
-                    f"the queue is full ({admission.max_queue} tasks); retry later", retry_after_s=30
-                )
+                raise QueueFull(admission.max_queue)
             case ["rate", retry_after]:
                 assert plan is not None
                 raise too_many_requests(admission.plan_name, plan, float(retry_after))

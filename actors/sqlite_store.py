@@ -3,12 +3,13 @@ The queue's order is kept in memory by the scheduler and rebuilt from the `queue
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import anyio
@@ -17,12 +18,15 @@ import msgspec
 from actors.disk_space import DiskSpace, StorageFull, is_disk_full
 from actors.rate_limits import RateLimiter
 from actors.store import WORKER_LOST, Admission, IdempotencyConflict, Recovery
-from forge.errors import ServiceUnavailable
+from forge.errors import QueueFull
 from forge.events import AnyTaskEvent
 from forge.ids import new_id
 from forge.requests import GenerationSpec
 from forge.tasks import ACTIVE_STATES, TaskRecord, TaskState
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+FIRST_LOCKED_RETRY_S, MOST_LOCKED_RETRY_S = 0.02, 1.0
 SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -75,6 +79,27 @@ def _record(row: aiosqlite.Row) -> TaskRecord:
     )
 
 
+def is_locked(exc: BaseException) -> bool:
+    """Another connection holds the write lock (or wrote after this one's read began): worth trying again."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary code of an extended one (BUSY_SNAPSHOT...)
+    return isinstance(exc, sqlite3.OperationalError) and code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+async def when_unlocked(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+    """`attempt()`, tried again with growing pauses for as long as the database is locked: a locked database
+    is transient, and a write of accepted work must neither fail nor end the server."""
+    delay = FIRST_LOCKED_RETRY_S
+    while True:
+        try:
+            return await attempt()
+        except sqlite3.OperationalError as exc:
+            if not is_locked(exc):
+                raise
+            log.warning("the database is locked: %s tried again in %.2f s", what, delay)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, MOST_LOCKED_RETRY_S)
+
+
 class SqliteStore:
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
@@ -117,7 +142,7 @@ class SqliteStore:
 
     async def _admit(self, owner: str, admission: Admission) -> None:
         if await self.count([TaskState.QUEUED]) >= admission.max_queue:
-            raise ServiceUnavailable(f"the queue is full ({admission.max_queue} tasks); retry later", retry_after_s=30)
+            raise QueueFull(admission.max_queue)
         if admission.plan is not None:
             if self._limiter is None:
                 self._limiter = RateLimiter()
@@ -130,18 +155,21 @@ class SqliteStore:
         now = time.time()
         task_id = new_id()
         try:
-            await self._db.execute(
-                "INSERT INTO tasks (id, owner, idempotency_key, request_hash, spec, state, attempt, created_at, "
-                "updated_at) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)",
-                (
-                    task_id,
-                    owner,
-                    idempotency_key,
-                    request_hash,
-                    msgspec.json.encode(spec).decode(),
-                    TaskState.QUEUED,
-                    now,
-                    now,
+            await when_unlocked(
+                f"task {task_id}",
+                lambda: self._db.execute(
+                    "INSERT INTO tasks (id, owner, idempotency_key, request_hash, spec, state, attempt, created_at, "
+                    "updated_at) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)",
+                    (
+                        task_id,
+                        owner,
+                        idempotency_key,
+                        request_hash,
+                        msgspec.json.encode(spec).decode(),
+                        TaskState.QUEUED,
+                        now,
+                        now,
+                    ),
                 ),
             )
         except sqlite3.OperationalError as exc:
@@ -152,17 +180,21 @@ class SqliteStore:
         assert record is not None
         return record
 
+    async def _rows(self, sql: str, parameters: Iterable[Any]) -> list[Any]:
+        """A query's rows, read in one step on the connection's thread: a cursor left open across an await would
+        keep a read transaction open, and a write on this connection after another connection's commit then
+        fails at once with "database is locked" (SQLITE_BUSY_SNAPSHOT), whatever the busy timeout."""
+        return list(await self._db.execute_fetchall(sql, tuple(parameters)))
+
     async def get(self, task_id: str) -> TaskRecord | None:
-        async with self._db.execute(f"SELECT {_COLUMNS} FROM tasks WHERE id = ?", (task_id,)) as cursor:
-            row = await cursor.fetchone()
-        return _record(row) if row else None
+        rows = await self._rows(f"SELECT {_COLUMNS} FROM tasks WHERE id = ?", (task_id,))
+        return _record(rows[0]) if rows else None
 
     async def find_idempotent(self, owner: str, key: str) -> tuple[TaskRecord, str | None] | None:
-        async with self._db.execute(
+        rows = await self._rows(
             f"SELECT {_COLUMNS}, request_hash FROM tasks WHERE owner = ? AND idempotency_key = ?", (owner, key)
-        ) as cursor:
-            row = await cursor.fetchone()
-        return (_record(row), row[15]) if row else None
+        )
+        return (_record(rows[0]), rows[0][15]) if rows else None
 
     async def count(self, states: Iterable[TaskState], *, owner: str | None = None) -> int:
         """How many tasks (of `owner`, or of everyone) are in one of `states`."""
@@ -172,9 +204,8 @@ class SqliteStore:
         if owner is not None:
             condition += " AND owner = ?"
             parameters.append(owner)
-        async with self._db.execute(f"SELECT COUNT(*) FROM tasks WHERE {condition}", parameters) as cursor:
-            row = await cursor.fetchone()
-        return int(row[0]) if row else 0
+        rows = await self._rows(f"SELECT COUNT(*) FROM tasks WHERE {condition}", parameters)
+        return int(rows[0][0]) if rows else 0
 
     async def transition(
         self,
@@ -204,8 +235,10 @@ class SqliteStore:
                 (to, now, *fields.values(), task_id, attempt, *sources),
             )
 
-        # An accepted task's next state must not be lost: on a full disk it waits, on its actor, for space.
-        cursor = await self.disk.write(f"task {task_id} becoming {to}", update)
+        # An accepted task's next state must not be lost: on a full disk it waits, on its actor, for space, and
+        # while another connection holds the write lock it is tried again.
+        what = f"task {task_id} becoming {to}"
+        cursor = await self.disk.write(what, lambda: when_unlocked(what, update))
         return cursor.rowcount == 1
 
     async def list(
@@ -228,17 +261,16 @@ class SqliteStore:
                 clauses.append(clause)
                 args.append(value)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        async with self._db.execute(
-            f"SELECT {_COLUMNS} FROM tasks {where} ORDER BY seq DESC LIMIT ?", (*args, limit)
-        ) as cursor:
-            return [_record(row) for row in await cursor.fetchall()]
+        rows = await self._rows(f"SELECT {_COLUMNS} FROM tasks {where} ORDER BY seq DESC LIMIT ?", (*args, limit))
+        return [_record(row) for row in rows]
 
     async def count_by_state(self) -> dict[TaskState, int]:
-        async with self._db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state") as cursor:
-            return {TaskState(state): count for state, count in await cursor.fetchall()}
+        rows = await self._rows("SELECT state, COUNT(*) FROM tasks GROUP BY state", ())
+        return {TaskState(state): count for state, count in rows}
 
     async def recover(self, max_attempts: int) -> Recovery:
-        return await self.disk.write("the recovery of interrupted tasks", lambda: self._recover(max_attempts))
+        what = "the recovery of interrupted tasks"
+        return await self.disk.write(what, lambda: when_unlocked(what, lambda: self._recover(max_attempts)))
 
     async def _recover(self, max_attempts: int) -> Recovery:
         active = [state.value for state in ACTIVE_STATES]
@@ -268,8 +300,6 @@ class SqliteStore:
         except BaseException:
             await self._db.execute("ROLLBACK")
             raise
-        async with self._db.execute(
-            f"SELECT {_COLUMNS} FROM tasks WHERE state = ? ORDER BY seq", (TaskState.QUEUED,)
-        ) as cursor:
-            queued = [_record(row) for row in await cursor.fetchall()]
+        rows = await self._rows(f"SELECT {_COLUMNS} FROM tasks WHERE state = ? ORDER BY seq", (TaskState.QUEUED,))
+        queued = [_record(row) for row in rows]
         return Recovery(requeued=queued, retried=retried.rowcount, failed=failed.rowcount)

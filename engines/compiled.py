@@ -250,7 +250,7 @@ class CompiledEngine(EagerEngine):
         # In place (nn.Module.compile): the pipeline, LoRA loading and memory accounting keep the same modules.
         self.padding: RowPadding | None = None
         dynamic: bool | None = True if cuda else None
-        if options.shapes == "padded":
+        if options.shapes == "padded" and options.scope != "aot":  # an aot package takes any row count
             dynamic = False
             self.padding = RowPadding(pipe.unet, padded_row_sizes(options.max_rows))
         self.aot: AotReport | None = None
@@ -258,6 +258,7 @@ class CompiledEngine(EagerEngine):
             autotune = options.mode.startswith("max-autotune")
             self.aot = aot.install(pipe.unet, options.cache_dir, options.max_rows, autotune)
             log.info("%s on %s: %s", model.id, device, self.aot)
+            compile_regions(pipe.vae.decoder, mode=_without_cuda_graphs(mode), dynamic=dynamic)
         elif regional:
             # Padded and regional: every block shape compiles once with symbolic rows, not once per row count.
             rows_dynamic = options.shapes == "padded"

@@ -45,6 +45,13 @@ class ServiceUnavailable(ForgeError):
         self.retry_after_s = retry_after_s
 
 
+class QueueFull(ServiceUnavailable):
+    code = "queue_full"
+
+    def __init__(self, max_queue: int) -> None:
+        super().__init__(f"the queue is full ({max_queue} tasks); retry later", retry_after_s=30)
+
+
 class ConfigError(ForgeError):
     """Bad configuration or a missing dependency: a clear startup error, never a silent fallback."""
 
