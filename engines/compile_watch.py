@@ -22,7 +22,6 @@ class CompileCounts:
 
 
 _running = threading.local()
-_installed = False
 _install_lock = threading.Lock()
 _engines: dict[tuple[str, str], CompileCounts] = {}  # (device, model id) -> its counts, for /metrics
 
@@ -49,13 +48,11 @@ def _on_compile_end(args: Any) -> None:
 
 
 def _install() -> None:
-    global _installed
-    with _install_lock:
-        if not _installed:
-            from torch._dynamo.callback import callback_handler
+    from torch._dynamo.callback import callback_handler
 
+    with _install_lock:  # again after torch._dynamo.reset(), which drops every callback
+        if _on_compile_end not in callback_handler.end_callbacks:
             callback_handler.register_end_callback(_on_compile_end)
-            _installed = True
 
 
 @contextmanager

@@ -57,7 +57,7 @@ def test_the_simulation_reports_goodput_on_the_curve_a_gpu_benchmark_measured(tm
     goodput = report["goodput_images_per_s"]
     for mode in ("request", "step"):
         assert set(goodput[mode]) == {"p99_10s", "p99_20s"}
-        assert goodput[mode]["p99_10s"] <= goodput[mode]["p99_20s"] < report["nominal_capacity_images_per_s"] * 1.3
+        assert goodput[mode]["p99_10s"] <= goodput[mode]["p99_20s"]
     assert goodput["step"]["p99_20s"] > 0
     assert set(report["targets"]) == {"goodput_ratio_p99_20s_ge_1.5"}
 

@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from actors.supervisor import serve
@@ -327,6 +328,7 @@ def test_a_compiled_engine_compiles_nothing_after_warm_up_and_matches_eager(
     counts: dict[str, tuple[int, int]] = {}
 
     def serve_in_order() -> None:  # on a thread that then ends, as an engine's does
+        torch._dynamo.reset()  # what other engines in this test process compiled is not this engine's warm-up
         options = CompileOptions(cache_dir=tmp_path / "cache", max_rows=8, warm_sizes=((96, 64),))
         engine = CompiledEngine(model, "cpu", options)
         engine.warm()
@@ -465,8 +467,6 @@ def test_engines_starting_together_build_one_ahead_of_time_package(
     import threading
     import time
 
-    import torch
-
     from engines import aot
 
     model = resolve_model(str(tiny_model), tiny_model.parent, 1)
@@ -555,6 +555,7 @@ def test_loras_swapped_into_a_compiled_engine_match_eager_and_compile_nothing(
     counts: list[tuple[int, int]] = []
 
     def serve() -> None:
+        torch._dynamo.reset()  # what other engines in this test process compiled is not this engine's warm-up
         options = CompileOptions(cache_dir=tmp_path / "cache", max_rows=4, lora_slots=2, lora_rank=4)
         engine = CompiledEngine(model, "cpu", options)
         engine.warm()
