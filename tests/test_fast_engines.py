@@ -3,6 +3,7 @@ onnxruntime, and the startup errors where a backend's dependencies are missing).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import os
@@ -307,7 +308,6 @@ def test_a_compiled_engine_compiles_nothing_after_warm_up_and_matches_eager(
     change none. A request with a LoRA runs the UNet uncompiled (eager's image with that LoRA), so no LoRA set
     or weight waits for a compile; its adapters change the blocks, so the next request without a LoRA
     compiles them again, once, and that counts as a recompile."""
-    import dataclasses
     import threading
 
     from engines.compiled import CompiledEngine, CompileOptions
@@ -374,7 +374,6 @@ def test_ahead_of_time_unet_matches_eager_and_serves_what_it_was_not_compiled_fo
     Its images equal eager's, batched too. A LoRA request, a ControlNet request and sizes the package does not
     take run the module (eager's images), and the plain request after them is the package's again. A second
     engine on the same cache (a restart, or another device) does the same with the same package."""
-    import dataclasses
     import threading
 
     from engines.aot import AotUNet
@@ -499,7 +498,6 @@ def test_requests_a_tensorrt_server_cannot_serve_are_refused_naming_the_field(
 ) -> None:
     """Its engines bake in the weights and cover one range of sizes: LoRAs, ControlNet (a sheet's poses too)
     and other sizes are refused when the request arrives (a 422 naming the field), instead of failing the task later."""
-    import dataclasses
 
     from actors.supervisor import backend_limits, load_resources
     from forge.errors import InvalidRequest
@@ -531,42 +529,59 @@ def test_requests_a_tensorrt_server_cannot_serve_are_refused_naming_the_field(
     assert resolve_request(request, model, eager).loras
 
 
+def _ranger(model: Any, loras: list[tuple[str, str, float]]) -> Job:
+    from forge.engine import LoraWeight
+
+    return Job(model=model, prompt="a ranger", negative_prompt="", width=64, height=64, seeds=[3], steps=3,
+               guidance_scale=5.0, scheduler="euler",
+               loras=[LoraWeight(name=name, path=path, weight=weight) for name, path, weight in loras])  # fmt: skip
+
+
+def _serve_with_lora_slots(
+    model_dir: str, cache: str, lora_sets: list[list[tuple[str, str, float]]]
+) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+    """In a process of its own, as a server's engine is: dynamo's caches are process-wide, and what other
+    in-process tests compiled must not count as this engine's. Its images of _ranger with each LoRA set, and
+    (compiles, recompiles) after warm-up and after the jobs."""
+    import threading
+
+    from engines.compiled import CompiledEngine, CompileOptions
+
+    images: list[np.ndarray] = []
+    counts: list[tuple[int, int]] = []
+
+    def serve() -> None:  # on a thread of its own, as an engine's
+        model = resolve_model(model_dir, Path(model_dir).parent, 1)
+        options = CompileOptions(cache_dir=Path(cache), max_rows=4, lora_slots=2, lora_rank=4)
+        engine = CompiledEngine(model, "cpu", options)
+        engine.warm()
+        counts.append((engine.compile_counts.compiles, engine.compile_counts.recompiles))
+        for loras in lora_sets:
+            images.append(np.asarray(engine.run(_ranger(model, loras)).images[0], dtype=np.int16))
+        counts.append((engine.compile_counts.compiles, engine.compile_counts.recompiles))
+
+    worker = threading.Thread(target=serve)
+    worker.start()
+    worker.join()
+    return images, counts
+
+
 def test_loras_swapped_into_a_compiled_engine_match_eager_and_compile_nothing(
     tmp_path: Path, tiny_model: Path, tiny_loras: dict[str, Path]
 ) -> None:
     """With lora_rank set, the compiled engine carries LoRA slots from warm-up on: requests with one LoRA, the
     same at another weight, another LoRA, two at once and none at all each get eager's image for that LoRA set,
     and nothing compiles after warm-up (the LoRAs are swapped into the compiled blocks in place)."""
-    import dataclasses
-    import threading
-
-    from engines.compiled import CompiledEngine, CompileOptions
-    from forge.engine import LoraWeight
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     model = resolve_model(str(tiny_model), tiny_model.parent, 1)
-    base = Job(model=model, prompt="a ranger", negative_prompt="", width=64, height=64, seeds=[3], steps=3,
-               guidance_scale=5.0, scheduler="euler")  # fmt: skip
-    ink, glow = (LoraWeight(name=name, path=str(tiny_loras[name]), weight=0.8) for name in ("ink-lora", "glow-lora"))
-    sets = [[ink], [dataclasses.replace(ink, weight=0.3)], [glow], [ink, glow], []]
-    jobs = [dataclasses.replace(base, loras=loras) for loras in sets]
+    ink, glow = ((name, str(tiny_loras[name]), 0.8) for name in ("ink-lora", "glow-lora"))
+    sets = [[ink], [(ink[0], ink[1], 0.3)], [glow], [ink, glow], []]
     eager = EagerEngine(model, "cpu")
-    expected = [eager.run(job).images[0] for job in jobs]
-    got: list[Image.Image] = []
-    counts: list[tuple[int, int]] = []
-
-    def serve() -> None:
-        torch._dynamo.reset()  # what other engines in this test process compiled is not this engine's warm-up
-        options = CompileOptions(cache_dir=tmp_path / "cache", max_rows=4, lora_slots=2, lora_rank=4)
-        engine = CompiledEngine(model, "cpu", options)
-        engine.warm()
-        counts.append((engine.compile_counts.compiles, engine.compile_counts.recompiles))
-        for job in jobs:
-            got.append(engine.run(job).images[0])
-        counts.append((engine.compile_counts.compiles, engine.compile_counts.recompiles))
-
-    worker = threading.Thread(target=serve)
-    worker.start()
-    worker.join()
+    expected = [eager.run(_ranger(model, loras)).images[0] for loras in sets]
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        got, counts = pool.submit(_serve_with_lora_slots, str(tiny_model), str(tmp_path / "cache"), sets).result()
     assert len(got) == len(expected)
     for image, alone in zip(got, expected, strict=True):
         assert _max_difference(image, alone) <= 2
