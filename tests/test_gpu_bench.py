@@ -81,7 +81,7 @@ def test_a_stopped_section_leaves_no_process_behind(tmp_path: Path) -> None:
     marker = f"test-{os.getpid()}"
     os.environ[RUN_MARKER] = marker
     try:
-        result, _ = _bench(sys.executable, out, "--backends", "compiled_regional", "--servers", "", "--budget-s", "45")
+        result, _ = _bench(sys.executable, out, "--backends", "compiled_regional", "--servers", "", "--budget-s", "35")
     finally:
         del os.environ[RUN_MARKER]
     assert "stopped after" in result["compiled_regional"]["error"]
