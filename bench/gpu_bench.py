@@ -239,16 +239,10 @@ def _unet_call(args: argparse.Namespace, unet: Any, rows: int) -> Callable[[], A
     """One UNet call of `rows` rows at the bench's size, on random inputs."""
     import torch
 
-    device, dtype, side = args.device, unet.dtype, args.size // 8
-    sample = torch.randn(rows, unet.config.in_channels, side, side, device=device, dtype=dtype)
-    hidden = torch.randn(rows, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
-    pooled_width = unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim
-    added = {
-        "text_embeds": torch.randn(rows, pooled_width, device=device, dtype=dtype),
-        "time_ids": torch.tensor([[args.size, args.size, 0, 0, args.size, args.size]] * rows, device=device,
-                                 dtype=dtype),
-    }  # fmt: skip
-    timesteps = torch.full((rows,), 500.0, device=device)
+    from engines.onnx_export import unet_example
+
+    sample, timesteps, hidden, text_embeds, time_ids = unet_example(unet, rows, args.size)
+    added = {"text_embeds": text_embeds, "time_ids": time_ids}
 
     def call() -> Any:
         with torch.inference_mode():

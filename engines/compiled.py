@@ -36,6 +36,7 @@ from engines.compile_watch import charged_to, counts_for
 from engines.cuda_graphs import CudaGraphs
 from engines.eager import EagerEngine
 from engines.lora_slots import LoraSlots
+from engines.onnx_export import timestep_per_row, unet_example
 from engines.step_loop import OnDone
 from forge.engine import AssetError, GenerationResult, Job, LoraWeight, ModelInfo
 from forge.errors import ConfigError
@@ -65,7 +66,6 @@ class CompileOptions:
     shapes: str = "padded"  # padded (see padded_row_sizes) | dynamic
     # Image sizes (width, height) compiled at warm-up besides the model's default size.
     warm_sizes: tuple[tuple[int, int], ...] = ()
-    cuda_graphs: bool = True  # regional and padded on CUDA: UNet calls replayed from CUDA graphs
     # LoRA hotswap (engines.lora_slots): this many LoRA slots of `lora_rank` compiled in; 0: LoRAs run uncompiled.
     lora_slots: int = 0
     lora_rank: int = 0
@@ -184,7 +184,8 @@ class RowPadding:
         self._rows = rows
         # The pipeline passes one timestep for the batch (an integer or float tensor by sampler), the step loop
         # one float a row: as one float a row, every caller meets the same compiled code and CUDA graph.
-        args = (args[0], _timestep_rows(args[1], rows), *args[2:]) if len(args) > 1 else args
+        if len(args) > 1:
+            args = (args[0], timestep_per_row(args[1], rows, args[0].device).contiguous(), *args[2:])
         # Keyword arguments in one order, without those left at None (every such default of the UNet is None).
         kwargs = {key: kwargs[key] for key in sorted(kwargs) if kwargs[key] is not None}
         if padded == rows:
@@ -197,12 +198,6 @@ class RowPadding:
             return (output[0][:rows], *output[1:])
         output.sample = output.sample[:rows]
         return output
-
-
-def _timestep_rows(timestep: Any, rows: int) -> Any:
-    if not isinstance(timestep, torch.Tensor):
-        return timestep
-    return timestep.float().reshape(-1).expand(rows).contiguous()
 
 
 def _pad_tree(value: Any, rows: int, padded: int) -> Any:
@@ -248,11 +243,9 @@ class CompiledEngine(EagerEngine):
         regional = options.scope in ("regional", "aot")
         mode = options.mode if options.mode != "auto" else ("reduce-overhead" if cuda and not regional else "default")
         # In place (nn.Module.compile): the pipeline, LoRA loading and memory accounting keep the same modules.
-        self.padding: RowPadding | None = None
-        dynamic: bool | None = True if cuda else None
-        if options.shapes == "padded" and options.scope != "aot":  # an aot package takes any row count
-            dynamic = False
-            self.padding = RowPadding(pipe.unet, padded_row_sizes(options.max_rows))
+        padded = options.shapes == "padded" and options.scope != "aot"  # an aot package takes any row count
+        self.padding = RowPadding(pipe.unet, padded_row_sizes(options.max_rows)) if padded else None
+        dynamic = True if cuda else None  # unpadded: one graph with symbolic sizes
         self.aot: AotReport | None = None
         if options.scope == "aot":
             autotune = options.mode.startswith("max-autotune")
@@ -260,16 +253,14 @@ class CompiledEngine(EagerEngine):
             log.info("%s on %s: %s", model.id, device, self.aot)
             compile_regions(pipe.vae.decoder, mode=_without_cuda_graphs(mode), dynamic=dynamic)
         elif regional:
-            # Padded and regional: every block shape compiles once with symbolic rows, not once per row count.
-            rows_dynamic = options.shapes == "padded"
-            compile_regions(pipe.unet, dynamic_rows=rows_dynamic, mode=mode, dynamic=None if rows_dynamic else dynamic)
+            # Padded: every block shape compiles once with symbolic rows, not once per row count.
+            compile_regions(pipe.unet, dynamic_rows=padded, mode=mode, dynamic=None if padded else dynamic)
         else:
-            pipe.unet.compile(mode=mode, dynamic=dynamic)
+            # Padded: each row count a static graph (and CUDA graph, with reduce-overhead).
+            pipe.unet.compile(mode=mode, dynamic=False if padded else dynamic)
             # The decoder runs once an image: worth a whole-graph compile only where the UNet gets one too.
-            pipe.vae.decoder.compile(mode=_without_cuda_graphs(mode), dynamic=dynamic)
-        self.graphs: CudaGraphs | None = None
-        if cuda and options.scope == "regional" and self.padding is not None and options.cuda_graphs:
-            self.graphs = CudaGraphs(pipe.unet)
+            pipe.vae.decoder.compile(mode=_without_cuda_graphs(mode), dynamic=False if padded else dynamic)
+        self.graphs = CudaGraphs(pipe.unet) if cuda and options.scope == "regional" and padded else None
 
     def warm(self) -> None:
         """Compile (or load from the cache) every shape serving meets: a pipeline run at the default size, then
@@ -344,34 +335,25 @@ class CompiledEngine(EagerEngine):
             yield
 
     def compile_statistics(self) -> dict[str, Any]:
-        """Inductor's cache hits and misses so far in this process (a warm start is all hits), and this engine's
-        compiles and recompiles (those after warm-up)."""
+        """Inductor's cache hits and misses so far in this process (a warm start is all hits); this engine's own
+        compiles and recompiles are in `compile_counts`."""
         from torch._dynamo.utils import counters
 
         inductor = counters["inductor"]
         return {
             "fxgraph_cache_hit": inductor["fxgraph_cache_hit"],
             "fxgraph_cache_miss": inductor["fxgraph_cache_miss"],
-            "compiles": self.compile_counts.compiles,
-            "recompiles": self.compile_counts.recompiles,
         }
 
 
 def _unet_call(unet: Any, rows: int, width: int, height: int) -> None:
-    """One UNet call of `rows` rows at an image size, on zeros: what warm-up compiles each shape with."""
-    config, device, dtype = unet.config, unet.device, unet.dtype
-    sample = torch.zeros(rows, config.in_channels, height // 8, width // 8, device=device, dtype=dtype)
-    hidden = torch.zeros(rows, 77, config.cross_attention_dim, device=device, dtype=dtype)
-    pooled = unet.add_embedding.linear_1.in_features - 6 * config.addition_time_embed_dim
-    added = {
-        "text_embeds": torch.zeros(rows, pooled, device=device, dtype=dtype),
-        "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * rows, device=device, dtype=dtype),
-    }
-    cond = config.time_cond_proj_dim
-    timestep_cond = torch.zeros(rows, cond, device=device, dtype=dtype) if cond else None
+    """One UNet call of `rows` rows at an image size: what warm-up compiles each shape with."""
+    sample, timesteps, hidden, text_embeds, time_ids = unet_example(unet, rows, width, height)
+    cond = unet.config.time_cond_proj_dim
+    timestep_cond = torch.zeros(rows, cond, device=unet.device, dtype=unet.dtype) if cond else None
     with torch.no_grad():  # as the pipeline and the step loop call it (inference tensors would recompile)
-        unet(sample, torch.full((rows,), 500.0, device=device), encoder_hidden_states=hidden,
-             timestep_cond=timestep_cond, added_cond_kwargs=added, return_dict=False)  # fmt: skip
+        unet(sample, timesteps, encoder_hidden_states=hidden, timestep_cond=timestep_cond,
+             added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}, return_dict=False)  # fmt: skip
 
 
 @contextmanager

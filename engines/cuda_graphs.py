@@ -36,10 +36,6 @@ class CudaGraphs:
         self._pool = torch.cuda.graph_pool_handle()
         module.forward = self  # type: ignore[method-assign]  # hooks and callers still go through the module
 
-    @property
-    def recorded(self) -> int:
-        return len(self._recorded)
-
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self.enabled or torch.is_grad_enabled():
             return self._forward(*args, **kwargs)

@@ -77,10 +77,9 @@ class LoraSlots:
 
     def _swap(self, index: int, path: str) -> None:
         name = self.names[index]
-        state_dict, alphas = self._pipe.lora_state_dict(path)
-        unet_part = {key: value for key, value in state_dict.items() if key.startswith("unet.")}
+        state_dict, alphas = self._pipe.lora_state_dict(path)  # UNet keys only: `takes` refused the others
         self._pipe.unet.load_lora_adapter(
-            unet_part, network_alphas=alphas, adapter_name=name, hotswap=True, prefix="unet"
+            state_dict, network_alphas=alphas, adapter_name=name, hotswap=True, prefix="unet"
         )
         self._scales[index] = {id(layer): float(layer.scaling[name]) for layer in self._layers if name in layer.scaling}
         self._applied = None

@@ -69,24 +69,28 @@ def unet_call_inputs(
 ) -> tuple[torch.Tensor, ...]:
     """A diffusers pipeline's UNet call as UNET_INPUTS, in order. Its timestep (a number or a 0-d tensor)
     becomes one float32 a row, broadcast (stride 0): runners that read raw memory make it contiguous."""
-    rows = sample.shape[0]
-    timesteps = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32).reshape(-1).expand(rows)
     added = added_cond_kwargs
+    timesteps = timestep_per_row(timestep, sample.shape[0], sample.device)
     return sample, timesteps, encoder_hidden_states, added["text_embeds"], added["time_ids"]
 
 
-def unet_example(unet: Any, batch: int, side: int) -> tuple[torch.Tensor, ...]:
-    """Inputs of the shapes the UNet takes for `batch` rows of `side`² images."""
+def timestep_per_row(timestep: Any, rows: int, device: torch.device) -> torch.Tensor:
+    """A UNet call's timestep (a number, a 0-d tensor or one a row) as one float32 a row, broadcast (stride 0)."""
+    return torch.as_tensor(timestep, device=device, dtype=torch.float32).reshape(-1).expand(rows)
+
+
+def unet_example(unet: Any, batch: int, side: int, height: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Inputs of the shapes the UNet takes for `batch` rows of `side`² images (`side` wide, `height` high)."""
     config = unet.config
     dtype, device = unet.dtype, unet.device
-    latent = side // 8
+    height = height or side
     text_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
     return (
-        torch.randn(batch, config.in_channels, latent, latent, dtype=dtype, device=device),
+        torch.randn(batch, config.in_channels, height // 8, side // 8, dtype=dtype, device=device),
         torch.full((batch,), 500.0, dtype=torch.float32, device=device),
         torch.randn(batch, 77, config.cross_attention_dim, dtype=dtype, device=device),
         torch.randn(batch, text_dim, dtype=dtype, device=device),
-        torch.tensor([[side, side, 0, 0, side, side]] * batch, dtype=dtype, device=device),
+        torch.tensor([[height, side, 0, 0, height, side]] * batch, dtype=dtype, device=device),
     )
 
 
