@@ -10,6 +10,7 @@ import logging
 import math
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -30,6 +31,7 @@ from actors.postprocess import Postprocessor
 from actors.redis_events import RedisEventHub
 from actors.scheduler import FleetSettings, Scheduler
 from actors.store import TaskStore
+from actors.supervision import Supervision
 from actors.uploads import UploadStore
 from engines.background import MODEL_SUFFIX as BACKGROUND_SUFFIX
 from engines.loader import (
@@ -366,17 +368,21 @@ async def serve(
             ui_http = HttpServer(ui.app(), config.host, config.ui_port, graceful_timeout_s=STREAM_SERVER_GRACE_S)
             servers.append(ui_http)
 
+        supervision = Supervision()
         async with AsyncExitStack() as stack, anyio.create_task_group() as tg:
             for channel in channels:
                 stack.push_async_callback(channel.aclose)
+            tg.start_soon(_relay, shutdown, supervision.stop)
             if isinstance(hub, RedisEventHub):
-                await tg.start(hub.run)
+                await supervision.start(tg, "event hub", hub.run)
             if fleet_store is not None:
-                await tg.start(StoreHealth(fleet_store).run)
-                await tg.start(Reaper(fleet_store, config.claim_timeout_s, config.max_attempts).run)
+                await supervision.start(tg, "store health", StoreHealth(fleet_store).run)
+                await supervision.start(
+                    tg, "reaper", Reaper(fleet_store, config.claim_timeout_s, config.max_attempts).run
+                )
             if runs_engines:
-                await tg.start(postprocessor.run)
-                await tg.start(scheduler.run, recovery.requeued)
+                await supervision.start(tg, "postprocessor", postprocessor.run)
+                await supervision.start(tg, "scheduler", partial(scheduler.run, recovery.requeued))
                 if fleet_store is not None:
                     worker = FleetWorker(
                         name=name,
@@ -388,8 +394,8 @@ async def serve(
                         engines=engines,
                         claim_timeout_s=config.claim_timeout_s,
                     )
-                    tg.start_soon(worker.run)
-            api_port = await tg.start(http.run)
+                    supervision.start_soon(tg, "fleet worker", worker.run)
+            api_port = await supervision.start(tg, "REST server", http.run)
             log.info(
                 "%s on http://%s:%d (role %s, node %s)",
                 "REST API" if serves_clients else "probes",
@@ -400,14 +406,14 @@ async def serve(
             )
             mcp_port = None
             if mcp_http is not None:
-                mcp_port = await tg.start(mcp_http.run)
+                mcp_port = await supervision.start(tg, "MCP server", mcp_http.run)
                 log.info("MCP on http://%s:%d/mcp (streamable HTTP) and /sse", config.host, mcp_port)
             ui_port = None
             if ui_http is not None:
-                ui_port = await tg.start(ui_http.run)
+                ui_port = await supervision.start(tg, "web UI server", ui_http.run)
                 log.info("web UI on http://%s:%d", config.host, ui_port)
             for engine in engines:  # load concurrently; the scheduler dispatches to each once it is warm
-                tg.start_soon(engine.run)
+                supervision.start_soon(tg, f"engine {engine.device}", engine.run)
             task_status.started(
                 ServerHandle(
                     config=config,
@@ -424,7 +430,7 @@ async def serve(
                     metrics=metrics,
                 )
             )
-            await shutdown.wait()
+            await supervision.stop.wait()
 
             log.info("shutting down: refusing new work, draining for up to %.0f s", config.drain_seconds)
             ingress.close()
@@ -443,3 +449,10 @@ async def serve(
                     await server.wait_stopped()
             tg.cancel_scope.cancel()
     log.info("stopped")
+    if supervision.failure is not None:
+        raise supervision.failure
+
+
+async def _relay(shutdown: anyio.Event, stop: anyio.Event) -> None:
+    await shutdown.wait()
+    stop.set()

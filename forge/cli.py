@@ -62,7 +62,19 @@ async def _serve(config: Config) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args, host=args.host, api_port=args.port, data_dir=args.data_dir, model=args.model)
     _setup_logging(config.log_level, config.log_format)
-    anyio.run(_serve, config)
+    from actors.supervision import ActorFailed
+
+    try:
+        anyio.run(_serve, config)
+    except ActorFailed:  # logged first, with its traceback, when it happened
+        return 1
+    except BaseExceptionGroup as group:
+        failed, rest = group.split(ActorFailed)
+        if failed is None:
+            raise
+        if rest is not None:
+            raise rest from None
+        return 1
     return 0
 
 

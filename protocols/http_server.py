@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -39,9 +41,30 @@ class HttpServer:
         config.graceful_timeout = self._graceful_timeout_s
         config.accesslog = None
         config.errorlog = None
+        _quiet_cancelled_connections(asyncio.get_running_loop())
         task_status.started(self.port)
         # Our own trigger: hypercorn then installs no signal handlers; the supervisor owns shutdown.
         try:
             await serve(self._app, config, shutdown_trigger=self._stop.wait)  # type: ignore[arg-type]
         finally:
             self._stopped.set()
+
+
+def _quiet_cancelled_connections(loop: asyncio.AbstractEventLoop) -> None:
+    """Hypercorn cancels the connections still open when its graceful timeout ends (a WebSocket, a long poll).
+    Python 3.11 and 3.12 then log each as an error with a CancelledError traceback from asyncio's stream callback;
+    3.13 drops them (a cancelled connection task is a closed connection). Do as 3.13 does."""
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if isinstance(context.get("exception"), asyncio.CancelledError) and "StreamReaderProtocol" in str(
+            context.get("message", "")
+        ):
+            return
+        if previous is None:
+            loop.default_exception_handler(context)
+        else:
+            previous(loop, context)
+
+    if getattr(previous, "__qualname__", "") != handler.__qualname__:  # once per loop, not once per server
+        loop.set_exception_handler(handler)

@@ -33,6 +33,7 @@ class ServerProcess:
         }
         self.process: Process | None = None
         self.options: list[str] = []
+        self.program = [sys.executable, "-m", "forge.cli"]
 
     def with_config(self, path: Path) -> ServerProcess:
         """Read this TOML file too (settings the environment cannot give, such as plans)."""
@@ -42,7 +43,7 @@ class ServerProcess:
     async def start(self, ready_timeout_s: float = 90) -> None:
         with open(self.log, "ab") as log:
             self.process = await anyio.open_process(
-                [sys.executable, "-m", "forge.cli", *self.options, "serve"], env=self.env, stdout=log, stderr=log
+                [*self.program, *self.options, "serve"], env=self.env, stdout=log, stderr=log
             )
         async with httpx.AsyncClient(base_url=self.url) as client:
             with anyio.fail_after(ready_timeout_s):
