@@ -9,16 +9,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import redis
-
 from actors.caller_models import CallerModels, RedisCallerModels, SqliteCallerModels
 from actors.characters import CharacterStore, RedisCharacters, SqliteCharacters
 from actors.files import DirectoryFiles, Files, RedisFiles
 from actors.keys import KeyStore, RedisKeys, SqliteKeys
-from actors.redis_store import RedisStore, client_options
+from actors.redis_store import RedisStore
 from actors.result_index import RedisResultIndex, ResultIndex, SqliteResultIndex
 from actors.sqlite_store import SqliteStore
 from actors.store import TaskStore
+from actors.sync_redis import sync_redis
 from forge.config import Config
 
 
@@ -38,16 +37,10 @@ def node_name(config: Config) -> str:
     return config.node_name or f"{socket.gethostname()}-{os.getpid()}"
 
 
-def sync_redis(config: Config) -> redis.Redis:
-    options = client_options(for_asyncio=False) | {"decode_responses": False}
-    options.pop("health_check_interval")
-    return redis.Redis.from_url(config.store, **options)
-
-
 def key_store(config: Config) -> KeyStore:
     """The API keys (for the CLI as for the server)."""
     if config.uses_redis:
-        return KeyStore(RedisKeys(sync_redis(config)))
+        return KeyStore(RedisKeys(sync_redis(config.store)))
     return KeyStore(SqliteKeys(config.database_path))
 
 
@@ -65,7 +58,7 @@ async def open_backends(config: Config) -> AsyncIterator[Backends]:
                 caller_models=SqliteCallerModels(config.database_path),
             )
         return
-    blobs = sync_redis(config)
+    blobs = sync_redis(config.store)
     cache = config.data_path / "fleet-cache"
     results: Files = (
         DirectoryFiles(config.outputs_path)

@@ -9,7 +9,6 @@ from typing import Protocol
 
 import redis
 
-from actors.keys import reachable_or_503
 from actors.sqlite_table import SqliteTable
 
 
@@ -52,11 +51,9 @@ class RedisCallerModels:
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
 
-    @reachable_or_503
     def get(self, owner: str) -> str | None:
         found = self._client.hget(self.KEY, owner)
         return found.decode() if isinstance(found, bytes) else None
 
-    @reachable_or_503
     def set(self, owner: str, model: str) -> None:
         self._client.hset(self.KEY, owner, model)

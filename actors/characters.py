@@ -11,7 +11,6 @@ from typing import Protocol
 import msgspec
 import redis
 
-from actors.keys import reachable_or_503
 from actors.sqlite_table import SqliteTable
 from forge.characters import Character
 
@@ -146,30 +145,25 @@ return 1
     def _name_key(owner: str, name: str) -> str:
         return f"forge:character-name:{owner}:{name}"
 
-    @reachable_or_503
     def add(self, character: Character) -> None:
         keys = [f"forge:character:{character.id}", self._name_key(character.owner, character.name)]
         if not self._add(keys=keys, args=[character.id, msgspec.json.encode(character)]):
             raise NameTaken(character.name)
 
-    @reachable_or_503
     def get(self, character_id: str) -> Character | None:
         raw = self._client.get(f"forge:character:{character_id}")
         return _decode(raw) if raw else None  # type: ignore[arg-type]
 
-    @reachable_or_503
     def find(self, owner: str, name: str) -> Character | None:
         found = self._client.get(self._name_key(owner, name))
         return self.get(found.decode()) if found else None  # type: ignore[union-attr]
 
-    @reachable_or_503
     def all(self, owner: str | None) -> list[Character]:
         ids = sorted(member.decode() for member in self._client.smembers("forge:characters"))  # type: ignore[union-attr]
         raws = self._client.mget([f"forge:character:{i}" for i in ids]) if ids else []
         found = [_decode(raw) for raw in raws if raw]  # type: ignore[union-attr]
         return sorted((c for c in found if owner is None or c.owner == owner), key=lambda c: c.name)
 
-    @reachable_or_503
     def replace(self, character: Character) -> bool:
         old = self.get(character.id)
         if old is None:
@@ -184,6 +178,5 @@ return 1
             raise NameTaken(character.name)
         return done == 1
 
-    @reachable_or_503
     def delete(self, character_id: str) -> bool:
         return bool(self._delete(keys=[f"forge:character:{character_id}"], args=[]))

@@ -11,7 +11,6 @@ from typing import Protocol
 import redis
 
 from actors.encoding import write_atomically
-from actors.keys import reachable_or_503
 
 
 class Files(Protocol):
@@ -75,12 +74,10 @@ class RedisFiles:
     def _key(self, name: str) -> str:
         return f"forge:file:{self._namespace}/{name}"
 
-    @reachable_or_503
     def write(self, name: str, data: bytes) -> None:
         assert _safe(name), name
         self._client.set(self._key(name), data, ex=self._ttl)
 
-    @reachable_or_503
     def read(self, name: str) -> bytes | None:
         if not _safe(name):
             return None

@@ -4,12 +4,10 @@ is made."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import ParamSpec, Protocol, TypeVar
 
@@ -17,7 +15,6 @@ import msgspec
 import redis
 
 from actors.sqlite_table import SqliteTable
-from forge.errors import StoreUnavailable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -152,20 +149,6 @@ class SqliteKeys:
             return done.rowcount == 1
 
 
-def reachable_or_503(fn: Callable[P, T]) -> Callable[P, T]:
-    """Redis out of reach is a 503 for the caller (never a 500): no key, character or caller's model can be read
-    or changed meanwhile."""
-
-    @functools.wraps(fn)
-    def call(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return fn(*args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailable("the store (Redis) is unreachable; retry shortly", retry_after_s=5) from exc
-
-    return call
-
-
 class RedisKeys:
     """Each key a JSON string under `forge:key:<id>`, listed in the set `forge:keys`."""
 
@@ -183,14 +166,12 @@ return 1
         self._client = client
         self._revoke = client.register_script(self._REVOKE)
 
-    @reachable_or_503
     def add(self, key: StoredKey) -> None:
         with self._client.pipeline() as pipe:
             pipe.set(f"forge:key:{key.id}", msgspec.json.encode(key), nx=True)
             pipe.sadd("forge:keys", key.id)
             pipe.execute()
 
-    @reachable_or_503
     def find(self, key_id: str) -> StoredKey | None:
         raw = self._client.get(f"forge:key:{key_id}")
         return msgspec.json.decode(raw, type=StoredKey) if raw else None  # type: ignore[arg-type]
@@ -200,6 +181,5 @@ return 1
         raws = self._client.mget([f"forge:key:{key_id}" for key_id in ids]) if ids else []
         return [msgspec.json.decode(raw, type=StoredKey) for raw in raws if raw]  # type: ignore[union-attr]
 
-    @reachable_or_503
     def mark_revoked(self, key_id: str, at: float) -> bool:
         return bool(self._revoke(keys=[f"forge:key:{key_id}"], args=[at]))

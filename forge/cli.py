@@ -168,14 +168,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_store(args: argparse.Namespace) -> int:
-    from actors.backends import sync_redis
     from actors.migrate import migrate
+    from actors.sync_redis import sync_redis
 
     box = _config(args, data_dir=args.data_dir, store="sqlite", role="all")
     fleet = _config(args, data_dir=args.data_dir, store=args.to, role="all")
     if not fleet.uses_redis:
         raise ConfigError("--to must be a redis:// or rediss:// URL", field="to")
-    client = sync_redis(fleet)
+    client = sync_redis(fleet.store)
     try:
         done = migrate(box, fleet, client)
     except FileNotFoundError as exc:

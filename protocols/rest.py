@@ -201,24 +201,19 @@ class RestApi:
 
     async def events(self, websocket: WebSocket) -> None:
         origin = websocket.headers.get("origin")
+        await websocket.accept()
         try:
             if self.auth.enabled and origin is not None and origin not in self.ws_allowed_origins:
                 raise Forbidden(f"Origin {origin} may not open this WebSocket", field="Origin")
             owner = visible_owner(await principal_of(websocket, self.auth))
-        except ForgeError as exc:
-            await websocket.accept()
+            await self._stream_events(websocket, websocket.path_params["id"], owner)
+        except ForgeError as exc:  # refused, not found, or the store out of reach (4503: retry)
             await websocket.send_text(msgspec.json.encode(error_view(exc)).decode())
             await websocket.close(code=4000 + exc.status)
-            return
-        await websocket.accept()
-        task_id = websocket.path_params["id"]
+
+    async def _stream_events(self, websocket: WebSocket, task_id: str, owner: str | None) -> None:
         async with self.hub.subscribe(task_id) as stream:
-            try:
-                record = await self.ingress.get(task_id, owner=owner)
-            except NotFound as exc:
-                await websocket.send_text(msgspec.json.encode(error_view(exc)).decode())
-                await websocket.close(code=4404)
-                return
+            record = await self.ingress.get(task_id, owner=owner)
             for event in await self._snapshot(record):
                 await websocket.send_text(msgspec.json.encode(event).decode())
             if record.state.is_terminal:

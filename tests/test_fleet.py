@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 import anyio
 import httpx
 import httpx2
+import jwt
 import numpy as np
 import pytest
 import redis
@@ -34,7 +36,10 @@ from tests.test_ui import gallery_files, run_generate
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 SMALL = {"width": 64, "height": 64, "steps": 3}
-CONFIG = """
+JWT_SECRET = "fleet-test-secret-of-thirty-two-bytes"
+CONFIG = f"""
+jwt_secret = "{JWT_SECRET}"
+
 [plans.unlimited]
 
 [plans.trial]
@@ -271,8 +276,18 @@ async def test_worker_kills_lose_no_task(fleet: Fleet) -> None:
     assert max(attempts) > 1, "some task should have been taken from a killed worker"
 
 
+def jwt_token(owner: str, plan: str) -> str:
+    """A caller whose identity needs no store: each route below then reaches its own part of Redis."""
+    claims = {"sub": owner, "aud": "chara-forge", "exp": int(time.time()) + 600, "plan": plan}
+    return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+
+
 async def test_redis_killed_with_work_queued_and_running_loses_nothing(fleet: Fleet) -> None:
+    jay = {"Authorization": f"Bearer {jwt_token('jay', 'unlimited')}"}
     async with fleet.client(0) as one, fleet.client(1) as two:
+        async with httpx.AsyncClient(base_url=fleet.apis[1].url, headers=jay, timeout=30) as as_jay:
+            finished = await as_jay.post("/v1/generations", json={"prompt": "kept", "seed": 5, **SMALL})
+            done = await wait_final(as_jay, finished.json()["id"])
         ids = []
         for index in range(10):
             response = await one.post(
@@ -285,6 +300,29 @@ async def test_redis_killed_with_work_queued_and_running_loses_nothing(fleet: Fl
         refused = await two.post("/v1/generations", json={"prompt": "during", **SMALL})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "store_unavailable", refused.text
         assert refused.headers["Retry-After"]
+        # One route of each family that reads or writes Redis during a request: all 503 with Retry-After, quickly.
+        png = io.BytesIO()
+        Image.new("RGB", (64, 64)).save(png, format="PNG")
+        tia = {"Authorization": f"Bearer {jwt_token('tia', 'trial')}"}
+        calls = {
+            "result cache": two.post("/v1/generations", json={"prompt": "kept", "seed": 5, **SMALL}, headers=jay),
+            "keys": two.get("/v1/generations"),
+            "characters": two.get("/v1/characters", headers=jay),
+            "uploads": two.post("/v1/uploads", content=png.getvalue(), headers={**jay, "Content-Type": "image/png"}),
+            "callers' models": two.get("/sdapi/v1/options", headers=jay),
+            "rate limits": two.post("/v1/generations", json={"prompt": "limited", **SMALL}, headers=tia),
+            "files": two.get(str(done["images"][0]["url"]), headers=jay),  # type: ignore[index]
+            "tasks": two.get(f"/v1/generations/{ids[0]}", headers=jay),
+        }
+        for family, call in calls.items():
+            with anyio.fail_after(10):
+                response = await call
+            assert response.status_code == 503, (family, response.status_code, response.text)
+            assert "store_unavailable" in response.text and response.headers["Retry-After"], (family, response.text)
+        events_url = f"ws{fleet.apis[1].url[4:]}/v1/generations/{ids[0]}/events"
+        with anyio.fail_after(10):
+            async with aconnect_ws(events_url, two, headers=jay) as ws:
+                assert json.loads(await ws.receive_text())["error"]["code"] == "store_unavailable"
         with anyio.fail_after(5):  # readiness follows the store within a ping (every second)
             while (await two.get("/readyz")).status_code != 503:
                 await anyio.sleep(0.1)
