@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from actors.model_catalog import ModelCatalog, ModelStatus
 from actors.redis_store import P, RedisStore, is_outage
 from actors.scheduler import Scheduler
 from forge.engine import ModelInfo, ModelLoadError
-from forge.errors import Conflict, ForgeError, ModelUnavailable
+from forge.errors import Conflict, ForgeError, ModelUnavailable, StoreUnavailable
 from forge.events import TERMINAL_EVENTS, AnyTaskEvent, Postprocessing, Progress, Started
 from forge.messages import Cancel, SchedulerInbox, Wake
 from forge.tasks import TaskRecord
@@ -161,14 +162,20 @@ class Reaper:
 
 
 class StoreHealth:
+    """Pings Redis each second for readiness, and reads the fleet's queue length for `/metrics`."""
+
     def __init__(self, store: RedisStore) -> None:
         self._store = store
+        self.queued = 0
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         was = True
         while True:
             now = await self._store.check()
+            if now:
+                with contextlib.suppress(StoreUnavailable):
+                    self.queued = await self._store.queued()
             if now != was:
                 (log.info if now else log.error)("the store (Redis) is %s", "back" if now else "unreachable")
                 was = now

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal, Protocol
@@ -93,8 +94,10 @@ class Ingress:
         results: Files | None = None,
         result_index: ResultIndex | None = None,
         scheduler_inbox: MemoryObjectSendStream[SchedulerInbox] | None = None,
+        on_submitted: Callable[[Reuse], None] | None = None,
     ) -> None:
-        """`scheduler_inbox`: this box's scheduler, which keeps the queue (None in a fleet: the store does)."""
+        """`scheduler_inbox`: this box's scheduler, which keeps the queue (None in a fleet: the store does).
+        `on_submitted`: told of each submission answered, with how (new, idempotent, cached)."""
         self._config = config
         self._live = live
         self._canceller = canceller
@@ -108,6 +111,7 @@ class Ingress:
         self._store = store
         self._hub = hub
         self._scheduler_inbox = scheduler_inbox
+        self._on_submitted = on_submitted
         self.accepting = True
 
     def close(self) -> None:
@@ -178,7 +182,10 @@ class Ingress:
         """Returns the committed task, and whether it is new, the earlier submission with the same key, or an
         earlier task with the same images (the result cache)."""
         with structlog.contextvars.bound_contextvars(request_id=request_id or forge_request_id()):
-            return await self._submit(request, principal, idempotency_key)
+            record, reuse = await self._submit(request, principal, idempotency_key)
+        if self._on_submitted is not None:
+            self._on_submitted(reuse)
+        return record, reuse
 
     async def _submit(
         self, request: GenerationRequest, principal: Principal, idempotency_key: str | None

@@ -1,5 +1,7 @@
-"""Prometheus metrics, fed by the event hub: every task's events pass through `observe`, and the
-scheduler reports each task it queues (for its style and creation time). Gauges are read at scrape time.
+"""Prometheus metrics, fed by the event hub: every event this process records passes through `observe`, and
+the scheduler reports each task it takes (for its style and creation time): one box's queued tasks, or the
+tasks a fleet worker claims. So a task's run is counted by the node that ran it, once across a fleet, and
+ingress counts the submissions the node answered. Gauges are read at scrape time.
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ class Metrics:
             registry=r,
         )
         self.images = Counter("chara_forge_images", "Images delivered", registry=r)
+        self.submissions = Counter(
+            "chara_forge_submissions",
+            "Generations submitted and accepted, by how they were answered: new (queued), idempotent (a replay of "
+            "an earlier submission), cached (the images existed already)",
+            ["how"],
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "chara_forge_queue_wait_seconds", "From accepted to started", buckets=DURATION_BUCKETS, registry=r
         )
@@ -118,6 +127,9 @@ class Metrics:
     def track(self, task: TaskRecord) -> None:
         styles = "+".join(task.spec.styles) or "none"
         self._tracked.setdefault(task.id, _Tracked(styles, task.created_at, task.spec.num_images))
+
+    def submitted(self, how: str) -> None:
+        self.submissions.labels(how).inc()
 
     def model_loaded(self, device: str, model_id: str, seconds: float) -> None:
         self.model_load.labels(device, model_id).observe(seconds)

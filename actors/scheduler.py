@@ -105,14 +105,14 @@ class Scheduler:
         hub: Events,
         inbox: MemoryObjectReceiveStream[SchedulerInbox],
         engines: dict[str, MemoryObjectSendStream[Dispatch]],
-        on_enqueue: Callable[[TaskRecord], None] | None = None,
+        on_take: Callable[[TaskRecord], None] | None = None,
         *,
         batching: BatchPolicy = NO_BATCHING,
         holds_model: Callable[[str, str], bool] = lambda device, model_id: False,
         fleet: FleetSettings | None = None,
     ) -> None:
         self._fleet = fleet
-        self._on_enqueue = on_enqueue
+        self._on_take = on_take
         self._batching = batching
         self._holds_model = holds_model
         self._store = store
@@ -231,8 +231,8 @@ class Scheduler:
     # -- internals --
 
     def _enqueue(self, task: TaskRecord) -> None:
-        if self._on_enqueue is not None:
-            self._on_enqueue(task)
+        if self._on_take is not None:
+            self._on_take(task)
         bisect.insort(self._queue, _Entry(_key(task), task, time.monotonic()))
         self._publish_positions()
 
@@ -332,7 +332,11 @@ class Scheduler:
         if not ids:
             return None
         # Claimed rows that are gone (deleted by hand) are skipped.
-        return [Assignment(task=record, cancel=CancelFlag(), request_id="") for record in records if record]
+        claimed = [record for record in records if record is not None]
+        if self._on_take is not None:
+            for record in claimed:
+                self._on_take(record)
+        return [Assignment(task=record, cancel=CancelFlag(), request_id="") for record in claimed]
 
     async def _start(self, batch: list[_Entry], joining: str | None = None) -> bool:
         """Mark the batch's tasks running and send them to an idle engine (or to `joining`'s running step-level

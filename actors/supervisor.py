@@ -231,7 +231,7 @@ async def serve(
             hub,
             scheduler_inbox,
             {d: send for d, (send, _) in engine_channels.items()},
-            on_enqueue=metrics.track,
+            on_take=metrics.track,
             batching=scheduler_batching,
             holds_model=catalog.holds,
             fleet=None
@@ -240,8 +240,10 @@ async def serve(
                 queue=fleet_store, worker=name, models_held=lambda device: list(catalog.loaded_on(device))
             ),
         )
+        store_health = StoreHealth(fleet_store) if fleet_store is not None else None
         metrics.watch(
-            lambda: scheduler.statistics().queued,
+            # A fleet's queue is in Redis, the same on every node; a worker claims only what it runs.
+            lambda: scheduler.statistics().queued if store_health is None else store_health.queued,
             lambda: scheduler.statistics().running,
             devices,
             lambda: store.disk.waiting,
@@ -303,6 +305,7 @@ async def serve(
             results=backends.results,
             result_index=backends.result_index,
             scheduler_inbox=to_scheduler if fleet_store is None else None,
+            on_submitted=metrics.submitted,
         )
         auth = authenticator(config, backends.keys)
 
@@ -375,8 +378,8 @@ async def serve(
             tg.start_soon(_relay, shutdown, supervision.stop)
             if isinstance(hub, RedisEventHub):
                 await supervision.start(tg, "event hub", hub.run)
-            if fleet_store is not None:
-                await supervision.start(tg, "store health", StoreHealth(fleet_store).run)
+            if fleet_store is not None and store_health is not None:
+                await supervision.start(tg, "store health", store_health.run)
                 await supervision.start(
                     tg, "reaper", Reaper(fleet_store, config.claim_timeout_s, config.max_attempts).run
                 )

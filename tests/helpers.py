@@ -62,3 +62,19 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape_metrics(client: httpx.AsyncClient, url: str = "/metrics") -> Samples:
+    """Every sample of a Prometheus scrape, by name and sorted labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = await client.get(url)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }

@@ -28,7 +28,7 @@ from mcp.types import ImageContent
 from PIL import Image
 
 from actors.keys import KeyStore, RedisKeys
-from tests.helpers import FINAL_STATES
+from tests.helpers import FINAL_STATES, scrape_metrics
 from tests.process import ServerProcess
 from tests.redis_server import REDIS_SERVER, RedisServer, running_redis
 from tests.test_ui import gallery_files, run_generate
@@ -133,6 +133,22 @@ async def test_two_api_nodes_and_two_workers_share_one_queue(fleet: Fleet) -> No
         made_by = Counter(str(view["worker"]) for view in views)
         print("tasks per worker:", dict(made_by))
         assert set(made_by) == {"w1", "w2"} and min(made_by.values()) >= 10
+
+        # Each worker's /metrics counts the tasks it ran, the API nodes the submissions: each task once in all.
+        succeeded = ("chara_forge_generations_total", (("state", "succeeded"), ("style", "none")))
+        new = ("chara_forge_submissions_total", (("how", "new"),))
+        workers = {
+            node.env["FORGE_NODE_NAME"]: await scrape_metrics(one, f"{node.url}/metrics") for node in fleet.workers
+        }
+        apis = [await scrape_metrics(one, f"{node.url}/metrics") for node in fleet.apis]
+        for name, samples in workers.items():
+            assert samples[succeeded] == made_by[name] and samples.get(new, 0) == 0, name
+            assert samples[("chara_forge_denoise_seconds_count", ())] == made_by[name]
+            assert samples[("chara_forge_postprocess_seconds_count", ())] == made_by[name]
+            assert samples[("chara_forge_engine_busy_ratio", (("device", "cpu"),))] > 0
+        assert sum(samples[("chara_forge_images_total", ())] for samples in workers.values()) == 40
+        assert [samples[new] for samples in apis] == [20, 20]
+        assert all(samples.get(succeeded, 0) == 0 for samples in apis)
         for view in views[:6]:
             url = view["images"][0]["url"]  # type: ignore[index]
             first, second = (await one.get(url)), (await two.get(url))

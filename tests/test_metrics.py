@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RunningServer
-from tests.helpers import submit, wait_for_state
+from tests.helpers import Samples, scrape_metrics, submit, wait_for_state
 
 pytestmark = pytest.mark.anyio
 
 
-async def _scrape(server: RunningServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    response = await server.client.get("/metrics")
-    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    samples = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
+async def _scrape(server: RunningServer) -> Samples:
+    return await scrape_metrics(server.client)
 
 
 async def test_metrics_follow_generations(server: RunningServer) -> None:
