@@ -78,3 +78,17 @@ async def scrape_metrics(client: httpx.AsyncClient, url: str = "/metrics") -> Sa
         for family in text_string_to_metric_families(response.text)
         for sample in family.samples
     }
+
+
+async def all_tasks(client: httpx.AsyncClient) -> list[dict[str, object]]:
+    """Every task, oldest first, through the list's pages."""
+    found: list[dict[str, object]] = []
+    cursor: str | None = None
+    while True:
+        page = (
+            await client.get("/v1/generations", params={"limit": 100, **({"cursor": cursor} if cursor else {})})
+        ).json()
+        found += page["items"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return found[::-1]

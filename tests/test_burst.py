@@ -10,25 +10,12 @@ import anyio
 import httpx
 import pytest
 
+from tests.helpers import all_tasks
 from tests.process import ServerProcess
 
 pytestmark = pytest.mark.anyio
 
 CLIENTS, PER_CLIENT, MAX_QUEUE = 16, 125, 1500
-
-
-async def _all_tasks(client: httpx.AsyncClient) -> list[dict[str, object]]:
-    """Every task, oldest first, through the list's pages."""
-    found: list[dict[str, object]] = []
-    cursor: str | None = None
-    while True:
-        page = (
-            await client.get("/v1/generations", params={"limit": 100, **({"cursor": cursor} if cursor else {})})
-        ).json()
-        found += page["items"]
-        cursor = page["next_cursor"]
-        if cursor is None:
-            return found[::-1]
 
 
 async def test_a_burst_of_submissions_is_accepted_or_refused_and_survives_a_kill(
@@ -71,7 +58,7 @@ async def test_a_burst_of_submissions_is_accepted_or_refused_and_survives_a_kill
     await restarted.start()
     try:
         async with httpx.AsyncClient(base_url=restarted.url, timeout=30) as client:
-            tasks = await _all_tasks(client)
+            tasks = await all_tasks(client)
     finally:
         await restarted.terminate()
     order = {task["id"]: position for position, task in enumerate(tasks)}
