@@ -40,9 +40,6 @@ class ImageGenerationRequest(msgspec.Struct, kw_only=True):
     partial_images: Annotated[int, Meta(ge=0, le=3)] = 0
 
 
-MIN_SIDE, MAX_SIDE = 64, 4096
-
-
 def generation_fields(given: ImageGenerationRequest, model: ModelInfo) -> dict[str, Any]:
     """Our request's fields. `model`: the request's when it is one of ours, else the default."""
     fields: dict[str, Any] = {
@@ -55,10 +52,10 @@ def generation_fields(given: ImageGenerationRequest, model: ModelInfo) -> dict[s
         fields["model"] = model.id
     if given.size != "auto":
         sides = [int(side) for side in given.size.split("x")]
-        if any(side % 8 or not MIN_SIDE <= side <= MAX_SIDE for side in sides):
+        if any(side % 8 or not model.min_size <= side <= model.max_size for side in sides):
             # Never a silently different size: the image would not be what the caller laid out for.
             raise InvalidRequest(
-                f"size {given.size}: each side must be a multiple of 8 from {MIN_SIDE} to {MAX_SIDE}",
+                f"size {given.size}: each side must be a multiple of 8 from {model.min_size} to {model.max_size}",
                 field="size",
                 rule="invalid",
             )

@@ -112,6 +112,9 @@ async def _refusals(client: openai.AsyncOpenAI, calls: list[str]) -> None:
     with pytest.raises(openai.BadRequestError) as refused:  # never a silently different size
         await client.images.generate(prompt="x", size="65x65")
     assert "multiple of 8" in refused.value.message and refused.value.param == "size"  # type: ignore[attr-defined]
+    with pytest.raises(openai.BadRequestError) as refused:  # beyond the tiny model's 512
+        await client.images.generate(prompt="x", size="1024x1024")
+    assert "from 64 to 512" in refused.value.message and refused.value.param == "size"  # type: ignore[attr-defined]
     with pytest.raises(openai.BadRequestError, match="no-such-style"):
         await client.images.generate(prompt="x", size="64x64", extra_body={"style": "no-such-style"})
     with pytest.raises(openai.BadRequestError, match="image"):
