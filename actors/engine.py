@@ -33,6 +33,7 @@ from forge.engine import (
     ControlJob,
     Engine,
     GenerationResult,
+    Hires,
     ImageEdit,
     Job,
     JobCancelled,
@@ -42,6 +43,7 @@ from forge.engine import (
     OutOfMemory,
     Reference,
     References,
+    Vae,
     job_for,
 )
 from forge.events import AnyTaskEvent, Progress
@@ -57,7 +59,9 @@ from forge.messages import (
     SchedulerInbox,
     TaskLeft,
 )
+from forge.model_files import ModelFiles
 from forge.requests import GenerationSpec
+from forge.resolve import HIRES_UPSCALERS
 from forge.tasks import TaskRecord, TaskState
 
 if TYPE_CHECKING:
@@ -537,6 +541,14 @@ class EngineActor:
                 raise AssetError("ip_adapter_unavailable", f"no IP-Adapter {spec.ip_adapter!r} for {model.id}")
             references = References(adapter=spec.ip_adapter, source=source, images=images)
 
+        vae = None
+        if spec.vae is not None:
+            vae_source = model.vaes.get(spec.vae)
+            if vae_source is None:
+                raise AssetError("vae_unavailable", f"the VAE {spec.vae!r} is no longer configured")
+            vae = Vae(name=spec.vae, source=vae_source)
+        hires = _hires(spec, model)
+
         def on_progress(step: int, total: int, preview: Image | None) -> None:
             event = Progress(
                 task_id=task.id,
@@ -558,5 +570,31 @@ class EngineActor:
             cancel=cancel,
             image_edit=image_edit,
             references=references,
+            vae=vae,
+            hires=hires,
         )
         return replace(job, views=_view_jobs(spec, job)) if spec.views else job
+
+
+def _hires(spec: GenerationSpec, model: ModelInfo) -> Hires | None:
+    """The engine's hires fix: an upscaler model's name resolved to its file now (it may have gone since)."""
+    if spec.hires is None:
+        return None
+    from engines.upscale import UPSCALER_SUFFIXES
+
+    upscaler = spec.hires.upscaler
+    if upscaler not in HIRES_UPSCALERS:
+        found = ModelFiles(Path(model.upscalers_dir or "."), UPSCALER_SUFFIXES).path(upscaler)
+        if found is None:
+            raise AssetError("postprocess_model_missing", f"the upscaler {upscaler!r} is not installed any more")
+        upscaler = str(found)
+    given = spec.hires
+    return Hires(
+        upscaler=upscaler,
+        upscale_width=given.upscale_width,
+        upscale_height=given.upscale_height,
+        width=given.width,
+        height=given.height,
+        steps=given.steps,
+        denoise=given.denoise,
+    )

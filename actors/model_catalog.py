@@ -46,6 +46,13 @@ class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     ip_adapters: list[str]  # for reference images; the first is the default
     inpainting: bool  # has an inpainting (9-channel) checkpoint
     last_used: float | None
+    # The model family, which every sampler follows: "epsilon" or "v" (v-prediction), zero terminal SNR.
+    prediction: str = "epsilon"
+    zero_snr: bool = False
+    # What requests that leave them out get: guidance_rescale, the VAE (None: the model's own).
+    default_guidance_rescale: float = 0.0
+    default_vae: str | None = None
+    vaes: list[str] = []  # the configured VAEs a request may name
 
 
 class ModelCatalog:
@@ -150,4 +157,9 @@ class ModelCatalog:
             ip_adapters=list(model.ip_adapters),
             inpainting=model.inpainting is not None,
             last_used=self._last_used.get(model.id),
+            prediction=model.prediction,
+            zero_snr=model.zero_snr,
+            default_guidance_rescale=model.guidance_rescale,
+            default_vae=model.vae,
+            vaes=list(model.vaes),
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -49,6 +49,7 @@ from forge.auth import ADMIN_SCOPE, Authenticator, JwtSettings, KeyRecord, Princ
 from forge.batching import NO_BATCHING
 from forge.config import Config
 from forge.content_filter import DEFAULT_BLOCKED_TERMS, PromptFilter
+from forge.embeddings import EmbeddingCatalog
 from forge.engine import ModelInfo
 from forge.errors import ConfigError
 from forge.ip_adapters import fetch_hub_ip_adapters
@@ -142,6 +143,7 @@ def load_resources(config: Config) -> Resources:
     return Resources(
         styles=styles,
         loras=LoraCatalog(config.loras_path, hub_loras),
+        embeddings=EmbeddingCatalog(config.embeddings_path),
         max_prompt_chars=config.max_prompt_chars,
         max_loras=config.max_loras,
         upscalers=ModelFiles(config.upscalers_path, UPSCALER_SUFFIXES),
@@ -186,6 +188,7 @@ async def serve(
         if backend is not None:
             check_backend(backend)
         models = await setup.run_sync(resolve_models, config)
+        models = [replace(model, embeddings_dir=str(config.embeddings_path)) for model in models]
         still_missing = await setup.run_sync(fetch_hub_loras, resources.loras, config.hub_timeout_s)
         if runs_engines:  # an API node leaves the adapters' weights to the workers, as it does the model's
             adapters = {name: source for model in models for name, source in model.ip_adapters.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -9,14 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
 from engines.adapters import LoraAdapters
 from engines.cache import release_memory
 from engines.control import ControlUnavailable, DepthEstimator, prepare_control
+from engines.hires import decode, load_vae, second_pass_schedule, upscaled_latents
 from engines.image_edit import edit_pipeline, keep_outside_mask, load_edit_images, nothing_to_repaint, takes_size
 from engines.loading import LOADING
 from engines.preview import latent_preview
+from engines.prompt_encoder import PromptEncoder
 from engines.references import ReferenceAdapters
 from engines.row_guidance import RowGuidedSDXLPipeline, RowScales, guides_only_by_cfg
 from engines.schedulers import make_scheduler
@@ -25,12 +28,14 @@ from engines.weights import damaged_file
 from forge.engine import (
     AssetError,
     GenerationResult,
+    Hires,
     Job,
     JobCancelled,
     LoraWeight,
     ModelInfo,
     ModelLoadError,
     OutOfMemory,
+    Vae,
     job_batch_key,
 )
 
@@ -111,6 +116,13 @@ def load_pipeline(model: ModelInfo, device: str) -> StableDiffusionXLPipeline:
     return pipe
 
 
+def _rescale_args(pipe: Any, job: Job) -> dict[str, Any]:
+    """guidance_rescale for the pipelines that take it (diffusers' SDXL ControlNet pipelines have none)."""
+    if not job.guidance_rescale or "guidance_rescale" not in inspect.signature(pipe.__call__).parameters:
+        return {}
+    return {"guidance_rescale": job.guidance_rescale}
+
+
 class EagerEngine:
     def __init__(self, model: ModelInfo, device: str) -> None:
         self.device = device
@@ -122,9 +134,14 @@ class EagerEngine:
         self.adapters = LoraAdapters(self.pipe)
         # Tiny adapters load with every key checked: a missing one is an error, not a meta tensor.
         self.references = ReferenceAdapters(self.pipe, low_cpu_mem_usage=not model.is_tiny)
+        # A1111's prompt language, clip skip and embeddings; keeps the last prompts' encodings.
+        embeddings = Path(model.embeddings_dir) if model.embeddings_dir else None
+        self.prompts = PromptEncoder(self.pipe, embeddings)
         self._controlnets: dict[str, Any] = {}
         self._depth: DepthEstimator | None = None
         self._inpainting: Any = None
+        self._vaes: dict[Vae, Any] = {}  # configured VAEs, loaded once each
+        self._upscalers: dict[str, Any] = {}  # the hires fix's upscaler models, by file
 
     def warm(self) -> None:
         """One short run at the default size, so the first user request does not pay for lazy setup."""
@@ -156,7 +173,11 @@ class EagerEngine:
         scales = [job.guidance_scale for job in jobs for _ in job.seeds]
         mixed_scales = first.guidance_scale > 1 and len(set(scales)) > 1
         if mixed_scales and not guides_only_by_cfg(self.pipe):
-            return self._run_by_scale(jobs)
+            return self._run_in_parts(jobs, lambda job: job.guidance_scale)
+        guided = first.guidance_scale > 1 and guides_only_by_cfg(self.pipe)
+        if len(jobs) > 1 and len({self.prompts.chunk_count(job, guided) for job in jobs}) > 1:
+            # Rows of one UNet call share the prompt's length: a part for each length (each job's own images).
+            return self._run_in_parts(jobs, lambda job: self.prompts.chunk_count(job, guided))
         # 1. LoRAs: loaded once per pipeline, switched by adapter weights (the batch shares one set).
         self._activate_loras(first.loras)
 
@@ -166,7 +187,7 @@ class EagerEngine:
 
         # 3. A request-scoped pipeline: shares every weight, owns a fresh scheduler (schedulers hold state).
         # img2img and inpainting start from the job's image (a job with one is a batch of one).
-        components = {**self.pipe.components, "scheduler": make_scheduler(first.scheduler, self.pipe.scheduler.config)}
+        components = self._components(first)
         control_args: dict[str, Any] = {}
         pipe: Any
         edit = first.image_edit
@@ -203,10 +224,16 @@ class EagerEngine:
         generators = [torch.Generator("cpu").manual_seed(seed) for job in jobs for seed in job.seeds]
         rows = _row_ranges(jobs)
 
-        # 5. Per-step callback: cancel flags, each job's progress and an occasional latent preview.
+        # 5. Per-step callback: cancel flags, each job's progress and an occasional latent preview. The hires
+        # fix's second pass counts on from the first's steps.
+        hires = first.hires
+        hires_steps = second_pass_schedule(hires.steps, hires.denoise)[1] if hires is not None else 0
+        steps_before = [0]
+
         def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             _stop_if_all_cancelled(jobs)
-            done, total = step + 1, pipeline.num_timesteps
+            done = steps_before[0] + step + 1
+            total = first.steps + hires_steps if hires is not None else pipeline.num_timesteps
             if first.references is not None:
                 self.references.at_step(done)
             want_preview = first.preview_every and done % first.preview_every == 0 and done < total
@@ -234,18 +261,99 @@ class EagerEngine:
                     generator=generators,
                     callback_on_step_end=on_step_end,
                     callback_on_step_end_tensor_inputs=["latents"],
-                    output_type="pil",
+                    output_type="pil" if hires is None else "latent",
                     **control_args,
                     **reference,
+                    **_rescale_args(pipe, first),
                 )
+            if hires is not None:
+                steps_before[0] = first.steps
+                images = self._hires_pass(pipe, components, jobs, output.images, embeddings, on_step_end)
+            else:
+                images = list(output.images)
         except torch.OutOfMemoryError as exc:
             release_memory(self.device)
             raise OutOfMemory(str(exc)) from exc
         denoise_s = time.perf_counter() - started
-        images = list(output.images)
         if edit_images is not None:
             images = [keep_outside_mask(image, edit_images) for image in images]
         return [GenerationResult(images=images[begin:end], denoise_s=denoise_s) for begin, end in rows]
+
+    def _components(self, job: Job) -> dict[str, Any]:
+        """The pipeline's modules for `job`: a fresh scheduler set up for the model's family, and the job's VAE."""
+        scheduler = make_scheduler(
+            job.scheduler, self.pipe.scheduler.config, self.model.prediction, self.model.zero_snr
+        )
+        components = {**self.pipe.components, "scheduler": scheduler}
+        if job.vae is not None:
+            components["vae"] = self.vae(job.vae)
+        return components
+
+    def vae(self, vae: Vae) -> Any:
+        """A configured VAE, loaded on first use and kept (the model's own stays in the pipeline)."""
+        if vae not in self._vaes:
+            try:
+                with LOADING:
+                    self._vaes[vae] = load_vae(vae.source, self.pipe.vae, self.device)
+            except Exception as exc:
+                message = f"the VAE {vae.name!r} at {vae.source} failed to load: {exc}"
+                raise AssetError("vae_unavailable", message) from exc
+        return self._vaes[vae]
+
+    def upscaler(self, hires: Hires) -> Any:
+        """The hires fix's upscaler model (None for latent and Lanczos upscaling), loaded once."""
+        if hires.upscaler in ("latent", "lanczos"):
+            return None
+        if hires.upscaler not in self._upscalers:
+            from engines.upscale import Upscaler, UpscalerError
+
+            if not Path(hires.upscaler).is_file():
+                raise AssetError("postprocess_model_missing", f"the upscaler file {hires.upscaler} is missing")
+            try:
+                with LOADING:
+                    self._upscalers[hires.upscaler] = Upscaler(Path(hires.upscaler), self.device)
+            except UpscalerError as exc:
+                raise AssetError("postprocess_model_invalid", str(exc)) from exc
+        return self._upscalers[hires.upscaler]
+
+    def _hires_pass(
+        self,
+        pipe: Any,
+        components: dict[str, Any],
+        jobs: Sequence[Job],
+        latents: torch.Tensor,
+        embeddings: dict[str, Any],
+        on_step_end: Callable[..., dict[str, Any]],
+    ) -> list[Any]:
+        """The hires fix's second pass: the first pass's latents upscaled, then repainted by img2img at the larger
+        size with fresh generators of the same seeds (as A1111 does)."""
+        first = jobs[0]
+        hires = first.hires
+        assert hires is not None
+        larger = upscaled_latents(pipe, latents, hires, self.upscaler(hires))
+        asked, runs = second_pass_schedule(hires.steps, hires.denoise)
+        if runs < 1:
+            return decode(pipe, larger)
+        scheduler = make_scheduler(
+            first.scheduler, self.pipe.scheduler.config, self.model.prediction, self.model.zero_snr
+        )
+        img2img = StableDiffusionXLImg2ImgPipeline(**{**components, "scheduler": scheduler})
+        img2img.set_progress_bar_config(disable=True)
+        generators = [torch.Generator("cpu").manual_seed(seed) for job in jobs for seed in job.seeds]
+        output = img2img(
+            **embeddings,
+            image=larger,
+            strength=hires.denoise,
+            num_inference_steps=asked,
+            guidance_scale=first.guidance_scale,
+            guidance_rescale=first.guidance_rescale,
+            num_images_per_prompt=1,
+            generator=generators,
+            callback_on_step_end=on_step_end,
+            callback_on_step_end_tensor_inputs=["latents"],
+            output_type="pil",
+        )
+        return list(output.images)
 
     def run_steps(
         self,
@@ -263,7 +371,8 @@ class EagerEngine:
             for job in jobs:
                 on_done(job, failure)
             return
-        StepLoop(self.pipe).run(jobs, on_done, joiners, max_images, on_step)
+        loop = StepLoop(self.pipe, vae=self.vae, upscaler=self.upscaler, prompts=self.prompts)
+        loop.run(jobs, on_done, joiners, max_images, on_step)
 
     def _activate_loras(self, loras: list[LoraWeight]) -> None:
         try:
@@ -280,12 +389,14 @@ class EagerEngine:
             steps = max(1, min(int(job.steps * job.image_edit.strength), job.steps))
         return self.references.attached(job.references, guided=guided, steps=steps, width=job.width, height=job.height)
 
-    def _run_by_scale(self, jobs: Sequence[Job]) -> list[GenerationResult]:
-        """For a UNet that embeds one guidance scale per batch: a batch for each scale, results in job order.
-        A part whose jobs were all cancelled gives them no images (their flags end them as cancelled)."""
+    def _run_in_parts(self, jobs: Sequence[Job], key_of: Callable[[Job], object]) -> list[GenerationResult]:
+        """A batch for each value of `key_of` (the guidance scale, for a UNet that embeds one scale per batch; the
+        prompts' length in chunks), results in job order. A part whose jobs were all cancelled gives them no
+        images (their flags end them as cancelled)."""
         results: dict[int, GenerationResult] = {}
-        for scale in dict.fromkeys(job.guidance_scale for job in jobs):
-            indices = [index for index, job in enumerate(jobs) if job.guidance_scale == scale]
+        keys = [key_of(job) for job in jobs]
+        for key in dict.fromkeys(keys):
+            indices = [index for index, job_key in enumerate(keys) if job_key == key]
             try:
                 part = self.run_batch([jobs[index] for index in indices])
             except JobCancelled:
@@ -295,18 +406,10 @@ class EagerEngine:
         return [results[index] for index in range(len(jobs))]
 
     def _encode_prompts(self, pipe: Any, jobs: Sequence[Job]) -> dict[str, Any]:
-        """Prompt and pooled embeddings for every row, exactly as the pipeline encodes one job's prompt."""
+        """Prompt and pooled embeddings for every row, each job's prompts encoded apart (A1111's prompt language,
+        the job's clip skip; a plain prompt exactly as the pipeline encodes it)."""
         guided = jobs[0].guidance_scale > 1 and guides_only_by_cfg(pipe)
-        parts = [
-            pipe.encode_prompt(
-                prompt=job.prompt,
-                device=pipe._execution_device,
-                num_images_per_prompt=len(job.seeds),
-                do_classifier_free_guidance=guided,
-                negative_prompt=job.negative_prompt or None,
-            )
-            for job in jobs
-        ]
+        parts: list[tuple[Any, ...]] = [self.prompts.encode(job, guided).for_images(len(job.seeds)) for job in jobs]
         names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
         return {
             name: torch.cat([part[index] for part in parts]) if parts[0][index] is not None else None
@@ -380,7 +483,8 @@ class EagerEngine:
 
     def memory_bytes(self) -> int:
         modules = [m for m in self.pipe.components.values() if isinstance(m, torch.nn.Module)]
-        modules += list(self._controlnets.values()) + self.references.memory_modules()
+        modules += list(self._controlnets.values()) + self.references.memory_modules() + list(self._vaes.values())
+        modules += [upscaler.model for upscaler in self._upscalers.values()]
         if self._inpainting is not None:
             modules.append(self._inpainting)
         if self._depth is not None:
@@ -392,4 +496,6 @@ class EagerEngine:
         leaves it to the collector)."""
         del self.pipe, self.adapters, self.references
         self._controlnets.clear()
+        self._vaes.clear()
+        self._upscalers.clear()
         self._depth = self._inpainting = None

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
 
 from engines.tiny import TINY_MODEL_NAME, build_tiny_sdxl, is_tiny_model
 from engines.tiny_extras import CONTROL_TYPES, TINY_IP_ADAPTER, TINY_IP_WEIGHT, build_tiny_companions
-from forge.config import Config
+from forge.config import Config, ModelEntry
 from forge.engine import ModelInfo
 from forge.errors import ConfigError
 from forge.hub_fetch import fetch_bounded, hub_offline
@@ -164,22 +165,92 @@ def _resolve_default(model: str, data_dir: Path, hub_timeout_s: float, download:
     return sdxl_info(model, model)  # a hub repo id: from_pretrained finds it in the cache or downloads it
 
 
+# Keys a single-file checkpoint carries to announce its family (ComfyUI comfy/model_detection.py, A1111).
+V_PRED_KEY, ZTSNR_KEY = "v_pred", "ztsnr"
+ZERO_SNR_GUIDANCE_RESCALE = 0.7  # the rescale Lin et al. recommend with zero terminal SNR
+
+
+def detected_family(info: ModelInfo) -> tuple[str, bool]:
+    """(prediction, zero_snr) as the weights announce them: a single file by its `v_pred` and `ztsnr` keys
+    (`ztsnr` counts only with `v_pred`, as ComfyUI reads it), a diffusers folder by its scheduler config.
+    A hub repo id or a pickled checkpoint says nothing here: epsilon, unless the configuration says otherwise."""
+    path = Path(info.path)
+    if info.format == "single_file" and path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as tensors:
+                keys = set(tensors.keys())
+        except Exception:  # a damaged file: its load reports it
+            return "epsilon", False
+        v_pred = V_PRED_KEY in keys
+        return ("v" if v_pred else "epsilon"), v_pred and ZTSNR_KEY in keys
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    if info.format == "diffusers" and scheduler.is_file():
+        try:
+            settings = json.loads(scheduler.read_text())
+        except (OSError, ValueError):
+            return "epsilon", False
+        v_pred = settings.get("prediction_type") == "v_prediction"
+        return ("v" if v_pred else "epsilon"), bool(settings.get("rescale_betas_zero_snr"))
+    return "epsilon", False
+
+
+def with_family(info: ModelInfo, entry: ModelEntry, vaes: dict[str, str], model_id: str) -> ModelInfo:
+    """The model's prediction, zero SNR, default guidance rescale and VAE: configured, else detected."""
+    prediction, zero_snr = detected_family(info)
+    prediction = entry.prediction or prediction
+    zero_snr = zero_snr if entry.zero_snr is None else entry.zero_snr
+    rescale = entry.guidance_rescale
+    if rescale is None:
+        rescale = ZERO_SNR_GUIDANCE_RESCALE if zero_snr else 0.0
+    if entry.vae and entry.vae not in vaes:
+        known = ", ".join(vaes) or "none configured"
+        raise ConfigError(f"model {model_id!r}: vae {entry.vae!r} is not in vaes ({known})", field="models")
+    return replace(
+        info, prediction=prediction, zero_snr=zero_snr, guidance_rescale=rescale, vae=entry.vae or None, vaes=vaes
+    )
+
+
+def _entry(value: str | ModelEntry) -> ModelEntry:
+    return ModelEntry(source=value) if isinstance(value, str) else value
+
+
 def resolve_models(config: Config) -> list[ModelInfo]:
     """The default model first, then the configured extra ones, each with its ControlNets and depth model."""
     controlnets = {kind: source for kind in CONTROL_TYPES if (source := getattr(config, f"controlnet_{kind}"))}
     depth = config.depth_model or None
     default = resolve_model(config.model, config.data_path, config.hub_timeout_s, download=config.role != "api")
     adapters = dict(config.ip_adapters)
-    models = [
-        with_companions(default, model_id=default.id, controlnets=controlnets, depth_model=depth, ip_adapters=adapters)
-    ]
-    for model_id, source in config.models.items():
-        if model_id == default.id:
-            raise ConfigError(f"model id {model_id!r} is the default model's id; pick another", field="models")
-        extra = resolve_extra_model(model_id, source, default)
-        models.append(
-            with_companions(extra, model_id=model_id, controlnets=controlnets, depth_model=depth, ip_adapters=adapters)
+    vaes = dict(config.vaes)
+    entries = {model_id: _entry(value) for model_id, value in config.models.items()}
+    default_entry = entries.pop(default.id, ModelEntry())
+    if default_entry.source:
+        raise ConfigError(
+            f"model id {default.id!r} is the default model's id; pick another (an entry without a source sets the "
+            "default model's settings)",
+            field="models",
         )
+    models = [
+        with_family(
+            with_companions(
+                default, model_id=default.id, controlnets=controlnets, depth_model=depth, ip_adapters=adapters
+            ),
+            default_entry,
+            vaes,
+            default.id,
+        )
+    ]
+    for model_id, entry in entries.items():
+        if not entry.source:
+            raise ConfigError(f"model {model_id!r} needs a source", field="models")
+        extra = resolve_extra_model(model_id, entry.source, default)
+        extra = with_companions(
+            extra, model_id=model_id, controlnets=controlnets, depth_model=depth, ip_adapters=adapters
+        )
+        models.append(with_family(extra, entry, vaes, model_id))
+    upscalers = str(config.upscalers_path)
+    models = [replace(model, upscalers_dir=upscalers) for model in models]
     known = {model.id for model in models}
     for model_id in config.inpainting_models:
         if model_id not in known:

@@ -19,13 +19,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg
 
 from engines.cache import release_memory
+from engines.hires import second_pass_schedule, upscaled_latents
 from engines.preview import latent_preview
+from engines.prompt_encoder import PromptEncoder
 from engines.row_guidance import guides_only_by_cfg
 from engines.schedulers import make_scheduler
-from forge.engine import GenerationResult, Job, JobCancelled, OutOfMemory
+from forge.engine import GenerationResult, Hires, Job, JobCancelled, OutOfMemory, Vae
 
 Outcome = GenerationResult | BaseException
 OnDone = Callable[[Job, Outcome], None]
@@ -46,6 +49,10 @@ class _Task:
     started: float = field(default_factory=time.perf_counter)
     step: int = 0
     failed: bool = False  # ended through on_done already (out of memory alone)
+    # The hires fix: the second pass is a task of its own at the larger size; progress counts both passes.
+    second_pass: bool = False
+    steps_before: int = 0
+    steps_total: int = 0
 
     @property
     def images(self) -> int:
@@ -59,8 +66,19 @@ class _Task:
 class StepLoop:
     """Step-level batching on one SDXL pipeline (its weights shared, never copied)."""
 
-    def __init__(self, pipe: StableDiffusionXLPipeline) -> None:
+    def __init__(
+        self,
+        pipe: StableDiffusionXLPipeline,
+        vae: Callable[[Vae], Any] | None = None,
+        upscaler: Callable[[Hires], Any] | None = None,
+        prompts: PromptEncoder | None = None,
+    ) -> None:
+        """`vae` gives a configured VAE's module, `upscaler` the hires fix's upscaler model, `prompts` the prompt
+        encoder (the engine's own, with its embeddings and cache)."""
         self.pipe = pipe
+        self.prompts = prompts or PromptEncoder(pipe)
+        self._vae = vae
+        self._upscaler = upscaler
 
     def run(
         self,
@@ -90,7 +108,10 @@ class StepLoop:
             active[:] = [task for task in active if not task.failed]
             for task in [task for task in active if task.step == len(task.timesteps)]:
                 active.remove(task)
-                on_done(task.job, self._finish(task))
+                if task.job.hires is not None and not task.second_pass:
+                    self._admit_second_pass(task, active, on_done)
+                else:
+                    on_done(task.job, self._finish(task))
 
     # -- joining --
 
@@ -103,22 +124,89 @@ class StepLoop:
         except Exception as exc:  # this job's own failure; the others go on
             on_done(job, exc)
 
+    def _components(self, job: Job) -> dict[str, Any]:
+        """The engine's modules with a fresh scheduler for the model's family, and the job's VAE."""
+        base = self.pipe
+        scheduler = make_scheduler(job.scheduler, base.scheduler.config, job.model.prediction, job.model.zero_snr)
+        components = {**base.components, "scheduler": scheduler}
+        if job.vae is not None and self._vae is not None:
+            components["vae"] = self._vae(job.vae)
+        return components
+
+    def _admit_second_pass(self, task: _Task, active: list[_Task], on_done: OnDone) -> None:
+        """The hires fix: once the first pass is done, its second pass joins the loop at the larger size (its UNet
+        calls shared with the other tasks of that size)."""
+        try:
+            second = self._start_second_pass(task)
+        except torch.OutOfMemoryError as exc:
+            release_memory(str(self.pipe.device))
+            on_done(task.job, OutOfMemory(str(exc)))
+            return
+        except Exception as exc:  # this job's own failure; the others go on
+            on_done(task.job, exc)
+            return
+        if second is None:  # nothing to repaint: the upscaled latents are the result
+            on_done(task.job, self._finish(task))
+        else:
+            active.append(second)
+
+    def _start_second_pass(self, task: _Task) -> _Task | None:
+        """What diffusers' SDXL img2img pipeline prepares before its loop, from the upscaled latents, with fresh
+        generators of the job's seeds (as A1111 seeds its hires pass)."""
+        job, hires = task.job, task.job.hires
+        assert hires is not None
+        larger = upscaled_latents(
+            task.pipe, task.latents, hires, self._upscaler(hires) if self._upscaler is not None else None
+        )
+        asked, runs = second_pass_schedule(hires.steps, hires.denoise)
+        if runs < 1:
+            task.latents = larger
+            return None
+        components = self._components(job)
+        pipe = StableDiffusionXLImg2ImgPipeline(**components)
+        device = pipe._execution_device
+        scheduler = pipe.scheduler
+        scheduler.set_timesteps(asked, device=device)
+        timesteps, _ = pipe.get_timesteps(asked, hires.denoise, device)
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in job.seeds]
+        count = len(job.seeds)
+        start = timesteps[:1].repeat(count)
+        latents = pipe.prepare_latents(larger, start, count, 1, task.prompt_embeds.dtype, device, generators)
+        size = (hires.height, hires.width)
+        encoder = pipe.text_encoder_2
+        projection = task.text_embeds.shape[-1] if encoder is None else encoder.config.projection_dim
+        time_ids = StableDiffusionXLPipeline._get_add_time_ids(
+            pipe, size, (0, 0), size, dtype=task.prompt_embeds.dtype, text_encoder_projection_dim=int(projection)
+        )
+        if task.guided:
+            time_ids = torch.cat([time_ids, time_ids])
+        return _Task(
+            job=job,
+            pipe=pipe,
+            timesteps=list(timesteps),
+            latents=latents,
+            prompt_embeds=task.prompt_embeds,
+            text_embeds=task.text_embeds,
+            time_ids=time_ids.to(device).repeat(count, 1),
+            extra_step=pipe.prepare_extra_step_kwargs(generators, 0.0),
+            guided=task.guided,
+            guidance_embeds=task.guidance_embeds,
+            started=task.started,
+            second_pass=True,
+            steps_before=len(task.timesteps),
+            steps_total=task.steps_total,
+        )
+
     def _start(self, job: Job) -> _Task:
         """Exactly what the pipeline prepares before its loop, for this job alone."""
-        base = self.pipe
-        scheduler = make_scheduler(job.scheduler, base.scheduler.config)
-        pipe = StableDiffusionXLPipeline(**{**base.components, "scheduler": scheduler})
+        components = self._components(job)
+        scheduler = components["scheduler"]
+        pipe = StableDiffusionXLPipeline(**components)
         device = pipe._execution_device
         by_cfg = guides_only_by_cfg(pipe)
         guided = job.guidance_scale > 1 and by_cfg
         count = len(job.seeds)
-        positive, negative, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=job.prompt,
-            device=device,
-            num_images_per_prompt=count,
-            do_classifier_free_guidance=guided,
-            negative_prompt=job.negative_prompt or None,
-        )
+        positive, negative, pooled, negative_pooled = self.prompts.encode(job, guided).for_images(count)
         scheduler.set_timesteps(job.steps, device=device)
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
@@ -137,6 +225,7 @@ class StepLoop:
             embedding = pipe.get_guidance_scale_embedding(scales, embedding_dim=pipe.unet.config.time_cond_proj_dim)
             guidance_embeds = embedding.to(device=device, dtype=latents.dtype)
         if guided:
+            assert negative is not None and negative_pooled is not None  # encoded when guided
             positive = torch.cat([negative, positive])
             pooled = torch.cat([negative_pooled, pooled])
             time_ids = torch.cat([time_ids, time_ids])
@@ -151,13 +240,25 @@ class StepLoop:
             extra_step=pipe.prepare_extra_step_kwargs(generators, 0.0),
             guided=guided,
             guidance_embeds=guidance_embeds,
+            steps_total=len(scheduler.timesteps)
+            + (second_pass_schedule(job.hires.steps, job.hires.denoise)[1] if job.hires is not None else 0),
         )
 
     # -- one step --
 
     def _step(self, tasks: list[_Task], on_done: OnDone) -> None:
-        """One UNet call over `tasks`; on running out of memory, half the tasks at a time, down to one task,
-        which alone fails (the step is repeated, never half-applied)."""
+        """One UNet call over `tasks` (one for each latent size and prompt length among them: a hires fix's second
+        pass shares its calls with tasks of its own size, a long prompt's with prompts of as many chunks); on
+        running out of memory, half the tasks at a time, down to one task, which alone fails (the step is
+        repeated, never half-applied)."""
+        sizes: dict[tuple[int, ...], list[_Task]] = {}
+        for task in tasks:
+            shape = (*task.latents.shape[2:], task.prompt_embeds.shape[1])
+            sizes.setdefault(tuple(int(side) for side in shape), []).append(task)
+        if len(sizes) > 1:
+            for group in sizes.values():
+                self._step(group, on_done)
+            return
         try:
             predictions = self._unet(tasks)
         except torch.OutOfMemoryError as exc:
@@ -202,16 +303,19 @@ class StepLoop:
         if task.guided:
             uncond, text = prediction.chunk(2)
             prediction = uncond + job.guidance_scale * (text - uncond)
+            if job.guidance_rescale > 0:  # as the pipeline rescales, after guidance
+                prediction = rescale_noise_cfg(prediction, text, guidance_rescale=job.guidance_rescale)
         with torch.inference_mode():
             task.latents = task.pipe.scheduler.step(prediction, t, task.latents, **task.extra_step, return_dict=False)[
                 0
             ]
         task.step += 1
-        if job.on_progress is not None and task.step < len(task.timesteps):
+        done, total = task.steps_before + task.step, task.steps_total or len(task.timesteps)
+        if job.on_progress is not None and done < total:
             watched = job.preview_every and task.step % job.preview_every == 0
             watched = watched and (job.wants_preview is None or job.wants_preview())
             preview = latent_preview(task.latents, job.preview_size) if watched else None
-            job.on_progress(task.step, len(task.timesteps), preview)
+            job.on_progress(done, total, preview)
 
     def _finish(self, task: _Task) -> Outcome:
         """Decode as the pipeline does at the end of its call: an fp16 VAE that asks for it runs in fp32 for the
@@ -235,7 +339,8 @@ class StepLoop:
             if upcast:
                 vae.to(dtype=torch.float16)
         if task.job.on_progress is not None:
-            task.job.on_progress(len(task.timesteps), len(task.timesteps), None)
+            total = task.steps_total or len(task.timesteps)
+            task.job.on_progress(total, total, None)
         return GenerationResult(images=images, denoise_s=time.perf_counter() - task.started)
 
     @staticmethod

@@ -176,6 +176,8 @@ class TensorRTEngine(EagerEngine):
         if not device.startswith("cuda"):
             raise ConfigError(f"backend 'tensorrt' runs on CUDA devices only, not {device}", field="devices")
         super().__init__(model, device)
+        # Its UNet engine is built for 77 tokens: prompts past one chunk are cut there, as diffusers cuts them.
+        self.prompts.max_chunks = 1
         self.options = options
         pipe, shapes = self.pipe, options.shapes
         if pipe.vae.config.force_upcast:  # SDXL's VAE overflows in fp16: its engine runs in fp32 (TF32)

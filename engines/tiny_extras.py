@@ -105,6 +105,24 @@ def build_tiny_lora(base: Path, target_file: Path, seed: int, rank: int = 4) -> 
     return target_file
 
 
+def build_tiny_embedding(target_file: Path, seed: int, vectors: int = 2, width: int = 32) -> Path:
+    """An SDXL textual-inversion embedding for the tiny model, as A1111 and ComfyUI save them: one safetensors
+    file with `clip_l` and `clip_g`, each (vectors, width) (the tiny encoders are both 32 wide). Its vectors
+    are far larger than the tiny model's own token embeddings, so naming it visibly changes an image."""
+    if target_file.exists():
+        return target_file
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {key: torch.randn(vectors, width, generator=generator) for key in ("clip_l", "clip_g")}
+    target_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target_file.with_name(target_file.name + ".partial")
+    save_file(tensors, str(tmp))
+    tmp.rename(target_file)
+    return target_file
+
+
 def build_tiny_companions(base: Path) -> dict[str, Path]:
     """ControlNets of every type and a depth model beside the tiny model: {name: folder}."""
     found = {
@@ -270,3 +288,18 @@ def build_tiny_inpainting_unet(base: Path, target: Path, seed: int = 11) -> Path
     tmp = _partial(target)
     unet.save_pretrained(tmp / "unet")
     return _finish(tmp, target, "inpainting-unet")
+
+
+def build_tiny_vae(base: Path, target: Path, seed: int = 13) -> Path:
+    """A second VAE for the tiny model: its architecture, other random weights, saved as a diffusers folder
+    (config.json beside the weights), as a VAE for `vaes` is shared."""
+    if _built(target):
+        return target
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(base / "vae"))
+    tmp = _partial(target)
+    vae.save_pretrained(tmp)
+    return _finish(tmp, target, "vae")

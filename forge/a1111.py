@@ -43,6 +43,9 @@ class A1111Request(msgspec.Struct, kw_only=True):
     enable_hr: bool = False
     hr_scale: Annotated[float, Meta(ge=1, le=8)] = 2.0
     hr_upscaler: str | None = None
+    hr_second_pass_steps: Annotated[int, Meta(ge=0, le=150)] = 0
+    hr_resize_x: Annotated[int, Meta(ge=0, le=4096)] = 0
+    hr_resize_y: Annotated[int, Meta(ge=0, le=4096)] = 0
     override_settings: dict[str, Any] | None = None
     alwayson_scripts: dict[str, Any] | None = None
     # img2img
@@ -53,6 +56,46 @@ class A1111Request(msgspec.Struct, kw_only=True):
     inpaint_full_res: bool | int = False
     inpaint_full_res_padding: Annotated[int, Meta(ge=0, le=512)] = 32
     inpainting_mask_invert: int = 0
+
+
+HIRES_DENOISE = 0.75  # A1111's txt2img denoising_strength when a request leaves it out
+# The hires fix's fields, as A1111 names them, for error messages.
+HIRES_FIELDS = {
+    "hires": "enable_hr",
+    "hires.scale": "hr_scale",
+    "hires.width": "hr_resize_x",
+    "hires.height": "hr_resize_y",
+    "hires.upscaler": "hr_upscaler",
+    "hires.steps": "hr_second_pass_steps",
+    "hires.denoise": "denoising_strength",
+}
+
+
+def hires_upscaler(name: str | None) -> str:
+    """Our hires upscaler for A1111's `hr_upscaler`: its latent modes ("Latent", "Latent (bicubic)", ...) are
+    latent upscaling (bilinear, A1111's default mode); "None" and "Lanczos" resize the image; any other name is
+    an upscaler model's, checked against those installed."""
+    if name is None or name.strip().lower().startswith("latent"):
+        return "latent"
+    if name.strip().lower() in ("none", "lanczos"):
+        return "lanczos"
+    return name
+
+
+def hires_fields(given: A1111Request) -> dict[str, Any]:
+    """enable_hr and its fields as our `hires` (hr_resize_x/y, when given, instead of hr_scale)."""
+    hires: dict[str, Any] = {
+        "upscaler": hires_upscaler(given.hr_upscaler),
+        "steps": given.hr_second_pass_steps,
+        "denoise": HIRES_DENOISE if given.denoising_strength is None else given.denoising_strength,
+    }
+    if given.hr_resize_x or given.hr_resize_y:
+        for name, side in (("width", given.hr_resize_x), ("height", given.hr_resize_y)):
+            if side:
+                hires[name] = max(8, side // 8 * 8)  # A1111's latents floor the side to a multiple of 8
+    else:
+        hires["scale"] = given.hr_scale
+    return hires
 
 
 def a1111_sampler_names() -> list[str]:

@@ -13,8 +13,9 @@ BatchKey = tuple[object, ...]
 # scheduler's key on request specs and the engine's check on jobs (both have these fields). Guidance scales
 # may differ, since classifier-free guidance is element-wise, but each row either has guidance (scale > 1)
 # or has none: that decides whether the batch runs the unconditional half at all.
-SHARED_SETTINGS = ("width", "height", "steps", "scheduler")
-# Step-level batching shares only the UNet call: each task keeps its own steps and sampler.
+SHARED_SETTINGS = ("width", "height", "steps", "scheduler", "guidance_rescale", "vae")
+# Step-level batching shares only the UNet call: each task keeps its own steps, sampler, guidance rescale and VAE
+# (each task decodes with its own).
 STEP_SHARED_SETTINGS = ("width", "height")
 
 
@@ -29,6 +30,10 @@ def batch_key(spec: GenerationSpec, step_level: bool = False) -> BatchKey | None
     # Each img2img task brings its own image and mask, each task with references attaches its own adapter,
     # and a sheet's views run one after another.
     if spec.control or spec.init_image is not None or spec.references or spec.views:
+        return None
+    # A whole-request batch runs the hires fix's second pass as one img2img call: a task with it runs alone.
+    # Step by step, its second pass is a task of its own among those of its size.
+    if spec.hires is not None and not step_level:
         return None
     loras = tuple((lora.name, lora.weight) for lora in spec.loras)
     return (spec.model, loras, *shared_settings(spec, step_level))

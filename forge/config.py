@@ -20,6 +20,19 @@ Backend = Literal["eager", "compiled", "tensorrt"]
 Port = Annotated[int, Meta(ge=0, le=65535)]
 
 
+class ModelEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A model in `models` with settings of its own (a plain string is the source alone). Unset settings are
+    read from the weights: a single file's `v_pred` / `ztsnr` keys, a diffusers folder's scheduler config.
+    An entry under the default model's id with no source sets the default model's settings."""
+
+    source: str = ""
+    prediction: Literal["epsilon", "v"] | None = None
+    zero_snr: bool | None = None
+    # The guidance_rescale requests get when they name none (0.7 for zero-SNR models, else 0).
+    guidance_rescale: Annotated[float, Meta(ge=0, le=1)] | None = None
+    vae: str = ""  # a name from `vaes` used when a request names none; empty: the model's own
+
+
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     api_port: Port = 8000
@@ -35,8 +48,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # "tiny": always the built-in tiny model. Anything else: a local diffusers folder or a hub repo id.
     model: str = "auto"
     # More base models, loaded on demand: id -> a diffusers folder, a hub repo id or a single .safetensors file.
-    # In FORGE_MODELS: "id=source,id=source".
-    models: dict[str, str] = {}
+    # In FORGE_MODELS: "id=source,id=source", or a JSON object. A table sets a model's prediction ("epsilon" |
+    # "v"), zero_snr, guidance_rescale and vae: models.anime = {source = "anime.safetensors", prediction = "v"}.
+    models: dict[str, str | ModelEntry] = {}
+    # VAEs requests may choose (`vae`), loaded once per engine and swapped in: name -> a diffusers folder or one
+    # single file. In FORGE_VAES: "name=source,name=source".
+    vaes: dict[str, str] = {}
     # Inpainting checkpoints (a 9-channel UNet): model id -> a diffusers folder or hub repo whose unet/ is one
     # (e.g. diffusers/stable-diffusion-xl-1.0-inpainting-0.1). A model without one inpaints with its own UNet.
     # In FORGE_INPAINTING_MODELS: "id=source,id=source".
@@ -199,6 +216,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         return Path(self.loras_dir).expanduser() if self.loras_dir else self.models_path / "loras"
 
     @property
+    def embeddings_path(self) -> Path:
+        """Textual-inversion embeddings (<name>.safetensors with clip_l and clip_g), as A1111's embeddings/."""
+        return self.data_path / "embeddings"
+
+    @property
     def upscalers_path(self) -> Path:
         return self.models_path / "upscalers"
 
@@ -222,9 +244,9 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, object]:
             key = name[len(ENV_PREFIX) :].lower()
             if key not in known:
                 raise ConfigError(f"unknown setting {name}", field=name)
-            if key in MAPPING_KEYS:
+            if key in MAPPING_KEYS and not (key == "models" and value.lstrip().startswith("{")):
                 overrides[key] = _parse_mapping(name, value)
-            elif key in JSON_KEYS:
+            elif key == "models" or key in JSON_KEYS:
                 overrides[key] = _parse_json(name, value)
             elif key in LIST_KEYS:
                 overrides[key] = [item.strip() for item in value.split(",") if item.strip()]
@@ -247,7 +269,7 @@ def _parse_bool(name: str, value: str) -> bool:
     raise ConfigError(f"{name}: expected true/false, 1/0, yes/no or on/off, got {value!r}", field=name)
 
 
-MAPPING_KEYS = {"models", "inpainting_models"}
+MAPPING_KEYS = {"models", "inpainting_models", "vaes"}
 JSON_KEYS = {"ip_adapters", "plans"}
 LIST_KEYS = {"compile_warm_sizes"}  # comma-separated in the environment
 

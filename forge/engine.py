@@ -110,6 +110,12 @@ class Job:
     cancel: CancelFlag = field(default_factory=CancelFlag)
     image_edit: ImageEdit | None = None  # img2img or inpainting
     references: References | None = None  # IP-Adapter reference images
+    # The text encoders' layer the prompt is read from, counted from the end (1: last); None: the model's.
+    clip_skip: int | None = None
+    # diffusers' rescale of the guided prediction (Lin et al. 2023, for zero-SNR models); 0 leaves CFG as it is.
+    guidance_rescale: float = 0.0
+    vae: Vae | None = None  # a configured VAE in place of the model's own
+    hires: Hires | None = None  # a second, img2img pass at a larger size
     # A sheet: these jobs run one after another, each giving one image (this job's own fields are unused).
     views: list[Job] = field(default_factory=list)
 
@@ -132,6 +138,27 @@ class References:
     adapter: str
     source: IpAdapterSource
     images: list[Reference]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Vae:
+    name: str
+    source: str  # a diffusers folder or one single file
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hires:
+    """The hires fix: the first pass's latents upscaled to `upscale_width` x `upscale_height` (by `upscaler`:
+    "latent" interpolates the latents, "lanczos" or an upscaler model file works on the decoded image), cropped
+    to `width` x `height` and repainted by `steps` img2img steps at `denoise` strength."""
+
+    upscaler: str
+    upscale_width: int
+    upscale_height: int
+    width: int
+    height: int
+    steps: int
+    denoise: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,6 +192,8 @@ def job_for(
     cancel: CancelFlag | None = None,
     image_edit: ImageEdit | None = None,
     references: References | None = None,
+    vae: Vae | None = None,
+    hires: Hires | None = None,
 ) -> Job:
     """The engine's view of a resolved request."""
     return Job(
@@ -186,6 +215,10 @@ def job_for(
         cancel=cancel or CancelFlag(),
         image_edit=image_edit,
         references=references,
+        clip_skip=spec.clip_skip,
+        guidance_rescale=spec.guidance_rescale,
+        vae=vae,
+        hires=hires,
     )
 
 
@@ -219,6 +252,17 @@ class ModelInfo:
     inpainting: str | None = None
     # IP-Adapter name -> where it comes from; the first is used when a request names none.
     ip_adapters: dict[str, IpAdapterSource] = field(default_factory=dict)
+    # Clip skip when a request names none: SDXL's conditioning is its encoders' penultimate layer (2).
+    clip_skip: int = 2
+    # Textual-inversion embeddings (<data_dir>/embeddings): a folder of <name>.safetensors with clip_l and clip_g.
+    embeddings_dir: str | None = None
+    # The model family: "epsilon" or "v" (v-prediction), and zero terminal SNR; every sampler follows them.
+    prediction: str = "epsilon"
+    zero_snr: bool = False
+    guidance_rescale: float = 0.0  # the default of requests that name none
+    vae: str | None = None  # the VAE (a name in `vaes`) requests get when they name none; None: its own
+    vaes: dict[str, str] = field(default_factory=dict)  # every configured VAE: name -> source
+    upscalers_dir: str | None = None  # where the hires fix finds upscaler model files
 
 
 class ModelLoadError(Exception):

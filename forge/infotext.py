@@ -25,6 +25,22 @@ def _view(view: ViewRequest) -> str:
     return f"{view.label} (openpose pose {view.pose})" if view.pose else view.label
 
 
+def _hires(spec: GenerationSpec) -> dict[str, object | None]:
+    """A1111's hires-fix parameters (`StableDiffusionProcessingTxt2Img.init` and `calculate_target_resolution`):
+    `Hires upscale` or `Hires resize`, `Hires steps` when asked for, `Hires upscaler`, `Denoising strength`."""
+    hires = spec.hires
+    if hires is None:
+        return {}
+    upscaler = {"latent": "Latent", "lanczos": "Lanczos"}.get(hires.upscaler, hires.upscaler)
+    return {
+        "Denoising strength": f"{hires.denoise:g}",
+        "Hires upscale": f"{hires.scale:g}" if hires.scale is not None else None,
+        "Hires resize": f"{hires.width}x{hires.height}" if hires.scale is None else None,
+        "Hires steps": hires.asked_steps or None,
+        "Hires upscaler": upscaler,
+    }
+
+
 def infotext(
     spec: GenerationSpec, seed: int, model_name: str, postprocess: list[str] | None = None, index: int = 0
 ) -> str:
@@ -48,9 +64,14 @@ def infotext(
             for reference in spec.references
         )
         or None,
+        "VAE": spec.vae,
         "Denoising strength": f"{spec.strength:g}" if spec.strength is not None else None,
         "Mask blur": spec.mask_blur if spec.mask is not None else None,
         "Inpaint area": ("Only masked" if spec.inpaint_area == "masked" else "Whole picture") if spec.mask else None,
+        # Our clip skip counts as A1111's CLIP_stop_at_last_layers does; written even at SDXL's default (2), so
+        # the number read back is the one the image was made with.
+        "Clip skip": spec.clip_skip,
+        **_hires(spec),
         "Postprocess": "; ".join(postprocess or []) or None,
         "Version": f"chara-forge {__version__}",
     }

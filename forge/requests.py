@@ -140,6 +140,43 @@ class PostprocessRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     lossless: Annotated[bool, Meta(description="WebP: lossless")] = False
 
 
+class HiresRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The hires fix: the image made at its size, upscaled, then repainted at the larger size (img2img), in one
+    task. The size comes from `scale`, or from `width` and/or `height` (one alone keeps the aspect; both: the
+    image is scaled to cover them and cropped, as A1111 does)."""
+
+    scale: Annotated[float, Meta(ge=1, le=8, description="times the size (2 when no width or height)")] | None = None
+    width: Annotated[Side, Meta(description="the final width instead of scale")] | None = None
+    height: Annotated[Side, Meta(description="the final height instead of scale")] | None = None
+    upscaler: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=64,
+            description="latent: the latents are interpolated; lanczos: the image is resized; or an upscaler model "
+            "from GET /v1/postprocess",
+        ),
+    ] = "latent"
+    steps: Annotated[int, Meta(ge=0, le=150, description="second-pass steps; 0 or absent: the first pass's")] | None = (
+        None
+    )
+    denoise: Annotated[float, Meta(ge=0, le=1, description="how much of the upscaled image is repainted")] = 0.7
+
+
+class HiresSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """The hires fix resolved: the final size, the size upscaled to before A1111's crop, and the steps run."""
+
+    upscaler: str
+    width: int
+    height: int
+    upscale_width: int
+    upscale_height: int
+    steps: int
+    denoise: float
+    scale: float | None = None  # as asked (the infotext's Hires upscale); None: width/height were asked
+    asked_steps: int = 0  # 0: the first pass's (the infotext writes Hires steps only when asked)
+
+
 class GenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A request to generate character images. Omitted fields take the model's defaults."""
 
@@ -161,6 +198,33 @@ class GenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     guidance_scale: Annotated[float, Meta(ge=0, le=30, description="classifier-free guidance")] | None = None
     seed: Annotated[int, Meta(ge=0, le=MAX_SEED, description="random when absent; image k uses seed+k")] | None = None
     scheduler: SchedulerName | None = None
+    clip_skip: (
+        Annotated[
+            int,
+            Meta(
+                ge=1,
+                le=12,
+                description="the text encoders' layer the prompt is read from, counted from the end as A1111 and "
+                "ComfyUI count it (1: the last; 2: the penultimate, SDXL's own); absent: the model's default",
+            ),
+        ]
+        | None
+    ) = None
+    guidance_rescale: (
+        Annotated[
+            float,
+            Meta(ge=0, le=1, description="rescales guided predictions (zero-SNR models); absent: the model's default"),
+        ]
+        | None
+    ) = None
+    vae: (
+        Annotated[
+            Name,
+            Meta(description="a VAE from GET /v1/models' vaes; Automatic: the model's default; None: its own VAE"),
+        ]
+        | None
+    ) = None
+    hires: Annotated[HiresRequest, Meta(description="the hires fix: a second pass at a larger size")] | None = None
     output_format: OutputFormat = "png"
     priority: Annotated[int, Meta(ge=-10, le=10, description="higher runs first")] = 0
     init_image: (
@@ -242,6 +306,11 @@ class GenerationSpec(msgspec.Struct, frozen=True, kw_only=True):
     references: list[ReferenceRequest] = []  # images as upload ids
     ip_adapter: str | None = None  # set whenever there are references
     views: list[ViewRequest] = []  # a sheet: num_images is their number, and every image has the seed
+    # Clip skip (see GenerationRequest); None: recorded before it was, which is the model's default.
+    clip_skip: int | None = None
+    guidance_rescale: float = 0.0
+    vae: str | None = None  # a configured VAE's name; None: the model's own
+    hires: HiresSpec | None = None  # the images come out at hires.width x hires.height
 
     @property
     def seeds(self) -> list[int]:

@@ -10,10 +10,12 @@ import msgspec
 
 from engines.poses import POSE_NAMES
 from forge.content_filter import PromptFilter
+from forge.embeddings import EmbeddingCatalog
 from forge.engine import ModelInfo
 from forge.errors import InvalidRequest
 from forge.loras import LoraCatalog
 from forge.model_files import ModelFiles
+from forge.prompt_syntax import check_weights
 from forge.requests import (
     MAX_SEED,
     PALETTE_NAMES,
@@ -21,6 +23,8 @@ from forge.requests import (
     ControlRequest,
     GenerationRequest,
     GenerationSpec,
+    HiresRequest,
+    HiresSpec,
     LoraRequest,
     PostprocessRequest,
     ReferenceRequest,
@@ -81,6 +85,8 @@ class Resources:
     max_references: int = 4
     # IP-Adapters configured but not on this machine (hub ones not fetched yet); filled in at start.
     missing_ip_adapters: set[str] = dataclasses.field(default_factory=set)
+    # Textual-inversion embeddings prompts may name (the engines load them; listed by /sdapi/v1/embeddings).
+    embeddings: EmbeddingCatalog = dataclasses.field(default_factory=lambda: EmbeddingCatalog(None))
 
 
 def requested_styles(request: GenerationRequest) -> list[str]:
@@ -202,6 +208,17 @@ def _check_backend_support(
         )
 
 
+def check_prompt_weights(request: GenerationRequest, styled: StyledPrompt) -> None:
+    """Emphasis weights within forge.prompt_syntax's bounds: the request's own prompts first, so the error
+    names the field the caller wrote; then what the styles made of them and each view's words."""
+    check_weights(request.prompt, "prompt")
+    check_weights(request.negative_prompt, "negative_prompt")
+    check_weights(styled.prompt, "style")
+    check_weights(styled.negative_prompt, "style")
+    for index, view in enumerate(request.views):
+        check_weights(f"{styled.prompt}, {view.prompt}", f"views[{index}].prompt")
+
+
 def check_views(request: GenerationRequest, model: ModelInfo) -> None:
     """A sheet's views bring their own poses, and are the images: no control, init image or num_images."""
     if not request.views:
@@ -317,6 +334,98 @@ def check_postprocess(
     return msgspec.structs.replace(options, upscaler=upscaler, background_model=background)
 
 
+AUTOMATIC_VAE, OWN_VAE = "automatic", "none"
+HIRES_UPSCALERS = ("latent", "lanczos")  # besides the installed upscaler models
+
+
+def check_vae(name: str | None, model: ModelInfo) -> str | None:
+    """The VAE a request gets: absent or Automatic, the model's default; None, the model's own; else a
+    configured one."""
+    if name is None or name.lower() == AUTOMATIC_VAE:
+        return model.vae
+    if name.lower() == OWN_VAE:
+        return None
+    if name not in model.vaes:
+        known = ", ".join(["Automatic", "None", *model.vaes])
+        raise InvalidRequest(f"unknown VAE {name!r}; this server has {known}", field="vae", rule="unknown_vae")
+    return name
+
+
+def check_hires(
+    request: GenerationRequest,
+    hires: HiresRequest,
+    resources: Resources,
+    size: tuple[int, int],
+    sides: tuple[int, int],
+    steps: int,
+    controls: list[tuple[str, ControlRequest]],
+) -> HiresSpec:
+    """The hires fix's sizes and steps, as A1111 computes them (`calculate_target_resolution`): `scale` times
+    the size, floored to multiples of 8; or the given width and/or height (one alone keeps the aspect; both: the
+    image is scaled to cover them, then cropped). `sides`: the smallest and largest side allowed."""
+    for name, given in (
+        ("init_image", request.init_image),
+        ("control", controls or None),
+        ("views", request.views or None),
+        ("references", request.references or None),
+    ):
+        if given is not None:
+            raise InvalidRequest(f"the hires fix does not combine with {name}", field="hires", rule="exclusive")
+    if hires.scale is not None and (hires.width is not None or hires.height is not None):
+        raise InvalidRequest("give scale, or width and height, not both", field="hires.scale", rule="exclusive")
+    upscaler = hires.upscaler
+    if upscaler.lower() in HIRES_UPSCALERS:
+        upscaler = upscaler.lower()
+    elif resources.upscalers.path(upscaler) is None:
+        raise InvalidRequest(
+            f"{resources.upscalers.missing_message('upscaler', upscaler)}; or use latent or lanczos",
+            field="hires.upscaler",
+            rule="model_missing",
+        )
+    width, height = size
+    field = "hires.scale"
+    if hires.width is None and hires.height is None:
+        scale = 2.0 if hires.scale is None else hires.scale
+        up_width, up_height = int(width * scale), int(height * scale)
+        final = up_width // 8 * 8, up_height // 8 * 8
+    else:
+        field = "hires.width" if hires.width is not None else "hires.height"
+        if hires.height is None:
+            assert hires.width is not None
+            up_width, up_height = hires.width, hires.width * height // width
+            final = up_width, up_height // 8 * 8
+        elif hires.width is None:
+            up_width, up_height = hires.height * width // height, hires.height
+            final = up_width // 8 * 8, up_height
+        else:
+            final = hires.width, hires.height
+            if width / height < hires.width / hires.height:
+                up_width, up_height = hires.width, hires.width * height // width
+            else:
+                up_width, up_height = hires.height * width // height, hires.height
+        scale = None
+    smallest, largest = sides
+    for side in (*final, up_width, up_height):
+        if not smallest <= side <= largest:
+            raise InvalidRequest(
+                f"the hires fix makes {final[0]}x{final[1]} (from {up_width}x{up_height}); sides must be between "
+                f"{smallest} and {largest} on this server",
+                field=field,
+                rule="range",
+            )
+    return HiresSpec(
+        upscaler=upscaler,
+        width=final[0],
+        height=final[1],
+        upscale_width=up_width // 8 * 8,
+        upscale_height=up_height // 8 * 8,
+        steps=hires.steps or steps,
+        denoise=hires.denoise,
+        scale=scale,
+        asked_steps=hires.steps or 0,
+    )
+
+
 def size_from_image(size: tuple[int, int], smallest: int, largest: int) -> tuple[int, int]:
     """An init image's size brought within the model's sides (its aspect kept) in multiples of 8."""
     width, height = size
@@ -344,6 +453,7 @@ def resolve_request(
         resources.prompt_filter.check("prompt", request.prompt)
     styles = _styles(request, resources.styles)
     styled = apply_styles(styles, request.prompt, request.negative_prompt)
+    check_prompt_weights(request, styled)
     loras = _loras(request, styled, resources)
     controls = requested_controls(request)
     if not controls and styled.control is not None and not request.views:  # views bring their own poses
@@ -373,14 +483,19 @@ def resolve_request(
                 field=field,
                 rule="range",
             )
+    steps = request.steps or defaults.steps or model.default_steps
+    hires = None
+    if request.hires is not None:
+        hires = check_hires(request, request.hires, resources, (width, height), (smallest, largest), steps, controls)
+    out_width, out_height = (hires.width, hires.height) if hires else (width, height)  # what post-processing gets
     postprocess = None
     if request.postprocess is not None:
-        postprocess = check_postprocess(request.postprocess, resources, width, height, "postprocess")
+        postprocess = check_postprocess(request.postprocess, resources, out_width, out_height, "postprocess")
     elif styled.postprocess is not None:
-        postprocess = check_postprocess(styled.postprocess, resources, width, height, "style")
-    steps = request.steps or defaults.steps or model.default_steps
+        postprocess = check_postprocess(styled.postprocess, resources, out_width, out_height, "style")
     images, images_field = (len(request.views), "views") if request.views else (request.num_images, "num_images")
-    if resources.max_work and width * height * images * steps > resources.max_work:
+    work = width * height * images * steps + (hires.width * hires.height * images * hires.steps if hires else 0)
+    if resources.max_work and work > resources.max_work:
         raise InvalidRequest(
             f"{width}x{height} x {images} images x {steps} steps is over this server's budget of "
             f"{resources.max_work} pixel-steps per request; ask for fewer {'views' if request.views else 'images'}, "
@@ -420,4 +535,8 @@ def resolve_request(
         references=references,
         ip_adapter=ip_adapter,
         views=request.views,
+        clip_skip=model.clip_skip if request.clip_skip is None else request.clip_skip,
+        guidance_rescale=model.guidance_rescale if request.guidance_rescale is None else request.guidance_rescale,
+        vae=check_vae(request.vae, model),
+        hires=hires,
     )

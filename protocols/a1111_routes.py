@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,15 +32,18 @@ from engines.schedulers import SAMPLERS
 from forge import __version__
 from forge.a1111 import (
     A1111_DEFAULT_SIZE,
+    HIRES_FIELDS,
     SCHEDULES,
     A1111Request,
     a1111_sampler_names,
     control_units,
+    hires_fields,
     loras_in_prompt,
     scheduler_for,
 )
 from forge.auth import Authenticator, Principal
 from forge.errors import ForgeError, InvalidRequest
+from forge.infotext import parse_infotext
 from forge.requests import GenerationRequest
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert, decode_json
@@ -59,15 +63,40 @@ A1111_FIELDS = {
     "style": "styles",
     "loras": "prompt",
     "control": "alwayson_scripts.ControlNet",
-    "postprocess": "hr_upscaler",
+    "vae": "override_settings.sd_vae",
+    "clip_skip": "override_settings.CLIP_stop_at_last_layers",
 }
+AUTOMATIC_VAE = "Automatic"
 
 
 def _a1111_field(name: str | None) -> str | None:
     if name is None:
         return None
+    if name in HIRES_FIELDS:
+        return HIRES_FIELDS[name]
     head = name.split(".")[0].split("[")[0]
     return A1111_FIELDS.get(head, name)
+
+
+def _clip_skip_owner(owner: str) -> str:
+    """Each caller's CLIP_stop_at_last_layers is kept beside its model, under a key of its own."""
+    return f"{owner}\x00CLIP_stop_at_last_layers"
+
+
+def _clip_skip(value: Any, field_name: str) -> int:
+    """A1111's CLIP_stop_at_last_layers as our clip_skip: the same count (1: the last layer), 1 to 12."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number.is_integer() or not 1 <= number <= 12:
+        raise InvalidRequest(f"{field_name} must be a whole number from 1 to 12", field=field_name, rule="range")
+    return int(number)
+
+
+def _vae_owner(owner: str) -> str:
+    """Each caller's sd_vae is kept beside its model, under a key of its own."""
+    return f"{owner}\x00sd_vae"
 
 
 @dataclass
@@ -92,6 +121,7 @@ class A1111Routes:
             "/scripts": self.scripts,
             "/cmd-flags": self.cmd_flags,
             "/progress": self.progress,
+            "/embeddings": self.embeddings,
         }
         posts = {
             "/txt2img": self.txt2img,
@@ -99,6 +129,7 @@ class A1111Routes:
             "/interrupt": self.interrupt,
             "/skip": self.interrupt,
             "/refresh-checkpoints": self.refresh,
+            "/png-info": self.png_info,
         }
         routes: list[BaseRoute] = [Route(SDAPI + path, handler, methods=["GET"]) for path, handler in gets.items()]
         routes += [Route(SDAPI + path, handler, methods=["POST"]) for path, handler in posts.items()]
@@ -178,10 +209,12 @@ class A1111Routes:
             "loras": loras or None,
             "control": controls or None,
             "model": await self._model(given, principal),
+            "vae": await self._vae(given, principal),
+            "clip_skip": await self._clip_skip(given, principal),
         }
         fields |= {name: value for name, value in optional.items() if value is not None}
-        if given.enable_hr:
-            fields["postprocess"] = self._upscale(given)
+        if given.enable_hr and not img2img:  # A1111's img2img has no hires fix
+            fields["hires"] = hires_fields(given)
         if img2img:
             fields |= await self._edit(given)
         return fields, warnings
@@ -200,12 +233,27 @@ class A1111Routes:
             )
         return title
 
-    def _upscale(self, given: A1111Request) -> dict[str, Any]:
-        """hires fix as our upscale step: x2 or x4, with the named upscaler when it is one of ours."""
-        upscale: dict[str, Any] = {"upscale": 2 if given.hr_scale <= 2 else 4}
-        if given.hr_upscaler and given.hr_upscaler in self.ingress.resources.upscalers.names():
-            upscale["upscaler"] = given.hr_upscaler
-        return upscale
+    async def _clip_skip(self, given: A1111Request, principal: Principal) -> int | None:
+        """The request's CLIP_stop_at_last_layers override, else the caller's from POST /options; None: the
+        model's default (SDXL's 2, its native conditioning; A1111's own default, 1, reads SDXL at 2 too)."""
+        override = (given.override_settings or {}).get("CLIP_stop_at_last_layers")
+        if override is not None:
+            return _clip_skip(override, "override_settings.CLIP_stop_at_last_layers")
+        stored = await anyio.to_thread.run_sync(self.models.get, _clip_skip_owner(principal.owner))
+        return int(stored) if stored else None
+
+    async def _vae(self, given: A1111Request, principal: Principal) -> str | None:
+        """The request's sd_vae override, else the caller's from POST /options (Automatic: the model's default)."""
+        name = (given.override_settings or {}).get("sd_vae")
+        if name:
+            return self._vae_for_name(str(name), "override_settings.sd_vae")
+        return await anyio.to_thread.run_sync(self.models.get, _vae_owner(principal.owner))
+
+    def _vae_for_name(self, name: str, field_name: str) -> str:
+        if name.lower() in ("automatic", "none") or name in self.ingress.catalog.default.vaes:
+            return name
+        known = ", ".join([AUTOMATIC_VAE, "None", *self.ingress.catalog.default.vaes])
+        raise InvalidRequest(f"unknown VAE {name!r}; this server has {known}", field=field_name, rule="enum")
 
     async def _edit(self, given: A1111Request) -> dict[str, Any]:
         if not given.init_images:
@@ -256,12 +304,12 @@ class A1111Routes:
             "restore_faces": False,
             "sd_model_name": spec.model,
             "sd_model_hash": None,
-            "denoising_strength": spec.strength,
+            "denoising_strength": spec.strength if spec.hires is None else spec.hires.denoise,
             "styles": spec.styles,
             "infotexts": infotexts,
             "index_of_first_image": 0,
             "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-            "clip_skip": 1,
+            "clip_skip": spec.clip_skip or self.ingress.model.clip_skip,
             "version": f"chara-forge {__version__}",
             "task_ids": [record.id for record in records],
             "cancelled": any(record.state is TaskState.CANCELLED for record in records),
@@ -325,16 +373,20 @@ class A1111Routes:
             {
                 "sd_model_checkpoint": model,
                 "sd_checkpoint_hash": None,
-                "sd_vae": "Automatic",
+                "sd_vae": await anyio.to_thread.run_sync(self.models.get, _vae_owner(principal.owner)) or AUTOMATIC_VAE,
                 "samples_format": "png",
-                "CLIP_stop_at_last_layers": 1,
+                "CLIP_stop_at_last_layers": int(
+                    await anyio.to_thread.run_sync(self.models.get, _clip_skip_owner(principal.owner))
+                    or self.ingress.model.clip_skip
+                ),
                 "eta_noise_seed_delta": 0,
                 "sd_lora": "None",
             }
         )
 
     async def set_options(self, request: Request) -> Response:
-        """Only the model is taken (for this caller, not for everyone); other options are accepted unchanged."""
+        """Only the model, the VAE and CLIP_stop_at_last_layers are taken (for this caller, not for everyone);
+        other options are accepted unchanged."""
         principal = await principal_of(request, self.auth, basic=True)
         body = await read_body(request, self.max_body_bytes)
         options = decode_json(body, dict[str, Any])
@@ -342,7 +394,32 @@ class A1111Routes:
         if title:
             model = self._model_for_title(str(title), "sd_model_checkpoint")
             await anyio.to_thread.run_sync(self.models.set, principal.owner, model)
+        vae = options.get("sd_vae")
+        if vae:
+            vae = self._vae_for_name(str(vae), "sd_vae")
+            await anyio.to_thread.run_sync(self.models.set, _vae_owner(principal.owner), vae)
+        clip_skip = options.get("CLIP_stop_at_last_layers")
+        if clip_skip is not None:
+            chosen = _clip_skip(clip_skip, "CLIP_stop_at_last_layers")
+            await anyio.to_thread.run_sync(self.models.set, _clip_skip_owner(principal.owner), str(chosen))
         return JSONResponse(None)
+
+    async def png_info(self, request: Request) -> Response:
+        """The infotext in an image and its parameters, as A1111 parses them (sizes split into -1 and -2)."""
+        await principal_of(request, self.auth, basic=True)
+        body = decode_json(await read_body(request, self.max_body_bytes), dict[str, Any])
+        image = body.get("image")
+        if not isinstance(image, str) or not image:
+            raise InvalidRequest("png-info needs an image (base64)", field="image", rule="required")
+        data = decode_inline(image, field="image")
+        try:
+            text = await anyio.to_thread.run_sync(_parameters, data)
+        except OSError:
+            raise InvalidRequest("the image cannot be read", field="image", rule="image") from None
+        parameters = _parsed(text)
+        if parameters:  # an SDXL image without one was made at SDXL's own conditioning, A1111's too
+            parameters.setdefault("Clip skip", str(self.ingress.model.clip_skip))
+        return JSONResponse({"info": text, "items": {"parameters": text} if text else {}, "parameters": parameters})
 
     async def refresh(self, request: Request) -> Response:
         await principal_of(request, self.auth, basic=True)
@@ -382,7 +459,10 @@ class A1111Routes:
     async def upscalers(self, request: Request) -> Response:
         await principal_of(request, self.auth, basic=True)
         names = self.ingress.resources.upscalers.names()
-        items: list[dict[str, Any]] = [{"name": "None", "model_name": None, "model_path": None, "scale": 1}]
+        items: list[dict[str, Any]] = [
+            {"name": "None", "model_name": None, "model_path": None, "scale": 1},
+            {"name": "Lanczos", "model_name": None, "model_path": None, "scale": 4},
+        ]
         for name in names:
             path = self.ingress.resources.upscalers.path(name)
             scale = 2 if "x2" in name.lower() else 4
@@ -391,11 +471,12 @@ class A1111Routes:
 
     async def latent_upscale_modes(self, request: Request) -> Response:
         await principal_of(request, self.auth, basic=True)
-        return JSONResponse([])  # hires fix upscales the decoded image (see /upscalers)
+        return JSONResponse([{"name": "Latent"}])  # bilinear, A1111's default; its other modes map to it
 
     async def sd_vae(self, request: Request) -> Response:
         await principal_of(request, self.auth, basic=True)
-        return JSONResponse([])  # each model's own VAE
+        vaes = self.ingress.catalog.default.vaes  # the configured VAEs (every model may use each)
+        return JSONResponse([{"model_name": name, "filename": source} for name, source in vaes.items()])
 
     async def loras(self, request: Request) -> Response:
         await principal_of(request, self.auth, basic=True)
@@ -413,9 +494,32 @@ class A1111Routes:
         await principal_of(request, self.auth, basic=True)
         return JSONResponse({"txt2img": ["controlnet"], "img2img": ["controlnet"]})
 
+    async def embeddings(self, request: Request) -> Response:
+        """The textual-inversion embeddings prompts can name, in A1111's shape (files that are not SDXL
+        embeddings under `skipped`)."""
+        await principal_of(request, self.auth, basic=True)
+        catalog = self.ingress.resources.embeddings
+        return JSONResponse(await anyio.to_thread.run_sync(catalog.a1111_listing))
+
     async def cmd_flags(self, request: Request) -> Response:
         await principal_of(request, self.auth, basic=True)
         return JSONResponse({"api": True, "nowebui": True, "ckpt": self.ingress.model.path, "lora_dir": None})
+
+
+def _parsed(text: str) -> dict[str, Any]:
+    """A1111's `parse_generation_parameters`, for what our infotext holds: Prompt, Negative prompt, each
+    parameter, and WxH values split into `<key>-1` and `<key>-2`."""
+    if not text:
+        return {}
+    prompt, negative, params = parse_infotext(text)
+    parsed: dict[str, Any] = {"Prompt": prompt, "Negative prompt": negative}
+    for key, value in params.items():
+        size = re.fullmatch(r"(\d+)x(\d+)", value)
+        if size:
+            parsed[f"{key}-1"], parsed[f"{key}-2"] = size[1], size[2]
+        else:
+            parsed[key] = value
+    return parsed
 
 
 def _multiple_of_8(side: int) -> int:

@@ -167,6 +167,22 @@ class McpAdapter:
                     max_length=MAX_REFERENCES,
                 ),
             ] = [],  # noqa: B006
+            hires: Annotated[
+                dict[str, Any] | None,
+                Field(
+                    description="the hires fix, a second pass at a larger size: {scale (2), upscaler (latent | "
+                    "lanczos | an upscaler model), steps (0: the first pass's), denoise (0-1)}"
+                ),
+            ] = None,
+            vae: Annotated[
+                str | None, Field(description="a VAE (GET /v1/models lists them); Automatic or absent: the model's")
+            ] = None,
+            clip_skip: Annotated[
+                int | None,
+                Field(
+                    description="the text encoders' layer counted from the end (1-12; 2: SDXL's); absent: the model's"
+                ),
+            ] = None,
             wait: Annotated[bool, Field(description="wait for the images (else return the task id)")] = True,
         ) -> list[TextContent | ImageContent | ResourceLink] | CallToolResult:
             fields: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt, "num_images": num_images}
@@ -182,6 +198,12 @@ class McpAdapter:
                 fields["postprocess"] = postprocess
             if seed is not None:
                 fields["seed"] = seed
+            if hires is not None:
+                fields["hires"] = hires
+            if vae is not None:
+                fields["vae"] = vae
+            if clip_skip is not None:
+                fields["clip_skip"] = clip_skip
             try:
                 principal = await self._principal(ctx)
                 for name, image in (("init_image", init_image), ("mask", mask)):

@@ -120,9 +120,10 @@ def compat_operations() -> dict[tuple[str, str], dict[str, Any]]:
         "/samplers": ("Samplers, by A1111's names", _ARRAY_OF_OBJECTS),
         "/schedulers": ("Schedules (automatic, karras, uniform)", _ARRAY_OF_OBJECTS),
         "/upscalers": ("Upscalers hires fix may name", _ARRAY_OF_OBJECTS),
-        "/latent-upscale-modes": ("None: hires fix upscales the image", _ARRAY_OF_OBJECTS),
-        "/sd-vae": ("None: each model uses its own VAE", _ARRAY_OF_OBJECTS),
+        "/latent-upscale-modes": ("Latent: hires fix interpolates the latents (bilinear)", _ARRAY_OF_OBJECTS),
+        "/sd-vae": ("The configured VAEs, for sd_vae (Automatic: each model's default)", _ARRAY_OF_OBJECTS),
         "/loras": ("Installed LoRAs, for <lora:name:weight> in prompts", _ARRAY_OF_OBJECTS),
+        "/embeddings": ("Textual-inversion embeddings prompts may name: loaded and skipped", _ANY_OBJECT),
         "/prompt-styles": ("Styles, for the styles field", _ARRAY_OF_OBJECTS),
         "/scripts": ("Always-on scripts (ControlNet)", _ANY_OBJECT),
         "/cmd-flags": ("Flags, as far as they apply", _ANY_OBJECT),
@@ -134,14 +135,24 @@ def compat_operations() -> dict[tuple[str, str], dict[str, Any]]:
         ("post", SDAPI + "/txt2img"): _generation("Generate images, as A1111's txt2img"),
         ("post", SDAPI + "/img2img"): _generation("img2img and inpainting, as A1111's img2img"),
         ("post", SDAPI + "/options"): _a1111(
-            "Set options: sd_model_checkpoint switches the caller's model (not everyone's); others are accepted",
+            "Set options: sd_model_checkpoint, sd_vae and CLIP_stop_at_last_layers are the caller's own (not "
+            "everyone's); others are accepted",
             _NULL,
             requestBody={"required": True, **_json(_ANY_OBJECT)},
-            responses={"413": _error("body too large"), "422": _error("an unknown model title")},
+            responses={
+                "413": _error("body too large"),
+                "422": _error("an unknown model title or VAE, a clip skip outside 1-12"),
+            },
         ),
         ("post", SDAPI + "/interrupt"): _a1111("Cancel the caller's running tasks (never another's)", _NULL),
         ("post", SDAPI + "/skip"): _a1111("As interrupt: cancel the caller's running tasks", _NULL),
         ("post", SDAPI + "/refresh-checkpoints"): _a1111("Nothing to do: models come from the config", _NULL),
+        ("post", SDAPI + "/png-info"): _a1111(
+            "The infotext in an image and its parameters, as A1111 parses them",
+            _ANY_OBJECT,
+            requestBody={"required": True, **_json(_ANY_OBJECT)},
+            responses={"413": _error("body too large"), "422": _error("no image, or one that cannot be read")},
+        ),
         ("post", OPENAI + "/images/generations"): _openai(
             "Generate images, as OpenAI's Images API",
             description="quality sets the steps (low: half the model's default, medium/standard/auto: the "

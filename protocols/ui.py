@@ -24,8 +24,8 @@ from forge.auth import Authenticator, Principal
 from forge.characters import MAX_CHARACTER_REFERENCES, CharacterCreate, CharacterSheetRequest, sheet_generation
 from forge.errors import ForgeError
 from forge.events import TERMINAL_EVENTS, Progress
-from forge.requests import MAX_IMAGES, PALETTE_NAMES, GenerationRequest, PostprocessRequest
-from forge.resolve import SIZE_PRESETS, preset_size
+from forge.requests import MAX_IMAGES, PALETTE_NAMES, GenerationRequest, HiresSpec, PostprocessRequest
+from forge.resolve import HIRES_UPSCALERS, SIZE_PRESETS, preset_size
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert
 from protocols.identity import visible_owner
@@ -36,6 +36,7 @@ HISTORY_LIMIT = 48
 NO_POSE = "none"
 NO_PIXEL_ART = "off"
 FREE_PALETTE = "16 colours"
+AUTOMATIC_VAE_LABEL, OWN_VAE_LABEL = "Automatic", "None"  # the model's default VAE, and its own
 
 
 def _postprocess_fields(
@@ -57,6 +58,33 @@ def _postprocess_fields(
     if sheet:
         fields["sprite_sheet"] = {}
     return fields
+
+
+def _model_fields(
+    clip_skip: float, vae: str, hires_scale: float, hires_upscaler: str, hires_steps: float, hires_denoise: float
+) -> dict[str, Any]:
+    """The request fields of the Advanced panel's text-encoder, VAE and hires-fix controls."""
+    fields: dict[str, Any] = {}
+    if int(clip_skip) > 0:
+        fields["clip_skip"] = int(clip_skip)
+    if vae and vae != AUTOMATIC_VAE_LABEL:
+        fields["vae"] = vae
+    if hires_scale > 1:
+        fields["hires"] = {
+            "scale": float(hires_scale),
+            "upscaler": hires_upscaler or HIRES_UPSCALERS[0],
+            "steps": int(hires_steps),
+            "denoise": float(hires_denoise),
+        }
+    return fields
+
+
+def _hires_settings(hires: HiresSpec | None) -> list[Any]:
+    """The hires controls' values for a stored task."""
+    if hires is None:
+        return [1, HIRES_UPSCALERS[0], 0, 0.7]
+    scale = hires.scale if hires.scale is not None else hires.upscale_width / max(hires.width, 1)
+    return [scale, hires.upscaler, hires.asked_steps, hires.denoise]
 
 
 def _postprocess_settings(options: PostprocessRequest | None) -> list[Any]:
@@ -267,6 +295,22 @@ class WebUi:
                         random_seed = gr.Checkbox(value=True, label="Random seed")
                         seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
                         output_format = gr.Radio(["png", "webp", "jpeg"], value="png", label="Format")
+                    with gr.Row():
+                        clip_skip = gr.Slider(0, 12, value=0, step=1, label="Clip skip (0: the model's)")
+                        vae = gr.Dropdown(
+                            choices=[AUTOMATIC_VAE_LABEL, OWN_VAE_LABEL, *model.vaes],
+                            value=AUTOMATIC_VAE_LABEL,
+                            label="VAE",
+                        )
+                    with gr.Row():
+                        hires_scale = gr.Slider(1, 4, value=1, step=0.05, label="Hires fix: upscale by (1: off)")
+                        hires_upscaler = gr.Dropdown(
+                            choices=[*HIRES_UPSCALERS, *self._ingress.resources.upscalers.names()],
+                            value=HIRES_UPSCALERS[0],
+                            label="Hires upscaler",
+                        )
+                        hires_steps = gr.Slider(0, 150, value=0, step=1, label="Hires steps (0: as the first pass)")
+                        hires_denoise = gr.Slider(0, 1, value=0.7, step=0.05, label="Hires denoising strength")
                 with gr.Accordion("Game asset", open=False):
                     with gr.Row():
                         upscale = gr.Radio(["off", "2", "4"], value="off", label="Upscale")
@@ -345,6 +389,12 @@ class WebUi:
                 pixel_factor,
                 outline,
                 sprite_sheet,
+                clip_skip,
+                vae,
+                hires_scale,
+                hires_upscaler,
+                hires_steps,
+                hires_denoise,
             ]
             generate.click(
                 self.generate,
@@ -411,6 +461,12 @@ class WebUi:
         pixel_factor: float,
         outline: bool,
         sprite_sheet: bool,
+        clip_skip: float,
+        vae: str,
+        hires_scale: float,
+        hires_upscaler: str,
+        hires_steps: float,
+        hires_denoise: float,
         batch: bool,
         character: str | None,
         init_image: Any,
@@ -459,6 +515,7 @@ class WebUi:
         )
         if steps_wanted:
             common["postprocess"] = steps_wanted
+        common |= _model_fields(clip_skip, vae, hires_scale, hires_upscaler, hires_steps, hires_denoise)
         if not random_seed and seed is not None:
             common["seed"] = int(seed)
         if character and character != NO_CHARACTER:
@@ -605,6 +662,9 @@ class WebUi:
             [lora.name for lora in spec.loras],
             spec.loras[0].weight if spec.loras else 0.8,
             *_postprocess_settings(spec.postprocess),
+            spec.clip_skip or 0,
+            spec.vae or OWN_VAE_LABEL,  # the VAE it ran with (None: the model's own)
+            *_hires_settings(spec.hires),
         ]
 
     async def same_seed(self, task_id: str, request: gr.Request) -> tuple[str, bool, int]:

@@ -85,18 +85,31 @@ def vae_key(key: str, up_blocks: int) -> str:
     return key  # conv_in, conv_out, quant_conv and post_quant_conv keep their names
 
 
-def write_ldm_checkpoint(diffusers_folder: Path, target: Path) -> Path:
+def ldm_vae_state(vae_folder: Path) -> dict[str, torch.Tensor]:
+    """A diffusers VAE's weights under the original (LDM) names, as a single VAE file holds them."""
+    up_blocks = len(json.loads((vae_folder / "config.json").read_text())["up_block_types"])
+    state = {}
+    for key, tensor in load_file(vae_folder / "diffusion_pytorch_model.safetensors").items():
+        ldm = vae_key(key, up_blocks)
+        if ".mid.attn_1." in ldm and ldm.endswith(".weight") and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]  # attention projections are 1x1 convolutions there
+        state[ldm] = tensor.contiguous()
+    return state
+
+
+def write_ldm_checkpoint(diffusers_folder: Path, target: Path, *, v_pred: bool = False, ztsnr: bool = False) -> Path:
+    """`v_pred` / `ztsnr`: the keys v-prediction and zero-terminal-SNR checkpoints carry (empty tensors, as
+    the ones A1111 and ComfyUI read)."""
     unet_config = json.loads((diffusers_folder / "unet" / "config.json").read_text())
-    vae_config = json.loads((diffusers_folder / "vae" / "config.json").read_text())
     per_block = unet_config["layers_per_block"]
     up_attention = {i for i, kind in enumerate(unet_config["up_block_types"]) if "CrossAttn" in kind}
     state: dict[str, torch.Tensor] = {}
     for key, tensor in load_file(diffusers_folder / "unet" / "diffusion_pytorch_model.safetensors").items():
         state[UNET_PREFIX + unet_key(key, per_block, up_attention)] = tensor
-    for key, tensor in load_file(diffusers_folder / "vae" / "diffusion_pytorch_model.safetensors").items():
-        ldm = vae_key(key, len(vae_config["up_block_types"]))
-        if ".mid.attn_1." in ldm and ldm.endswith(".weight") and tensor.ndim == 2:
-            tensor = tensor[:, :, None, None]  # attention projections are 1x1 convolutions there
-        state[VAE_PREFIX + ldm] = tensor.contiguous()
+    for key, tensor in ldm_vae_state(diffusers_folder / "vae").items():
+        state[VAE_PREFIX + key] = tensor
+    for key, wanted in (("v_pred", v_pred), ("ztsnr", ztsnr)):
+        if wanted:
+            state[key] = torch.tensor([])
     save_file(state, target)
     return target

@@ -15,6 +15,7 @@ import anyio.to_thread
 import httpx
 import numpy as np
 import pytest
+import torch
 import webuiapi
 from PIL import Image
 
@@ -222,6 +223,53 @@ async def test_basic_auth_options_per_caller_and_interrupt_only_ones_own(
         assert (await wait_for_state(rest, task_id))["state"] == "cancelled"
     idle = await call(alice.get_progress)
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0  # what SillyTavern polls for
+
+
+async def test_clip_skip_is_each_callers_own_an_override_is_one_requests_and_png_info_reads_it(
+    owners: tuple[RunningServer, dict[str, str]],
+) -> None:
+    server, tokens = owners
+    alice = await call(client, server, username="alice", password=tokens["alice"])
+    bob = await call(client, server, username="bob", password=tokens["bob"])
+    assert (await call(alice.get_options))["CLIP_stop_at_last_layers"] == 2  # SDXL's own conditioning
+    await call(alice.set_options, {"CLIP_stop_at_last_layers": 1})
+    assert (await call(alice.get_options))["CLIP_stop_at_last_layers"] == 1
+    assert (await call(bob.get_options))["CLIP_stop_at_last_layers"] == 2  # not everyone's
+    fixed: dict[str, Any] = {"prompt": "a knight", "seed": 5, **SMALL}
+    mine, theirs = await call(alice.txt2img, **fixed), await call(bob.txt2img, **fixed)
+    assert mine.info["clip_skip"] == 1 and "Clip skip: 1" in mine.info["infotexts"][0]
+    assert theirs.info["clip_skip"] == 2 and "Clip skip: 2" in theirs.info["infotexts"][0]
+    assert not np.array_equal(np.asarray(mine.image), np.asarray(theirs.image))
+    once = await call(bob.txt2img, override_settings={"CLIP_stop_at_last_layers": 1}, **fixed)
+    assert np.array_equal(np.asarray(once.image), np.asarray(mine.image))  # clip skip 1 for this request
+    assert (await call(bob.get_options))["CLIP_stop_at_last_layers"] == 2  # and only for it
+    read = await call(alice.png_info, mine.image)
+    assert read.parameters["Clip skip"] == "1" and read.info == mine.info["infotexts"][0]
+    refused = await call(alice.session.post, f"{alice.baseurl}/options", json={"CLIP_stop_at_last_layers": 13})
+    assert refused.status_code == 422 and refused.json()["error"]["field"] == "CLIP_stop_at_last_layers"
+
+
+async def test_embeddings_are_listed_and_named_in_prompts_and_bad_weights_are_refused(server: RunningServer) -> None:
+    from safetensors.torch import save_file
+
+    from engines.tiny_extras import build_tiny_embedding
+
+    folder = server.handle.config.embeddings_path  # read on every call: no restart needed
+    build_tiny_embedding(folder / "inkneg.safetensors", seed=1, vectors=2)
+    save_file({"emb_params": torch.zeros(1, 768)}, str(folder / "sd15-only.safetensors"))  # not for SDXL
+    api = await call(client, server)
+    listing = await call(api.get_embeddings)
+    assert listing["loaded"] == {
+        "inkneg": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 64, "vectors": 2}
+    }
+    assert set(listing["skipped"]) == {"sd15-only"}
+    fixed: dict[str, Any] = {"prompt": "(a knight:1.2), [castle] BREAK night", "seed": 5, **SMALL}
+    named = await call(api.txt2img, negative_prompt="blurry, inkneg", **fixed)
+    unknown = await call(api.txt2img, negative_prompt="blurry, nosuchemb", **fixed)  # plain text
+    assert not np.array_equal(np.asarray(named.image), np.asarray(unknown.image))
+    for field, body in (("prompt", {"prompt": "a (knight:6)"}), ("negative_prompt", {"negative_prompt": "(x:-1)"})):
+        refused = await server.client.post("/sdapi/v1/txt2img", json={"prompt": "a knight", **body, **SMALL})
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == field
 
 
 async def test_the_info_is_valid_json_and_images_decode(server: RunningServer) -> None:

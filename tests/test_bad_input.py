@@ -43,6 +43,9 @@ CASES: list[tuple[str, Any, int, str, str]] = [
     ("prompt too long", {"prompt": "x" * 2001}, 422, "prompt", "max_length"),
     ("negative prompt too long", {**OK, "negative_prompt": "x" * 2001}, 422, "negative_prompt", "max_length"),
     ("prompt not a string", {"prompt": 42}, 422, "prompt", "type"),
+    ("emphasis weight over 4", {"prompt": "a ((dwarf:3.8)) smith"}, 422, "prompt", "range"),
+    ("negative emphasis weight", {**OK, "negative_prompt": "(blurry:-1)"}, 422, "negative_prompt", "range"),
+    ("clip skip 13", {**OK, "clip_skip": 13}, 422, "clip_skip", "maximum"),
     ("unknown field", {**OK, "cfg": 7}, 422, "cfg", "unknown_field"),
     ("body is a list", [OK], 422, "body", "type"),
 ]

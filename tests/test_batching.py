@@ -55,6 +55,29 @@ async def test_a_batch_gives_each_job_the_images_it_gets_alone(tiny_model: Path,
     assert _max_difference(elf_at_5, together[2].images[0]) > 2 * PIXEL_TOLERANCE
 
 
+def test_a_batch_of_prompts_of_several_lengths_runs_a_part_per_length(tiny_model: Path) -> None:
+    """Rows of one UNet batch need prompts of as many 77-token chunks: a request-level batch runs a part per
+    length, each job getting its solo images (a long prompt, a weighted one, a plain one, another clip skip)."""
+    model = resolve_model(str(tiny_model), tiny_model.parent, 1)
+    engine = EagerEngine(model, "cpu")
+    long = "a knight in silver armour, " * 8 + "with a long sword and a shield"  # 200 tokens: 3 chunks
+
+    def job(prompt: str, seed: int, **fields: Any) -> Job:
+        return Job(model=model, prompt=prompt, negative_prompt="", width=64, height=64, seeds=[seed], steps=2,
+                   guidance_scale=5.0, scheduler="euler", **fields)  # fmt: skip
+
+    jobs = [job(long, 1), job("a (red:1.3) [hooded] wizard", 2), job("an elf", 3, clip_skip=1), job(long, 4)]
+    rows: list[int] = []
+    hook = engine.pipe.unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        together = engine.run_batch(jobs)
+    finally:
+        hook.remove()
+    assert rows == [4, 4, 4, 4]  # two parts of two jobs (guided: two rows each), two steps each
+    for one, result in zip(jobs, together, strict=True):
+        assert _max_difference(engine.run(one).images[0], result.images[0]) <= PIXEL_TOLERANCE
+
+
 def test_a_unet_that_embeds_its_guidance_gets_a_batch_per_scale(tiny_model: Path) -> None:
     """Guidance-distilled UNets (LCM) take one scale for the whole batch as an input, so rows cannot differ."""
     import torch

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 
+import msgspec
 import pytest
 from PIL import Image
 
@@ -46,6 +47,13 @@ def test_values_with_separators_are_quoted_and_read_back() -> None:
     text = infotext(SPEC, 1, "my, model: v2")
     assert 'Model: "my, model: v2"' in text
     assert parse_infotext(text)[2]["Model"] == "my, model: v2"
+
+
+def test_clip_skip_is_written_as_a1111_counts_it_and_read_back() -> None:
+    for clip_skip in (1, 2):
+        text = infotext(msgspec.structs.replace(SPEC, clip_skip=clip_skip), 43, "sd_xl_base_1.0")
+        assert f"Clip skip: {clip_skip}, " in text and parse_infotext(text)[2]["Clip skip"] == str(clip_skip)
+    assert "Clip skip" not in infotext(SPEC, 43, "sd_xl_base_1.0")  # recorded before it was: the model's default
 
 
 @pytest.mark.parametrize("fmt", ["png", "webp", "jpeg"])

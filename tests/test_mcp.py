@@ -130,9 +130,13 @@ async def test_styles_pose_and_model_through_mcp(server: RunningServer) -> None:
         "pose": "t-pose",
         "model": "tiny-sdxl",
         "postprocess": {"pixel_art": {"factor": 4, "palette": "nes"}, "sprite_sheet": {}},
+        "clip_skip": 1,
     }
     async with mcp_session(server, "streamable-http") as session:
         done = await session.call_tool("generate_character", arguments)
+        bad_skip = await session.call_tool("generate_character", {"prompt": "x", "clip_skip": 13})
+        hires = {"scale": 1.5, "steps": 2, "denoise": 0.5}
+        larger = await session.call_tool("generate_character", {"prompt": "a rogue", "size": "64x64", "hires": hires})
         bad_pose = await session.call_tool("generate_character", {"prompt": "x", "pose": "moonwalk"})
         bad_step = await session.call_tool("generate_character", {"prompt": "x", "postprocess": {"blur": 1}})
     assert not done.is_error
@@ -145,6 +149,10 @@ async def test_styles_pose_and_model_through_mcp(server: RunningServer) -> None:
     assert bad_pose.is_error and json.loads(bad_pose.content[0].text)["field"] == "control.pose"  # type: ignore[union-attr]
     assert json.loads(bad_step.content[0].text)["field"] == "postprocess.blur"  # type: ignore[union-attr]
     assert spec["postprocess"]["pixel_art"]["palette"] == "nes"
+    assert spec["clip_skip"] == 1
+    larger_spec = (await server.client.get(f"/v1/generations/{_text(larger)['id']}")).json()["request"]
+    assert larger_spec["hires"]["width"] == 96 and larger_spec["hires"]["steps"] == 2
+    assert json.loads(bad_skip.content[0].text)["field"] == "clip_skip"  # type: ignore[union-attr]
 
 
 async def test_cancelling_the_mcp_request_cancels_the_task(server: RunningServer) -> None:

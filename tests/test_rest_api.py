@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
+from engines.prompt_encoder import PromptEncoder
 from tests.conftest import RunningServer, server_config, start_server
 from tests.helpers import submit, wait_for_state
 
@@ -81,14 +82,14 @@ async def test_higher_priority_runs_first_and_queue_positions_are_reported(serve
 
 
 async def test_out_of_memory_fails_that_task_alone(server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_encode = StableDiffusionXLPipeline.encode_prompt
+    real_encode = PromptEncoder.encode
 
-    def encode_that_runs_out_of_memory(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if "enormous" in (kwargs.get("prompt") or ""):
+    def encode_that_runs_out_of_memory(self: Any, job: Any, guided: bool) -> Any:
+        if "enormous" in job.prompt:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real_encode(self, *args, **kwargs)
+        return real_encode(self, job, guided)
 
-    monkeypatch.setattr(StableDiffusionXLPipeline, "encode_prompt", encode_that_runs_out_of_memory)
+    monkeypatch.setattr(PromptEncoder, "encode", encode_that_runs_out_of_memory)
     before = await submit(server.client, steps=1)
     doomed = await submit(server.client, prompt="an enormous dragon", steps=1)
     after = await submit(server.client, steps=1)

@@ -15,7 +15,7 @@ import torch
 from engines.eager import EagerEngine
 from engines.models import tiny_info
 from engines.step_loop import StepLoop
-from forge.engine import GenerationResult, Job, JobCancelled, OutOfMemory
+from forge.engine import GenerationResult, Hires, Job, JobCancelled, OutOfMemory
 from tests.conftest import RunningServer, server_config, start_server
 from tests.helpers import submit, wait_for_state
 from tests.test_batching import _events
@@ -78,6 +78,47 @@ def test_mixed_steps_samplers_and_guidance_and_a_late_joiner_each_match_their_so
     # Room before each step: the joiner took one image's place and the three-step task gave one back; after
     # four steps the two-image task left too.
     assert boundaries[:5] == [3, 3, 3, 3, 5]
+
+
+def test_long_weighted_and_plain_prompts_and_clip_skips_share_a_step_batch_each_with_its_solo_image(
+    engine: EagerEngine,
+) -> None:
+    """Rows of one UNet call need prompts of as many 77-token chunks: the step runs one call per length, so a
+    200-token prompt, a weighted one, a plain one and another clip skip each get their solo image."""
+    long = "a knight in silver armour, " * 8 + "with a long sword and a shield"  # 200 tokens: 3 chunks
+    jobs = [
+        job(engine, 1, 3, "euler", 5.0, prompt=long, negative_prompt="blurry"),
+        job(engine, 2, 4, "euler_a", 6.0, prompt="a (red:1.3) [hooded] ((wizard))"),
+        job(engine, 3, 3, "euler", 5.0, seeds=[3, 4]),
+        job(engine, 5, 2, "dpmpp_2m", 4.0, prompt="a bard BREAK lute", clip_skip=1),  # 2 chunks
+        job(engine, 6, 3, "euler", 5.0, prompt=long[:-6] + "helmet", negative_prompt="lowres"),
+    ]
+    calls: list[tuple[int, int]] = []  # (rows, tokens) of each UNet call
+    unet = engine.pipe.unet
+    hook = unet.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["encoder_hidden_states"].shape[:2]), with_kwargs=True
+    )
+    try:
+        outcomes = run_loop(engine, jobs, max_images=8)
+    finally:
+        hook.remove()
+    for one in jobs:
+        assert difference(outcomes[id(one)], engine.run(one)) <= TOLERANCE, one.prompt
+    assert calls[0] == (4, 231) and (6, 77) in calls and (2, 154) in calls  # the two long prompts shared theirs
+
+
+def test_a_hires_second_pass_and_guidance_rescale_match_their_solo_images(engine: EagerEngine) -> None:
+    """The hires fix's second pass joins the loop at its own size once the first pass is done; its UNet calls are
+    its size's, and the plain task beside it goes on at the base size."""
+    hires = Hires(upscaler="latent", upscale_width=128, upscale_height=96, width=128, height=96, steps=2, denoise=0.5)
+    jobs = [
+        job(engine, 1, 3, "euler_a", 5.0, hires=hires, guidance_rescale=0.7, width=64, height=48),
+        job(engine, 2, 5, "dpmpp_2m", 6.0, guidance_rescale=0.3, width=64, height=48),
+    ]
+    outcomes = run_loop(engine, jobs, max_images=4)
+    assert outcomes[id(jobs[0])].images[0].size == (128, 96)
+    for one in jobs:
+        assert difference(outcomes[id(one)], engine.run(one)) <= TOLERANCE, one.scheduler
 
 
 def test_a_unet_that_embeds_its_guidance_gets_each_rows_scale_in_one_step_batch(tiny_model: Path) -> None:

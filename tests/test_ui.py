@@ -46,6 +46,12 @@ DEFAULTS: dict[str, Any] = {
     "pixel_factor": 8,
     "outline": False,
     "sprite_sheet": False,
+    "clip_skip": 0,
+    "vae": "Automatic",
+    "hires_scale": 1,
+    "hires_upscaler": "latent",
+    "hires_steps": 0,
+    "hires_denoise": 0.7,
     "batch": False,
     "character": "none",
     "init_image": None,
@@ -181,6 +187,23 @@ async def test_history_reuse_and_same_seed(server: RunningServer, client: Client
     assert spec["postprocess"]["pixel_art"] == {"factor": 4, "colors": None, "palette": "game-boy", "outline": False}
     assert list(settings[17:24]) == ["off", False, False, "game-boy", 4, False, True]
     assert await anyio.to_thread.run_sync(lambda: client.predict(task_id, api_name="/same_seed")) == ("", False, 5)
+
+
+async def test_clip_skip_and_the_hires_fix_come_from_the_advanced_panel(server: RunningServer, client: Client) -> None:
+    updates = await anyio.to_thread.run_sync(
+        lambda: run_generate(
+            client, random_seed=False, seed=3, clip_skip=1, hires_scale=2, hires_steps=2, hires_denoise=0.5
+        )
+    )
+    [file] = gallery_files(updates[-1])
+    with Image.open(file) as image:
+        assert image.size == (128, 128)
+        parameters = read_parameters(image) or ""
+    assert "Clip skip: 1" in parameters and "Hires upscale: 2" in parameters and "Hires steps: 2" in parameters
+    assert "Denoising strength: 0.5" in parameters and "Hires upscaler: Latent" in parameters
+    task_id = (await server.client.get("/v1/generations")).json()["items"][0]["id"]
+    settings = await anyio.to_thread.run_sync(lambda: client.predict(task_id, api_name="/reuse"))
+    assert list(settings[24:]) == [1, "None", 2, "latent", 2, 0.5]
 
 
 def _probes(server: RunningServer) -> Iterator[str]:
