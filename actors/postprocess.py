@@ -8,7 +8,7 @@ import logging
 import time
 from functools import partial
 from pathlib import Path
-from typing import assert_never
+from typing import Any, assert_never
 
 import anyio
 import anyio.from_thread
@@ -25,17 +25,20 @@ from actors.files import Files
 from actors.hub import Events
 from actors.lifecycle import fail_task
 from actors.store import TaskStore
-from engines.image_ops import hex_rgb
+from engines.animation_files import SHEET_IMAGE, animated, aseprite_json, godot_sprite_frames
+from engines.animation_poses import DIRECTIONS
+from engines.image_ops import hex_rgb, shared_palette
 from engines.postprocess import PostprocessTools, planned_steps
 from engines.sprite_sheet import pack
 from forge import __version__
+from forge.animation import directions
 from forge.content_filter import CONTENT_FILTERED
 from forge.engine import AssetError, CancelFlag, JobCancelled, ModelInfo
 from forge.events import AnyTaskEvent, Cancelled, Postprocessing, Succeeded
 from forge.infotext import infotext
 from forge.messages import Generated, PostprocessInbox
 from forge.model_files import ModelFiles
-from forge.requests import GenerationSpec, PostprocessRequest
+from forge.requests import AnimationRequest, GenerationSpec, PostprocessRequest
 from forge.tasks import TaskState
 
 log = logging.getLogger(__name__)
@@ -55,8 +58,17 @@ class SpriteSheetFiles(msgspec.Struct, frozen=True):
     atlas: str
 
 
-SPRITE_SHEET_IMAGE = "sprite-sheet.png"
+class AnimationFiles(msgspec.Struct, frozen=True):
+    directions: dict[str, str]  # direction -> its GIF or WebP
+    aseprite: str
+    godot: str
+
+
+SPRITE_SHEET_IMAGE = SHEET_IMAGE
 SPRITE_SHEET_ATLAS = "sprite-sheet.json"
+ANIMATION_PREFIX = "animation-"
+ASEPRITE_ATLAS = "animation.aseprite.json"
+GODOT_SPRITE_FRAMES = "animation.tres"
 
 
 class ResultMetadata(msgspec.Struct, frozen=True, kw_only=True):
@@ -72,6 +84,7 @@ class ResultMetadata(msgspec.Struct, frozen=True, kw_only=True):
     denoise_s: float
     created_at: float
     sprite_sheet: SpriteSheetFiles | None = None
+    animation: AnimationFiles | None = None
     finished_at: float
     version: str = __version__
 
@@ -117,7 +130,7 @@ def write_outputs(
                 file=name, seed=seed, width=image.width, height=image.height, parameters=parameters, postprocess=steps
             )
         )
-    sheet = None
+    sheet = animation = None
     if options.sprite_sheet is not None:
         # A sheet's frames are named by its views (front, back, happy, ...), others by their index.
         labels = [view.label for view in spec.views] or [str(index) for index in range(len(images))]
@@ -128,6 +141,8 @@ def write_outputs(
         sheet = SpriteSheetFiles(image=f"{folder}/{SPRITE_SHEET_IMAGE}", atlas=f"{folder}/{SPRITE_SHEET_ATLAS}")
         files.write(sheet.image, buffer.getvalue())
         files.write(sheet.atlas, json.dumps(document, indent=1).encode())
+        if spec.animation is not None:
+            animation = write_animation(files, folder, spec.animation, images, document)
     metadata = ResultMetadata(
         id=task_id,
         model=model.name,
@@ -140,16 +155,39 @@ def write_outputs(
         created_at=created_at,
         finished_at=time.time(),
         sprite_sheet=sheet,
+        animation=animation,
     )
     metadata_name = f"{folder}/metadata.json"
     files.write(metadata_name, msgspec.json.format(msgspec.json.encode(metadata)))
     return [entry.file for entry in entries], metadata_name
 
 
+def write_animation(
+    files: Files, folder: str, animation: AnimationRequest, images: list[Image], document: dict[str, Any]
+) -> AnimationFiles:
+    """An animation per direction and the sheet's two engine atlases, beside the sprite sheet."""
+    rows, frames = directions(animation), animation.frame_count
+    prefix = animation.action if isinstance(animation.action, str) else "cycle"
+    written = {}
+    for row, direction in enumerate(rows):
+        name = f"{folder}/{ANIMATION_PREFIX}{direction}.{animation.format}"
+        files.write(name, animated(images[row * frames : (row + 1) * frames], animation.frame_ms, animation.format))
+        written[direction] = name
+    aseprite = aseprite_json(document, rows, frames, animation.frame_ms, prefix)
+    result = AnimationFiles(
+        directions=written, aseprite=f"{folder}/{ASEPRITE_ATLAS}", godot=f"{folder}/{GODOT_SPRITE_FRAMES}"
+    )
+    files.write(result.aseprite, json.dumps(aseprite, indent=1).encode())
+    files.write(result.godot, godot_sprite_frames(document, rows, frames, animation.frame_ms, prefix).encode())
+    return result
+
+
 def written_files(images: list[str], metadata: str) -> list[str]:
     """Every file `write_outputs` may have written for these names."""
     folder = metadata.rsplit("/", 1)[0]
-    return [*images, metadata, f"{folder}/{SPRITE_SHEET_IMAGE}", f"{folder}/{SPRITE_SHEET_ATLAS}"]
+    animations = [f"{folder}/{ANIMATION_PREFIX}{d}.{ext}" for d in DIRECTIONS[8] for ext in ("gif", "webp")]
+    extras = [SPRITE_SHEET_IMAGE, SPRITE_SHEET_ATLAS, ASEPRITE_ATLAS, GODOT_SPRITE_FRAMES]
+    return [*images, metadata, *(f"{folder}/{name}" for name in extras), *animations]
 
 
 class Postprocessor:
@@ -200,31 +238,44 @@ class Postprocessor:
                         assert_never(msg)
 
     def _process(
-        self, task_id: str, images: list[Image], options: PostprocessRequest, cancel: CancelFlag
+        self, task_id: str, images: list[Image], options: PostprocessRequest, cancel: CancelFlag, frames: bool
     ) -> tuple[list[Image], list[list[str]]]:
         """On the post-processing thread: every step on every image, announcing each as it starts, and
-        stopping within the step it is in once the task is cancelled."""
+        stopping within the step it is in once the task is cancelled. `frames`: the images are an animation's,
+        so pixel art without a named palette maps every frame to one palette chosen from all of them."""
         upscaler = self._model_file(self._upscalers, "upscaler", options.upscaler) if options.upscale else None
         background = None
         if options.remove_background:
             background = self._model_file(self._background_models, "background model", options.background_model)
         total = len(planned_steps(options))
-        results: list[Image] = []
-        applied: list[list[str]] = []
-        for index, image in enumerate(images):
-            step = 0
+        steps = [0] * len(images)
 
-            def announce(stage: str, index: int = index) -> None:
-                cancel.raise_if_set()
-                nonlocal step
-                step += 1
-                event = Postprocessing(task_id=task_id, stage=stage, image=index, step=step, total=total)
-                anyio.from_thread.run_sync(self._hub.publish, event, token=self._thread.token)
+        def announce(index: int, stage: str) -> None:
+            cancel.raise_if_set()
+            steps[index] += 1
+            event = Postprocessing(task_id=task_id, stage=stage, image=index, step=steps[index], total=total)
+            anyio.from_thread.run_sync(self._hub.publish, event, token=self._thread.token)
 
-            result, lines = self._tools.apply(image, options, upscaler, background, announce, cancel)
-            results.append(result)
-            applied.append(lines)
-        return results, applied
+        art = options.pixel_art
+        if not (frames and art is not None and art.palette is None and len(images) > 1):
+            done = [
+                self._tools.apply(image, options, upscaler, background, partial(announce, index), cancel)
+                for index, image in enumerate(images)
+            ]
+            return [image for image, _ in done], [lines for _, lines in done]
+        # Everything before the pixel art on every frame, then one palette from all of them, then the rest.
+        before = msgspec.structs.replace(options, pixel_art=None, resize=None)
+        after = PostprocessRequest(pixel_art=art, resize=options.resize, matte=options.matte)
+        first = [
+            self._tools.apply(image, before, upscaler, background, partial(announce, index), cancel)
+            for index, image in enumerate(images)
+        ]
+        palette = shared_palette([image for image, _ in first], art.factor, art.colors)
+        second = [
+            self._tools.apply(image, after, None, None, partial(announce, index), cancel, palette)
+            for index, (image, _) in enumerate(first)
+        ]
+        return [image for image, _ in second], [a + b for (_, a), (_, b) in zip(first, second, strict=True)]
 
     def _watch_cancel(self, task_id: str) -> CancelFlag:
         """A flag the `cancelled` event of this task sets while its steps run."""
@@ -277,7 +328,12 @@ class Postprocessor:
             options = task.spec.postprocess
             if options is not None and planned_steps(options):
                 processed, applied = await self._thread.run_sync(
-                    self._process, task.id, msg.images, options, self._watch_cancel(task.id)
+                    self._process,
+                    task.id,
+                    msg.images,
+                    options,
+                    self._watch_cancel(task.id),
+                    task.spec.animation is not None,
                 )
             write = partial(
                 write_outputs,

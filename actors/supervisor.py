@@ -169,6 +169,7 @@ def backend_limits(config: Config) -> BackendLimits:
             loras=False,
             control=False,
             references=False,
+            tiling=False,
             min_side=config.tensorrt_min_side,
             max_side=config.tensorrt_max_side,
         )

@@ -22,7 +22,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -321,17 +321,24 @@ class CompiledEngine(EagerEngine):
         """The compiled UNet, except for a job with reference images or LoRAs the slots cannot take: a UNet with
         an IP-Adapter attached or LoRA adapters of its own runs uncompiled, since dynamo would recompile it for
         every LoRA set, adapter weight and reference count, each time holding the device for as long as a cold
-        compile."""
+        compile. Seamless tiles run the UNet and the VAE uncompiled too (eagerly, as the eager engine runs them):
+        their convolutions pad circularly for the job only (engines.tiling), which compiled code would have to be
+        compiled again for, and again back."""
         slotted = self.slots is not None and self.slots.takes(job.loras) is None
-        if job.references is None and (not job.loras or slotted):
+        adapted = job.references is not None or (bool(job.loras) and not slotted)
+        tiled = job.tiling != "none"
+        if not adapted and not tiled:
             yield
             return
-        if self._fused:
+        if adapted and self._fused:
             # peft adapts to_q/to_k/to_v, which the fused projection bypasses: unfuse once, for good
             # (the compiled UNet recompiles once for that, at the next job without LoRAs).
             self.pipe.unfuse_qkv_projections()
             self._fused = False
-        with uncompiled(self.pipe.unet, self.padding, self.graphs):
+        with (
+            uncompiled(self.pipe.unet, self.padding, self.graphs),
+            uncompiled(self.pipe.vae) if tiled else nullcontext(),
+        ):
             yield
 
     def compile_statistics(self) -> dict[str, Any]:

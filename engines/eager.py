@@ -24,6 +24,7 @@ from engines.references import ReferenceAdapters
 from engines.row_guidance import RowGuidedSDXLPipeline, RowScales, guides_only_by_cfg
 from engines.schedulers import make_scheduler
 from engines.step_loop import OnDone, StepLoop
+from engines.tiling import tiled
 from engines.weights import damaged_file
 from forge.engine import (
     AssetError,
@@ -246,31 +247,34 @@ class EagerEngine:
             return {}
 
         # 6. Each job's own prompts, encoded apart and stacked (row r of the batch is one image of one job),
-        # then denoise and decode.
+        # then denoise and decode; seamless tiles wrap the convolutions of this pipeline's modules (UNet, VAE,
+        # ControlNets) around for the job only (the batch shares its tiling).
         started = time.perf_counter()
         try:
             embeddings = self._encode_prompts(pipe, jobs)
             size = {"width": first.width, "height": first.height} if takes_size(pipe) else {}
-            with self._references_for(first, guided=embeddings["negative_prompt_embeds"] is not None) as reference:
-                output = pipe(
-                    **embeddings,
-                    **size,
-                    num_inference_steps=first.steps,
-                    guidance_scale=first.guidance_scale,
-                    num_images_per_prompt=1,
-                    generator=generators,
-                    callback_on_step_end=on_step_end,
-                    callback_on_step_end_tensor_inputs=["latents"],
-                    output_type="pil" if hires is None else "latent",
-                    **control_args,
-                    **reference,
-                    **_rescale_args(pipe, first),
-                )
-            if hires is not None:
-                steps_before[0] = first.steps
-                images = self._hires_pass(pipe, components, jobs, output.images, embeddings, on_step_end)
-            else:
-                images = list(output.images)
+            with tiled(pipe.components.values(), first.tiling):
+                unconditional = embeddings["negative_prompt_embeds"] is not None
+                with self._references_for(first, guided=unconditional) as reference:
+                    output = pipe(
+                        **embeddings,
+                        **size,
+                        num_inference_steps=first.steps,
+                        guidance_scale=first.guidance_scale,
+                        num_images_per_prompt=1,
+                        generator=generators,
+                        callback_on_step_end=on_step_end,
+                        callback_on_step_end_tensor_inputs=["latents"],
+                        output_type="pil" if hires is None else "latent",
+                        **control_args,
+                        **reference,
+                        **_rescale_args(pipe, first),
+                    )
+                if hires is not None:
+                    steps_before[0] = first.steps
+                    images = self._hires_pass(pipe, components, jobs, output.images, embeddings, on_step_end)
+                else:
+                    images = list(output.images)
         except torch.OutOfMemoryError as exc:
             release_memory(self.device)
             raise OutOfMemory(str(exc)) from exc

@@ -25,14 +25,22 @@ def trim(image: Image.Image, padding: int) -> Image.Image:
     return image.crop(box)  # PIL fills outside the image with transparent black
 
 
-def resize(image: Image.Image, width: int, height: int, mode: str, matte: tuple[int, int, int]) -> Image.Image:
+def resize(
+    image: Image.Image,
+    width: int,
+    height: int,
+    mode: str,
+    matte: tuple[int, int, int],
+    resample: Image.Resampling = Image.Resampling.LANCZOS,
+) -> Image.Image:
     """fit: inside the box, aspect kept; fill: cover the box, centre-cropped; pad: fit, then centred on a
-    canvas of exactly the size (transparent, or `matte` for opaque images); stretch: exactly the size."""
+    canvas of exactly the size (transparent, or `matte` for opaque images); stretch: exactly the size.
+    `resample`: NEAREST keeps pixel art's colours."""
     if mode == "stretch":
-        return image.resize((width, height), Image.Resampling.LANCZOS)
+        return image.resize((width, height), resample)
     scale = (max if mode == "fill" else min)(width / image.width, height / image.height)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    scaled = image.resize(size, Image.Resampling.LANCZOS)
+    scaled = image.resize(size, resample)
     if mode == "fit":
         return scaled
     if mode == "fill":
@@ -68,14 +76,35 @@ def _palette_for(small: Image.Image, colors: int | None, palette: str | None) ->
     return np.array([flat[3 * int(i) : 3 * int(i) + 3] for i in used], dtype=np.uint8)
 
 
-def pixel_art(image: Image.Image, factor: int, colors: int | None, palette: str | None, outline: bool) -> Image.Image:
-    """Downscale to the art grid (area average), map every pixel to the palette, outline, scale back up
-    with nearest neighbour. Every visible output pixel is a palette colour."""
-    grid = (max(1, image.width // factor), max(1, image.height // factor))
-    small = image.resize(grid, Image.Resampling.BOX)
+def _art_grid(image: Image.Image, factor: int) -> Image.Image:
+    return image.resize((max(1, image.width // factor), max(1, image.height // factor)), Image.Resampling.BOX)
+
+
+def shared_palette(images: list[Image.Image], factor: int, colors: int | None) -> np.ndarray:
+    """One palette for several images (an animation's frames), chosen from all of them at the art grid, so
+    that every frame maps its colours to the same ones and the animation does not flicker."""
+    grids = [np.asarray(_art_grid(image, factor).convert("RGB")).reshape(-1, 3) for image in images]
+    stacked = np.concatenate(grids)[:, None, :]
+    return _palette_for(Image.fromarray(stacked, "RGB"), colors, None)
+
+
+def pixel_art(
+    image: Image.Image,
+    factor: int,
+    colors: int | None,
+    palette: str | None,
+    outline: bool,
+    colours: np.ndarray | None = None,
+) -> Image.Image:
+    """Downscale to the art grid (area average), map every pixel to the palette (`colours`, when given, in
+    place of the named palette or the image's own), outline, scale back up with nearest neighbour. Every
+    visible output pixel is a palette colour."""
+    small = _art_grid(image, factor)
+    grid = small.size
     has_alpha = small.mode == "RGBA"
     rgb = np.asarray(small.convert("RGB")).reshape(-1, 3)
-    colours = _palette_for(small, colors, palette)
+    if colours is None:
+        colours = _palette_for(small, colors, palette)
     mapped = colours[_nearest(rgb, colours)].reshape(grid[1], grid[0], 3)
     if has_alpha:
         visible = np.asarray(small.getchannel("A")) >= ALPHA_VISIBLE

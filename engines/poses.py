@@ -144,11 +144,25 @@ def _draw(canvas: np.ndarray, skeleton: Skeleton, centre_x: float, top: float, h
             cv2.circle(canvas, (round(x), round(y)), joint, tuple(float(c) for c in color), thickness=-1)
 
 
+def is_pose(name: str) -> bool:
+    """A built-in template, or an animation cycle's frame (engines.animation_poses)."""
+    from engines.animation_poses import parse_frame_name
+
+    return name in POSE_NAMES or parse_frame_name(name) is not None
+
+
 def render_pose(name: str, width: int, height: int) -> Image.Image:
-    """Draw a template (or the turnaround row) as an RGB control image of the given size."""
+    """Draw a template (or the turnaround row, or an animation frame) as an RGB control image of the size."""
+    from engines.animation_poses import frame_skeleton, parse_frame_name
+
+    canvas = np.zeros((height, width, 3), dtype=np.uint8)
+    if (frame := parse_frame_name(name)) is not None:
+        # Every frame of every cycle at one scale and ground line, with room above for a jump's raised arms.
+        figure = min(0.72 * height, width / 0.9)
+        _draw(canvas, frame_skeleton(*frame), width / 2, height - 1.06 * figure, figure)
+        return Image.fromarray(canvas)
     if name not in POSE_NAMES:
         raise KeyError(name)
-    canvas = np.zeros((height, width, 3), dtype=np.uint8)
     names: Sequence[str] = TURNAROUND if name == "turnaround" else (name,)
     column = width / len(names)
     figure = min(0.86 * height, column / 0.8)  # the widest template spans about 0.8 figure heights

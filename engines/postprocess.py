@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from engines.background import BackgroundError, BackgroundRemover
@@ -110,6 +111,7 @@ class PostprocessTools:
         background: Path | None,
         on_step: StepFn,
         cancel: CancelFlag,
+        palette: np.ndarray | None = None,
     ) -> tuple[Image.Image, list[str]]:
         """The processed image and a line per applied step, for the metadata. Setting `cancel` ends the work
         with JobCancelled inside the long steps too: at the next upscaling tile, or by interrupting the
@@ -134,13 +136,16 @@ class PostprocessTools:
         if request.pixel_art:
             on_step("pixel_art")
             art = request.pixel_art
-            image = pixel_art(image, art.factor, art.colors, art.palette, art.outline)
+            image = pixel_art(image, art.factor, art.colors, art.palette, art.outline, palette)
             colours = f"palette {art.palette}" if art.palette else f"{art.colors or 16} colours"
+            colours += ", shared by every frame" if palette is not None and not art.palette else ""
             applied.append(f"pixel_art (factor {art.factor}, {colours}{', outline' if art.outline else ''})")
         # 5. Final size.
         if request.resize:
             on_step("resize")
             size = request.resize
-            image = resize(image, size.width, size.height, size.mode, hex_rgb(request.matte))
+            # Pixel art keeps its palette: nearest neighbour, never a filter that blends new colours in.
+            resample = Image.Resampling.NEAREST if request.pixel_art else Image.Resampling.LANCZOS
+            image = resize(image, size.width, size.height, size.mode, hex_rgb(request.matte), resample)
             applied.append(f"resize {size.width}x{size.height} {size.mode}")
         return image, applied

@@ -28,6 +28,7 @@ from engines.preview import latent_preview
 from engines.prompt_encoder import PromptEncoder
 from engines.row_guidance import guides_only_by_cfg
 from engines.schedulers import make_scheduler
+from engines.tiling import tiled
 from forge.engine import GenerationResult, Hires, Job, JobCancelled, OutOfMemory, Vae
 
 Outcome = GenerationResult | BaseException
@@ -155,9 +156,10 @@ class StepLoop:
         generators of the job's seeds (as A1111 seeds its hires pass)."""
         job, hires = task.job, task.job.hires
         assert hires is not None
-        larger = upscaled_latents(
-            task.pipe, task.latents, hires, self._upscaler(hires) if self._upscaler is not None else None
-        )
+        with tiled([task.pipe.vae], job.tiling):  # a decode and encode for an image upscaler
+            larger = upscaled_latents(
+                task.pipe, task.latents, hires, self._upscaler(hires) if self._upscaler is not None else None
+            )
         asked, runs = second_pass_schedule(hires.steps, hires.denoise)
         if runs < 1:
             task.latents = larger
@@ -247,14 +249,14 @@ class StepLoop:
     # -- one step --
 
     def _step(self, tasks: list[_Task], on_done: OnDone) -> None:
-        """One UNet call over `tasks` (one for each latent size and prompt length among them: a hires fix's second
-        pass shares its calls with tasks of its own size, a long prompt's with prompts of as many chunks); on
-        running out of memory, half the tasks at a time, down to one task, which alone fails (the step is
-        repeated, never half-applied)."""
-        sizes: dict[tuple[int, ...], list[_Task]] = {}
+        """One UNet call over `tasks` (one for each latent size, prompt length and tiling among them: a hires fix's
+        second pass shares its calls with tasks of its own size, a long prompt's with prompts of as many chunks,
+        and seamless tiles pad the whole call circularly); on running out of memory, half the tasks at a time,
+        down to one task, which alone fails (the step is repeated, never half-applied)."""
+        sizes: dict[tuple[object, ...], list[_Task]] = {}
         for task in tasks:
-            shape = (*task.latents.shape[2:], task.prompt_embeds.shape[1])
-            sizes.setdefault(tuple(int(side) for side in shape), []).append(task)
+            shape = (*(int(side) for side in task.latents.shape[2:]), int(task.prompt_embeds.shape[1]))
+            sizes.setdefault((*shape, task.job.tiling), []).append(task)
         if len(sizes) > 1:
             for group in sizes.values():
                 self._step(group, on_done)
@@ -284,7 +286,8 @@ class StepLoop:
 
         embeds = [task.guidance_embeds for task in tasks if task.guidance_embeds is not None]
         unet = self.pipe.unet
-        with torch.no_grad():  # as the pipeline calls it: a compiled UNet then meets one kind of tensor
+        # as the pipeline calls it (no_grad): a compiled UNet then meets one kind of tensor; _step gave one tiling
+        with tiled([unet], tasks[0].job.tiling), torch.no_grad():
             output = unet(
                 torch.cat(inputs),
                 torch.cat(timesteps),
@@ -324,7 +327,7 @@ class StepLoop:
         pipe, vae = task.pipe, task.pipe.vae
         upcast = vae.dtype == torch.float16 and vae.config.force_upcast
         try:
-            with torch.inference_mode():
+            with tiled([vae], task.job.tiling), torch.inference_mode():
                 if upcast:
                     vae.to(dtype=torch.float32)
                 latents = task.latents.to(vae.dtype)

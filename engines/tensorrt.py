@@ -5,9 +5,9 @@ optimisation profile covering the configured range, and cached under the data di
 of the weights' digest, the shape range, the GPU and the TensorRT version, so a restart deserialises
 instead of building. Execution binds torch tensors' device pointers: no copies through the host.
 
-Weights are baked into an engine, so requests with LoRAs or ControlNet (which feeds the UNet extra inputs)
-are refused when they arrive (forge/resolve.py); the checks here only back that up. The eager and
-compiled backends take them.
+Weights are baked into an engine, so requests with LoRAs, ControlNet (which feeds the UNet extra inputs) or
+seamless tiling (circular padding in the convolutions) are refused when they arrive (forge/resolve.py); the
+checks here only back that up. The eager and compiled backends take them.
 """
 
 from __future__ import annotations
@@ -216,6 +216,9 @@ class TensorRTEngine(EagerEngine):
                              "the eager or compiled backend")  # fmt: skip
         if jobs[0].controls:
             raise AssetError("control_unsupported", "ControlNet needs the eager or compiled backend")
+        if jobs[0].tiling != "none":
+            raise AssetError("tiling_unsupported", "the tensorrt backend bakes its convolutions' padding into its "
+                             "engines; seamless tiles need the eager or compiled backend")  # fmt: skip
         shapes, job = self.options.shapes, jobs[0]
         if not all(shapes.min_side <= side <= shapes.max_side for side in (job.width, job.height)):
             raise AssetError("size_unsupported", f"this server's TensorRT engines take {shapes.min_side} to "

@@ -1,6 +1,6 @@
 """AUTOMATIC1111's `/sdapi/v1` requests, and what they mean here: ordinary generation requests.
 
-Clients send many fields A1111 has and we do not (face restoration, tiling, subseeds, ...): unknown fields
+Clients send many fields A1111 has and we do not (face restoration, subseeds, ...): unknown fields
 are ignored, as A1111 ignores them. What a field asks for that we cannot do is refused by name, never
 silently replaced by a default (an unknown sampler is a 422 naming `sampler_name`).
 """
@@ -46,6 +46,7 @@ class A1111Request(msgspec.Struct, kw_only=True):
     hr_second_pass_steps: Annotated[int, Meta(ge=0, le=150)] = 0
     hr_resize_x: Annotated[int, Meta(ge=0, le=4096)] = 0
     hr_resize_y: Annotated[int, Meta(ge=0, le=4096)] = 0
+    tiling: bool | None = None  # seamless tiles on both axes (our `tiling: both`)
     override_settings: dict[str, Any] | None = None
     alwayson_scripts: dict[str, Any] | None = None
     # img2img

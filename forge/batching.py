@@ -13,10 +13,12 @@ BatchKey = tuple[object, ...]
 # scheduler's key on request specs and the engine's check on jobs (both have these fields). Guidance scales
 # may differ, since classifier-free guidance is element-wise, but each row either has guidance (scale > 1)
 # or has none: that decides whether the batch runs the unconditional half at all.
-SHARED_SETTINGS = ("width", "height", "steps", "scheduler", "guidance_rescale", "vae")
+# Seamless tiling pads the UNet's convolutions circularly for the whole call, so tiled and untiled rows (and
+# rows tiled on other axes) never share one.
+SHARED_SETTINGS = ("width", "height", "steps", "scheduler", "guidance_rescale", "vae", "tiling")
 # Step-level batching shares only the UNet call: each task keeps its own steps, sampler, guidance rescale and VAE
 # (each task decodes with its own).
-STEP_SHARED_SETTINGS = ("width", "height")
+STEP_SHARED_SETTINGS = ("width", "height", "tiling")
 
 
 def shared_settings(spec_or_job: Any, step_level: bool = False) -> BatchKey:

@@ -11,6 +11,7 @@ from msgspec import Meta
 from forge.errors import InvalidRequest
 from forge.requests import (
     MAX_VIEWS,
+    AnimationRequest,
     GenerationRequest,
     ImageInput,
     LoraRequest,
@@ -140,4 +141,38 @@ def sheet_generation(character_id: str, sheet: CharacterSheetRequest) -> Generat
         steps=sheet.steps,
         seed=sheet.seed,
         postprocess=PostprocessRequest(sprite_sheet=SpriteSheetRequest(columns=sheet.columns or len(views) or 1)),
+    )
+
+
+class CharacterAnimationRequest(AnimationRequest, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An animation cycle of the character (its description and references in every frame), as one task."""
+
+    prompt: Annotated[str, Meta(max_length=2000, description="added to every frame")] = "full body"
+    negative_prompt: Annotated[str, Meta(max_length=2000)] = ""
+    style: Name | Annotated[list[Name], Meta(max_length=8)] | None = None
+    model: ModelId | None = None
+    width: Annotated[int, Meta(ge=8, le=4096, multiple_of=8)] | None = None
+    height: Annotated[int, Meta(ge=8, le=4096, multiple_of=8)] | None = None
+    steps: Annotated[int, Meta(ge=1, le=150)] | None = None
+    seed: Annotated[int, Meta(ge=0, le=2**32 - 1)] | None = None
+    postprocess: (
+        Annotated[PostprocessRequest, Meta(description="run on every frame (pixel art: one palette)")] | None
+    ) = None
+
+
+def animation_generation(character_id: str, request: CharacterAnimationRequest) -> GenerationRequest:
+    """The generation an animation of the character is."""
+    animation = AnimationRequest(**{name: getattr(request, name) for name in AnimationRequest.__struct_fields__})
+    return GenerationRequest(
+        prompt=request.prompt or "full body",
+        negative_prompt=request.negative_prompt,
+        character=character_id,
+        animation=animation,
+        style=request.style,
+        model=request.model,
+        width=request.width,
+        height=request.height,
+        steps=request.steps,
+        seed=request.seed,
+        postprocess=request.postprocess,
     )

@@ -116,6 +116,8 @@ class Job:
     guidance_rescale: float = 0.0
     vae: Vae | None = None  # a configured VAE in place of the model's own
     hires: Hires | None = None  # a second, img2img pass at a larger size
+    # Seamless tiles: none, x, y or both; the UNet's and VAE's convolutions wrap around on those axes.
+    tiling: str = "none"
     # A sheet: these jobs run one after another, each giving one image (this job's own fields are unused).
     views: list[Job] = field(default_factory=list)
 
@@ -219,6 +221,7 @@ def job_for(
         guidance_rescale=spec.guidance_rescale,
         vae=vae,
         hires=hires,
+        tiling=spec.tiling,
     )
 
 

@@ -72,6 +72,8 @@ def infotext(
         # the number read back is the one the image was made with.
         "Clip skip": spec.clip_skip,
         **_hires(spec),
+        # A1111 writes "Tiling: True" (both axes, its only kind); one axis is written as its name.
+        "Tiling": {"none": None, "both": "True"}.get(spec.tiling, spec.tiling),
         "Postprocess": "; ".join(postprocess or []) or None,
         "Version": f"chara-forge {__version__}",
     }

@@ -9,6 +9,7 @@ from msgspec import Meta
 
 SchedulerName = Literal["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "ddim"]
 OutputFormat = Literal["png", "webp", "jpeg"]
+Tiling = Literal["none", "x", "y", "both"]
 
 MAX_SEED = 2**32 - 1
 # Hard ceilings; the configured and per-model bounds are checked by ingress.
@@ -177,6 +178,40 @@ class HiresSpec(msgspec.Struct, frozen=True, kw_only=True):
     asked_steps: int = 0  # 0: the first pass's (the infotext writes Hires steps only when asked)
 
 
+AnimationAction = Literal["idle", "walk", "run", "attack", "jump"]
+MIN_FRAMES, MAX_FRAMES = 4, 12
+
+
+class AnimationRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An animation cycle as one task: a frame per pose, in 1, 4 or 8 directions, every frame from one seed;
+    the result adds a sprite sheet (a row per direction), an animation per direction and two atlases."""
+
+    action: (
+        Annotated[AnimationAction, Meta(description="a built-in cycle, posed from one 3D skeleton per direction")]
+        | Annotated[
+            list[Name],
+            Meta(
+                min_length=MIN_FRAMES,
+                max_length=MAX_FRAMES,
+                description="pose templates from GET /v1/poses, one per frame (one direction)",
+            ),
+        ]
+    ) = "walk"
+    directions: Annotated[Literal[1, 4, 8], Meta(description="1: S; 4: S, W, N, E; 8: also SW, NW, NE, SE")] = 4
+    frames: (
+        Annotated[int, Meta(ge=MIN_FRAMES, le=MAX_FRAMES, description="frames per cycle (6 when absent)")] | None
+    ) = None
+    frame_size: (
+        Annotated[int, Meta(ge=16, le=512, description="each frame scaled into a square cell of this size")] | None
+    ) = None
+    frame_ms: Annotated[int, Meta(ge=20, le=2000, description="how long each frame shows")] = 100
+    format: Annotated[Literal["gif", "webp"], Meta(description="the animation file of each direction")] = "gif"
+
+    @property
+    def frame_count(self) -> int:
+        return len(self.action) if isinstance(self.action, list) else self.frames or 6
+
+
 class GenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A request to generate character images. Omitted fields take the model's defaults."""
 
@@ -225,6 +260,10 @@ class GenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
         | None
     ) = None
     hires: Annotated[HiresRequest, Meta(description="the hires fix: a second pass at a larger size")] | None = None
+    tiling: Annotated[
+        Tiling,
+        Meta(description="seamless tiles: the image wraps around left to right (x), top to bottom (y) or both"),
+    ] = "none"
     output_format: OutputFormat = "png"
     priority: Annotated[int, Meta(ge=-10, le=10, description="higher runs first")] = 0
     init_image: (
@@ -253,6 +292,9 @@ class GenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
         list[ViewRequest],
         Meta(max_length=MAX_VIEWS, description="a sheet: one image per view, all from one seed (num_images is 1)"),
     ] = []
+    animation: Annotated[AnimationRequest, Meta(description="an animation cycle: its frames are the images")] | None = (
+        None
+    )
     character: (
         Annotated[
             str,
@@ -306,11 +348,13 @@ class GenerationSpec(msgspec.Struct, frozen=True, kw_only=True):
     references: list[ReferenceRequest] = []  # images as upload ids
     ip_adapter: str | None = None  # set whenever there are references
     views: list[ViewRequest] = []  # a sheet: num_images is their number, and every image has the seed
+    animation: AnimationRequest | None = None  # its frames are the views, direction by direction
     # Clip skip (see GenerationRequest); None: recorded before it was, which is the model's default.
     clip_skip: int | None = None
     guidance_rescale: float = 0.0
     vae: str | None = None  # a configured VAE's name; None: the model's own
     hires: HiresSpec | None = None  # the images come out at hires.width x hires.height
+    tiling: Tiling = "none"  # the axes the images wrap around on (seamless tiles)
 
     @property
     def seeds(self) -> list[int]:

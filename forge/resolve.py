@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import msgspec
 
-from engines.poses import POSE_NAMES
+from engines.poses import POSE_NAMES, is_pose
+from forge.animation import with_animation
 from forge.content_filter import PromptFilter
 from forge.embeddings import EmbeddingCatalog
 from forge.engine import ModelInfo
@@ -62,6 +63,7 @@ class BackendLimits:
     loras: bool = True
     control: bool = True
     references: bool = True
+    tiling: bool = True  # circular padding in the UNet's and VAE's convolutions
     min_side: int = 0
     max_side: int = 1 << 30
 
@@ -141,7 +143,7 @@ def check_control(control: ControlRequest, model: ModelInfo, field: str) -> None
             raise InvalidRequest("pose templates are for openpose control", field=f"{field}.pose", rule="invalid")
         if control.image is not None:
             raise InvalidRequest("give either image or pose, not both", field=f"{field}.pose", rule="exclusive")
-        if control.pose not in POSE_NAMES:
+        if not is_pose(control.pose):
             raise InvalidRequest(
                 f"unknown pose {control.pose!r}; known poses: {', '.join(POSE_NAMES)}",
                 field=f"{field}.pose",
@@ -204,6 +206,13 @@ def _check_backend_support(
         raise InvalidRequest(
             f"this server's {limits.backend} backend cannot take ControlNet control",
             field=controls[0][0],
+            rule="unsupported",
+        )
+    if request.tiling != "none" and not limits.tiling:
+        raise InvalidRequest(
+            f"this server's {limits.backend} backend bakes its convolutions' padding into its engines and cannot "
+            "make seamless tiles",
+            field="tiling",
             rule="unsupported",
         )
 
@@ -443,6 +452,7 @@ def resolve_request(
 ) -> GenerationSpec:
     """Apply styles and defaults; check every name against what is installed. Raises InvalidRequest.
     `init_size`: the init image's size, which width and height follow when the request omits them."""
+    request = with_animation(request)
     if not request.prompt.strip():
         raise InvalidRequest("prompt must not be blank", field="prompt", rule="min_length")
     limit = resources.max_prompt_chars
@@ -494,11 +504,13 @@ def resolve_request(
     elif styled.postprocess is not None:
         postprocess = check_postprocess(styled.postprocess, resources, out_width, out_height, "style")
     images, images_field = (len(request.views), "views") if request.views else (request.num_images, "num_images")
+    if request.animation is not None:
+        images_field = "animation.frames"
     work = width * height * images * steps + (hires.width * hires.height * images * hires.steps if hires else 0)
     if resources.max_work and work > resources.max_work:
         raise InvalidRequest(
             f"{width}x{height} x {images} images x {steps} steps is over this server's budget of "
-            f"{resources.max_work} pixel-steps per request; ask for fewer {'views' if request.views else 'images'}, "
+            f"{resources.max_work} pixel-steps per request; ask for fewer {images_field.rsplit('.', 1)[-1]}, "
             "steps or pixels",
             field=images_field,
             rule="budget",
@@ -535,8 +547,10 @@ def resolve_request(
         references=references,
         ip_adapter=ip_adapter,
         views=request.views,
+        animation=request.animation,
         clip_skip=model.clip_skip if request.clip_skip is None else request.clip_skip,
         guidance_rescale=model.guidance_rescale if request.guidance_rescale is None else request.guidance_rescale,
         vae=check_vae(request.vae, model),
         hires=hires,
+        tiling=request.tiling,
     )

@@ -213,6 +213,8 @@ class A1111Routes:
             "clip_skip": await self._clip_skip(given, principal),
         }
         fields |= {name: value for name, value in optional.items() if value is not None}
+        if given.tiling:  # A1111 tiles on both axes
+            fields["tiling"] = "both"
         if given.enable_hr and not img2img:  # A1111's img2img has no hires fix
             fields["hires"] = hires_fields(given)
         if img2img:

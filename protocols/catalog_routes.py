@@ -17,7 +17,7 @@ from starlette.routing import BaseRoute, Route
 from actors.ingress import Ingress
 from actors.model_catalog import ModelStatus
 from engines.palettes import PALETTES
-from engines.poses import DESCRIPTIONS, POSE_NAMES, render_pose
+from engines.poses import DESCRIPTIONS, POSE_NAMES, is_pose, render_pose
 from forge.auth import Authenticator
 from forge.errors import Forbidden, NotFound
 from forge.loras import LoraInfo
@@ -166,8 +166,11 @@ class CatalogRoutes:
     async def pose_image(self, request: Request) -> Response:
         await principal_of(request, self.auth)
         name = request.path_params["name"]
-        if name not in POSE_NAMES:
-            raise NotFound(f"no pose template {name!r}; known: {', '.join(POSE_NAMES)}", field="name")
+        if not is_pose(name):
+            raise NotFound(
+                f"no pose template {name!r}; known: {', '.join(POSE_NAMES)}, and animation frames such as walk-6f-sw-2",
+                field="name",
+            )
         size = convert(dict(request.query_params), PoseQuery, strict=False)
 
         def encode() -> bytes:

@@ -10,7 +10,15 @@ from starlette.routing import BaseRoute, Route
 
 from actors.ingress import Ingress
 from forge.auth import Authenticator
-from forge.characters import CharacterCreate, CharacterList, CharacterPatch, CharacterSheetRequest, sheet_generation
+from forge.characters import (
+    CharacterAnimationRequest,
+    CharacterCreate,
+    CharacterList,
+    CharacterPatch,
+    CharacterSheetRequest,
+    animation_generation,
+    sheet_generation,
+)
 from forge.validation import decode_json
 from protocols.http_io import JSONResponse, read_body
 from protocols.identity import principal_of, visible_owner
@@ -30,6 +38,7 @@ class CharacterRoutes:
             Route(CHARACTERS, self.collection, methods=["GET", "POST"]),
             Route(CHARACTERS + "/{id}", self.one, methods=["GET", "PATCH", "DELETE"]),
             Route(CHARACTERS + "/{id}/sheets", self.sheet, methods=["POST"]),
+            Route(CHARACTERS + "/{id}/animations", self.animation, methods=["POST"]),
         ]
 
     async def sheet(self, request: Request) -> Response:
@@ -39,6 +48,15 @@ class CharacterRoutes:
         sheet.check()
         character = await self.ingress.characters.get(request.path_params["id"], owner=visible_owner(principal))
         record, _ = await self.ingress.submit(sheet_generation(character.id, sheet), principal=principal)
+        view = task_view(record, await self.ingress.live(record))
+        return JSONResponse(view, status_code=202, headers={"Location": view.links.self})
+
+    async def animation(self, request: Request) -> Response:
+        """An animation cycle of the character as one generation task (202, like POST /v1/generations)."""
+        principal = await principal_of(request, self.auth)
+        body = decode_json(await read_body(request, self.max_body_bytes), CharacterAnimationRequest)
+        character = await self.ingress.characters.get(request.path_params["id"], owner=visible_owner(principal))
+        record, _ = await self.ingress.submit(animation_generation(character.id, body), principal=principal)
         view = task_view(record, await self.ingress.live(record))
         return JSONResponse(view, status_code=202, headers={"Location": view.links.self})
 

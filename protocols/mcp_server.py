@@ -31,10 +31,16 @@ from actors.hub import Events
 from actors.ingress import Ingress
 from forge import __version__
 from forge.auth import Authenticator, Principal, Unauthorized
-from forge.characters import CharacterCreate, CharacterSheetRequest, sheet_generation
+from forge.characters import (
+    CharacterAnimationRequest,
+    CharacterCreate,
+    CharacterSheetRequest,
+    animation_generation,
+    sheet_generation,
+)
 from forge.errors import ForgeError, InvalidRequest, NotFound
 from forge.events import Progress
-from forge.requests import MAX_IMAGES, MAX_REFERENCES, MAX_SEED, GenerationRequest
+from forge.requests import MAX_IMAGES, MAX_REFERENCES, MAX_SEED, GenerationRequest, Tiling
 from forge.resolve import preset_size
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert
@@ -183,6 +189,10 @@ class McpAdapter:
                     description="the text encoders' layer counted from the end (1-12; 2: SDXL's); absent: the model's"
                 ),
             ] = None,
+            tiling: Annotated[
+                Tiling,
+                Field(description="seamless tiles (textures, backgrounds): wrap around on x, y or both axes"),
+            ] = "none",
             wait: Annotated[bool, Field(description="wait for the images (else return the task id)")] = True,
         ) -> list[TextContent | ImageContent | ResourceLink] | CallToolResult:
             fields: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt, "num_images": num_images}
@@ -204,6 +214,8 @@ class McpAdapter:
                 fields["vae"] = vae
             if clip_skip is not None:
                 fields["clip_skip"] = clip_skip
+            if tiling != "none":
+                fields["tiling"] = tiling
             try:
                 principal = await self._principal(ctx)
                 for name, image in (("init_image", init_image), ("mask", mask)):
@@ -256,6 +268,52 @@ class McpAdapter:
                 sheet.check()
                 found = await self._ingress.characters.get(character, owner=principal.owner, field="character")
                 return await self._generate(sheet_generation(found.id, sheet), principal, ctx, wait)
+            except ForgeError as exc:
+                return _error(exc)
+
+        @server.tool(
+            structured_output=False,
+            description="An animation cycle of a saved character as one generation: an action (idle, walk, run, "
+            "attack, jump) in 1, 4 or 8 directions, every frame from one seed with its references. The answer's "
+            "`animation` links an animated GIF or WebP per direction and Aseprite and Godot atlases of the "
+            "sprite sheet (a row per direction); the frames follow as images like generate_character.",
+        )
+        async def animate_character(
+            character: Annotated[str, Field(description="a saved character (list_characters), by name or id")],
+            ctx: Context,
+            action: Annotated[
+                str | list[str], Field(description="idle, walk, run, attack or jump; or pose templates, one per frame")
+            ] = "walk",
+            directions: Annotated[Literal[1, 4, 8], Field(description="1: S; 4: S, W, N, E; 8: also diagonals")] = 4,
+            frames: Annotated[int | None, Field(description="frames per cycle, 4-12 (6 when absent)")] = None,
+            frame_size: Annotated[int | None, Field(description="each frame scaled into a square cell")] = None,
+            prompt: Annotated[str, Field(description="words added to every frame")] = "full body",
+            style: Annotated[str | None, Field(description="a style from list_styles")] = None,
+            size: Annotated[str | None, Field(description="square, portrait, landscape or WIDTHxHEIGHT")] = None,
+            steps: Annotated[int | None, Field(description="denoising steps")] = None,
+            seed: Annotated[int | None, Field(ge=0, le=MAX_SEED, description="same seed, same animation")] = None,
+            postprocess: Annotated[
+                dict[str, Any] | None, Field(description="as generate_character's, run on every frame")
+            ] = None,
+            wait: Annotated[bool, Field(description="wait for the frames (else return the task id)")] = True,
+        ) -> list[TextContent | ImageContent | ResourceLink] | CallToolResult:
+            fields: dict[str, Any] = {
+                "action": action,
+                "directions": directions,
+                "frames": frames,
+                "frame_size": frame_size,
+                "prompt": prompt,
+                "style": style,
+                "steps": steps,
+                "seed": seed,
+                "postprocess": postprocess,
+            }
+            try:
+                fields |= self._size(size)
+                principal = await self._principal(ctx)
+                animation = convert(fields, CharacterAnimationRequest)
+                found = await self._ingress.characters.get(character, owner=principal.owner, field="character")
+                return await self._generate(animation_generation(found.id, animation), principal, ctx, wait)
             except ForgeError as exc:
                 return _error(exc)
 

@@ -14,7 +14,14 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from actors.model_catalog import ModelStatus
 from forge import __version__
 from forge.a1111 import A1111Request
-from forge.characters import Character, CharacterCreate, CharacterList, CharacterPatch, CharacterSheetRequest
+from forge.characters import (
+    Character,
+    CharacterAnimationRequest,
+    CharacterCreate,
+    CharacterList,
+    CharacterPatch,
+    CharacterSheetRequest,
+)
 from forge.events import AnyTaskEvent
 from forge.openai_images import ImageGenerationRequest
 from forge.requests import GenerationRequest
@@ -64,6 +71,7 @@ _SCHEMAS: list[Any] = [
     CharacterCreate,
     CharacterPatch,
     CharacterSheetRequest,
+    CharacterAnimationRequest,
     Character,
     CharacterList,
 ]
@@ -91,6 +99,11 @@ def _sheet_content() -> dict[str, Any]:
     """A sprite sheet: the atlas as PNG, or its TexturePacker JSON."""
     content = _binary("image/png")["content"]
     return {"content": {**content, "application/json": {"schema": {"type": "object"}}}}
+
+
+def _animation_content() -> dict[str, Any]:
+    content = {media: {"schema": {"type": "string", "format": "binary"}} for media in ("image/gif", "image/webp")}
+    return {"content": {**content, "application/json": {"schema": {"type": "object"}}, "text/plain": {}}}
 
 
 def _path(name: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -222,6 +235,21 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
                 }
             )
         ),
+        ("get", API + "/{id}/animation/{name}"): _stored(
+            _authenticated(
+                {
+                    "summary": "A file of a generation's animation (the animation field)",
+                    "description": "animation-DIRECTION.gif or .webp (s, w, n, e, sw, nw, ne, se), "
+                    "animation.aseprite.json (Aseprite's JSON export of the sprite sheet, a tag per direction) or "
+                    "animation.tres (a Godot 4 SpriteFrames resource; keep it beside sprite-sheet.png).",
+                    "parameters": [task_id, _path("name")],
+                    "responses": {
+                        "200": {"description": "the file", **_animation_content()},
+                        "404": _error("no such generation, or it has no such file"),
+                    },
+                }
+            )
+        ),
         ("post", SHEETS): _stored(
             _authenticated(
                 {
@@ -296,6 +324,26 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
                         "409": _error("the new name is taken, or it changed meanwhile"),
                         "413": _error("body too large"),
                         "422": _error("invalid field"),
+                    },
+                }
+            )
+        ),
+        ("post", CHARACTERS + "/{id}/animations"): _stored(
+            _authenticated(
+                {
+                    "summary": "An animation cycle of the character: an action in 1, 4 or 8 directions, as one task",
+                    "description": "A frame per pose and direction, all from one seed with the character's "
+                    "description and references; the task adds a sprite sheet (a row per direction), an animation "
+                    "per direction, and Aseprite and Godot atlases. Answers 202 like POST /v1/generations.",
+                    "parameters": [_path("id")],
+                    "requestBody": {"required": True, **_json("CharacterAnimationRequest")},
+                    "responses": {
+                        "202": {"description": "queued", **_json("TaskView")},
+                        "404": _error("no such character (or not yours)"),
+                        "413": _error("body too large"),
+                        "422": _error("invalid field (an unknown action names animation.action)"),
+                        "429": _error("over the plan's rate or concurrency limit (see Retry-After)"),
+                        "503": _error("shutting down, queue full, or the server's disk full (see Retry-After)"),
                     },
                 }
             )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -19,7 +20,13 @@ from starlette.routing import BaseRoute, Route
 
 from actors.files import Files
 from actors.ingress import Ingress
-from actors.postprocess import SPRITE_SHEET_ATLAS, SPRITE_SHEET_IMAGE
+from actors.postprocess import (
+    ANIMATION_PREFIX,
+    ASEPRITE_ATLAS,
+    GODOT_SPRITE_FRAMES,
+    SPRITE_SHEET_ATLAS,
+    SPRITE_SHEET_IMAGE,
+)
 from engines.sprite_sheet import pack
 from forge.auth import Authenticator
 from forge.errors import Conflict, NotFound
@@ -56,22 +63,33 @@ class SpriteSheetRoutes:
     def routes(self) -> list[BaseRoute]:
         return [
             Route(API + "/{id}/sprite-sheet.{kind:str}", self.task_sheet, methods=["GET"]),
+            Route(API + "/{id}/animation/{name:str}", self.task_animation, methods=["GET"]),
             Route(SHEETS, self.create, methods=["POST"]),
             Route(SHEETS + "/{id}.{kind:str}", self.sheet, methods=["GET"]),
         ]
 
     async def task_sheet(self, request: Request) -> Response:
-        owner = visible_owner(await principal_of(request, self.auth))
-        record = await self.ingress.get(request.path_params["id"], owner=owner)
         kind = request.path_params["kind"]
         name = {"png": SPRITE_SHEET_IMAGE, "json": SPRITE_SHEET_ATLAS}.get(kind)
+        return await self._task_file(request, name, "sprite sheet (ask for postprocess.sprite_sheet)")
+
+    async def task_animation(self, request: Request) -> Response:
+        """An animation's files: animation-DIRECTION.gif|webp, animation.aseprite.json, animation.tres."""
+        name = request.path_params["name"]
+        known = name in (ASEPRITE_ATLAS, GODOT_SPRITE_FRAMES) or _ANIMATION_FILE.match(name) is not None
+        return await self._task_file(request, name if known else None, f"file {name!r} (ask for animation)")
+
+    async def _task_file(self, request: Request, name: str | None, what: str) -> Response:
+        """A file written beside a succeeded task's metadata."""
+        owner = visible_owner(await principal_of(request, self.auth))
+        record = await self.ingress.get(request.path_params["id"], owner=owner)
         data = None
         if name is not None and record.state is TaskState.SUCCEEDED and record.metadata_path:
-            folder = record.metadata_path.rsplit("/", 1)[0]  # the sheet lies beside the attempt's metadata
+            folder = record.metadata_path.rsplit("/", 1)[0]  # the files lie beside the attempt's metadata
             data = await anyio.to_thread.run_sync(self.results.read, f"{folder}/{name}")
-        if data is None:
-            raise NotFound(f"generation {record.id} has no sprite sheet (ask for postprocess.sprite_sheet)", field="id")
-        return Response(data, media_type=_MEDIA[kind])
+        if name is None or data is None:
+            raise NotFound(f"generation {record.id} has no {what}", field="id")
+        return Response(data, media_type=_MEDIA[name.rsplit(".", 1)[-1]])
 
     async def create(self, request: Request) -> Response:
         """Pack every image of the given finished tasks, in order, into one atlas."""
@@ -119,4 +137,11 @@ class SpriteSheetRoutes:
         return Response(data, media_type=_MEDIA[kind])
 
 
-_MEDIA = {"png": "image/png", "json": "application/json"}
+_MEDIA = {
+    "png": "image/png",
+    "json": "application/json",
+    "gif": "image/gif",
+    "webp": "image/webp",
+    "tres": "text/plain; charset=utf-8",
+}
+_ANIMATION_FILE = re.compile(rf"^{ANIMATION_PREFIX}(s|w|n|e|sw|nw|ne|se)\.(gif|webp)$")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,30 @@ from actors.encoding import png_base64
 from actors.files import DirectoryFiles, Files
 from actors.hub import Events
 from actors.ingress import Ingress
+from actors.postprocess import ANIMATION_PREFIX
+from engines.animation_poses import ACTIONS, DIRECTIONS
 from engines.poses import POSE_NAMES
 from engines.schedulers import SAMPLERS
 from forge.auth import Authenticator, Principal
-from forge.characters import MAX_CHARACTER_REFERENCES, CharacterCreate, CharacterSheetRequest, sheet_generation
+from forge.characters import (
+    MAX_CHARACTER_REFERENCES,
+    CharacterAnimationRequest,
+    CharacterCreate,
+    CharacterSheetRequest,
+    animation_generation,
+    sheet_generation,
+)
 from forge.errors import ForgeError
 from forge.events import TERMINAL_EVENTS, Progress
-from forge.requests import MAX_IMAGES, PALETTE_NAMES, GenerationRequest, HiresSpec, PostprocessRequest
+from forge.requests import (
+    MAX_FRAMES,
+    MAX_IMAGES,
+    MIN_FRAMES,
+    PALETTE_NAMES,
+    GenerationRequest,
+    HiresSpec,
+    PostprocessRequest,
+)
 from forge.resolve import HIRES_UPSCALERS, SIZE_PRESETS, preset_size
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert
@@ -311,6 +329,10 @@ class WebUi:
                         )
                         hires_steps = gr.Slider(0, 150, value=0, step=1, label="Hires steps (0: as the first pass)")
                         hires_denoise = gr.Slider(0, 1, value=0.7, step=0.05, label="Hires denoising strength")
+                    with gr.Row():
+                        tiling = gr.Radio(
+                            ["none", "x", "y", "both"], value="none", label="Tiling (seamless: wraps around on)"
+                        )
                 with gr.Accordion("Game asset", open=False):
                     with gr.Row():
                         upscale = gr.Radio(["off", "2", "4"], value="off", label="Upscale")
@@ -363,6 +385,28 @@ class WebUi:
                     sheet_button = gr.Button("Make sheet")
                 sheet_status = gr.Markdown("")
                 sheet_gallery = gr.Gallery(label="Sheet", columns=5, height=300, object_fit="contain")
+            with gr.Tab("Animate"):
+                gr.Markdown(
+                    "An animation cycle of a saved character: every frame from one seed, posed from one 3D "
+                    "skeleton turned to each direction. The task also keeps a sprite sheet and Aseprite and "
+                    "Godot atlases (see its links in History or over REST)."
+                )
+                with gr.Row():
+                    animate_character = gr.Dropdown(choices=[], label="Character", elem_id="animate-character")
+                    animate_action = gr.Radio(list(ACTIONS), value="walk", label="Action")
+                    animate_directions = gr.Radio([1, 4, 8], value=4, label="Directions")
+                with gr.Row():
+                    animate_frames = gr.Slider(MIN_FRAMES, MAX_FRAMES, value=6, step=1, label="Frames per cycle")
+                    animate_steps = gr.Slider(1, 150, value=model.default_steps, step=1, label="Steps")
+                    animate_button = gr.Button("Animate", variant="primary", elem_id="animate")
+                animate_status = gr.Markdown("", elem_id="animate-status")
+                animation = gr.Gallery(
+                    label="Animation, a direction each",
+                    columns=4,
+                    height=300,
+                    object_fit="contain",
+                    elem_id="animation",
+                )
 
             settings = [
                 prompt,
@@ -395,6 +439,7 @@ class WebUi:
                 hires_upscaler,
                 hires_steps,
                 hires_denoise,
+                tiling,
             ]
             generate.click(
                 self.generate,
@@ -414,6 +459,14 @@ class WebUi:
                 outputs=[sheet_status, sheet_gallery],
                 api_name="character_sheet",
             )
+            animate_button.click(
+                self.animate,
+                inputs=[animate_character, animate_action, animate_directions, animate_frames, animate_steps],
+                outputs=[animate_status, animation],
+                api_name="animate",
+            )
+            create_button.click(self.character_names, outputs=[animate_character], api_name=False)
+            blocks.load(self.character_names, outputs=[animate_character], api_name=False)
             as_reference.click(
                 self.add_reference,
                 inputs=[selected, character_references],
@@ -467,6 +520,7 @@ class WebUi:
         hires_upscaler: str,
         hires_steps: float,
         hires_denoise: float,
+        tiling: str,
         batch: bool,
         character: str | None,
         init_image: Any,
@@ -516,6 +570,8 @@ class WebUi:
         if steps_wanted:
             common["postprocess"] = steps_wanted
         common |= _model_fields(clip_skip, vae, hires_scale, hires_upscaler, hires_steps, hires_denoise)
+        if tiling and tiling != "none":
+            common["tiling"] = tiling
         if not random_seed and seed is not None:
             common["seed"] = int(seed)
         if character and character != NO_CHARACTER:
@@ -593,6 +649,50 @@ class WebUi:
         async for status, _, gallery in self._follow([record]):
             yield status, gallery
 
+    async def character_names(self, request: gr.Request) -> Any:
+        found = await self._ingress.characters.list(owner=self._owner(request))
+        return gr.Dropdown(choices=[c.name for c in found])
+
+    async def animate(
+        self, name: str | None, action: str, directions: float, frames: float, steps: float, request: gr.Request
+    ) -> AsyncIterator[tuple[str, Any]]:
+        """Queue the animation, then show its progress and, once done, one playing animation per direction."""
+        if not name:
+            raise gr.Error("Pick a character first.", print_exception=False)
+        fields = {"action": action, "directions": int(directions), "frames": int(frames), "steps": int(steps)}
+        try:
+            principal = self._principal(request)
+            found = await self._ingress.characters.get(name, owner=principal.owner, field="character")
+            body = convert(fields, CharacterAnimationRequest)
+            record, _ = await self._ingress.submit(animation_generation(found.id, body), principal=principal)
+        except ForgeError as exc:
+            raise _ui_error(exc) from None
+        self._session_tasks[request.session_hash or ""] = [record.id]
+        status = ""
+        async for status, _, _ in self._follow([record]):
+            yield status, None
+        done = await self._ingress.get(record.id, owner=principal.owner)
+        if done.state is TaskState.SUCCEEDED and done.spec.animation is not None and done.metadata_path:
+            yield status, await anyio.to_thread.run_sync(self._animations, done)
+
+    def _animations(self, record: TaskRecord) -> list[tuple[str, str]]:
+        """Each direction's animated file, as a path the gallery can serve (it plays in the page)."""
+        assert record.spec.animation is not None and record.metadata_path is not None
+        animation = record.spec.animation
+        folder = record.metadata_path.rsplit("/", 1)[0]
+        shown = []
+        for direction in DIRECTIONS[animation.directions]:
+            name = f"{folder}/{ANIMATION_PREFIX}{direction}.{animation.format}"
+            if self._outputs is not None:
+                shown.append((str(self._outputs / name), direction.upper()))
+                continue
+            data = self._results.read(name)
+            if data is not None:  # kept in Redis or behind auth: a copy in the temp folder Gradio may serve
+                copy = Path(tempfile.gettempdir()) / f"chara-forge-{record.id}-{direction}.{animation.format}"
+                copy.write_bytes(data)
+                shown.append((str(copy), direction.upper()))
+        return shown
+
     async def add_reference(self, task_id: str, references: list[Any] | None, request: gr.Request) -> list[Any]:
         """The selected generation's first image, added to the Characters tab's reference images."""
         record = await self._picked(task_id, request)
@@ -665,6 +765,7 @@ class WebUi:
             spec.clip_skip or 0,
             spec.vae or OWN_VAE_LABEL,  # the VAE it ran with (None: the model's own)
             *_hires_settings(spec.hires),
+            spec.tiling,
         ]
 
     async def same_seed(self, task_id: str, request: gr.Request) -> tuple[str, bool, int]:

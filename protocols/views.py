@@ -11,8 +11,9 @@ from msgspec import Meta
 
 from actors.encoding import CONTENT_TYPES
 from actors.ingress import Live
+from engines.animation_poses import DIRECTIONS
 from forge.errors import ForgeError
-from forge.requests import GenerationSpec
+from forge.requests import AnimationRequest, GenerationSpec
 from forge.tasks import TaskRecord, TaskState
 
 API = "/v1/generations"
@@ -58,6 +59,12 @@ class SpriteSheetLinks(msgspec.Struct, frozen=True, kw_only=True):
     atlas: str
 
 
+class AnimationLinks(msgspec.Struct, frozen=True, kw_only=True):
+    directions: Annotated[dict[str, str], Meta(description="direction (s, w, n, e, sw, ...) -> its GIF or WebP")]
+    aseprite: Annotated[str, Meta(description="the sheet's atlas as Aseprite's JSON export, a tag per direction")]
+    godot: Annotated[str, Meta(description="a Godot 4 SpriteFrames resource: an animation per direction")]
+
+
 class TaskView(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     state: TaskState
@@ -74,6 +81,7 @@ class TaskView(msgspec.Struct, frozen=True, kw_only=True):
     images: list[ImageLink]
     links: Links
     sprite_sheet: SpriteSheetLinks | None = None
+    animation: AnimationLinks | None = None
     worker: Annotated[str, Meta(description="the fleet node that runs or ran it (empty on one box)")] = ""
 
 
@@ -183,5 +191,16 @@ def task_view(record: TaskRecord, live: Live) -> TaskView:
         sprite_sheet=SpriteSheetLinks(image=f"{base}/sprite-sheet.png", atlas=f"{base}/sprite-sheet.json")
         if record.state is TaskState.SUCCEEDED and record.spec.postprocess and record.spec.postprocess.sprite_sheet
         else None,
+        animation=_animation_links(base, record.spec.animation) if record.state is TaskState.SUCCEEDED else None,
         worker=live.worker or record.worker,
+    )
+
+
+def _animation_links(base: str, animation: AnimationRequest | None) -> AnimationLinks | None:
+    if animation is None:
+        return None
+    return AnimationLinks(
+        directions={d: f"{base}/animation/animation-{d}.{animation.format}" for d in DIRECTIONS[animation.directions]},
+        aseprite=f"{base}/animation/animation.aseprite.json",
+        godot=f"{base}/animation/animation.tres",
     )

@@ -35,6 +35,8 @@ CASES: list[tuple[str, Any, int, str, str]] = [
     ("seed beyond 32 bits", {**OK, "seed": 2**32}, 422, "seed", "maximum"),
     ("unknown scheduler", {**OK, "scheduler": "heun_x"}, 422, "scheduler", "enum"),
     ("unknown output format", {**OK, "output_format": "gif"}, 422, "output_format", "enum"),
+    ("unknown tiling axis", {**OK, "tiling": "diagonal"}, 422, "tiling", "enum"),
+    ("tiling as a boolean", {**OK, "tiling": True}, 422, "tiling", "type"),
     ("priority out of range", {**OK, "priority": 11}, 422, "priority", "maximum"),
     ("unknown style", {**OK, "style": "vaporwave"}, 422, "style", "unknown_style"),
     ("prompt missing", {"width": 64}, 422, "prompt", "required"),

@@ -496,7 +496,7 @@ def test_engines_starting_together_build_one_ahead_of_time_package(
 def test_requests_a_tensorrt_server_cannot_serve_are_refused_naming_the_field(
     tmp_path: Path, tiny_model: Path, tiny_loras: dict[str, Path]
 ) -> None:
-    """Its engines bake in the weights and cover one range of sizes: LoRAs, ControlNet (a sheet's poses too)
+    """Its engines bake in the weights and cover one range of sizes: LoRAs, ControlNet (a sheet's poses too), tiling
     and other sizes are refused when the request arrives (a 422 naming the field), instead of failing the task later."""
 
     from actors.supervisor import backend_limits, load_resources
@@ -522,6 +522,7 @@ def test_requests_a_tensorrt_server_cannot_serve_are_refused_naming_the_field(
     assert refusal(loras=[{"name": "ink-lora", "weight": 0.8}]) == ("loras", "unsupported")
     assert refusal(control={"type": "openpose", "pose": "front"}) == ("control", "unsupported")
     assert refusal(views=[{"label": "front", "pose": "front"}]) == ("views[0]", "unsupported")  # a sheet's poses
+    assert refusal(tiling="both") == ("tiling", "unsupported")  # circular padding is baked out of its engines
     assert refusal(width=256) == ("width", "range")
     assert resolve_request(convert({"prompt": "a knight", "width": 128}, GenerationRequest), model, resources)
     eager = dataclasses.replace(resources, backend=backend_limits(server_config(tmp_path, tiny_model)))

@@ -54,6 +54,7 @@ async def test_tools_are_listed_with_schemas(server: RunningServer, transport: s
         "create_character",
         "list_characters",
         "character_sheet",
+        "animate_character",
     }
     schema = tools["generate_character"].input_schema
     assert schema["required"] == ["prompt"]
@@ -267,3 +268,19 @@ async def test_a_character_is_saved_from_a_generation_and_reused(server: Running
     assert sum(isinstance(item, ImageContent) for item in sheet.content) == 4
     assert nobody.is_error and json.loads(nobody.content[0].text)["field"] == "character"  # type: ignore[union-attr]
     assert taken.is_error and json.loads(taken.content[0].text)["field"] == "name"  # type: ignore[union-attr]
+
+
+async def test_animate_character_makes_a_cycle_with_its_files(server: RunningServer) -> None:
+    character = (await server.client.post("/v1/characters", json={"name": "wisp", "description": "a ghost"})).json()
+    arguments = {"character": "wisp", "action": "run", "directions": 1, "frames": 4, "size": "64x64", "steps": 2}
+    async with mcp_session(server, "streamable-http") as session:
+        done = await session.call_tool("animate_character", arguments)
+        bad = await session.call_tool("animate_character", {"character": "wisp", "action": "moonwalk"})
+    assert not done.is_error
+    summary = _text(done)
+    assert summary["request"]["character"]["id"] == character["id"] and len(summary["images"]) == 4
+    assert [view["pose"] for view in summary["request"]["views"]] == [f"run-4f-s-{k}" for k in range(4)]
+    gif = await server.client.get(summary["animation"]["directions"]["s"])
+    assert gif.status_code == 200 and gif.headers["content-type"] == "image/gif"
+    assert sum(isinstance(c, ImageContent) for c in done.content) == 4
+    assert bad.is_error and json.loads(bad.content[0].text)["field"] == "action"  # type: ignore[union-attr]

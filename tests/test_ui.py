@@ -52,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "hires_upscaler": "latent",
     "hires_steps": 0,
     "hires_denoise": 0.7,
+    "tiling": "none",
     "batch": False,
     "character": "none",
     "init_image": None,
@@ -203,7 +204,7 @@ async def test_clip_skip_and_the_hires_fix_come_from_the_advanced_panel(server: 
     assert "Denoising strength: 0.5" in parameters and "Hires upscaler: Latent" in parameters
     task_id = (await server.client.get("/v1/generations")).json()["items"][0]["id"]
     settings = await anyio.to_thread.run_sync(lambda: client.predict(task_id, api_name="/reuse"))
-    assert list(settings[24:]) == [1, "None", 2, "latent", 2, 0.5]
+    assert list(settings[24:]) == [1, "None", 2, "latent", 2, 0.5, "none"]
 
 
 def _probes(server: RunningServer) -> Iterator[str]:

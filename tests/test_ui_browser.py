@@ -116,3 +116,33 @@ async def test_inpainting_with_the_mask_brush_repaints_only_what_was_painted(
     assert pixels.shape[:2] == (size[1], size[0])
     assert (pixels[~painted] == init_pixels[~painted]).all()
     assert (pixels[painted] != init_pixels[painted]).any()
+
+
+@needs_chromium
+async def test_the_animate_tab_plays_a_characters_cycle(server: RunningServer) -> None:
+    await server.client.post("/v1/characters", json={"name": "tumbler", "description": "an acrobat"})
+    async with ui_page(server, 1400) as page:
+        await page.get_by_role("tab", name="Animate").click()
+        await page.locator("#animate-character").click()
+        await page.get_by_role("option", name="tumbler").click()
+        await page.get_by_label("1", exact=True).check()
+        await page.get_by_label("jump").check()
+        await page.locator("#animate").click()
+        await page.wait_for_function(
+            "() => [...document.querySelectorAll('#animation img')].some(img => img.naturalWidth > 0)", timeout=120_000
+        )
+        shown = page.locator("#animation img").first
+        await shown.scroll_into_view_if_needed()
+        # The page shows a playing animation: screenshots of it a moment apart show other frames.
+        first = await shown.screenshot()
+        plays = False
+        for _ in range(20):
+            await page.wait_for_timeout(60)
+            if await shown.screenshot() != first:
+                plays = True
+                break
+        status = await page.locator("#animate-status").inner_text()
+    assert "Done: 6 image(s)" in status, status
+    assert plays, "the animation's frames did not change"
+    task = (await server.client.get("/v1/generations")).json()["items"][0]
+    assert task["request"]["animation"]["action"] == "jump" and task["request"]["animation"]["directions"] == 1
