@@ -163,7 +163,14 @@ async def hires_server(tmp_path: Path, tiny_model: Path, postprocess_models: Pat
 
 async def test_hires_fix_through_webuiapi_and_rest(hires_server: RunningServer) -> None:
     api = await call(webuiapi.WebUIApi, host="127.0.0.1", port=hires_server.handle.api_port, sampler="Euler a", steps=2)
-    hires = {"enable_hr": True, "hr_scale": 2, "hr_second_pass_steps": 2, "denoising_strength": 0.5}
+    # webuiapi keeps ControlNet units an earlier call in this process gave in its shared default alwayson_scripts
+    hires = {
+        "enable_hr": True,
+        "hr_scale": 2,
+        "hr_second_pass_steps": 2,
+        "denoising_strength": 0.5,
+        "alwayson_scripts": {},
+    }
     result = await call(
         api.txt2img, prompt="a knight", seed=7, hr_upscaler=webuiapi.HiResUpscaler.Latent, **hires, **SMALL
     )
@@ -177,7 +184,14 @@ async def test_hires_fix_through_webuiapi_and_rest(hires_server: RunningServer) 
     assert parsed["Denoising strength"] == "0.5" and parsed["Hires steps"] == "2"
 
     resized = await call(
-        api.txt2img, prompt="a knight", seed=7, enable_hr=True, hr_resize_x=96, hr_upscaler="Lanczos", **SMALL
+        api.txt2img,
+        prompt="a knight",
+        seed=7,
+        enable_hr=True,
+        hr_resize_x=96,
+        hr_upscaler="Lanczos",
+        alwayson_scripts={},
+        **SMALL,
     )
     assert resized.image.size == (96, 96) and "Hires resize: 96x96" in resized.info["infotexts"][0]
 
