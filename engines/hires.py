@@ -54,11 +54,19 @@ def _config_folder(vae: Any) -> str:
     return str(folder)
 
 
+def _latent_statistics(config: Any, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The VAE's latent mean and standard deviation, where its config has them, on the latents' device."""
+    if getattr(config, "latents_mean", None) is None or getattr(config, "latents_std", None) is None:
+        return None
+    mean = torch.tensor(config.latents_mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+    std = torch.tensor(config.latents_std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+    return mean, std
+
+
 def scaled_for_vae(config: Any, latents: torch.Tensor) -> torch.Tensor:
     """Denoised latents as the VAE decodes them (the pipeline's own unscaling)."""
-    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
-        mean = torch.tensor(config.latents_mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-        std = torch.tensor(config.latents_std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+    if (statistics := _latent_statistics(config, latents)) is not None:
+        mean, std = statistics
         scaled: torch.Tensor = latents * std / config.scaling_factor + mean
         return scaled
     unscaled: torch.Tensor = latents / config.scaling_factor
@@ -97,9 +105,8 @@ def _encode(pipe: Any, images: list[Image.Image], dtype: torch.dtype) -> torch.T
             vae.to(dtype=torch.float16)
     config = vae.config
     latents = latents.to(dtype)
-    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
-        mean = torch.tensor(config.latents_mean).view(1, 4, 1, 1).to(latents.device, dtype)
-        std = torch.tensor(config.latents_std).view(1, 4, 1, 1).to(latents.device, dtype)
+    if (statistics := _latent_statistics(config, latents)) is not None:
+        mean, std = statistics
         shifted: torch.Tensor = (latents - mean) * config.scaling_factor / std
         return shifted
     scaled: torch.Tensor = latents * config.scaling_factor

@@ -23,7 +23,7 @@ from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipelin
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg
 
 from engines.cache import release_memory
-from engines.hires import second_pass_schedule, upscaled_latents
+from engines.hires import scaled_for_vae, second_pass_schedule, upscaled_latents
 from engines.preview import latent_preview
 from engines.prompt_encoder import PromptEncoder
 from engines.row_guidance import guides_only_by_cfg
@@ -331,7 +331,7 @@ class StepLoop:
                 if upcast:
                     vae.to(dtype=torch.float32)
                 latents = task.latents.to(vae.dtype)
-                decoded = vae.decode(self._scaled_for_vae(vae.config, latents), return_dict=False)[0]
+                decoded = vae.decode(scaled_for_vae(vae.config, latents), return_dict=False)[0]
                 images = pipe.image_processor.postprocess(decoded, output_type="pil")
         except torch.OutOfMemoryError as exc:
             release_memory(str(self.pipe.device))
@@ -345,13 +345,3 @@ class StepLoop:
             total = task.steps_total or len(task.timesteps)
             task.job.on_progress(total, total, None)
         return GenerationResult(images=images, denoise_s=time.perf_counter() - task.started)
-
-    @staticmethod
-    def _scaled_for_vae(config: Any, latents: torch.Tensor) -> torch.Tensor:
-        if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
-            mean = torch.tensor(config.latents_mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-            std = torch.tensor(config.latents_std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-            scaled: torch.Tensor = latents * std / config.scaling_factor + mean
-            return scaled
-        unscaled: torch.Tensor = latents / config.scaling_factor
-        return unscaled
