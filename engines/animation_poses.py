@@ -72,27 +72,32 @@ def _idle(t: float) -> Pose:
     return Pose(thigh=(0, 0), knee=(2, 2), arm=(2 * breath, 2 * breath), elbow=(8, 8), rise=0.006 * breath, spread=6)
 
 
-def _walk(t: float) -> Pose:
-    swing = _wave(t)
-    return Pose(
-        thigh=(25 * swing, -25 * swing),
-        knee=(8 + 30 * max(0.0, -_wave(t, 0.2)), 8 + 30 * max(0.0, _wave(t, 0.2))),
-        arm=(-20 * swing, 20 * swing),
-        elbow=(15, 15),
-        rise=0.012 * abs(swing) - 0.012,
-    )
+@dataclass(frozen=True)
+class Gait:
+    """A walk or run cycle: legs and arms swing in opposition, the back knee bends, the body bobs."""
+
+    thigh: float  # swing amplitude, degrees
+    knee: float  # the bend every knee keeps
+    kick: float  # the bend the trailing knee adds
+    arm: float
+    elbow: float
+    lean: float
+    bob: float  # how far the body drops between strides
+
+    def __call__(self, t: float) -> Pose:
+        swing = _wave(t)
+        return Pose(
+            thigh=(self.thigh * swing, -self.thigh * swing),
+            knee=(self.knee + self.kick * max(0.0, -_wave(t, 0.2)), self.knee + self.kick * max(0.0, _wave(t, 0.2))),
+            arm=(-self.arm * swing, self.arm * swing),
+            elbow=(self.elbow, self.elbow),
+            lean=self.lean,
+            rise=self.bob * abs(swing) - self.bob,
+        )
 
 
-def _run(t: float) -> Pose:
-    swing = _wave(t)
-    return Pose(
-        thigh=(45 * swing, -45 * swing),
-        knee=(20 + 70 * max(0.0, -_wave(t, 0.2)), 20 + 70 * max(0.0, _wave(t, 0.2))),
-        arm=(-45 * swing, 45 * swing),
-        elbow=(85, 85),
-        lean=12,
-        rise=0.03 * abs(swing) - 0.03,
-    )
+_walk = Gait(thigh=25, knee=8, kick=30, arm=20, elbow=15, lean=0, bob=0.012)
+_run = Gait(thigh=45, knee=20, kick=70, arm=45, elbow=85, lean=12, bob=0.03)
 
 
 def _attack(t: float) -> Pose:
