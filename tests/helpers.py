@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import io
 import socket
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -92,3 +94,53 @@ async def all_tasks(client: httpx.AsyncClient) -> list[dict[str, object]]:
         cursor = page["next_cursor"]
         if cursor is None:
             return found[::-1]
+
+
+@dataclass
+class Burst:
+    """Concurrent clients each submitting generations one after another: which were accepted (per client, in
+    order), how many were refused as queue_full, and any other answer."""
+
+    accepted: dict[int, list[str]]
+    refused: int
+    unexpected: list[str]
+
+    @property
+    def total_accepted(self) -> int:
+        return sum(len(ids) for ids in self.accepted.values())
+
+    def assert_kept_in_order(self, tasks: list[dict[str, object]]) -> None:
+        """Every accepted task is among `tasks` (oldest first), each client's in the order it submitted them."""
+        order = {task["id"]: position for position, task in enumerate(tasks)}
+        for ids in self.accepted.values():
+            assert all(task_id in order for task_id in ids)
+            assert [order[task_id] for task_id in ids] == sorted(order[task_id] for task_id in ids)
+
+
+async def submit_burst(
+    client_for: Callable[[int], httpx.AsyncClient],
+    clients: int,
+    per_client: int,
+    body: Callable[[int, int], dict[str, Any]],
+) -> Burst:
+    """`client_for(index)`: client `index`'s HTTP client; `body(index, n)`: its n-th request. Every answer
+    must be 202 or 503 queue_full."""
+    burst = Burst({index: [] for index in range(clients)}, 0, [])
+
+    async def submitter(index: int) -> None:
+        async with client_for(index) as client:
+            for n in range(per_client):
+                response = await client.post("/v1/generations", json=body(index, n))
+                if response.status_code == 202:
+                    burst.accepted[index].append(response.json()["id"])
+                elif response.status_code == 503 and response.json()["error"]["code"] == "queue_full":
+                    burst.refused += 1
+                else:
+                    burst.unexpected.append(f"{response.status_code} {response.text[:200]}")
+
+    async with anyio.create_task_group() as tg:
+        for index in range(clients):
+            tg.start_soon(submitter, index)
+    assert burst.unexpected == []
+    assert burst.total_accepted + burst.refused == clients * per_client
+    return burst

@@ -28,7 +28,7 @@ from mcp.types import ImageContent
 from PIL import Image
 
 from actors.keys import KeyStore, RedisKeys
-from tests.helpers import FINAL_STATES, all_tasks, scrape_metrics
+from tests.helpers import FINAL_STATES, all_tasks, scrape_metrics, submit_burst
 from tests.process import ServerProcess
 from tests.redis_server import REDIS_SERVER, RedisServer, running_redis
 from tests.test_ui import gallery_files, run_generate
@@ -298,40 +298,21 @@ async def test_a_burst_through_both_api_nodes_is_accepted_or_refused_and_kept(fl
     """8 clients, 320 submits spread over both API nodes while the workers run: each is accepted or refused as
     queue_full, both nodes keep answering, and after one API node is killed the other lists every accepted
     task, each client's in the order it submitted them."""
-    clients, per_client = 8, 40
-    accepted: dict[int, list[str]] = {client: [] for client in range(clients)}
-    refused: list[int] = []
-    unexpected: list[str] = []
-
-    async def submitter(index: int) -> None:
-        async with fleet.client(index % 2) as client:
-            for n in range(per_client):
-                body = {"prompt": f"burst {index}-{n}", "seed": index * 1000 + n, **SMALL}
-                response = await client.post("/v1/generations", json=body)
-                if response.status_code == 202:
-                    accepted[index].append(response.json()["id"])
-                elif response.status_code == 503 and response.json()["error"]["code"] == "queue_full":
-                    refused.append(index)
-                else:
-                    unexpected.append(f"{response.status_code} {response.text[:200]}")
-
-    async with anyio.create_task_group() as tg:
-        for index in range(clients):
-            tg.start_soon(submitter, index)
-    assert unexpected == []
-    assert sum(len(ids) for ids in accepted.values()) + len(refused) == clients * per_client
-    print("fleet burst: accepted", sum(len(ids) for ids in accepted.values()), "refused", len(refused))
+    burst = await submit_burst(
+        lambda index: fleet.client(index % 2),
+        8,
+        40,
+        lambda index, n: {"prompt": f"burst {index}-{n}", "seed": index * 1000 + n, **SMALL},
+    )
+    print("fleet burst: accepted", burst.total_accepted, "refused", burst.refused)
     for node in (0, 1):
         async with fleet.client(node) as client:
-            some = accepted[node][-1]
+            some = burst.accepted[node][-1]
             assert (await client.get(f"/v1/generations/{some}")).json()["id"] == some
     await fleet.apis[0].kill()
     async with fleet.client(1) as client:
         tasks = await all_tasks(client)
-    order = {task["id"]: position for position, task in enumerate(tasks)}
-    for ids in accepted.values():
-        assert all(task_id in order for task_id in ids)
-        assert [order[task_id] for task_id in ids] == sorted(order[task_id] for task_id in ids)
+    burst.assert_kept_in_order(tasks)
 
 
 def jwt_token(owner: str, plan: str) -> str:
