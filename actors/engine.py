@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -45,6 +45,7 @@ from forge.engine import (
     References,
     Vae,
     job_for,
+    views_batch_key,
 )
 from forge.events import AnyTaskEvent, Progress
 from forge.loras import LoraCatalog
@@ -90,33 +91,76 @@ class PreviewSettings:
     size: int
 
 
-def _view_jobs(spec: GenerationSpec, sheet: Job) -> list[Job]:
-    """One job per view of a sheet: the view's words and pose, the sheet's seed, progress over the whole sheet."""
-    jobs, count = [], len(spec.views)
-    for index, view in enumerate(spec.views):
-        pose = [ControlJob(type="openpose", image=None, pose=view.pose, preprocess=False, strength=0.8, start=0, end=1)]
+def _pose_control(pose: str) -> ControlJob:
+    return ControlJob(type="openpose", image=None, pose=pose, preprocess=False, strength=0.8, start=0, end=1)
+
+
+def _image_jobs(spec: GenerationSpec, whole: Job, hires_of: Callable[[GenerationSpec], Hires | None]) -> list[Job]:
+    """One job per image of a task whose images differ: a sheet's views (each its words and pose, the sheet's
+    seed), chosen prompt variations, a grid's cells (each its own settings). Progress is the whole task's."""
+    count = len(spec.seeds)
+    done, totals = [0] * count, [spec.image_spec(index).steps for index in range(count)]
+    jobs = []
+    for index in range(count):
+        image = spec.image_spec(index)
+        controls = whole.controls
+        if spec.views:  # a view's pose is its only control
+            pose = spec.views[index].pose
+            controls = [_pose_control(pose)] if pose else []
 
         def progress(step: int, total: int, preview: Image | None, index: int = index) -> None:
-            if sheet.on_progress is not None:
-                sheet.on_progress(index * total + step, count * total, preview)
+            done[index], totals[index] = step, total
+            if whole.on_progress is not None:
+                whole.on_progress(sum(done), sum(totals), preview)
 
         jobs.append(
             replace(
-                sheet,
+                whole,
                 prompt=spec.prompt_for(index),
-                seeds=[spec.seed],
-                controls=pose if view.pose else [],
+                negative_prompt=image.styled_negative_prompt,
+                seeds=[spec.seeds[index]],
+                steps=image.steps,
+                guidance_scale=image.guidance_scale,
+                scheduler=image.scheduler,
+                clip_skip=image.clip_skip,
+                hires=hires_of(image),
+                controls=controls,
                 on_progress=progress,
             )
         )
     return jobs
 
 
-def _run_views(engine: Engine, sheet: Job) -> GenerationResult:
-    results = [engine.run(view) for view in sheet.views]
-    return GenerationResult(
-        images=[result.images[0] for result in results], denoise_s=sum(result.denoise_s for result in results)
-    )
+def run_images(engine: Engine, whole: Job) -> GenerationResult:
+    """A task's image jobs, those that can share a batch as one (in order of their first image)."""
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for index, job in enumerate(whole.views):
+        key = views_batch_key(job)
+        groups.setdefault((index,) if key is None else key, []).append(index)
+    images: dict[int, Image] = {}
+    denoise_s = 0.0
+    for indices in groups.values():
+        for part, result in _as_the_device_allows(engine, [whole.views[index] for index in indices]):
+            images.update((indices[index], image) for index, image in zip(part, result.images, strict=True))
+            denoise_s += result.denoise_s
+    return GenerationResult(images=[images[index] for index in range(len(whole.views))], denoise_s=denoise_s)
+
+
+def _as_the_device_allows(engine: Engine, jobs: list[Job]) -> Iterator[tuple[list[int], GenerationResult]]:
+    """`jobs` (one image each) as one batch, or, where that runs out of memory, in halves, quarters and so on:
+    (the jobs' indices, their images as one result) for each part run."""
+    size, start = len(jobs), 0
+    while start < len(jobs):
+        part = list(range(start, min(start + size, len(jobs))))
+        try:
+            results = engine.run_batch([jobs[index] for index in part])
+        except OutOfMemory:
+            if size == 1:
+                raise
+            size = (size + 1) // 2
+            continue
+        yield part, GenerationResult(images=[result.images[0] for result in results], denoise_s=results[0].denoise_s)
+        start += len(part)
 
 
 def _jpeg_b64(image: Image) -> str:
@@ -223,7 +267,7 @@ class EngineActor:
     def _generate(self, model: ModelInfo, jobs: list[Job]) -> list[GenerationResult]:
         """On the device thread: the model (loaded if need be), then the batch."""
         engine, first = self._cache.get(model), jobs[0]
-        results = [_run_views(engine, first)] if first.views else engine.run_batch(jobs)
+        results = [run_images(engine, first)] if first.views else engine.run_batch(jobs)
         self._remeasure_after(model, first)
         return results
 
@@ -573,7 +617,9 @@ class EngineActor:
             vae=vae,
             hires=hires,
         )
-        return replace(job, views=_view_jobs(spec, job)) if spec.views else job
+        if spec.views or spec.variants:
+            return replace(job, views=_image_jobs(spec, job, partial(_hires, model=model)))
+        return job
 
 
 def _hires(spec: GenerationSpec, model: ModelInfo) -> Hires | None:

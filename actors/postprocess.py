@@ -27,6 +27,7 @@ from actors.lifecycle import fail_task
 from actors.store import TaskStore
 from engines.animation_files import SHEET_IMAGE, animated, aseprite_json, godot_sprite_frames
 from engines.animation_poses import DIRECTIONS
+from engines.image_grid import labelled_grid, tile_preview
 from engines.image_ops import hex_rgb, shared_palette
 from engines.postprocess import PostprocessTools, planned_steps
 from engines.sprite_sheet import pack
@@ -51,6 +52,7 @@ class ImageMetadata(msgspec.Struct, frozen=True):
     height: int
     parameters: str
     postprocess: list[str] = []
+    prompt: str = ""  # the prompt as the image got it (its variations chosen, a grid cell's replacement made)
 
 
 class SpriteSheetFiles(msgspec.Struct, frozen=True):
@@ -69,6 +71,8 @@ SPRITE_SHEET_ATLAS = "sprite-sheet.json"
 ANIMATION_PREFIX = "animation-"
 ASEPRITE_ATLAS = "animation.aseprite.json"
 GODOT_SPRITE_FRAMES = "animation.tres"
+GRID_IMAGE = "grid.png"
+TILE_PREVIEW = "tile-preview-{index}.png"
 
 
 class ResultMetadata(msgspec.Struct, frozen=True, kw_only=True):
@@ -85,6 +89,8 @@ class ResultMetadata(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float
     sprite_sheet: SpriteSheetFiles | None = None
     animation: AnimationFiles | None = None
+    grid: str | None = None  # a prompt matrix's labelled grid image
+    tile_previews: list[str] = []  # each seamless tile repeated, when asked for
     finished_at: float
     version: str = __version__
 
@@ -127,19 +133,29 @@ def write_outputs(
         files.write(name, encoded)
         entries.append(
             ImageMetadata(
-                file=name, seed=seed, width=image.width, height=image.height, parameters=parameters, postprocess=steps
+                file=name,
+                seed=seed,
+                width=image.width,
+                height=image.height,
+                parameters=parameters,
+                postprocess=steps,
+                prompt=spec.image_spec(index).prompt,
             )
         )
+    grid = write_grid(files, folder, spec, images) if spec.grid is not None else None
+    previews = []
+    if spec.tile_preview:
+        for index, image in enumerate(images):
+            previews.append(f"{folder}/{TILE_PREVIEW.format(index=index)}")
+            files.write(previews[-1], _png(tile_preview(image, spec.tiling)))
     sheet = animation = None
     if options.sprite_sheet is not None:
         # A sheet's frames are named by its views (front, back, happy, ...), others by their index.
         labels = [view.label for view in spec.views] or [str(index) for index in range(len(images))]
         frames = [(f"{task_id}/{label}", image) for label, image in zip(labels, images, strict=True)]
         atlas, document = pack(frames, SPRITE_SHEET_IMAGE, options.sprite_sheet.columns, options.sprite_sheet.padding)
-        buffer = io.BytesIO()
-        atlas.save(buffer, format="PNG")
         sheet = SpriteSheetFiles(image=f"{folder}/{SPRITE_SHEET_IMAGE}", atlas=f"{folder}/{SPRITE_SHEET_ATLAS}")
-        files.write(sheet.image, buffer.getvalue())
+        files.write(sheet.image, _png(atlas))
         files.write(sheet.atlas, json.dumps(document, indent=1).encode())
         if spec.animation is not None:
             animation = write_animation(files, folder, spec.animation, images, document)
@@ -156,6 +172,8 @@ def write_outputs(
         finished_at=time.time(),
         sprite_sheet=sheet,
         animation=animation,
+        grid=grid,
+        tile_previews=previews,
     )
     metadata_name = f"{folder}/metadata.json"
     files.write(metadata_name, msgspec.json.format(msgspec.json.encode(metadata)))
@@ -182,11 +200,29 @@ def write_animation(
     return result
 
 
+def write_grid(files: Files, folder: str, spec: GenerationSpec, images: list[Image]) -> str:
+    """A prompt matrix's images in one picture, each column and row labelled with its value."""
+    assert spec.grid is not None
+    x, y = spec.grid.x, spec.grid.y
+    columns = [f"{x.field}: {value}" for value in x.values]
+    rows = [f"{y.field}: {value}" for value in y.values] if y is not None else []
+    name = f"{folder}/{GRID_IMAGE}"
+    files.write(name, _png(labelled_grid(images, spec.grid.columns, columns, rows)))
+    return name
+
+
+def _png(image: Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def written_files(images: list[str], metadata: str) -> list[str]:
     """Every file `write_outputs` may have written for these names."""
     folder = metadata.rsplit("/", 1)[0]
     animations = [f"{folder}/{ANIMATION_PREFIX}{d}.{ext}" for d in DIRECTIONS[8] for ext in ("gif", "webp")]
-    extras = [SPRITE_SHEET_IMAGE, SPRITE_SHEET_ATLAS, ASEPRITE_ATLAS, GODOT_SPRITE_FRAMES]
+    extras = [SPRITE_SHEET_IMAGE, SPRITE_SHEET_ATLAS, ASEPRITE_ATLAS, GODOT_SPRITE_FRAMES, GRID_IMAGE]
+    extras += [TILE_PREVIEW.format(index=index) for index in range(len(images))]
     return [*images, metadata, *(f"{folder}/{name}" for name in extras), *animations]
 
 

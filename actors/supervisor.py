@@ -58,6 +58,7 @@ from forge.messages import EngineInbox, PostprocessInbox, SchedulerInbox
 from forge.model_files import ModelFiles
 from forge.resolve import BackendLimits, Resources
 from forge.styles import BUILTIN_STYLES_DIR, StyleRegistry
+from forge.variations import PromptVariations
 from protocols.http_server import HttpServer
 from protocols.identity import is_loopback
 from protocols.rest import Readiness, RestApi
@@ -144,6 +145,7 @@ def load_resources(config: Config) -> Resources:
         styles=styles,
         loras=LoraCatalog(config.loras_path, hub_loras),
         embeddings=EmbeddingCatalog(config.embeddings_path),
+        variations=PromptVariations(config.wildcards_path),
         max_prompt_chars=config.max_prompt_chars,
         max_loras=config.max_loras,
         upscalers=ModelFiles(config.upscalers_path, UPSCALER_SUFFIXES),

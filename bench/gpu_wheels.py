@@ -25,6 +25,7 @@ PACKAGES = [
     "python-multipart",
     "importlib-metadata",
     "redis",  # the store module imports it at start, single box or fleet
+    "dynamicprompts",  # request resolution expands prompt variations (jinja2 and pyparsing are in the image)
 ]
 # Not installed here (the `fast` extra): torchao, for engines such as compiled+fp8. 0.18's kernels are built for
 # torch 2.11 and newer, the GPU image's torch.

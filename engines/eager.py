@@ -9,8 +9,11 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
 
 from engines.adapters import LoraAdapters
 from engines.cache import release_memory
@@ -38,7 +41,18 @@ from forge.engine import (
     OutOfMemory,
     Vae,
     job_batch_key,
+    views_batch_key,
 )
+
+
+def _control_rows(jobs: Sequence[Job], images: Sequence[Sequence[Image.Image]]) -> list[np.ndarray]:
+    """For each ControlNet, every row's control image (`images[j]`: job j's, one per ControlNet; a job's image
+    once per seed) as one array, converted as diffusers converts a PIL image: a MultiControlNet takes a batch of
+    images per ControlNet only as an array or tensor, not as a list."""
+    return [
+        VaeImageProcessor.pil_to_numpy([own[index] for job, own in zip(jobs, images, strict=True) for _ in job.seeds])
+        for index in range(len(jobs[0].controls))
+    ]
 
 
 def _row_ranges(jobs: Sequence[Job]) -> list[tuple[int, int]]:
@@ -168,12 +182,16 @@ class EagerEngine:
         first = jobs[0]
         if any(job_batch_key(job) != job_batch_key(first) for job in jobs):
             raise ValueError("jobs in one batch must share model, LoRAs, size, steps, sampler and guided-ness")
-        if len(jobs) > 1 and (first.controls or first.image_edit is not None or first.references is not None):
-            raise ValueError("jobs with ControlNet control, an init image or references run alone")
+        if len(jobs) > 1:
+            if first.image_edit is not None:
+                raise ValueError("jobs with an init image run alone")
+            if any(views_batch_key(job) != views_batch_key(first) for job in jobs):
+                raise ValueError("jobs in one batch must share ControlNet settings, references and hires fix")
         _stop_if_all_cancelled(jobs)
         scales = [job.guidance_scale for job in jobs for _ in job.seeds]
         mixed_scales = first.guidance_scale > 1 and len(set(scales)) > 1
-        if mixed_scales and not guides_only_by_cfg(self.pipe):
+        # A UNet that embeds its scale, and diffusers' ControlNet pipeline, apply one scale to the whole batch.
+        if mixed_scales and (first.controls or not guides_only_by_cfg(self.pipe)):
             return self._run_in_parts(jobs, lambda job: job.guidance_scale)
         guided = first.guidance_scale > 1 and guides_only_by_cfg(self.pipe)
         if len(jobs) > 1 and len({self.prompts.chunk_count(job, guided) for job in jobs}) > 1:
@@ -182,8 +200,8 @@ class EagerEngine:
         # 1. LoRAs: loaded once per pipeline, switched by adapter weights (the batch shares one set).
         self._activate_loras(first.loras)
 
-        # 2. Control images and their ControlNets (a job with control is a batch of one).
-        control_images = [self._control_image(control, first) for control in first.controls]
+        # 2. Each job's control images and the ControlNets (the batch shares their settings).
+        control_images = [[self._control_image(control, job) for control in job.controls] for job in jobs]
         controlnets = [self._controlnet(control.type) for control in first.controls]
 
         # 3. A request-scoped pipeline: shares every weight, owns a fresh scheduler (schedulers hold state).
@@ -201,7 +219,7 @@ class EagerEngine:
             )
             if controlnets:
                 control_args |= {
-                    "control_image": control_images,
+                    "control_image": control_images[0],
                     "controlnet_conditioning_scale": [c.strength for c in first.controls],
                     "control_guidance_start": [c.start for c in first.controls],
                     "control_guidance_end": [c.end for c in first.controls],
@@ -209,7 +227,7 @@ class EagerEngine:
         elif controlnets:
             pipe = StableDiffusionXLControlNetPipeline(**components, controlnet=controlnets)
             control_args = {
-                "image": control_images,
+                "image": control_images[0] if len(jobs) == 1 else _control_rows(jobs, control_images),
                 "controlnet_conditioning_scale": [c.strength for c in first.controls],
                 "control_guidance_start": [c.start for c in first.controls],
                 "control_guidance_end": [c.end for c in first.controls],

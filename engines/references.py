@@ -53,7 +53,9 @@ class ReferenceAdapters:
         self, references: References, *, guided: bool, steps: int, width: int, height: int
     ) -> Iterator[dict[str, Any]]:
         """Within the block the UNet has the adapter and the pipeline call takes the returned arguments;
-        call `at_step` from the step callback so each reference acts on its own steps (of `steps` run)."""
+        call `at_step` from the step callback so each reference acts on its own steps (of `steps` run). The
+        arguments are one row's, for a batch of any size: diffusers' SDXL pipelines repeat the embeddings for
+        every row (`prepare_ip_adapter_image_embeds` is given the batch size) and the masks broadcast."""
         self._load(references)
         unet = self.pipe.unet
         plain = dict(unet.attn_processors)

@@ -30,8 +30,8 @@ def batch_key(spec: GenerationSpec, step_level: bool = False) -> BatchKey | None
     """Tasks with equal keys can be denoised together; None: the task always runs alone (ControlNet inputs
     differ per task and their networks change the UNet's inputs)."""
     # Each img2img task brings its own image and mask, each task with references attaches its own adapter,
-    # and a sheet's views run one after another.
-    if spec.control or spec.init_image is not None or spec.references or spec.views:
+    # and a task whose images differ (views, variations, grid cells) batches its own images.
+    if spec.control or spec.init_image is not None or spec.references or spec.views or spec.variants:
         return None
     # A whole-request batch runs the hires fix's second pass as one img2img call: a task with it runs alone.
     # Step by step, its second pass is a task of its own among those of its size.

@@ -221,6 +221,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         return self.data_path / "embeddings"
 
     @property
+    def wildcards_path(self) -> Path:
+        """Wildcard files for prompt variations (<name>.txt, a choice per line), as Dynamic Prompts' wildcards/."""
+        return self.data_path / "wildcards"
+
+    @property
     def upscalers_path(self) -> Path:
         return self.models_path / "upscalers"
 

@@ -118,7 +118,8 @@ class Job:
     hires: Hires | None = None  # a second, img2img pass at a larger size
     # Seamless tiles: none, x, y or both; the UNet's and VAE's convolutions wrap around on those axes.
     tiling: str = "none"
-    # A sheet: these jobs run one after another, each giving one image (this job's own fields are unused).
+    # A task whose images differ (a sheet's views, prompt variations, a grid's cells): a job per image, those
+    # that can share a batch run as one (this job's own fields are unused).
     views: list[Job] = field(default_factory=list)
 
 
@@ -179,6 +180,18 @@ def job_batch_key(job: Job) -> tuple[object, ...]:
     """Jobs with equal keys can share one UNet batch."""
     loras = tuple((lora.path, lora.weight) for lora in job.loras)
     return (job.model.id, loras, *shared_settings(job))
+
+
+def views_batch_key(job: Job) -> tuple[object, ...] | None:
+    """Jobs with equal keys may run as one `run_batch` (one UNet and ControlNet call a step for all their rows):
+    `job_batch_key`, the ControlNets' settings (not their images), the references and the hires fix. Each job keeps
+    its own prompt, seeds, guidance scale and control images. None: the job runs alone (an init image or mask)."""
+    if job.image_edit is not None:
+        return None
+    controls = tuple((c.type, c.strength, c.start, c.end, c.preprocess) for c in job.controls)
+    references = job.references
+    shared = None if references is None else (references.adapter, references.source, tuple(references.images))
+    return (*job_batch_key(job), controls, shared, job.hires)
 
 
 def job_for(

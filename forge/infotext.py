@@ -42,8 +42,11 @@ def _hires(spec: GenerationSpec) -> dict[str, object | None]:
 
 
 def infotext(
-    spec: GenerationSpec, seed: int, model_name: str, postprocess: list[str] | None = None, index: int = 0
+    task: GenerationSpec, seed: int, model_name: str, postprocess: list[str] | None = None, index: int = 0
 ) -> str:
+    """Image `index`'s parameters: its own prompt and settings where the task's images differ, with the prompt
+    as written as `Template` (as A1111's Dynamic Prompts extension writes it) when variations were chosen."""
+    spec = task.image_spec(index)
     sampler = SAMPLERS[spec.scheduler]
     params: dict[str, object | None] = {
         "Steps": spec.steps,
@@ -75,6 +78,10 @@ def infotext(
         # A1111 writes "Tiling: True" (both axes, its only kind); one axis is written as its name.
         "Tiling": {"none": None, "both": "True"}.get(spec.tiling, spec.tiling),
         "Postprocess": "; ".join(postprocess or []) or None,
+        "Template": task.prompt if spec.prompt != task.prompt and task.grid is None else None,
+        "Negative Template": task.negative_prompt
+        if spec.negative_prompt != task.negative_prompt and task.grid is None
+        else None,
         "Version": f"chara-forge {__version__}",
     }
     lines = [spec.prompt_for(index)]

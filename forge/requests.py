@@ -212,6 +212,28 @@ class AnimationRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
         return len(self.action) if isinstance(self.action, list) else self.frames or 6
 
 
+VariationMode = Literal["random", "combinatorial", "off"]
+GridField = Literal["prompt", "negative_prompt", "seed", "steps", "guidance_scale", "scheduler", "clip_skip"]
+MAX_GRID_SIDE = 8
+GridValue = Annotated[str, Meta(max_length=1000)] | int | float
+
+
+class GridAxis(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One axis of a prompt matrix: a field and the values it takes. For prompt and negative_prompt, the
+    first value is text of the prompt and each value replaces it in turn (A1111's Prompt S/R)."""
+
+    field: GridField
+    values: Annotated[list[GridValue], Meta(min_length=1, max_length=MAX_GRID_SIDE)]
+
+
+class GridRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A prompt matrix: an image for every combination of the axes' values (row by row: y, then x) in one
+    task, plus one labelled grid image."""
+
+    x: GridAxis
+    y: GridAxis | None = None
+
+
 class GenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A request to generate character images. Omitted fields take the model's defaults."""
 
@@ -264,6 +286,17 @@ class GenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
         Tiling,
         Meta(description="seamless tiles: the image wraps around left to right (x), top to bottom (y) or both"),
     ] = "none"
+    tile_preview: Annotated[
+        bool, Meta(description="with tiling: also a preview of each image repeated 3 times along its tiled axes")
+    ] = False
+    variations: Annotated[
+        VariationMode,
+        Meta(
+            description="{a|b} choices and __name__ wildcards in the prompt: random (each image's seed picks), "
+            "combinatorial (the combinations in order, one per image) or off (the prompt as written)"
+        ),
+    ] = "random"
+    grid: Annotated[GridRequest, Meta(description="a prompt matrix: one image per combination")] | None = None
     output_format: OutputFormat = "png"
     priority: Annotated[int, Meta(ge=-10, le=10, description="higher runs first")] = 0
     init_image: (
@@ -315,6 +348,38 @@ class CharacterUsed(msgspec.Struct, frozen=True, kw_only=True):
     version: int
 
 
+def work_of(width: int, height: int, steps: int, hires: HiresSpec | None) -> int:
+    """Pixel-steps of one image: what the work budget counts."""
+    return width * height * steps + (hires.width * hires.height * hires.steps if hires else 0)
+
+
+class ImageVariant(msgspec.Struct, frozen=True, kw_only=True):
+    """What one image of a task has of its own: its prompts with their variations chosen, and a grid cell's
+    settings. Every field is the image's value, equal to the task's where the image does not differ."""
+
+    prompt: str
+    negative_prompt: str
+    styled_prompt: str
+    styled_negative_prompt: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    scheduler: SchedulerName
+    clip_skip: int | None = None
+    hires: HiresSpec | None = None
+
+
+class GridSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A prompt matrix resolved: images are row by row (y, then x); labels as the grid image shows them."""
+
+    x: GridAxis
+    y: GridAxis | None = None
+
+    @property
+    def columns(self) -> int:
+        return len(self.x.values)
+
+
 class GenerationSpec(msgspec.Struct, frozen=True, kw_only=True):
     """A request with every default filled in: exactly what the engine runs and what metadata records."""
 
@@ -355,14 +420,31 @@ class GenerationSpec(msgspec.Struct, frozen=True, kw_only=True):
     vae: str | None = None  # a configured VAE's name; None: the model's own
     hires: HiresSpec | None = None  # the images come out at hires.width x hires.height
     tiling: Tiling = "none"  # the axes the images wrap around on (seamless tiles)
+    tile_preview: bool = False
+    variations: VariationMode = "random"
+    # Images that differ from the task in prompt or settings (variations chosen, grid cells): one per image.
+    variants: list[ImageVariant] = []
+    grid: GridSpec | None = None
 
     @property
     def seeds(self) -> list[int]:
+        if self.variants:
+            return [variant.seed for variant in self.variants]
         if self.views:
             return [self.seed] * len(self.views)
         return [(self.seed + k) % (MAX_SEED + 1) for k in range(self.num_images)]
 
+    def image_spec(self, index: int) -> GenerationSpec:
+        """The spec image `index` was made with: the task's, with that image's own prompts and settings."""
+        if not self.variants:
+            return self
+        variant = self.variants[index]
+        return msgspec.structs.replace(
+            self, **{field: getattr(variant, field) for field in variant.__struct_fields__}, variants=[], grid=None
+        )
+
     def prompt_for(self, index: int) -> str:
-        """What image `index` was drawn from: the styled prompt, with its view's words on a sheet."""
+        """What image `index` was drawn from: its styled prompt, with its view's words on a sheet."""
+        styled = self.variants[index].styled_prompt if self.variants else self.styled_prompt
         words = self.views[index].prompt if self.views else ""
-        return f"{self.styled_prompt}, {words}" if words else self.styled_prompt
+        return f"{styled}, {words}" if words else styled

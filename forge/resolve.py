@@ -14,6 +14,7 @@ from forge.content_filter import PromptFilter
 from forge.embeddings import EmbeddingCatalog
 from forge.engine import ModelInfo
 from forge.errors import InvalidRequest
+from forge.image_variants import grid_spec, with_variations
 from forge.loras import LoraCatalog
 from forge.model_files import ModelFiles
 from forge.prompt_syntax import check_weights
@@ -30,8 +31,10 @@ from forge.requests import (
     PostprocessRequest,
     ReferenceRequest,
     SchedulerName,
+    work_of,
 )
 from forge.styles import NO_STYLE, Style, StyledPrompt, StyleRegistry, apply_styles
+from forge.variations import PromptVariations
 
 DEFAULT_SCHEDULER: SchedulerName = "euler"
 
@@ -89,6 +92,8 @@ class Resources:
     missing_ip_adapters: set[str] = dataclasses.field(default_factory=set)
     # Textual-inversion embeddings prompts may name (the engines load them; listed by /sdapi/v1/embeddings).
     embeddings: EmbeddingCatalog = dataclasses.field(default_factory=lambda: EmbeddingCatalog(None))
+    # Expands {a|b} and __wildcard__ prompts (wildcard files in the data folder's wildcards/).
+    variations: PromptVariations = dataclasses.field(default_factory=lambda: PromptVariations(None))
 
 
 def requested_styles(request: GenerationRequest) -> list[str]:
@@ -450,9 +455,27 @@ def resolve_request(
     init_size: tuple[int, int] | None = None,
     character: CharacterUsed | None = None,
 ) -> GenerationSpec:
-    """Apply styles and defaults; check every name against what is installed. Raises InvalidRequest.
-    `init_size`: the init image's size, which width and height follow when the request omits them."""
+    """Apply styles and defaults; check every name against what is installed; choose each image's prompt
+    variations and make a prompt matrix's cells. Raises InvalidRequest. `init_size`: the init image's size,
+    which width and height follow when the request omits them."""
     request = with_animation(request)
+
+    def resolve(one: GenerationRequest) -> GenerationSpec:
+        return _resolve_task(one, model, resources, init_size, character)
+
+    spec = resolve(request)
+    if request.grid is not None:
+        return grid_spec(request, request.grid, spec, resolve, resources)
+    return with_variations(spec, _styles(request, resources.styles), resources)
+
+
+def _resolve_task(
+    request: GenerationRequest,
+    model: ModelInfo,
+    resources: Resources,
+    init_size: tuple[int, int] | None,
+    character: CharacterUsed | None,
+) -> GenerationSpec:
     if not request.prompt.strip():
         raise InvalidRequest("prompt must not be blank", field="prompt", rule="min_length")
     limit = resources.max_prompt_chars
@@ -506,8 +529,7 @@ def resolve_request(
     images, images_field = (len(request.views), "views") if request.views else (request.num_images, "num_images")
     if request.animation is not None:
         images_field = "animation.frames"
-    work = width * height * images * steps + (hires.width * hires.height * images * hires.steps if hires else 0)
-    if resources.max_work and work > resources.max_work:
+    if resources.max_work and work_of(width, height, steps, hires) * images > resources.max_work:
         raise InvalidRequest(
             f"{width}x{height} x {images} images x {steps} steps is over this server's budget of "
             f"{resources.max_work} pixel-steps per request; ask for fewer {images_field.rsplit('.', 1)[-1]}, "
@@ -553,4 +575,14 @@ def resolve_request(
         vae=check_vae(request.vae, model),
         hires=hires,
         tiling=request.tiling,
+        tile_preview=check_tile_preview(request),
+        variations=request.variations,
     )
+
+
+def check_tile_preview(request: GenerationRequest) -> bool:
+    if request.tile_preview and request.tiling == "none":
+        raise InvalidRequest(
+            "a tile preview repeats a seamless tile: ask for tiling x, y or both", field="tile_preview", rule="requires"
+        )
+    return request.tile_preview

@@ -283,8 +283,9 @@ class A1111Routes:
     ) -> dict[str, Any]:
         spec = records[0].spec  # there is at least one: the first iteration ran or the request failed
         seeds = [seed for record in records for seed in record.spec.seeds]
-        prompts = [record.spec.styled_prompt for record in records for _ in record.spec.seeds]
-        negatives = [record.spec.styled_negative_prompt for record in records for _ in record.spec.seeds]
+        images = [record.spec.image_spec(index) for record in records for index in range(len(record.spec.seeds))]
+        prompts = [image.styled_prompt for image in images]
+        negatives = [image.styled_negative_prompt for image in images]
         sampler = SAMPLERS[spec.scheduler]
         return {
             "prompt": prompts[0],

@@ -40,7 +40,7 @@ from forge.characters import (
 )
 from forge.errors import ForgeError, InvalidRequest, NotFound
 from forge.events import Progress
-from forge.requests import MAX_IMAGES, MAX_REFERENCES, MAX_SEED, GenerationRequest, Tiling
+from forge.requests import MAX_IMAGES, MAX_REFERENCES, MAX_SEED, GenerationRequest, Tiling, VariationMode
 from forge.resolve import preset_size
 from forge.tasks import TaskRecord, TaskState
 from forge.validation import convert
@@ -120,7 +120,9 @@ class McpAdapter:
             "notifications are sent while it denoises when the request carries a progress token.",
         )
         async def generate_character(
-            prompt: Annotated[str, Field(description="the character: look, outfit, pose, setting")],
+            prompt: Annotated[
+                str, Field(description="the character: look, outfit, pose, setting; {a|b} picks one of a and b")
+            ],
             ctx: Context,
             style: Annotated[
                 str | list[str] | None, Field(description="a style from list_styles, or several to stack")
@@ -193,9 +195,31 @@ class McpAdapter:
                 Tiling,
                 Field(description="seamless tiles (textures, backgrounds): wrap around on x, y or both axes"),
             ] = "none",
+            variations: Annotated[
+                VariationMode,
+                Field(
+                    description="{a|b} choices and __name__ wildcards in the prompt: random (each image's seed "
+                    "picks), combinatorial (each combination once, one per image) or off (as written)"
+                ),
+            ] = "random",
+            grid: Annotated[
+                dict[str, Any] | None,
+                Field(
+                    description="a prompt matrix, one image per combination plus a labelled grid image: {x: {field, "
+                    "values}, y: {field, values}}; fields prompt and negative_prompt (the first value is replaced "
+                    "by each), seed, steps, guidance_scale, scheduler, clip_skip"
+                ),
+            ] = None,
             wait: Annotated[bool, Field(description="wait for the images (else return the task id)")] = True,
         ) -> list[TextContent | ImageContent | ResourceLink] | CallToolResult:
-            fields: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt, "num_images": num_images}
+            fields: dict[str, Any] = {
+                "prompt": prompt,
+                "negative_prompt": negative_prompt,
+                "num_images": num_images,
+                "variations": variations,
+            }
+            if grid is not None:
+                fields["grid"] = grid
             if character is not None:
                 fields["character"] = character
             if style is not None:

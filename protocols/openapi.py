@@ -250,6 +250,30 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
                 }
             )
         ),
+        ("get", API + "/{id}/grid.png"): _stored(
+            _authenticated(
+                {
+                    "summary": "A prompt matrix's labelled grid image (the grid field)",
+                    "parameters": [task_id],
+                    "responses": {
+                        "200": {"description": "the grid", **_binary("image/png")},
+                        "404": _error("no such generation, or it has no grid"),
+                    },
+                }
+            )
+        ),
+        ("get", API + "/{id}/tile-previews/{index}.png"): _stored(
+            _authenticated(
+                {
+                    "summary": "A seamless tile repeated along its tiled axes (3x3 for both; tile_preview)",
+                    "parameters": [task_id, _path("index", {"type": "integer", "minimum": 0})],
+                    "responses": {
+                        "200": {"description": "the preview", **_binary("image/png")},
+                        "404": _error("no such generation, or it has no such preview"),
+                    },
+                }
+            )
+        ),
         ("post", SHEETS): _stored(
             _authenticated(
                 {

@@ -24,8 +24,10 @@ from actors.postprocess import (
     ANIMATION_PREFIX,
     ASEPRITE_ATLAS,
     GODOT_SPRITE_FRAMES,
+    GRID_IMAGE,
     SPRITE_SHEET_ATLAS,
     SPRITE_SHEET_IMAGE,
+    TILE_PREVIEW,
 )
 from engines.sprite_sheet import pack
 from forge.auth import Authenticator
@@ -64,6 +66,8 @@ class SpriteSheetRoutes:
         return [
             Route(API + "/{id}/sprite-sheet.{kind:str}", self.task_sheet, methods=["GET"]),
             Route(API + "/{id}/animation/{name:str}", self.task_animation, methods=["GET"]),
+            Route(API + "/{id}/grid.png", self.task_grid, methods=["GET"]),
+            Route(API + "/{id}/tile-previews/{index:int}.png", self.task_tile_preview, methods=["GET"]),
             Route(SHEETS, self.create, methods=["POST"]),
             Route(SHEETS + "/{id}.{kind:str}", self.sheet, methods=["GET"]),
         ]
@@ -78,6 +82,15 @@ class SpriteSheetRoutes:
         name = request.path_params["name"]
         known = name in (ASEPRITE_ATLAS, GODOT_SPRITE_FRAMES) or _ANIMATION_FILE.match(name) is not None
         return await self._task_file(request, name if known else None, f"file {name!r} (ask for animation)")
+
+    async def task_grid(self, request: Request) -> Response:
+        return await self._task_file(request, GRID_IMAGE, "grid (ask for grid)")
+
+    async def task_tile_preview(self, request: Request) -> Response:
+        name = TILE_PREVIEW.format(index=request.path_params["index"])
+        return await self._task_file(
+            request, name, f"tile preview {request.path_params['index']} (ask for tile_preview)"
+        )
 
     async def _task_file(self, request: Request, name: str | None, what: str) -> Response:
         """A file written beside a succeeded task's metadata."""

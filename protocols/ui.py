@@ -40,6 +40,7 @@ from forge.requests import (
     MIN_FRAMES,
     PALETTE_NAMES,
     GenerationRequest,
+    GenerationSpec,
     HiresSpec,
     PostprocessRequest,
 )
@@ -333,6 +334,11 @@ class WebUi:
                         tiling = gr.Radio(
                             ["none", "x", "y", "both"], value="none", label="Tiling (seamless: wraps around on)"
                         )
+                        variations = gr.Radio(
+                            ["random", "combinatorial", "off"],
+                            value="random",
+                            label="Prompt variations ({a|b} and __wildcard__): each image picks",
+                        )
                 with gr.Accordion("Game asset", open=False):
                     with gr.Row():
                         upscale = gr.Radio(["off", "2", "4"], value="off", label="Upscale")
@@ -440,6 +446,7 @@ class WebUi:
                 hires_steps,
                 hires_denoise,
                 tiling,
+                variations,
             ]
             generate.click(
                 self.generate,
@@ -521,6 +528,7 @@ class WebUi:
         hires_steps: float,
         hires_denoise: float,
         tiling: str,
+        variations: str,
         batch: bool,
         character: str | None,
         init_image: Any,
@@ -572,6 +580,8 @@ class WebUi:
         common |= _model_fields(clip_skip, vae, hires_scale, hires_upscaler, hires_steps, hires_denoise)
         if tiling and tiling != "none":
             common["tiling"] = tiling
+        if variations:
+            common["variations"] = variations
         if not random_seed and seed is not None:
             common["seed"] = int(seed)
         if character and character != NO_CHARACTER:
@@ -766,6 +776,7 @@ class WebUi:
             spec.vae or OWN_VAE_LABEL,  # the VAE it ran with (None: the model's own)
             *_hires_settings(spec.hires),
             spec.tiling,
+            spec.variations,
         ]
 
     async def same_seed(self, task_id: str, request: gr.Request) -> tuple[str, bool, int]:
@@ -786,9 +797,12 @@ class WebUi:
 
     def _gallery(self, records: list[TaskRecord]) -> list[tuple[Any, str]]:
         return [
-            (self._shown(path), f"seed {seed}")
+            (
+                self._shown(path),
+                f"seed {seed}: {r.spec.image_spec(index).prompt}" if r.spec.variants else f"seed {seed}",
+            )
             for r in records
-            for path, seed in zip(r.images, r.spec.seeds, strict=False)
+            for index, (path, seed) in enumerate(zip(r.images, r.spec.seeds, strict=False))
         ]
 
     def _shown(self, path: str) -> Any:
@@ -819,3 +833,10 @@ class WebUi:
         if preview_b64 is None:
             return None
         return Image.open(io.BytesIO(base64.b64decode(preview_b64)))
+
+
+def _captions(spec: GenerationSpec) -> list[str]:
+    """Each image's seed, and its prompt where the task's images differ (variations, a grid)."""
+    if not spec.variants:
+        return [f"seed {seed}" for seed in spec.seeds]
+    return [f"seed {seed}: {spec.image_spec(index).prompt}" for index, seed in enumerate(spec.seeds)]

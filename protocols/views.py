@@ -46,6 +46,9 @@ class ImageLink(msgspec.Struct, frozen=True, kw_only=True):
     url: str
     content_type: str
     seed: int
+    prompt: Annotated[
+        str | None, Meta(description="the prompt this image got, when a task's images differ (variations, grid)")
+    ] = None
 
 
 class Links(msgspec.Struct, frozen=True, kw_only=True):
@@ -82,6 +85,8 @@ class TaskView(msgspec.Struct, frozen=True, kw_only=True):
     links: Links
     sprite_sheet: SpriteSheetLinks | None = None
     animation: AnimationLinks | None = None
+    grid: Annotated[str | None, Meta(description="a prompt matrix's labelled grid image")] = None
+    tile_previews: Annotated[list[str], Meta(description="each seamless tile repeated (tile_preview)")] = []
     worker: Annotated[str, Meta(description="the fleet node that runs or ran it (empty on one box)")] = ""
 
 
@@ -167,10 +172,18 @@ def task_view(record: TaskRecord, live: Live) -> TaskView:
     error = None
     if record.error_code:
         error = ErrorView(code=record.error_code, message=record.error_message or "")
+    spec = record.spec
     images = [
-        ImageLink(index=i, url=image_url(record.id, i), content_type=CONTENT_TYPES[path.rsplit(".", 1)[-1]], seed=seed)
-        for i, (path, seed) in enumerate(zip(record.images, record.spec.seeds, strict=False))
+        ImageLink(
+            index=i,
+            url=image_url(record.id, i),
+            content_type=CONTENT_TYPES[path.rsplit(".", 1)[-1]],
+            seed=seed,
+            prompt=spec.image_spec(i).prompt if spec.variants else None,
+        )
+        for i, (path, seed) in enumerate(zip(record.images, spec.seeds, strict=False))
     ]
+    succeeded = record.state is TaskState.SUCCEEDED
     return TaskView(
         id=record.id,
         state=record.state,
@@ -191,7 +204,11 @@ def task_view(record: TaskRecord, live: Live) -> TaskView:
         sprite_sheet=SpriteSheetLinks(image=f"{base}/sprite-sheet.png", atlas=f"{base}/sprite-sheet.json")
         if record.state is TaskState.SUCCEEDED and record.spec.postprocess and record.spec.postprocess.sprite_sheet
         else None,
-        animation=_animation_links(base, record.spec.animation) if record.state is TaskState.SUCCEEDED else None,
+        animation=_animation_links(base, spec.animation) if succeeded else None,
+        grid=f"{base}/grid.png" if succeeded and spec.grid is not None else None,
+        tile_previews=[f"{base}/tile-previews/{i}.png" for i in range(len(images))]
+        if succeeded and spec.tile_preview
+        else [],
         worker=live.worker or record.worker,
     )
 

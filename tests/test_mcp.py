@@ -140,6 +140,14 @@ async def test_styles_pose_and_model_through_mcp(server: RunningServer) -> None:
         larger = await session.call_tool("generate_character", {"prompt": "a rogue", "size": "64x64", "hires": hires})
         bad_pose = await session.call_tool("generate_character", {"prompt": "x", "pose": "moonwalk"})
         bad_step = await session.call_tool("generate_character", {"prompt": "x", "postprocess": {"blur": 1}})
+        varied = await session.call_tool(
+            "generate_character",
+            {"prompt": "a {red|blue} rogue", "size": "64x64", "num_images": 2, "variations": "combinatorial"},
+        )
+        grid = {"x": {"field": "guidance_scale", "values": [1, 5]}}
+        matrix = await session.call_tool("generate_character", {"prompt": "a rogue", "size": "64x64", "grid": grid})
+    assert [image["prompt"] for image in _text(varied)["images"]] == ["a red rogue", "a blue rogue"]
+    assert _text(matrix)["grid"] and len(_text(matrix)["images"]) == 2
     assert not done.is_error
     spec = (await server.client.get(f"/v1/generations/{_text(done)['id']}")).json()["request"]
     assert spec["styles"] == ["dark-fantasy-rpg", "chibi"] and spec["model"] == "tiny-sdxl"

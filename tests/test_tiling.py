@@ -112,6 +112,23 @@ async def test_x_wraps_left_to_right_only_and_y_top_to_bottom_only(server: Runni
     assert "Tiling: y" in await parameters_of(server, y_view)
 
 
+async def test_a_tile_preview_repeats_each_tile_along_its_axes(server: RunningServer) -> None:
+    """`tile_preview`: each image laid 3x3 (both) or 3 times along its one axis, as a file of the result."""
+    for tiling, shape in (("both", (3, 3)), ("x", (1, 3))):
+        view, images = await generate(server, tiling=tiling, tile_preview=True, seed=2, num_images=2)
+        assert len(view["tile_previews"]) == 2
+        for url, image in zip(view["tile_previews"], images, strict=True):
+            answer = await server.client.get(url)
+            assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+            with Image.open(io.BytesIO(answer.content)) as preview:
+                assert np.array_equal(np.asarray(preview.convert("RGB")), np.tile(image, (*shape, 1)))
+    plain, _ = await generate(server, seed=2)
+    assert plain["tile_previews"] == []
+    assert (await server.client.get(f"/v1/generations/{plain['id']}/tile-previews/0.png")).status_code == 404
+    refused = await server.client.post("/v1/generations", json={**SMALL, "tile_preview": True})
+    assert refused.status_code == 422 and refused.json()["error"]["field"] == "tile_preview"
+
+
 async def test_the_hires_fix_and_img2img_make_tiles_too(server: RunningServer) -> None:
     """Both passes of the hires fix wrap (its latent upscale does not, the repaint mends the edge), and so does
     an img2img repaint of an image without a seam of its own (black edges all round)."""

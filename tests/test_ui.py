@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "hires_steps": 0,
     "hires_denoise": 0.7,
     "tiling": "none",
+    "variations": "random",
     "batch": False,
     "character": "none",
     "init_image": None,
@@ -204,7 +205,18 @@ async def test_clip_skip_and_the_hires_fix_come_from_the_advanced_panel(server: 
     assert "Denoising strength: 0.5" in parameters and "Hires upscaler: Latent" in parameters
     task_id = (await server.client.get("/v1/generations")).json()["items"][0]["id"]
     settings = await anyio.to_thread.run_sync(lambda: client.predict(task_id, api_name="/reuse"))
-    assert list(settings[24:]) == [1, "None", 2, "latent", 2, 0.5, "none"]
+    assert list(settings[24:]) == [1, "None", 2, "latent", 2, 0.5, "none", "random"]
+
+
+async def test_prompt_variations_show_each_image_prompt(server: RunningServer, client: Client) -> None:
+    updates = await anyio.to_thread.run_sync(
+        lambda: run_generate(client, prompt="a {red|blue} knight", variations="combinatorial", num_images=2)
+    )
+    captions = [item["caption"] for item in updates[-1][2]]
+    assert [caption.split(": ", 1)[1] for caption in captions] == ["a red knight", "a blue knight"]
+    task_id = (await server.client.get("/v1/generations")).json()["items"][0]["id"]
+    settings = await anyio.to_thread.run_sync(lambda: client.predict(task_id, api_name="/reuse"))
+    assert settings[0] == "a {red|blue} knight" and settings[-1] == "combinatorial"
 
 
 def _probes(server: RunningServer) -> Iterator[str]:
