@@ -365,7 +365,7 @@ async def test_tiling_goes_through_mcp_and_the_web_ui(server: RunningServer) -> 
     request = (await server.client.get("/v1/generations")).json()["items"][0]["request"]
     assert request["tiling"] == "x"
     settings = await anyio.to_thread.run_sync(_through_the_ui, server)
-    assert settings[-1] == "both"  # the Tiling radio is the last setting
+    assert settings[-2] == "both"  # the Tiling radio, before the prompt variations
 
 
 def _through_the_ui(server: RunningServer) -> list[Any]:
