@@ -9,6 +9,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from mcp.types import ImageContent
 from PIL import Image
 
 from actors.keys import KeyStore, RedisKeys
-from tests.helpers import FINAL_STATES, all_tasks, scrape_metrics, submit_burst
+from tests.helpers import FINAL_STATES, Samples, all_tasks, scrape_metrics, submit_burst
 from tests.process import ServerProcess
 from tests.redis_server import REDIS_SERVER, RedisServer, running_redis
 from tests.test_ui import gallery_files, run_generate
@@ -87,29 +88,29 @@ async def wait_final(client: httpx.AsyncClient, task_id: str, timeout_s: float =
             await anyio.sleep(0.05)
 
 
-@pytest.fixture
-async def fleet(tmp_path: Path, tiny_model: Path) -> AsyncIterator[Fleet]:
+@asynccontextmanager
+async def started_fleet(root: Path, tiny_model: Path) -> AsyncIterator[Fleet]:
     if REDIS_SERVER is None:
         pytest.skip("redis-server is not installed (Debian package redis-server); the fleet tests need one")
-    (tmp_path / "forge.toml").write_text(CONFIG + f'\n[models]\nsecond = "{tiny_model}"\n')
-    async with running_redis(tmp_path / "redis") as server:
+    (root / "forge.toml").write_text(CONFIG + f'\n[models]\nsecond = "{tiny_model}"\n')
+    async with running_redis(root / "redis") as server:
         keys = KeyStore(RedisKeys(redis.Redis.from_url(server.url)))
         tokens = {
             owner: keys.create(owner, plan, ["generate"])[1]
             for owner, plan in (("ann", "unlimited"), ("bob", "unlimited"), ("tia", "trial"))
         }
         tokens["root"] = keys.create("root", "unlimited", ["generate", "admin"])[1]
-        fleet = Fleet(server, [], [], tokens, tmp_path, tiny_model)
+        fleet = Fleet(server, [], [], tokens, root, tiny_model)
         for index in (1, 2):
             settings = {"store": server.url, "role": "api", "node_name": f"api{index}", "claim_timeout_s": "3"}
             fleet.apis.append(
                 ServerProcess(
-                    tmp_path / f"api{index}",
+                    root / f"api{index}",
                     tiny_model,
-                    tmp_path / f"api{index}.log",
+                    root / f"api{index}.log",
                     auth="true",
                     **settings,
-                ).with_config(tmp_path / "forge.toml")
+                ).with_config(root / "forge.toml")
             )
         fleet.workers = [fleet.worker("w1"), fleet.worker("w2")]
         try:
@@ -123,8 +124,30 @@ async def fleet(tmp_path: Path, tiny_model: Path) -> AsyncIterator[Fleet]:
                     await node.kill()
 
 
-async def test_two_api_nodes_and_two_workers_share_one_queue(fleet: Fleet) -> None:
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"  # as conftest's, for as long as the module's shared fleet runs
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path, tiny_model: Path) -> AsyncIterator[Fleet]:
+    """A fleet of its own, for a test that kills or replaces its nodes."""
+    async with started_fleet(tmp_path, tiny_model) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+async def shared_fleet(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> AsyncIterator[Fleet]:
+    """One fleet for the tests that leave every node running and wait for all they submit: starting four
+    server processes and Redis takes a quarter of a minute."""
+    async with started_fleet(tmp_path_factory.mktemp("fleet"), tiny_model) as started:
+        yield started
+
+
+async def test_two_api_nodes_and_two_workers_share_one_queue(shared_fleet: Fleet) -> None:
+    fleet = shared_fleet
     async with fleet.client(0) as one, fleet.client(1) as two:
+        workers_before, apis_before = await _fleet_metrics(fleet, one)
         ids = []
         for index in range(40):
             response = await (one, two)[index % 2].post("/v1/generations", json={"prompt": f"hero {index}", **SMALL})
@@ -139,15 +162,14 @@ async def test_two_api_nodes_and_two_workers_share_one_queue(fleet: Fleet) -> No
         # Each worker's /metrics counts the tasks it ran, the API nodes the submissions: each task once in all.
         succeeded = ("chara_forge_generations_total", (("state", "succeeded"), ("style", "none")))
         new = ("chara_forge_submissions_total", (("how", "new"),))
-        workers = {
-            node.env["FORGE_NODE_NAME"]: await scrape_metrics(one, f"{node.url}/metrics") for node in fleet.workers
-        }
-        apis = [await scrape_metrics(one, f"{node.url}/metrics") for node in fleet.apis]
+        workers_after, apis_after = await _fleet_metrics(fleet, one)
+        workers = {name: _counted(workers_before[name], samples) for name, samples in workers_after.items()}
+        apis = [_counted(before, after) for before, after in zip(apis_before, apis_after, strict=True)]
         for name, samples in workers.items():
             assert samples[succeeded] == made_by[name] and samples.get(new, 0) == 0, name
             assert samples[("chara_forge_denoise_seconds_count", ())] == made_by[name]
             assert samples[("chara_forge_postprocess_seconds_count", ())] == made_by[name]
-            assert samples[("chara_forge_engine_busy_ratio", (("device", "cpu"),))] > 0
+            assert workers_after[name][("chara_forge_engine_busy_ratio", (("device", "cpu"),))] > 0
         assert sum(samples[("chara_forge_images_total", ())] for samples in workers.values()) == 40
         assert [samples[new] for samples in apis] == [20, 20]
         assert all(samples.get(succeeded, 0) == 0 for samples in apis)
@@ -211,7 +233,21 @@ async def test_two_api_nodes_and_two_workers_share_one_queue(fleet: Fleet) -> No
             assert (await bob_two.get(f"/v1/generations/{ids[1]}")).status_code == 404
 
 
-async def test_cancel_through_one_node_stops_a_task_running_on_any_worker(fleet: Fleet) -> None:
+async def _fleet_metrics(fleet: Fleet, client: httpx.AsyncClient) -> tuple[dict[str, Samples], list[Samples]]:
+    """Each worker's samples by name, and each API node's."""
+    workers = {
+        node.env["FORGE_NODE_NAME"]: await scrape_metrics(client, f"{node.url}/metrics") for node in fleet.workers
+    }
+    return workers, [await scrape_metrics(client, f"{node.url}/metrics") for node in fleet.apis]
+
+
+def _counted(before: Samples, after: Samples) -> Samples:
+    """What the counters counted in between (the fleet may have run other tests' tasks before)."""
+    return {key: value - before.get(key, 0) for key, value in after.items()}
+
+
+async def test_cancel_through_one_node_stops_a_task_running_on_any_worker(shared_fleet: Fleet) -> None:
+    fleet = shared_fleet
     async with fleet.client(0) as one, fleet.client(1) as two:
         long = {"prompt": "long", "width": 64, "height": 64, "steps": 150}
         task = (await one.post("/v1/generations", json=long)).json()
@@ -226,16 +262,19 @@ async def test_cancel_through_one_node_stops_a_task_running_on_any_worker(fleet:
         assert (await wait_final(two, other["id"]))["state"] == "succeeded"
 
 
-async def test_a_plan_limits_an_owner_across_every_node(fleet: Fleet) -> None:
+async def test_a_plan_limits_an_owner_across_every_node(shared_fleet: Fleet) -> None:
+    fleet = shared_fleet
     async with fleet.client(0, "tia") as one, fleet.client(1, "tia") as two:
-        codes = [
-            (await (one, two)[i % 2].post("/v1/generations", json={"prompt": "x", **SMALL})).status_code
-            for i in range(8)
-        ]
-    assert codes.count(202) == 5 and codes.count(429) == 3, codes
+        answers = [await (one, two)[i % 2].post("/v1/generations", json={"prompt": "x", **SMALL}) for i in range(8)]
+        codes = [answer.status_code for answer in answers]
+        assert codes.count(202) == 5 and codes.count(429) == 3, codes
+        for answer in answers:  # the fleet is shared: leave nothing behind
+            if answer.status_code == 202:
+                assert (await wait_final(one, answer.json()["id"]))["state"] == "succeeded"
 
 
-async def test_models_loaded_through_one_node_show_as_held_by_the_workers_on_the_other(fleet: Fleet) -> None:
+async def test_models_loaded_through_one_node_show_as_held_by_the_workers_on_the_other(shared_fleet: Fleet) -> None:
+    fleet = shared_fleet
     async with fleet.client(0, "root") as one, fleet.client(1, "root") as two:
 
         async def holders() -> set[str]:
@@ -373,7 +412,8 @@ async def test_redis_killed_with_work_queued_and_running_loses_nothing(fleet: Fl
                 await anyio.sleep(0.2)
 
 
-async def test_long_tasks_keep_their_claim_and_a_high_priority_task_jumps_the_fleet_queue(fleet: Fleet) -> None:
+async def test_long_tasks_keep_their_claim_and_a_high_priority_task_jumps_the_fleet_queue(shared_fleet: Fleet) -> None:
+    fleet = shared_fleet
     async with fleet.client(0) as one, fleet.client(1) as two:
         slow = {"prompt": "slow", "width": 192, "height": 192, "steps": 150}
         long = [(await one.post("/v1/generations", json=slow)).json() for _ in range(2)]
