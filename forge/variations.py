@@ -47,12 +47,13 @@ class PromptVariations:
         self.folder = folder
         self._wildcards = _StrictWildcards(folder)
 
-    def names(self) -> list[str]:
-        """The wildcards a prompt may name, as `__name__`."""
+    def wildcards(self) -> list[tuple[str, int]]:
+        """(name, number of choices) of each wildcard a prompt may name as `__name__`."""
         if self.folder is None or not self.folder.is_dir():
             return []
         self._wildcards.clear_cache()
-        return sorted(self._wildcards.get_collection_names())
+        names = sorted(self._wildcards.get_collection_names())
+        return [(name, len(self._wildcards.get_values(name))) for name in names]
 
     @staticmethod
     def varies(prompt: str) -> bool:

@@ -65,6 +65,16 @@ class PoseList(msgspec.Struct, frozen=True):
     items: list[PoseView]
 
 
+class WildcardView(msgspec.Struct, frozen=True, kw_only=True):
+    name: Annotated[str, Meta(description="written __name__ in a prompt")]
+    choices: int
+
+
+class WildcardList(msgspec.Struct, frozen=True, kw_only=True):
+    items: list[WildcardView]
+    directory: Annotated[str, Meta(description="where wildcard files (<name>.txt) are looked for")]
+
+
 class ModelList(msgspec.Struct, frozen=True):
     items: list[ModelStatus]
 
@@ -101,6 +111,7 @@ class CatalogRoutes:
             Route("/v1/styles", self.styles, methods=["GET"]),
             Route("/v1/loras", self.loras, methods=["GET"]),
             Route("/v1/poses", self.poses, methods=["GET"]),
+            Route("/v1/wildcards", self.wildcards, methods=["GET"]),
             Route("/v1/poses/{name}.png", self.pose_image, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/models/{id:path}/load", self.load_model, methods=["POST"]),
@@ -162,6 +173,13 @@ class CatalogRoutes:
             PoseView(name=name, description=DESCRIPTIONS[name], image=f"/v1/poses/{name}.png") for name in POSE_NAMES
         ]
         return JSONResponse(PoseList(views))
+
+    async def wildcards(self, request: Request) -> Response:
+        await principal_of(request, self.auth)
+        variations = self.ingress.resources.variations
+        found = await anyio.to_thread.run_sync(variations.wildcards)
+        items = [WildcardView(name=name, choices=choices) for name, choices in found]
+        return JSONResponse(WildcardList(items=items, directory=str(variations.folder or "")))
 
     async def pose_image(self, request: Request) -> Response:
         await principal_of(request, self.auth)

@@ -33,6 +33,7 @@ from protocols.catalog_routes import (
     PostprocessCatalog,
     StyleList,
     UploadView,
+    WildcardList,
 )
 from protocols.character_routes import CHARACTERS
 from protocols.openapi_compat import BEARER_OR_NONE, REF, compat_operations
@@ -62,6 +63,7 @@ _SCHEMAS: list[Any] = [
     StyleList,
     LoraList,
     PoseList,
+    WildcardList,
     ModelList,
     ModelStatus,
     PostprocessCatalog,
@@ -429,6 +431,12 @@ def _operations(queries: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str
             {
                 "summary": "Pose templates for openpose control (control.pose)",
                 "responses": {"200": _ok("the poses", "PoseList")},
+            }
+        ),
+        ("get", "/v1/wildcards"): _authenticated(
+            {
+                "summary": "Wildcard files prompts may name as __name__ (prompt variations)",
+                "responses": {"200": _ok("the wildcards", "WildcardList")},
             }
         ),
         ("get", "/v1/poses/{name}.png"): _authenticated(

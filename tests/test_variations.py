@@ -98,6 +98,9 @@ async def test_random_choices_follow_each_image_seed_and_wildcard_files(wildcard
     # Image k's choices are its own seed's: the request that starts at that seed picks them for its first image.
     later = await finished(server, prompt=template, num_images=1, seed=42, steps=1)
     assert later["images"][0]["prompt"] == prompts[2]
+    listed = (await server.client.get("/v1/wildcards")).json()
+    assert listed["items"] == [{"name": "armour/metal", "choices": 2}, {"name": "colours", "choices": 3}]
+    assert listed["directory"].endswith("wildcards")
     # Off: the prompt as written (braces and all) for every image.
     literal = await finished(server, prompt="a {red|blue} knight", variations="off", num_images=2, steps=1)
     assert all(image["prompt"] is None for image in literal["images"])
