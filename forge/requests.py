@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import msgspec
 from msgspec import Meta
@@ -214,6 +214,7 @@ class AnimationRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
 
 VariationMode = Literal["random", "combinatorial", "off"]
 GridField = Literal["prompt", "negative_prompt", "seed", "steps", "guidance_scale", "scheduler", "clip_skip"]
+GRID_FIELDS: tuple[str, ...] = get_args(GridField)
 MAX_GRID_SIDE = 8
 GridValue = Annotated[str, Meta(max_length=1000)] | int | float
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import csv
 import io
 import tempfile
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from actors.encoding import png_base64
 from actors.files import DirectoryFiles, Files
 from actors.hub import Events
 from actors.ingress import Ingress
-from actors.postprocess import ANIMATION_PREFIX
+from actors.postprocess import ANIMATION_PREFIX, GRID_IMAGE
 from engines.animation_poses import ACTIONS, DIRECTIONS
 from engines.poses import POSE_NAMES
 from engines.schedulers import SAMPLERS
@@ -35,12 +36,14 @@ from forge.characters import (
 from forge.errors import ForgeError
 from forge.events import TERMINAL_EVENTS, Progress
 from forge.requests import (
+    GRID_FIELDS,
     MAX_FRAMES,
     MAX_IMAGES,
     MIN_FRAMES,
     PALETTE_NAMES,
     GenerationRequest,
     GenerationSpec,
+    GridSpec,
     HiresSpec,
     PostprocessRequest,
 )
@@ -53,6 +56,7 @@ HISTORY_LIMIT = 48
 
 
 NO_POSE = "none"
+NO_GRID_AXIS = "off"
 NO_PIXEL_ART = "off"
 FREE_PALETTE = "16 colours"
 AUTOMATIC_VAE_LABEL, OWN_VAE_LABEL = "Automatic", "None"  # the model's default VAE, and its own
@@ -96,6 +100,31 @@ def _model_fields(
             "denoise": float(hires_denoise),
         }
     return fields
+
+
+def _grid_fields(x_field: str, x_values: str, y_field: str, y_values: str) -> dict[str, Any]:
+    """The request's prompt matrix from the Prompt matrix panel: comma-separated values, as A1111's X/Y plot
+    takes them (quote a value that holds a comma)."""
+    axes = {}
+    for name, field, values in (("x", x_field, x_values), ("y", y_field, y_values)):
+        if field and field != NO_GRID_AXIS:
+            axes[name] = {"field": field, "values": next(csv.reader([values or ""], skipinitialspace=True), [])}
+    if "y" in axes and "x" not in axes:
+        axes = {"x": axes["y"]}
+    return {"grid": axes} if axes else {}
+
+
+def _grid_settings(grid: GridSpec | None) -> list[Any]:
+    """The Prompt matrix panel's values for a stored task."""
+    settings: list[Any] = []
+    for axis in [grid.x, grid.y] if grid is not None else [None, None]:
+        if axis is None:
+            settings += [NO_GRID_AXIS, ""]
+        else:
+            buffer = io.StringIO()
+            csv.writer(buffer).writerow([str(value) for value in axis.values])
+            settings += [axis.field, buffer.getvalue().strip()]
+    return settings
 
 
 def _hires_settings(hires: HiresSpec | None) -> list[Any]:
@@ -339,6 +368,17 @@ class WebUi:
                             value="random",
                             label="Prompt variations ({a|b} and __wildcard__): each image picks",
                         )
+                with gr.Accordion("Prompt matrix", open=False):
+                    with gr.Row():
+                        grid_x_field = gr.Dropdown(
+                            choices=[NO_GRID_AXIS, *GRID_FIELDS], value=NO_GRID_AXIS, label="X: field"
+                        )
+                        grid_x_values = gr.Textbox(label="X: values, comma-separated (prompt: the first is replaced)")
+                    with gr.Row():
+                        grid_y_field = gr.Dropdown(
+                            choices=[NO_GRID_AXIS, *GRID_FIELDS], value=NO_GRID_AXIS, label="Y: field"
+                        )
+                        grid_y_values = gr.Textbox(label="Y: values, comma-separated")
                 with gr.Accordion("Game asset", open=False):
                     with gr.Row():
                         upscale = gr.Radio(["off", "2", "4"], value="off", label="Upscale")
@@ -447,6 +487,10 @@ class WebUi:
                 hires_denoise,
                 tiling,
                 variations,
+                grid_x_field,
+                grid_x_values,
+                grid_y_field,
+                grid_y_values,
             ]
             generate.click(
                 self.generate,
@@ -529,6 +573,10 @@ class WebUi:
         hires_denoise: float,
         tiling: str,
         variations: str,
+        grid_x_field: str,
+        grid_x_values: str,
+        grid_y_field: str,
+        grid_y_values: str,
         batch: bool,
         character: str | None,
         init_image: Any,
@@ -582,6 +630,7 @@ class WebUi:
             common["tiling"] = tiling
         if variations:
             common["variations"] = variations
+        common |= _grid_fields(grid_x_field, grid_x_values, grid_y_field, grid_y_values)
         if not random_seed and seed is not None:
             common["seed"] = int(seed)
         if character and character != NO_CHARACTER:
@@ -777,6 +826,7 @@ class WebUi:
             *_hires_settings(spec.hires),
             spec.tiling,
             spec.variations,
+            *_grid_settings(spec.grid),
         ]
 
     async def same_seed(self, task_id: str, request: gr.Request) -> tuple[str, bool, int]:
@@ -796,14 +846,15 @@ class WebUi:
         return preset_size(self._ingress.model, preset) or (width, height)
 
     def _gallery(self, records: list[TaskRecord]) -> list[tuple[Any, str]]:
-        return [
-            (
-                self._shown(path),
-                f"seed {seed}: {r.spec.image_spec(index).prompt}" if r.spec.variants else f"seed {seed}",
-            )
+        shown = [
+            (self._shown(path), caption)
             for r in records
-            for index, (path, seed) in enumerate(zip(r.images, r.spec.seeds, strict=False))
+            for path, caption in zip(r.images, _captions(r.spec), strict=False)  # images: none until it succeeds
         ]
+        for record in records:  # a prompt matrix's labelled grid after its cells
+            if record.spec.grid is not None and record.metadata_path and record.state is TaskState.SUCCEEDED:
+                shown.append((self._shown(f"{record.metadata_path.rsplit('/', 1)[0]}/{GRID_IMAGE}"), "grid"))
+        return shown
 
     def _shown(self, path: str) -> Any:
         """An output as the gallery gets it: its path, or (with auth on, or from Redis) the image itself."""

@@ -351,6 +351,7 @@ def test_the_eager_engine_leaves_no_layer_tiled(engine: EagerEngine) -> None:
 @pytest.mark.adapters
 async def test_tiling_goes_through_mcp_and_the_web_ui(server: RunningServer) -> None:
     from tests.test_mcp import mcp_session
+    from tests.test_ui import DEFAULTS
 
     async with mcp_session(server, "streamable-http") as session:
         tools = {tool.name: tool for tool in (await session.list_tools()).tools}
@@ -365,7 +366,7 @@ async def test_tiling_goes_through_mcp_and_the_web_ui(server: RunningServer) -> 
     request = (await server.client.get("/v1/generations")).json()["items"][0]["request"]
     assert request["tiling"] == "x"
     settings = await anyio.to_thread.run_sync(_through_the_ui, server)
-    assert settings[-2] == "both"  # the Tiling radio, before the prompt variations
+    assert settings[list(DEFAULTS).index("tiling")] == "both"
 
 
 def _through_the_ui(server: RunningServer) -> list[Any]:

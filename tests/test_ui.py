@@ -54,6 +54,10 @@ DEFAULTS: dict[str, Any] = {
     "hires_denoise": 0.7,
     "tiling": "none",
     "variations": "random",
+    "grid_x_field": "off",
+    "grid_x_values": "",
+    "grid_y_field": "off",
+    "grid_y_values": "",
     "batch": False,
     "character": "none",
     "init_image": None,
@@ -205,7 +209,7 @@ async def test_clip_skip_and_the_hires_fix_come_from_the_advanced_panel(server: 
     assert "Denoising strength: 0.5" in parameters and "Hires upscaler: Latent" in parameters
     task_id = (await server.client.get("/v1/generations")).json()["items"][0]["id"]
     settings = await anyio.to_thread.run_sync(lambda: client.predict(task_id, api_name="/reuse"))
-    assert list(settings[24:]) == [1, "None", 2, "latent", 2, 0.5, "none", "random"]
+    assert list(settings[24:]) == [1, "None", 2, "latent", 2, 0.5, "none", "random", "off", "", "off", ""]
 
 
 async def test_prompt_variations_show_each_image_prompt(server: RunningServer, client: Client) -> None:
@@ -216,7 +220,21 @@ async def test_prompt_variations_show_each_image_prompt(server: RunningServer, c
     assert [caption.split(": ", 1)[1] for caption in captions] == ["a red knight", "a blue knight"]
     task_id = (await server.client.get("/v1/generations")).json()["items"][0]["id"]
     settings = await anyio.to_thread.run_sync(lambda: client.predict(task_id, api_name="/reuse"))
-    assert settings[0] == "a {red|blue} knight" and settings[-1] == "combinatorial"
+    assert settings[0] == "a {red|blue} knight" and settings[-5] == "combinatorial"
+
+
+async def test_the_prompt_matrix_panel_makes_a_grid_after_its_cells(server: RunningServer, client: Client) -> None:
+    matrix = {"grid_x_field": "prompt", "grid_x_values": "red, blue", "grid_y_field": "guidance_scale",
+              "grid_y_values": "3, 7"}  # fmt: skip
+    updates = await anyio.to_thread.run_sync(lambda: run_generate(client, prompt="a red knight", **matrix))
+    captions = [item["caption"] for item in updates[-1][2]]
+    assert len(captions) == 5 and captions[-1] == "grid"
+    assert [caption.split(": ", 1)[1] for caption in captions[:4]] == ["a red knight", "a blue knight"] * 2
+    with Image.open(gallery_files(updates[-1])[-1]) as grid:
+        assert grid.width == 3 * 64  # a label column and two cells
+    task_id = (await server.client.get("/v1/generations")).json()["items"][0]["id"]
+    settings = await anyio.to_thread.run_sync(lambda: client.predict(task_id, api_name="/reuse"))
+    assert list(settings[-4:]) == ["prompt", "red,blue", "guidance_scale", "3,7"]
 
 
 def _probes(server: RunningServer) -> Iterator[str]:
