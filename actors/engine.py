@@ -95,7 +95,7 @@ def _pose_control(pose: str) -> ControlJob:
     return ControlJob(type="openpose", image=None, pose=pose, preprocess=False, strength=0.8, start=0, end=1)
 
 
-def _image_jobs(spec: GenerationSpec, whole: Job, hires_of: Callable[[GenerationSpec], Hires | None]) -> list[Job]:
+def image_jobs(spec: GenerationSpec, whole: Job, hires_of: Callable[[GenerationSpec], Hires | None]) -> list[Job]:
     """One job per image of a task whose images differ: a sheet's views (each its words and pose, the sheet's
     seed), chosen prompt variations, a grid's cells (each its own settings). Progress is the whole task's."""
     count = len(spec.seeds)
@@ -618,7 +618,7 @@ class EngineActor:
             hires=hires,
         )
         if spec.views or spec.variants:
-            return replace(job, views=_image_jobs(spec, job, partial(_hires, model=model)))
+            return replace(job, views=image_jobs(spec, job, partial(_hires, model=model)))
         return job
 
 

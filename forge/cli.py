@@ -79,8 +79,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from tqdm import tqdm
 
+    from actors.engine import image_jobs, run_images
     from actors.files import DirectoryFiles
     from actors.postprocess import write_outputs
     from actors.supervisor import load_resources
@@ -126,7 +129,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         bar.refresh()
 
     created = time.time()
-    result = engine.run(job_for(spec, model, loras=loras, on_progress=on_progress))
+    job = job_for(spec, model, loras=loras, on_progress=on_progress)
+    if spec.variants:  # each image its own prompt
+        job = replace(job, views=image_jobs(spec, job, hires_of=lambda image: None))
+    result = run_images(engine, job) if job.views else engine.run(job)
     bar.close()
     task_id = uuid.uuid4().hex
     images, _ = write_outputs(

@@ -15,6 +15,7 @@ from PIL import Image
 from actors.encoding import read_parameters
 from engines.models import resolve_model
 from engines.tiny import TINY_MODEL_NAME, build_tiny_sdxl
+from forge.variations import PromptVariations
 from tests.helpers import free_port
 
 
@@ -66,6 +67,14 @@ def test_generate_writes_images_with_parameters(tmp_path: Path, tiny_model: Path
     assert parameters is not None and "Seed: 10" in parameters and parameters.startswith("a goblin merchant")
     assert "denoising" in result.stderr  # the progress bar
     assert (files[0].parent / "metadata.json").exists()
+    varied = _generate(tmp_path, tiny_model, "a {goblin|troll} merchant", "-o", str(out), "-n", "2", "--seed", "9",
+                       "--steps", "2")  # fmt: skip
+    prompts = []
+    for line in varied.stdout.split():
+        with Image.open(line) as image:
+            prompts.append((read_parameters(image) or "").split("\n")[0])
+    # each image the prompt its seed picks, as the server picks it
+    assert prompts == PromptVariations(None).expand("a {goblin|troll} merchant", "random", [9, 10])
 
 
 def test_generate_rejects_bad_options_with_the_field_named(tmp_path: Path, tiny_model: Path) -> None:
