@@ -98,11 +98,10 @@ def _pose_control(pose: str) -> ControlJob:
 def image_jobs(spec: GenerationSpec, whole: Job, hires_of: Callable[[GenerationSpec], Hires | None]) -> list[Job]:
     """One job per image of a task whose images differ: a sheet's views (each its words and pose, the sheet's
     seed), chosen prompt variations, a grid's cells (each its own settings). Progress is the whole task's."""
-    count = len(spec.seeds)
-    done, totals = [0] * count, [spec.image_spec(index).steps for index in range(count)]
+    images = [spec.image_spec(index) for index in range(len(spec.seeds))]
+    done, totals = [0] * len(images), [image.steps for image in images]
     jobs = []
-    for index in range(count):
-        image = spec.image_spec(index)
+    for index, image in enumerate(images):
         controls = whole.controls
         if spec.views:  # a view's pose is its only control
             pose = spec.views[index].pose

@@ -139,7 +139,7 @@ def write_outputs(
                 height=image.height,
                 parameters=parameters,
                 postprocess=steps,
-                prompt=spec.image_spec(index).prompt,
+                prompt=spec.prompt_of(index),
             )
         )
     grid = write_grid(files, folder, spec, images) if spec.grid is not None else None

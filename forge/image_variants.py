@@ -80,6 +80,7 @@ def grid_spec(
     grid: GridRequest,
     spec: GenerationSpec,
     resolve: Callable[[GenerationRequest], GenerationSpec],
+    styles: Sequence[Style],
     resources: Resources,
 ) -> GenerationSpec:
     """A prompt matrix as one task: each cell is the request with its axes' values, resolved and checked as
@@ -115,8 +116,7 @@ def grid_spec(
                     if exc.field == axis.field:
                         raise InvalidRequest(exc.message, field=f"grid.{name}.values[{index}]", rule=exc.rule) from exc
                 raise
-            styles = [resources.styles.get(name) for name in cell.styles]
-            cells.append(with_variations(cell, [style for style in styles if style is not None], resources))
+            cells.append(with_variations(cell, styles, resources))
     _check_budget(cells, resources)
     return msgspec.structs.replace(
         spec, num_images=len(cells), variants=[_variant_of(cell) for cell in cells], grid=GridSpec(x=grid.x, y=grid.y)

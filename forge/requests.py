@@ -444,6 +444,10 @@ class GenerationSpec(msgspec.Struct, frozen=True, kw_only=True):
             self, **{field: getattr(variant, field) for field in variant.__struct_fields__}, variants=[], grid=None
         )
 
+    def prompt_of(self, index: int) -> str:
+        """The user's prompt as image `index` got it (its variations chosen, a grid cell's replacement made)."""
+        return self.variants[index].prompt if self.variants else self.prompt
+
     def prompt_for(self, index: int) -> str:
         """What image `index` was drawn from: its styled prompt, with its view's words on a sheet."""
         styled = self.variants[index].styled_prompt if self.variants else self.styled_prompt

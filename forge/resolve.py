@@ -464,9 +464,10 @@ def resolve_request(
         return _resolve_task(one, model, resources, init_size, character)
 
     spec = resolve(request)
+    styles = _styles(request, resources.styles)  # a grid's cells have the request's
     if request.grid is not None:
-        return grid_spec(request, request.grid, spec, resolve, resources)
-    return with_variations(spec, _styles(request, resources.styles), resources)
+        return grid_spec(request, request.grid, spec, resolve, styles, resources)
+    return with_variations(spec, styles, resources)
 
 
 def _resolve_task(

@@ -890,4 +890,4 @@ def _captions(spec: GenerationSpec) -> list[str]:
     """Each image's seed, and its prompt where the task's images differ (variations, a grid)."""
     if not spec.variants:
         return [f"seed {seed}" for seed in spec.seeds]
-    return [f"seed {seed}: {spec.image_spec(index).prompt}" for index, seed in enumerate(spec.seeds)]
+    return [f"seed {seed}: {spec.prompt_of(index)}" for index, seed in enumerate(spec.seeds)]

@@ -179,7 +179,7 @@ def task_view(record: TaskRecord, live: Live) -> TaskView:
             url=image_url(record.id, i),
             content_type=CONTENT_TYPES[path.rsplit(".", 1)[-1]],
             seed=seed,
-            prompt=spec.image_spec(i).prompt if spec.variants else None,
+            prompt=spec.prompt_of(i) if spec.variants else None,
         )
         for i, (path, seed) in enumerate(zip(record.images, spec.seeds, strict=False))
     ]
