@@ -1,13 +1,15 @@
 """torch.compile backend: the eager pipeline with its UNet compiled in place, block by block (`regional`, the
 default: every transformer and ResNet block kind compiled once per shape and shared by all its copies, so a
-cold start takes minutes less and a restart seconds), whole with its VAE decoder (`full`: CUDA graphs,
+cold start takes minutes less, and kept as files a restart loads without tracing, engines/regions.py), whole
+with its VAE decoder (`full`: CUDA graphs,
 reduce-overhead), or ahead of time (`aot`, engines/aot.py).
 
 Shapes are static: every UNet call is padded (with copies of its last row, whose outputs are dropped) to one
 of a few row counts (padded_row_sizes), each compiled at warm-up for the model's default size and the
 configured warm sizes, so serving compiles nothing new. Compiled code is kept under the data directory, keyed
-by torch, Triton and GPU, with torch's portable cache artifacts beside it (`artifacts.bin`), which a fresh
-machine imports to start warm (`chara-forge engine export-cache` / `import-cache`).
+by torch, Triton and GPU (regional block graphs as files of their own, with torch's portable cache artifacts
+beside them, `artifacts.bin`), and moves to a fresh machine so that it starts warm
+(`chara-forge engine export-cache` / `import-cache`).
 
 On CUDA: fused QKV projections (not with LoRA hotswap, whose adapters sit on the unfused projections) and
 channels_last. Jobs with LoRAs stay compiled through LoRA hotswap (`lora_rank`); weights may be quantised
@@ -16,7 +18,6 @@ channels_last. Jobs with LoRAs stay compiled through LoRA hotswap (`lora_rank`);
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import platform
@@ -37,6 +38,7 @@ from engines.cuda_graphs import CudaGraphs
 from engines.eager import EagerEngine
 from engines.lora_slots import LoraSlots
 from engines.onnx_export import timestep_per_row, unet_example
+from engines.regions import FOLDER, CompiledRegions
 from engines.step_loop import OnDone
 from forge.engine import AssetError, GenerationResult, Job, LoraWeight, ModelInfo
 from forge.errors import ConfigError
@@ -247,14 +249,15 @@ class CompiledEngine(EagerEngine):
         self.padding = RowPadding(pipe.unet, padded_row_sizes(options.max_rows)) if padded else None
         dynamic = True if cuda else None  # unpadded: one graph with symbolic sizes
         self.aot: AotReport | None = None
+        self.regions: CompiledRegions | None = None
         if options.scope == "aot":
             autotune = options.mode.startswith("max-autotune")
             self.aot = aot.install(pipe.unet, options.cache_dir, options.max_rows, autotune)
             log.info("%s on %s: %s", model.id, device, self.aot)
-            compile_regions(pipe.vae.decoder, mode=_without_cuda_graphs(mode), dynamic=dynamic)
+            self.regions = self._compile_regions(pipe.vae.decoder, mode, dynamic=dynamic)
         elif regional:
             # Padded: every block shape compiles once with symbolic rows, not once per row count.
-            compile_regions(pipe.unet, dynamic_rows=padded, mode=mode, dynamic=None if padded else dynamic)
+            self.regions = self._compile_regions(pipe.unet, mode, dynamic=None if padded else dynamic, rows=padded)
         else:
             # Padded: each row count a static graph (and CUDA graph, with reduce-overhead).
             pipe.unet.compile(mode=mode, dynamic=False if padded else dynamic)
@@ -262,11 +265,27 @@ class CompiledEngine(EagerEngine):
             pipe.vae.decoder.compile(mode=_without_cuda_graphs(mode), dynamic=False if padded else dynamic)
         self.graphs = CudaGraphs(pipe.unet) if cuda and options.scope == "regional" and padded else None
 
+    def _compile_regions(
+        self, module: torch.nn.Module, mode: str, dynamic: bool | None, rows: bool = False
+    ) -> CompiledRegions:
+        """Regional compilation (see REGIONS), the block graphs kept as files in the cache (engines.regions).
+        Without CUDA graphs inside blocks: on CUDA the whole UNet call is one graph (engines.cuda_graphs)."""
+        import torch._inductor
+
+        options = torch._inductor.list_mode_options(_without_cuda_graphs(mode))
+        return CompiledRegions(module, REGIONS, self.options.cache_dir / FOLDER, self._count_compile, rows, dynamic,
+                               options)  # fmt: skip
+
+    def _count_compile(self) -> None:
+        self.compile_counts.compiles += 1
+        if self.compile_counts.warmed:
+            self.compile_counts.recompiles += 1
+
     def warm(self) -> None:
         """Compile (or load from the cache) every shape serving meets: a pipeline run at the default size, then
         one UNet call per padded row count at each warm size. Say which, and how long; then keep the cache
         artifacts for the next start."""
-        before = self.compile_statistics()
+        before, compiled_before = self.compile_statistics(), self.compile_counts.compiles
         started = time.perf_counter()
         with charged_to(self.compile_counts):
             super().warm()
@@ -280,11 +299,14 @@ class CompiledEngine(EagerEngine):
         self.compile_counts.warmed = True
         after = self.compile_statistics()
         hits, misses = (after[name] - before[name] for name in ("fxgraph_cache_hit", "fxgraph_cache_miss"))
-        if misses or not (self.options.cache_dir / ARTIFACTS).exists():
+        compiled = self.compile_counts.compiles - compiled_before
+        if misses or compiled or not (self.options.cache_dir / ARTIFACTS).exists():
             save_artifacts(self.options.cache_dir)
+        loaded = self.regions.loaded if self.regions is not None else 0
         log.info(
-            "%s on %s: compiled %d graphs in %.1f s (compile cache: %d hits, %d misses, in %s%s)",
-            self.model.id, self.device, self.compile_counts.compiles, time.perf_counter() - started, hits, misses,
+            "%s on %s: warm in %.1f s: %d block graphs loaded, %d graphs compiled (compile cache: %d hits, %d misses,"
+            " in %s%s)",
+            self.model.id, self.device, time.perf_counter() - started, loaded, compiled, hits, misses,
             self.options.cache_dir, ", artifacts loaded" if self.artifacts_loaded else "",
         )  # fmt: skip
 
@@ -381,32 +403,6 @@ def uncompiled(module: torch.nn.Module, *switches: RowPadding | CudaGraphs | Non
             block._compiled_call_impl = call
         for switch in present:
             switch.enabled = True
-
-
-def compile_regions(module: torch.nn.Module, dynamic_rows: bool = False, **options: Any) -> int:
-    """Regional compilation: each block in REGIONS is compiled in place. Blocks of one class share their
-    compiled code (parameters are graph inputs), so SDXL's 70 transformer blocks cost one compile per
-    width, not one each. `dynamic_rows`: the row (batch) dimension of each block's inputs is symbolic and
-    every other one static, so one graph per block shape serves every batch size. Returns how many blocks
-    were compiled."""
-    blocks = [block for block in module.modules() if type(block).__name__ in REGIONS]
-    for block in blocks:
-        block.compile(**options)
-        if dynamic_rows:
-            compiled = block._compiled_call_impl
-            assert compiled is not None  # just set by compile()
-            block._compiled_call_impl = functools.partial(_rows_dynamic, compiled)
-    return len(blocks)
-
-
-def _rows_dynamic(compiled: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Mark the first dimension of every input with the rows of the block's first input as dynamic, then call
-    the compiled block (marks must be made outside the compiled code)."""
-    rows = args[0].shape[0] if args else next(iter(kwargs.values())).shape[0]
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows:
-            torch._dynamo.maybe_mark_dynamic(value, 0)
-    return compiled(*args, **kwargs)
 
 
 def _without_cuda_graphs(mode: str) -> str:
