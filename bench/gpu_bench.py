@@ -30,6 +30,7 @@ import contextlib
 import functools
 import gc
 import json
+import math
 import os
 import signal
 import socket
@@ -468,7 +469,7 @@ def server_run(
                     break
                 load = _open_loop(base, args, capacity * multiple, seed=SEED + index)
                 loads.append(load)
-                if load["failed"] or load["p99_s"] > max(SLOS_S):
+                if load["failed"] or not _within(load, max(SLOS_S)):
                     break  # a faster rate only queues more
         finally:
             process.terminate()  # a backlog left at the server is not worth its drain
@@ -491,21 +492,29 @@ def server_run(
 
 
 def _goodput(loads: list[dict[str, Any]], slo_s: float) -> float:
-    passed = [load["offered_images_per_s"] for load in loads if not load["failed"] and load["p99_s"] <= slo_s]
+    passed = [load["offered_images_per_s"] for load in loads if not load["failed"] and _within(load, slo_s)]
     return max(passed, default=0.0)
+
+
+def _within(load: dict[str, Any], slo_s: float) -> bool:
+    return load["p99_s"] is not None and load["p99_s"] <= slo_s
+
+
+def _seconds(latency: float) -> float | None:
+    """A latency for the JSON: null where the request went past every objective (not waited for)."""
+    return round(latency, 3) if math.isfinite(latency) else None
 
 
 def _open_loop(base: str, args: argparse.Namespace, rate: float, seed: int) -> dict[str, Any]:
     """One-image requests arriving as a Poisson process at `rate` per second for `window_s`, each in its own
-    thread (arrivals never wait for answers), polled to the end. Requests unfinished `max(SLOS_S)` after the
-    window count as failed."""
+    thread (arrivals never wait for answers), polled to the end. A request unfinished `max(SLOS_S)` after it was
+    sent is not waited for: it counts as over every objective (its latency reported as null)."""
     import random
     import threading
 
     latencies: list[float] = []
     failures: list[str] = []
     arrivals = random.Random(seed)
-    deadline = time.monotonic() + args.window_s + 2 * max(SLOS_S)
 
     def one(index: int) -> None:
         body = {"prompt": f"hero {seed}-{index}", "width": args.size, "height": args.size, "steps": args.steps,
@@ -520,8 +529,10 @@ def _open_loop(base: str, args: argparse.Namespace, rate: float, seed: int) -> d
             while (view := client.get(f"/v1/generations/{task['id']}").json())["state"] not in (
                 "succeeded", "failed", "cancelled",
             ):  # fmt: skip
-                if time.monotonic() > deadline:
-                    failures.append(f"still {view['state']} {2 * max(SLOS_S):g} s after the last arrival")
+                if time.perf_counter() - started > max(SLOS_S):
+                    # Past every objective: how much further changes no goodput, and waiting for it would spend
+                    # the section's time on a backlog.
+                    latencies.append(math.inf)
                     return
                 time.sleep(0.05)
         if view["state"] != "succeeded":
@@ -541,13 +552,14 @@ def _open_loop(base: str, args: argparse.Namespace, rate: float, seed: int) -> d
     for thread in threads:
         thread.join()
     elapsed = time.monotonic() - started
-    ordered = sorted(latencies) or [float("inf")]
+    ordered = sorted(latencies) or [math.inf]
     return {
         "offered_images_per_s": round(rate, 3),
         "requests": len(threads),
-        "served_images_per_s": round(len(latencies) / elapsed, 3),
-        "p50_s": round(ordered[len(ordered) // 2], 3),
-        "p99_s": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3),
+        "served_images_per_s": round(sum(math.isfinite(latency) for latency in latencies) / elapsed, 3),
+        "over_slos": sum(not math.isfinite(latency) for latency in latencies),
+        "p50_s": _seconds(ordered[len(ordered) // 2]),
+        "p99_s": _seconds(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]),
         "failed": len(failures) + (not threads),
         "failures": failures[:3],
     }
@@ -655,7 +667,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rates", default="0.6,0.9,1.2,1.5", help="arrival rates, as multiples of batch-1 images/s")
+    # From batch-1 capacity up: batching must carry the server past it, and 1.6x of the compiled engine's measured
+    # batch-1 rate on an H200 (0.77 images/s) is the goodput target (1.2).
+    parser.add_argument("--rates", default="1.0,1.6,2.2", help="arrival rates, as multiples of batch-1 images/s")
     parser.add_argument("--window-s", type=float, default=None, help="seconds of arrivals at each rate")
     parser.add_argument("--servers", default="step,request", help="server sections: step and/or request batching")
     parser.add_argument("--max-batch", type=int, default=0, help="the server's max_batch (0: its default)")

@@ -64,7 +64,7 @@ def test_the_bench_runs_in_the_gpu_images_environment_with_open_loop_server_sect
         assert [load["offered_images_per_s"] for load in loads] == sorted(
             load["offered_images_per_s"] for load in loads
         )
-        assert all(load["requests"] > 0 and load["p50_s"] <= load["p99_s"] for load in loads)
+        assert all(load["requests"] > 0 and load["p50_s"] <= load["p99_s"] for load in loads)  # none past 20 s
         assert set(server["goodput_images_per_s"]) == {"p99_10s", "p99_20s"}
     assert set(result["step_vs_request_goodput"]) == {"p99_10s", "p99_20s"}
     targets = {"batch1_ratio", "batch1_ratio_quantized", "goodput_p99_10s", "warm_restart"}
