@@ -117,7 +117,9 @@ class CompiledRegions:
         self._mark_rows(args, kwargs)
         # A copy: torch.compile takes guard_filter_fn out of the options it is given.
         compiler = torch.compile(cls.forward, fullgraph=True, dynamic=self._dynamic, options=dict(self._options))
-        with _compiling:
+        # Static shapes but for the marked rows: without this, dynamo's profile of earlier runs (kept in the cache)
+        # would make the sizes it saw change symbolic, so a restart compiled other graphs than the first start.
+        with _compiling, torch._dynamo.config.patch(automatic_dynamic_shapes=False):
             try:
                 graph = compiler.aot_compile(((block, *args), kwargs))  # type: ignore[attr-defined]
                 data = type(graph).serialize(graph).serialized_data

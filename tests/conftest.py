@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import httpx
@@ -12,6 +13,9 @@ from actors.supervisor import ServerHandle, serve
 from engines.tiny import build_tiny_sdxl
 from forge.config import Config, load_config
 from tests.redis_server import REDIS_SERVER, RedisServer, running_redis
+
+if TYPE_CHECKING:
+    from engines.compiled import CompileOptions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -26,6 +30,37 @@ def anyio_backend() -> str:
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny SDXL folder, built once per run and loaded with from_pretrained by every test."""
     return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+def compiled_options(cache: Path) -> CompileOptions:
+    """The settings of the cold start that made `compiled_cache`, which compiled-engine tests start from."""
+    from engines.compiled import CompileOptions
+
+    return CompileOptions(cache_dir=cache, max_rows=8, warm_sizes=((96, 64),))
+
+
+@pytest.fixture(scope="session")
+def compiled_cache(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    """A compile cache after a cold start of the compiled engine on the tiny model (its block graphs, about 45 s
+    on 2 cores), made once per run. Tests copy it and start from it, as a restart does."""
+    import threading
+
+    from engines.compiled import CompiledEngine
+    from engines.models import resolve_model
+
+    cache = tmp_path_factory.mktemp("compiled") / "cache"
+    compiled: list[int] = []
+
+    def cold_start() -> None:  # on a thread of its own, as an engine's
+        engine = CompiledEngine(resolve_model(str(tiny_model), tiny_model.parent, 1), "cpu", compiled_options(cache))
+        engine.warm()
+        compiled.append(engine.compile_counts.compiles)
+
+    worker = threading.Thread(target=cold_start)
+    worker.start()
+    worker.join()
+    assert compiled and compiled[0] > 0
+    return cache
 
 
 # The web UI and MCP adapters, for the tests that use them: building Gradio's app and the MCP server at every

@@ -300,19 +300,26 @@ def _age(root: Path, days: float) -> None:
 
 
 def test_a_compiled_engine_compiles_nothing_after_warm_up_and_matches_eager(
-    tmp_path: Path, tiny_model: Path, tiny_loras: dict[str, Path]
+    tmp_path: Path,
+    tiny_model: Path,
+    tiny_loras: dict[str, Path],
+    compiled_cache: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The compiled backend's defaults (regional blocks, rows padded to 2, 4 or 8, the row dimension symbolic):
-    warm-up compiles each block shape once. After it, a mixed load compiles nothing: request-level batches of
-    one to three images, a step batch that a task joins and others leave with two samplers and two guidance
-    scales, and a second image size named in the warm sizes; every image equals eager's and the padding rows
-    change none. A request with a LoRA runs the UNet uncompiled (eager's image with that LoRA), so no LoRA set
-    or weight waits for a compile; its adapters change the blocks, so the next request without a LoRA
-    compiles them again, once, and that counts as a recompile."""
+    """The compiled backend's defaults (regional blocks, rows padded to 2, 4 or 8, the row dimension symbolic),
+    restarted on the compile cache of a cold start with its settings: it loads the block graphs kept there and
+    traces nothing, except the graphs whose files were damaged, which are compiled again. After warm-up a mixed load
+    compiles nothing: request-level batches of one to three images, a step batch that a task joins and others
+    leave with two samplers and two guidance scales, and a second image size named in the warm sizes; every
+    image equals eager's and the padding rows change none. A request with a LoRA runs the UNet uncompiled
+    (eager's image with that LoRA), so no LoRA set or weight waits for a compile; its adapters change the
+    blocks, so the next request without a LoRA compiles them again, once, and that counts as a recompile."""
     import threading
 
-    from engines.compiled import CompiledEngine, CompileOptions
+    from engines.compiled import CompiledEngine
+    from engines.regions import FOLDER
     from forge.engine import LoraWeight
+    from tests.conftest import compiled_options
 
     model = resolve_model(str(tiny_model), tiny_model.parent, 1)
     base = Job(model=model, prompt="a paladin", negative_prompt="", width=64, height=64, seeds=[5], steps=4,
@@ -327,25 +334,38 @@ def test_a_compiled_engine_compiles_nothing_after_warm_up_and_matches_eager(
     step_outcomes: list[tuple[Job, Any]] = []
     step_rows: list[int] = []
     counts: dict[str, tuple[int, int]] = {}
+    cache = tmp_path / "cache"
+    shutil.copytree(compiled_cache, cache)
+    kept = sorted((cache / FOLDER).glob("*.bin"))
+    damaged = [path for path in kept if "BasicTransformerBlock" in path.name]  # every UNet call meets them
+    for path in damaged:
+        path.write_bytes(b"damaged")
+    loaded: list[int] = []
+    files: list[int] = []
 
     def serve_in_order() -> None:  # on a thread that then ends, as an engine's does
-        torch._dynamo.reset()  # what other engines in this test process compiled is not this engine's warm-up
-        options = CompileOptions(cache_dir=tmp_path / "cache", max_rows=8, warm_sizes=((96, 64),))
-        engine = CompiledEngine(model, "cpu", options)
-        engine.warm()
+        engine = CompiledEngine(model, "cpu", compiled_options(cache))
         counted = engine.compile_counts
-        counts["warm"] = (counted.compiles, counted.recompiles)
+        before = (counted.compiles, counted.recompiles)
+
+        def since_start() -> tuple[int, int]:
+            return counted.compiles - before[0], counted.recompiles - before[1]
+
+        loaded.append(engine.regions.loaded if engine.regions else 0)
+        engine.warm()
+        counts["warm"] = since_start()
+        files.append(len(list((cache / FOLDER).glob("*.bin"))))
         for batch in batches:
             got.extend(image for result in engine.run_batch(batch) for image in result.images)
         engine.pipe.unet.conv_in.register_forward_pre_hook(lambda module, args: step_rows.append(args[0].shape[0]))
         waiting = [joiner]
         engine.run_steps(stepped, lambda job, outcome: step_outcomes.append((job, outcome)),
                          lambda free: [waiting.pop()] if waiting and free else [], 8)  # fmt: skip
-        counts["mixed"] = (counted.compiles, counted.recompiles)
+        counts["mixed"] = since_start()
         got.append(engine.run(with_lora).images[0])
-        counts["lora"] = (counted.compiles, counted.recompiles)
+        counts["lora"] = since_start()
         got.append(engine.run(base).images[0])
-        counts["after_lora"] = (counted.compiles, counted.recompiles)
+        counts["after_lora"] = since_start()
 
     worker = threading.Thread(target=serve_in_order)
     worker.start()
@@ -361,11 +381,13 @@ def test_a_compiled_engine_compiles_nothing_after_warm_up_and_matches_eager(
             assert _max_difference(image, alone) <= 4
     assert sorted(job.scheduler for job, _ in step_outcomes) == ["dpmpp_2m", "euler", "euler_a"]
     assert 8 in step_rows and set(step_rows) <= {2, 4, 8}  # 4 + 2 + 2 rows padded to 8, and on as tasks leave
-    warm_compiles, _ = counts["warm"]
-    assert warm_compiles > 0
-    assert counts["mixed"] == counts["lora"] == (warm_compiles, 0)  # nothing compiled after warm-up
+    assert damaged and loaded == [len(kept) - len(damaged)]
+    assert "not loaded" in caplog.text and "removed" in caplog.text
+    assert counts["warm"] == (len(damaged), 0)  # the damaged graphs, compiled again
+    assert files == [len(kept)]
+    assert counts["mixed"] == counts["lora"] == counts["warm"]  # nothing compiled after warm-up
     compiles_after, recompiles_after = counts["after_lora"]
-    assert recompiles_after > 0 and compiles_after == warm_compiles + recompiles_after
+    assert recompiles_after > 0 and compiles_after == len(damaged) + recompiles_after
 
 
 def test_ahead_of_time_unet_matches_eager_and_serves_what_it_was_not_compiled_for(
