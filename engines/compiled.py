@@ -273,8 +273,9 @@ class CompiledEngine(EagerEngine):
         import torch._inductor
 
         options = torch._inductor.list_mode_options(_without_cuda_graphs(mode))
+        ahead_of_time = self.options.quantize == "none"  # see engines.regions
         return CompiledRegions(module, REGIONS, self.options.cache_dir / FOLDER, self._count_compile, rows, dynamic,
-                               options)  # fmt: skip
+                               options, ahead_of_time)  # fmt: skip
 
     def _count_compile(self) -> None:
         self.compile_counts.compiles += 1

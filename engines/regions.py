@@ -11,7 +11,8 @@ A block's call tries the graphs compiled for its class, in order, by their guard
 symbolic, dtypes, strides, grad mode, the block's parameters and attributes); the first that holds runs. When
 none does, the block is compiled for that call's shapes, and the new graph is kept. Guards on globals (the
 modules and builtins the blocks use) are left out, as they cannot be written to a file and do not change.
-A block that cannot be captured as one graph is compiled by dynamo as before (with a warning).
+A block that cannot be captured as one graph is compiled by dynamo as before (with a warning), and so are all
+blocks with `ahead_of_time` off (quantised weights: torchao's tensor subclasses are documented with dynamo).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class CompiledRegions:
         dynamic_rows: bool = False,
         dynamic: bool | None = None,
         options: dict[str, Any] | None = None,
+        ahead_of_time: bool = True,
     ) -> None:
         self.folder = folder
         self.loaded = 0
@@ -78,7 +80,7 @@ class CompiledRegions:
         folder.mkdir(parents=True, exist_ok=True)
         blocks = [block for block in module.modules() if type(block).__name__ in regions]
         for cls in dict.fromkeys(type(block) for block in blocks):
-            self._kinds[cls] = _Kind(self._load(cls))
+            self._kinds[cls] = _Kind(self._load(cls)) if ahead_of_time else _Kind(fallback=self._dynamo(cls))
         for block in blocks:
             block._compiled_call_impl = partial(self._call, block)
         self.blocks = len(blocks)
@@ -125,8 +127,7 @@ class CompiledRegions:
                 data = type(graph).serialize(graph).serialized_data
             except Exception as exc:
                 log.warning("%s not compiled ahead of time (%s): compiled by dynamo instead", cls.__name__, exc)
-                options = {key: value for key, value in self._options.items() if key != "guard_filter_fn"}
-                kind.fallback = torch.compile(cls.forward, dynamic=self._dynamic, options=options)
+                kind.fallback = self._dynamo(cls)
                 return None
         kind.graphs.append(graph)
         self._on_compile()
@@ -135,6 +136,11 @@ class CompiledRegions:
         partial_path.write_bytes(data)
         partial_path.replace(self.folder / name)
         return graph
+
+    def _dynamo(self, cls: type[torch.nn.Module]) -> Callable[..., Any]:
+        """The block class's forward compiled by dynamo, with its graphs in memory only (traced at every start)."""
+        options = {key: value for key, value in self._options.items() if key != "guard_filter_fn"}
+        return torch.compile(cls.forward, dynamic=self._dynamic, options=options)
 
     def _mark_rows(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """The first dimension of every input with the rows of the block's first input, symbolic (marks are

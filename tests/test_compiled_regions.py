@@ -98,3 +98,24 @@ def test_a_restart_loads_the_kept_graphs_and_runs_any_row_count_and_weights_with
             torch.testing.assert_close(got, expected)
     restart_output, _ = outputs["restart"][0]
     assert not torch.allclose(outputs["first"][0][0], restart_output)  # other weights, other outputs
+
+
+def test_without_ahead_of_time_compiles_blocks_are_compiled_by_dynamo_and_nothing_is_kept(tmp_path: Path) -> None:
+    """As for quantised weights: the blocks are compiled by dynamo, in memory only, with the same outputs."""
+    from torch._dynamo.utils import counters
+
+    folder = tmp_path / FOLDER
+    compiled: list[int] = []
+    graphs = counters["stats"]["unique_graphs"]
+
+    def run() -> None:
+        net, eager = Net(3), Net(3)
+        CompiledRegions(net, frozenset({"Whole"}), folder, lambda: compiled.append(1), True, ahead_of_time=False)
+        with torch.no_grad():
+            for rows in (2, 4):
+                hidden = torch.randn(rows, 3, 8)
+                torch.testing.assert_close(net(hidden), eager(hidden))
+
+    _on_a_thread(run)
+    assert compiled == [] and list(folder.glob("*")) == []
+    assert counters["stats"]["unique_graphs"] > graphs  # traced by dynamo
