@@ -1,8 +1,7 @@
 """torch.compile backend: the eager pipeline with its UNet compiled in place, block by block (`regional`, the
 default: every transformer and ResNet block kind compiled once per shape and shared by all its copies, so a
-cold start takes minutes less, and kept as files a restart loads without tracing, engines/regions.py), whole
-with its VAE decoder (`full`: CUDA graphs,
-reduce-overhead), or ahead of time (`aot`, engines/aot.py).
+cold start takes minutes less, and kept as files that a restart loads without tracing, engines/regions.py),
+whole with its VAE decoder (`full`: CUDA graphs, reduce-overhead), or ahead of time (`aot`, engines/aot.py).
 
 Shapes are static: every UNet call is padded (with copies of its last row, whose outputs are dropped) to one
 of a few row counts (padded_row_sizes), each compiled at warm-up for the model's default size and the

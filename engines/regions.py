@@ -38,11 +38,30 @@ _compiling = threading.Lock()
 def _serialisable_guards(entries: Sequence[Any]) -> list[bool]:
     from torch._dynamo.guards import CheckFunctionManager
 
-    unsupported = set(CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES)
+    unsupported = set(getattr(CheckFunctionManager, "UNSUPPORTED_SERIALIZATION_GUARD_TYPES", _UNSERIALISABLE))
     return [
-        not (entry.is_global or entry.guard_type in unsupported or unsupported.intersection(entry.derived_guard_types))
+        not (
+            entry.is_global
+            or entry.guard_type in unsupported
+            or unsupported.intersection(getattr(entry, "derived_guard_types", ()))
+        )
         for entry in entries
     ]
+
+
+# The guard types torch cannot write to a file, where it does not list them itself (older releases).
+_UNSERIALISABLE = ("DICT_VERSION", "NN_MODULE", "ID_MATCH", "FUNCTION_MATCH", "CLASS_MATCH", "MODULE_MATCH",
+                   "CLOSURE_MATCH", "WEAKREF_ALIVE")  # fmt: skip
+
+
+def ahead_of_time_compiles() -> bool:
+    """Whether this torch has AOT compile (a callable compiled with torch.compile, written to a file and loaded
+    without tracing)."""
+    try:
+        from torch._dynamo.aot_compile import AOTCompiledFunction
+    except ImportError:
+        return False
+    return all(hasattr(AOTCompiledFunction, name) for name in ("serialize", "deserialize", "guard_check"))
 
 
 @dataclass
@@ -77,6 +96,9 @@ class CompiledRegions:
         self._dynamic = dynamic
         self._options = {**(options or {}), "guard_filter_fn": _serialisable_guards}
         self._kinds: dict[type[torch.nn.Module], _Kind] = {}
+        if ahead_of_time and not ahead_of_time_compiles():
+            log.warning("torch %s has no AOT compile: block graphs are traced at every start", torch.__version__)
+            ahead_of_time = False
         folder.mkdir(parents=True, exist_ok=True)
         blocks = [block for block in module.modules() if type(block).__name__ in regions]
         for cls in dict.fromkeys(type(block) for block in blocks):
@@ -117,12 +139,13 @@ class CompiledRegions:
         cls = type(block)
         kind = self._kinds[cls]
         self._mark_rows(args, kwargs)
-        # A copy: torch.compile takes guard_filter_fn out of the options it is given.
-        compiler = torch.compile(cls.forward, fullgraph=True, dynamic=self._dynamic, options=dict(self._options))
         # Static shapes but for the marked rows: without this, dynamo's profile of earlier runs (kept in the cache)
         # would make the sizes it saw change symbolic, so a restart compiled other graphs than the first start.
         with _compiling, torch._dynamo.config.patch(automatic_dynamic_shapes=False):
             try:
+                # A copy: torch.compile takes guard_filter_fn out of the options it is given.
+                options = dict(self._options)
+                compiler = torch.compile(cls.forward, fullgraph=True, dynamic=self._dynamic, options=options)
                 graph = compiler.aot_compile(((block, *args), kwargs))  # type: ignore[attr-defined]
                 data = type(graph).serialize(graph).serialized_data
             except Exception as exc:
