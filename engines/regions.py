@@ -141,7 +141,10 @@ class CompiledRegions:
         self._mark_rows(args, kwargs)
         # Static shapes but for the marked rows: without this, dynamo's profile of earlier runs (kept in the cache)
         # would make the sizes it saw change symbolic, so a restart compiled other graphs than the first start.
-        with _compiling, torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        settings = {"automatic_dynamic_shapes": False}
+        if hasattr(torch._dynamo.config, "enable_aot_compile"):  # off by default in the torch releases that had it
+            settings["enable_aot_compile"] = True
+        with _compiling, torch._dynamo.config.patch(settings):
             try:
                 # A copy: torch.compile takes guard_filter_fn out of the options it is given.
                 options = dict(self._options)
