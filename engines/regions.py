@@ -142,7 +142,7 @@ class CompiledRegions:
         # Static shapes but for the marked rows: without this, dynamo's profile of earlier runs (kept in the cache)
         # would make the sizes it saw change symbolic, so a restart compiled other graphs than the first start.
         settings = {"automatic_dynamic_shapes": False}
-        if hasattr(torch._dynamo.config, "enable_aot_compile"):  # off by default in the torch releases that had it
+        if hasattr(torch._dynamo.config, "enable_aot_compile"):  # off by default in earlier torch releases
             settings["enable_aot_compile"] = True
         with _compiling, torch._dynamo.config.patch(settings):
             try:
