@@ -20,6 +20,11 @@ class CompileCounts:
     recompiles: int = 0  # graphs compiled after warm-up
     warmed: bool = False
 
+    def count_compile(self) -> None:
+        self.compiles += 1
+        if self.warmed:
+            self.recompiles += 1
+
 
 _running = threading.local()
 _install_lock = threading.Lock()
@@ -42,9 +47,7 @@ def _on_compile_end(args: Any) -> None:
     counts: CompileCounts | None = getattr(_running, "counts", None)
     if counts is None or args.callback_trigger != CallbackTrigger.DYNAMO:
         return
-    counts.compiles += 1
-    if counts.warmed:
-        counts.recompiles += 1
+    counts.count_compile()
 
 
 def _install() -> None:

@@ -273,13 +273,9 @@ class CompiledEngine(EagerEngine):
 
         options = torch._inductor.list_mode_options(_without_cuda_graphs(mode))
         ahead_of_time = self.options.quantize == "none"  # see engines.regions
-        return CompiledRegions(module, REGIONS, self.options.cache_dir / FOLDER, self._count_compile, rows, dynamic,
+        counts = self.compile_counts
+        return CompiledRegions(module, REGIONS, self.options.cache_dir / FOLDER, counts.count_compile, rows, dynamic,
                                options, ahead_of_time)  # fmt: skip
-
-    def _count_compile(self) -> None:
-        self.compile_counts.compiles += 1
-        if self.compile_counts.warmed:
-            self.compile_counts.recompiles += 1
 
     def warm(self) -> None:
         """Compile (or load from the cache) every shape serving meets: a pipeline run at the default size, then

@@ -43,22 +43,19 @@ def compiled_options(cache: Path) -> CompileOptions:
 def compiled_cache(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
     """A compile cache after a cold start of the compiled engine on the tiny model (its block graphs, about 45 s
     on 2 cores), made once per run. Tests copy it and start from it, as a restart does."""
-    import threading
-
     from engines.compiled import CompiledEngine
     from engines.models import resolve_model
+    from tests.helpers import on_a_thread
 
     cache = tmp_path_factory.mktemp("compiled") / "cache"
     compiled: list[int] = []
 
-    def cold_start() -> None:  # on a thread of its own, as an engine's
+    def cold_start() -> None:
         engine = CompiledEngine(resolve_model(str(tiny_model), tiny_model.parent, 1), "cpu", compiled_options(cache))
         engine.warm()
         compiled.append(engine.compile_counts.compiles)
 
-    worker = threading.Thread(target=cold_start)
-    worker.start()
-    worker.join()
+    on_a_thread(cold_start)
     assert compiled and compiled[0] > 0
     return cache
 

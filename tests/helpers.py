@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -144,3 +145,20 @@ async def submit_burst(
     assert burst.unexpected == []
     assert burst.total_accepted + burst.refused == clients * per_client
     return burst
+
+
+def on_a_thread(work: Callable[[], None]) -> None:
+    """Run `work` as an engine runs: on a thread of its own, which then ends (its exception fails the caller)."""
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:
+            failures.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    if failures:
+        raise failures[0]

@@ -4,14 +4,13 @@ serves, and what happens to a block that cannot be captured whole."""
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from engines.regions import FOLDER, CompiledRegions
+from tests.helpers import on_a_thread
 
 
 class Whole(torch.nn.Module):
@@ -42,23 +41,6 @@ class Net(torch.nn.Module):
         return hidden
 
 
-def _on_a_thread(work: Callable[[], None]) -> None:
-    """As an engine runs: on a thread of its own (an exception fails the test)."""
-    failures: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            work()
-        except BaseException as exc:
-            failures.append(exc)
-
-    worker = threading.Thread(target=run)
-    worker.start()
-    worker.join()
-    if failures:
-        raise failures[0]
-
-
 def test_a_restart_loads_the_kept_graphs_and_runs_any_row_count_and_weights_without_compiling(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -85,13 +67,13 @@ def test_a_restart_loads_the_kept_graphs_and_runs_any_row_count_and_weights_with
         return kept
 
     first: list[CompiledRegions] = []
-    _on_a_thread(lambda: first.append(start("first", seed=1)))
+    on_a_thread(lambda: first.append(start("first", seed=1)))
     assert compiled == ["first"] and first[0].loaded == 0 and first[0].blocks == 3
     assert [path.name.split("-")[0] for path in folder.glob("*.bin")] == [f"{__name__}.Whole"]
     assert "Broken not compiled ahead of time" in caplog.text
 
     restarted: list[CompiledRegions] = []
-    _on_a_thread(lambda: restarted.append(start("restart", seed=2)))
+    on_a_thread(lambda: restarted.append(start("restart", seed=2)))
     assert compiled == ["first"] and restarted[0].loaded == 1
     for name in ("first", "restart"):
         for got, expected in outputs[name]:
@@ -116,6 +98,6 @@ def test_without_ahead_of_time_compiles_blocks_are_compiled_by_dynamo_and_nothin
                 hidden = torch.randn(rows, 3, 8)
                 torch.testing.assert_close(net(hidden), eager(hidden))
 
-    _on_a_thread(run)
+    on_a_thread(run)
     assert compiled == [] and list(folder.glob("*")) == []
     assert counters["stats"]["unique_graphs"] > graphs  # traced by dynamo
